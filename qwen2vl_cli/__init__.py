@@ -1,0 +1,3 @@
+"""qvl: describe images, animated GIFs and videos at the terminal with Qwen2-VL."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from qwen2vl_cli.cli import main
+
+main()

@@ -1,0 +1,288 @@
+"""The `qvl` command line: Typer commands that validate, build a request, call the core and render.
+
+No torch import here: `qvl --help` and `qvl inspect` start fast.
+"""
+
+from __future__ import annotations
+
+import inspect as _inspect
+import os
+import re
+import sys
+import traceback
+from typing import Annotated, Optional
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from qwen2vl_cli import __version__, config as C, options as O
+from qwen2vl_cli.errors import EXIT_INTERRUPTED, EXIT_USAGE, GenerationInterrupted, UsageError, describe_exception
+from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions
+
+
+class QvlGroup(TyperGroup):
+    """The edge: every error becomes one line on stderr and a stable exit code."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        from qwen2vl_cli.render import print_error
+
+        try:
+            rv = super().main(args=args, prog_name=prog_name or "qvl", complete_var=complete_var, standalone_mode=False, **extra)
+            code = rv if isinstance(rv, int) else 0
+        except click.ClickException as e:
+            where = e.ctx.command_path if getattr(e, "ctx", None) is not None else "qvl"
+            print_error(f"{e.format_message()} (see `{where} --help`)")
+            code = EXIT_USAGE
+        except click.exceptions.Abort:
+            code = EXIT_INTERRUPTED
+        except BrokenPipeError:
+            # The reader went away (`qvl ... | head`): stop quietly.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            code = 1
+        except BaseException as e:  # noqa: BLE001 - the one place that maps everything to a message
+            if isinstance(e, SystemExit):
+                raise
+            if C.debug_enabled():
+                traceback.print_exc()
+            message, code = describe_exception(e)
+            print_error(message)
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+app = typer.Typer(
+    cls=QvlGroup,
+    name="qvl",
+    help="Describe images, animated GIFs and videos with Qwen2-VL. The answer goes to stdout, diagnostics to stderr.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"qvl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")] = False,
+) -> None:
+    pass
+
+
+def parse_resize(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", text)
+    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+        raise UsageError(f"--resize {text}: give WIDTHxHEIGHT, for example --resize 448x448")
+    return int(m.group(1)), int(m.group(2))
+
+
+def media_options(
+    min_pixels, max_pixels, resize, first_frame, fps, nframes, min_frames, max_frames, start, end, total_pixels
+) -> MediaOptions:
+    if fps is not None and fps <= 0:
+        raise UsageError(f"--fps {fps:g}: must be above 0")
+    if fps is not None and nframes is not None:
+        raise UsageError("--fps and --nframes both given: choose one")
+    if start is not None and end is not None and start >= end:
+        raise UsageError(f"--start {start:g} is not before --end {end:g}")
+    if min_pixels is not None and max_pixels is not None and max_pixels < min_pixels:
+        raise UsageError(f"--max-pixels {max_pixels} is below --min-pixels {min_pixels}")
+    if min_frames is not None and max_frames is not None and max_frames < min_frames:
+        raise UsageError(f"--max-frames {max_frames} is below --min-frames {min_frames}")
+    return MediaOptions(
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        total_pixels=total_pixels,
+        resize=parse_resize(resize),
+        fps=fps,
+        nframes=nframes,
+        min_frames=min_frames,
+        max_frames=max_frames,
+        start=start,
+        end=end,
+        first_frame=first_frame,
+    )
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise UsageError(f"--{name} {value}: choose one of {', '.join(allowed)}")
+    return value
+
+
+def runtime_options(model: str, device: str, dtype: str, attn: str) -> RuntimeOptions:
+    from qwen2vl_cli.devices import ATTNS, DEVICES, DTYPES
+
+    return RuntimeOptions(model, _choice("device", device, DEVICES), _choice("dtype", dtype, DTYPES), _choice("attn", attn, ATTNS))
+
+
+def _answer(
+    sources: list[str],
+    require_video: bool,
+    prompt: O.Prompt = None,
+    system: O.System = None,
+    max_new_tokens: O.MaxNewTokens = C.DEFAULT_MAX_NEW_TOKENS,
+    temperature: O.Temperature = 0.0,
+    top_p: O.TopP = None,
+    top_k: O.TopK = None,
+    repetition_penalty: O.RepetitionPenalty = None,
+    seed: O.Seed = None,
+    min_pixels: O.MinPixels = None,
+    max_pixels: O.MaxPixels = None,
+    resize: O.Resize = None,
+    first_frame: O.FirstFrame = False,
+    fps: O.Fps = None,
+    nframes: O.Nframes = None,
+    min_frames: O.MinFrames = None,
+    max_frames: O.MaxFrames = None,
+    start: O.Start = None,
+    end: O.End = None,
+    total_pixels: O.TotalPixels = None,
+    model: O.Model = C.DEFAULT_MODEL,
+    device: O.Device = "auto",
+    dtype: O.Dtype = "auto",
+    attn: O.Attn = "auto",
+    json_out: O.Json = False,
+    quiet: O.Quiet = False,
+) -> None:
+    """The body of `describe` and `video`."""
+    from qwen2vl_cli.pipeline import Request, run
+    from qwen2vl_cli.render import Reporter, print_json
+
+    request = Request(
+        sources=tuple(sources),
+        media=media_options(min_pixels, max_pixels, resize, first_frame, fps, nframes, min_frames, max_frames, start, end, total_pixels),
+        generation=GenerationOptions(prompt, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed),
+        runtime=runtime_options(model, device, dtype, attn),
+        require_video=require_video,
+    )
+    reporter = Reporter(quiet=quiet, stream=not json_out)
+    try:
+        result = run(request, reporter)
+    except GenerationInterrupted:
+        reporter.end_text()
+        raise
+    finally:
+        reporter.stop()
+    reporter.end_text()
+    reporter.summary(result)
+    if json_out:
+        print_json(result.to_dict())
+
+
+def _generating_command(name: str, argument: _inspect.Parameter, require_video: bool, doc: str) -> None:
+    """Register a command with `_answer`'s options after its own argument."""
+    # Typer reads the signature, so both commands share one option list instead of two copies.
+    shared = list(_inspect.signature(_answer, eval_str=True).parameters.values())[2:]
+    params = [argument] + shared
+
+    def command(**kwargs) -> None:
+        given = kwargs.pop(argument.name)
+        _answer(given if isinstance(given, list) else [given], require_video, **kwargs)
+
+    command.__signature__ = _inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__doc__ = doc
+    app.command(name=name, no_args_is_help=True)(command)
+
+
+_generating_command(
+    "describe",
+    _inspect.Parameter(
+        "media",
+        _inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        annotation=Annotated[
+            list[str],
+            typer.Argument(
+                metavar="MEDIA...",
+                help="Image, animated image or video: path, http(s):// URL, file:// URI, data: URI, or - for stdin. "
+                "Several go into one prompt, in order.",
+                show_default=False,
+            ),
+        ],
+    ),
+    require_video=False,
+    doc="Describe images, animated images or videos with Qwen2-VL; the answer streams to stdout.",
+)
+_generating_command(
+    "video",
+    _inspect.Parameter(
+        "clip",
+        _inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        annotation=Annotated[
+            str,
+            typer.Argument(
+                metavar="CLIP",
+                help="Video or animated image: path, http(s):// URL, file:// URI, or - for stdin.",
+                show_default=False,
+            ),
+        ],
+    ),
+    require_video=True,
+    doc="Describe a video clip, sampled with Qwen2-VL's frame rules (2 frames per second by default).",
+)
+
+
+@app.command()
+def inspect(
+    media: Annotated[Optional[list[str]], typer.Argument(metavar="[MEDIA]...", help="Images or videos, as for describe.", show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", envvar=C.ENV_MODEL, help="Read sizing settings from this model (local dir or HF cache; never downloads). Without MEDIA: summarize the model.", rich_help_panel=O.RUN_PANEL)] = None,
+    device: Annotated[str, typer.Option(envvar=C.ENV_DEVICE, help="Size as this device would: cpu uses smaller defaults. auto guesses without importing torch.", rich_help_panel=O.RUN_PANEL)] = "auto",
+    min_pixels: O.MinPixels = None,
+    max_pixels: O.MaxPixels = None,
+    resize: O.Resize = None,
+    first_frame: O.FirstFrame = False,
+    fps: O.Fps = None,
+    nframes: O.Nframes = None,
+    min_frames: O.MinFrames = None,
+    max_frames: O.MaxFrames = None,
+    start: O.Start = None,
+    end: O.End = None,
+    total_pixels: O.TotalPixels = None,
+    json_out: Annotated[bool, typer.Option("--json", help="JSON Lines: one object per input.", rich_help_panel=O.OUT_PANEL)] = False,
+) -> None:
+    """Sizes, frames and token counts, without loading weights. With only --model: the model's summary."""
+    from qwen2vl_cli import render
+    from qwen2vl_cli.modelinfo import vision_spec
+    from qwen2vl_cli.pipeline import inspect as inspect_media
+
+    if not media:
+        if model is None:
+            raise UsageError("give MEDIA to inspect, or --model M for a model summary")
+        from qwen2vl_cli.summary import summarize
+
+        render.model_summary(summarize(model))
+        return
+    _choice("device", device, ("auto", "cuda", "cpu", "mps"))
+    opts = media_options(min_pixels, max_pixels, resize, first_frame, fps, nframes, min_frames, max_frames, start, end, total_pixels)
+    resolved = C.guess_device() if device == "auto" else device
+    spec = vision_spec(model)
+    if spec is None:
+        render.stderr_console().print(f"[yellow]note:[/] {model} is not on this machine: using Qwen2-VL's default sizes")
+        spec = vision_spec(None)
+    from dataclasses import replace
+
+    plans = inspect_media(tuple(media), spec, replace(opts, cpu_budget=resolved == "cpu"))
+    render.Reporter().inputs(plans, lines=False)
+    if json_out:
+        for p in plans:
+            render.print_json(p.to_dict())
+    else:
+        render.inspect_table(plans)
+    if resolved == "cpu" and not opts.pixel_limits_given:
+        render.stderr_console().print(
+            "[dim]sized for CPU (smaller defaults); --device cuda shows GPU sizes[/]"
+        )
+
+
+def main() -> None:
+    app()

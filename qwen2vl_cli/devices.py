@@ -1,0 +1,102 @@
+"""Device, dtype and attention choice: pure rules over detected capabilities."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+from qwen2vl_cli.errors import UsageError
+
+DEVICES = ("auto", "cuda", "cpu", "mps")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+ATTNS = ("auto", "flash_attention_2", "sdpa", "eager")
+FLASH_HINT = "pip install 'qwen2vl-cli[flash]'"
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    cuda: bool = False
+    cuda_name: str | None = None
+    cuda_capability: tuple[int, int] | None = None
+    cuda_bf16: bool = False
+    mps: bool = False
+    cpu_bf16: bool = False
+    flash_attn: bool = False
+
+
+def detect() -> Capabilities:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    name = capability = None
+    bf16 = False
+    if cuda:
+        name = torch.cuda.get_device_name(0)
+        capability = tuple(torch.cuda.get_device_capability(0))
+        bf16 = torch.cuda.is_bf16_supported()
+    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    # bf16 halves the bytes per weight; decode on CPU is memory-bound, so any vector unit gains.
+    cpu_bf16 = torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "NO AVX")
+    return Capabilities(cuda, name, capability, bf16, mps, cpu_bf16, flash_attn_importable())
+
+
+def flash_attn_importable() -> bool:
+    if importlib.util.find_spec("flash_attn") is None:
+        return False
+    try:
+        from transformers.utils import is_flash_attn_2_available
+
+        return bool(is_flash_attn_2_available())
+    except Exception:
+        return False
+
+
+def choose_device(requested: str, caps: Capabilities) -> str:
+    if requested == "auto":
+        return "cuda" if caps.cuda else "mps" if caps.mps else "cpu"
+    if requested == "cuda" and not caps.cuda:
+        raise UsageError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu (or auto)")
+    if requested == "mps" and not caps.mps:
+        raise UsageError("--device mps: Apple's Metal backend is not available here; use --device cpu (or auto)")
+    return requested
+
+
+def choose_dtype(requested: str, device: str, caps: Capabilities) -> str:
+    if requested != "auto":
+        return requested
+    if device == "cuda":
+        return "bfloat16" if caps.cuda_bf16 else "float16"
+    if device == "mps":
+        return "float16"
+    return "bfloat16" if caps.cpu_bf16 else "float32"
+
+
+def flash_problem(device: str, dtype: str, caps: Capabilities) -> str | None:
+    """Why flash_attention_2 cannot run here, or None when it can."""
+    if device != "cuda":
+        return f"flash_attention_2 needs a CUDA GPU (the device is {device})"
+    major, minor = caps.cuda_capability or (0, 0)
+    if major < 8:
+        return f"flash_attention_2 needs an Ampere or newer GPU ({caps.cuda_name} is sm_{major}{minor})"
+    if not caps.flash_attn:
+        return f"flash-attn is not installed ({FLASH_HINT})"
+    if dtype == "float32":
+        return "flash_attention_2 runs in bfloat16 or float16, not float32"
+    return None
+
+
+def choose_attn(requested: str, device: str, dtype: str, caps: Capabilities) -> str:
+    if requested == "auto":
+        return "flash_attention_2" if flash_problem(device, dtype, caps) is None else "sdpa"
+    if requested == "flash_attention_2":
+        problem = flash_problem(device, dtype, caps)
+        if problem:
+            raise UsageError(f"--attn flash_attention_2: {problem}; use --attn sdpa")
+    return requested
+
+
+def usable_attn(device: str, dtype: str, caps: Capabilities) -> list[str]:
+    names = ["sdpa", "eager"]
+    if flash_problem(device, dtype, caps) is None:
+        names.insert(0, "flash_attention_2")
+    return names

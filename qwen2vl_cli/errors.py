@@ -1,0 +1,57 @@
+"""Error types and the one place that turns exceptions into a one-line message and an exit code."""
+
+from __future__ import annotations
+
+EXIT_RUNTIME = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class QvlError(Exception):
+    """A failure qvl can explain in one line. Runtime failures exit 1."""
+
+    exit_code = EXIT_RUNTIME
+
+
+class UsageError(QvlError):
+    """Bad options or bad input from the user: exit 2."""
+
+    exit_code = EXIT_USAGE
+
+
+class MediaError(UsageError):
+    """A media source that cannot be read, or is not an image or a video."""
+
+    def __init__(self, source: str, problem: str):
+        super().__init__(f"{source}: {problem}")
+        self.source = source
+        self.problem = problem
+
+
+class ModelError(QvlError):
+    """The model cannot be found or loaded."""
+
+
+class GenerationInterrupted(Exception):
+    """Ctrl-C during generation; carries the text streamed so far."""
+
+    def __init__(self, text: str):
+        super().__init__("interrupted")
+        self.text = text
+
+
+def describe_exception(exc: BaseException) -> tuple[str, int]:
+    """Map any exception to (one-line message, exit code)."""
+    if isinstance(exc, QvlError):
+        return str(exc), exc.exit_code
+    if isinstance(exc, (KeyboardInterrupt, GenerationInterrupted)):
+        return "interrupted", EXIT_INTERRUPTED
+    name = type(exc).__name__
+    if name == "OutOfMemoryError" or isinstance(exc, MemoryError):
+        return (
+            "out of memory: lower --max-pixels (images) or --fps / --total-pixels (video), "
+            "or use --dtype bfloat16",
+            EXIT_RUNTIME,
+        )
+    text = " ".join(str(exc).split()) or name
+    return f"unexpected {name}: {text} (set QVL_DEBUG=1 for the traceback)", EXIT_RUNTIME

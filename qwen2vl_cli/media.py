@@ -1,0 +1,198 @@
+"""Open images and animated images with Pillow: probe headers, then load pixels at the planned size.
+
+Videos go to `video.py`. The kind is decided by the bytes, never by the file name.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from qwen2vl_cli import config as C
+from qwen2vl_cli.errors import MediaError
+from qwen2vl_cli.sources import Source
+from qwen2vl_cli.types import MediaInfo, MediaOptions, MediaPlan
+
+# Formats Pillow can hold as motion; multi-page TIFF and ICO are pages, not frames.
+_ANIMATED_FORMATS = {"GIF", "PNG", "WEBP", "FLI"}
+# Pillow identifies these but cannot decode them; they are videos.
+_VIDEO_FORMATS = {"MPEG"}
+_ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """Pixels ready for the processor: one RGB image, or uint8 frames (T, H, W, 3) with their times."""
+
+    image: object | None = None  # PIL.Image.Image
+    frames: np.ndarray | None = None
+    frame_times_s: tuple[float, ...] | None = None
+    notes: tuple[str, ...] = ()
+
+
+def _pil():
+    from PIL import Image
+
+    limit = os.environ.get(C.ENV_MAX_IMAGE_PIXELS)
+    if limit:
+        Image.MAX_IMAGE_PIXELS = int(limit) if limit.isdigit() and int(limit) > 0 else None
+    return Image
+
+
+def probe(src: Source) -> tuple[MediaInfo, tuple[str, ...]]:
+    """What the headers say. Returns the info and notes for the diagnostics."""
+    Image = _pil()
+    from PIL import UnidentifiedImageError
+
+    with src.open() as f:
+        head = f.read(16)
+        if not head:
+            raise MediaError(src.label, "the file is empty")
+        f.seek(0)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(f)
+                img_format = img.format or "image"
+        except Image.DecompressionBombError:
+            raise MediaError(src.label, _bomb_message(f)) from None
+        except UnidentifiedImageError:
+            img = None
+        except (OSError, ValueError, SyntaxError) as e:
+            raise MediaError(src.label, f"cannot read the image header ({_one_line(e)})") from None
+        if img is None or img_format in _VIDEO_FORMATS:
+            from qwen2vl_cli.video import probe_video
+
+            return probe_video(src), ()
+        with img:
+            return _probe_image(src, img, img_format)
+
+
+def _probe_image(src: Source, img, img_format: str) -> tuple[MediaInfo, tuple[str, ...]]:
+    width, height = img.size
+    n_frames = getattr(img, "n_frames", 1)
+    if n_frames > 1 and img_format in _ANIMATED_FORMATS and getattr(img, "is_animated", False):
+        times = _frame_times(src, img, n_frames)
+        duration = times[-1] + _frame_duration(img)  # img is on the last frame now
+        info = MediaInfo(
+            kind="video",
+            width=width,
+            height=height,
+            format=img_format,
+            animated=True,
+            frames=n_frames,
+            fps=n_frames / duration,
+            duration_s=duration,
+            frame_times_s=times,
+        )
+        return info, (f"animated {img_format} with {n_frames} frames: read as a video (--first-frame for a still)",)
+    notes = ()
+    if n_frames > 1:
+        notes = (f"{img_format} with {n_frames} pages: using the first",)
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # a broken EXIF block must not stop the image
+        orientation = 1
+    if orientation in _ROTATED:
+        width, height = height, width
+    return MediaInfo(kind="image", width=width, height=height, format=img_format), notes
+
+
+def _frame_duration(img) -> float:
+    ms = img.info.get("duration") or 0
+    seconds = float(ms) / 1000.0
+    return C.DEFAULT_FRAME_DURATION_S if seconds < C.MIN_FRAME_DURATION_S else seconds
+
+
+def _frame_times(src: Source, img, n_frames: int) -> tuple[float, ...]:
+    times, t = [], 0.0
+    try:
+        for i in range(n_frames):
+            img.seek(i)
+            times.append(t)
+            if i < n_frames - 1:
+                t += _frame_duration(img)
+    except (OSError, EOFError, ValueError) as e:
+        raise MediaError(src.label, f"corrupt animation at frame {len(times)} ({_one_line(e)})") from None
+    return tuple(times)
+
+
+def as_still(info: MediaInfo) -> MediaInfo:
+    """An animated image taken as its first frame (--first-frame)."""
+    return replace(info, kind="image", animated=False, frames=None, fps=None, duration_s=None, frame_times_s=None)
+
+
+def effective_info(info: MediaInfo, opts: MediaOptions) -> MediaInfo:
+    return as_still(info) if info.animated and opts.first_frame else info
+
+
+def to_rgb(img):
+    """RGB with alpha composited on white; 16-bit greyscale scaled to 8 bits."""
+    Image = _pil()
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        arr = np.asarray(img).astype(np.float64)
+        scale = 257.0 if arr.max(initial=0) > 255 else 1.0
+        img = Image.fromarray(np.clip(arr / scale + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return img.convert("RGB")
+
+
+def load(src: Source, info: MediaInfo, plan: MediaPlan) -> Loaded:
+    if plan.kind == "video" and not info.animated:
+        from qwen2vl_cli.video import read_frames
+
+        return read_frames(src, plan)
+    Image = _pil()
+    from PIL import ImageOps
+
+    size = (plan.resized_width, plan.resized_height)
+    try:
+        with src.open() as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(f) as img:
+                if plan.kind == "image":
+                    img.seek(0)
+                    still = to_rgb(ImageOps.exif_transpose(img))
+                    return Loaded(image=still.resize(size, Image.Resampling.BICUBIC))
+                return _load_animation(img, plan, size)
+    except MediaError:
+        raise
+    except Image.DecompressionBombError:
+        raise MediaError(src.label, _bomb_message(None)) from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise MediaError(src.label, f"cannot decode the image: truncated or corrupt ({_one_line(e)})") from None
+
+
+def _load_animation(img, plan: MediaPlan, size: tuple[int, int]) -> Loaded:
+    Image = _pil()
+    indices = plan.frame_indices or ()
+    out = np.empty((len(indices), size[1], size[0], 3), dtype=np.uint8)
+    slots: dict[int, list[int]] = {}
+    for slot, index in enumerate(indices):
+        slots.setdefault(index, []).append(slot)
+    for index in sorted(slots):  # Pillow decodes animations forward; seek in order
+        img.seek(index)
+        frame = np.asarray(to_rgb(img).resize(size, Image.Resampling.BICUBIC))
+        for slot in slots[index]:
+            out[slot] = frame
+    return Loaded(frames=out, frame_times_s=plan.frame_times_s)
+
+
+def _bomb_message(f) -> str:
+    Image = _pil()
+    return (
+        f"image is larger than Pillow's decompression-bomb limit of {2 * (Image.MAX_IMAGE_PIXELS or 0):,} pixels: "
+        f"downscale it, or set {C.ENV_MAX_IMAGE_PIXELS}=N if you trust the file"
+    )
+
+
+def _one_line(exc: BaseException) -> str:
+    text = getattr(exc, "strerror", None) or str(exc)  # FFmpeg errors: the reason without errno and path
+    return " ".join(str(text).split()) or type(exc).__name__

@@ -1,0 +1,118 @@
+"""Find a model on disk or in the Hugging Face cache and read its settings without loading weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from qwen2vl_cli.errors import ModelError, UsageError
+from qwen2vl_cli.types import VisionSpec
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def is_local(model: str) -> bool:
+    return Path(model).expanduser().is_dir()
+
+
+def check_model(model: str) -> str:
+    """The path or hub id to load, or a one-line error when it cannot be found."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UsageError(f"--model {model}: the directory has no config.json; give a Qwen2-VL model directory")
+        return str(path)
+    if path.exists():
+        raise UsageError(f"--model {model}: is a file; give a model directory or a hub id such as Qwen/Qwen2-VL-2B-Instruct")
+    if not _HUB_ID.match(model) or model.startswith((".", "~")):
+        raise UsageError(f"--model {model}: no such directory")
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(model, "config.json")
+    if not isinstance(cached, str) and constants.HF_HUB_OFFLINE:
+        raise ModelError(
+            f"model {model} is not in the Hugging Face cache and the hub is offline: "
+            f"run `hf download {model}` where there is network, or pass --model DIR"
+        )
+    return model
+
+
+def model_file(model: str, filename: str) -> Path | None:
+    """A file of the model from its directory or the local cache; never downloads."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        candidate = path / filename
+        return candidate if candidate.is_file() else None
+    if not _HUB_ID.match(model):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(model, filename)
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def vision_spec_from_dict(d: dict) -> VisionSpec:
+    size = d.get("size") or {}
+    default = VisionSpec()
+    return VisionSpec(
+        patch_size=int(d.get("patch_size", default.patch_size)),
+        merge_size=int(d.get("merge_size", default.merge_size)),
+        temporal_patch_size=int(d.get("temporal_patch_size", default.temporal_patch_size)),
+        min_pixels=int(d.get("min_pixels") or size.get("shortest_edge") or default.min_pixels),
+        max_pixels=int(d.get("max_pixels") or size.get("longest_edge") or default.max_pixels),
+    )
+
+
+def read_processor_settings(model: str) -> dict | None:
+    """The image processor's settings: preprocessor_config.json (hub layout) or processor_config.json."""
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        file = model_file(model, name)
+        if file is None:
+            continue
+        try:
+            data = json.loads(file.read_text())
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--model {model}: cannot read {name} ({e})") from None
+        return data.get("image_processor", data)
+    return None
+
+
+def vision_spec(model: str | None) -> VisionSpec | None:
+    """The model's sizing settings when its files are at hand, else None."""
+    if model is None:
+        return VisionSpec()
+    settings = read_processor_settings(model)
+    return vision_spec_from_dict(settings) if settings is not None else None
+
+
+def read_config(model: str) -> dict | None:
+    file = model_file(model, "config.json")
+    if file is None:
+        return None
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--model {model}: cannot read config.json ({e})") from None
+
+
+def parameter_counts(model: str) -> dict[str, int]:
+    """Parameters per part, counted on the meta device: no weights are read or allocated."""
+    import torch
+    from transformers import AutoConfig, Qwen2VLForConditionalGeneration
+
+    local = str(Path(model).expanduser()) if is_local(model) else model
+    config = AutoConfig.from_pretrained(local, local_files_only=True)
+    with torch.device("meta"):
+        net = Qwen2VLForConditionalGeneration._from_config(config)
+    visual = net.model.visual
+    merger = sum(p.numel() for p in visual.merger.parameters())
+    vision = sum(p.numel() for p in visual.parameters()) - merger
+    language = sum(p.numel() for p in net.model.language_model.parameters())
+    total = sum(p.numel() for p in net.parameters())  # tied lm_head is counted once
+    return {"vision_tower": vision, "merger": merger, "language_model": language, "lm_head": total - vision - merger - language, "total": total}
+
+
+def hf_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")

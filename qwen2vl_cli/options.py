@@ -1,0 +1,75 @@
+"""Options shared by several commands, declared once as Annotated aliases."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from qwen2vl_cli import config as C
+
+MEDIA_PANEL = "Image sizing"
+VIDEO_PANEL = "Video frames"
+GEN_PANEL = "Generation"
+RUN_PANEL = "Model and device"
+OUT_PANEL = "Output"
+
+Model = Annotated[
+    str,
+    typer.Option("--model", "-m", envvar=C.ENV_MODEL, help="Hub id or local model directory.", rich_help_panel=RUN_PANEL),
+]
+Device = Annotated[
+    str,
+    typer.Option(envvar=C.ENV_DEVICE, help="auto | cuda | cpu | mps. auto: CUDA, else MPS, else CPU.", rich_help_panel=RUN_PANEL),
+]
+Dtype = Annotated[
+    str,
+    typer.Option(
+        envvar=C.ENV_DTYPE,
+        help="auto | bfloat16 | float16 | float32. auto: bfloat16 where supported, float16 on older GPUs, float32 on CPUs without vector units.",
+        rich_help_panel=RUN_PANEL,
+    ),
+]
+Attn = Annotated[
+    str,
+    typer.Option(
+        envvar=C.ENV_ATTN,
+        help="auto | flash_attention_2 | sdpa | eager. auto: flash_attention_2 on Ampere+ GPUs with flash-attn installed, else sdpa.",
+        rich_help_panel=RUN_PANEL,
+    ),
+]
+
+Prompt = Annotated[Optional[str], typer.Option("--prompt", "-p", help="The question. Default: \"Describe this image.\" (or video, or these images).", rich_help_panel=GEN_PANEL)]
+System = Annotated[Optional[str], typer.Option(help="System message. Default: the chat template's \"You are a helpful assistant.\"", rich_help_panel=GEN_PANEL)]
+MaxNewTokens = Annotated[int, typer.Option(min=1, help="Most tokens to generate.", rich_help_panel=GEN_PANEL)]
+Temperature = Annotated[float, typer.Option(min=0.0, help="0 = greedy (deterministic); above 0 samples.", rich_help_panel=GEN_PANEL)]
+TopP = Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Nucleus sampling (with --temperature > 0).", rich_help_panel=GEN_PANEL)]
+TopK = Annotated[Optional[int], typer.Option(min=0, help="Top-k sampling (with --temperature > 0).", rich_help_panel=GEN_PANEL)]
+RepetitionPenalty = Annotated[Optional[float], typer.Option(min=0.0, help="Default: the model's generation_config (1.05 for Qwen2-VL-Instruct).", rich_help_panel=GEN_PANEL)]
+Seed = Annotated[Optional[int], typer.Option(help="Random seed for sampling.", rich_help_panel=GEN_PANEL)]
+
+MinPixels = Annotated[Optional[int], typer.Option(min=1, help="Least pixels per image or frame (default: the model's, 3136).", rich_help_panel=MEDIA_PANEL)]
+MaxPixels = Annotated[
+    Optional[int],
+    typer.Option(
+        min=1,
+        help="Most pixels per image or frame (default: the model's, 12845056; on CPU 200704 = 256 tokens).",
+        rich_help_panel=MEDIA_PANEL,
+    ),
+]
+Resize = Annotated[Optional[str], typer.Option(metavar="WxH", help="Exact size, each side rounded to a multiple of 28.", rich_help_panel=MEDIA_PANEL)]
+FirstFrame = Annotated[bool, typer.Option("--first-frame", help="Read animated GIF/WebP/APNG as a still (their first frame).", rich_help_panel=MEDIA_PANEL)]
+
+Fps = Annotated[Optional[float], typer.Option(help="Frames sampled per second [default: 2.0].", rich_help_panel=VIDEO_PANEL)]
+Nframes = Annotated[Optional[int], typer.Option(min=1, help="Exact number of frames (instead of --fps); clamped to what the clip has.", rich_help_panel=VIDEO_PANEL)]
+MinFrames = Annotated[Optional[int], typer.Option(min=1, help="Least frames with --fps [default: 4].", rich_help_panel=VIDEO_PANEL)]
+MaxFrames = Annotated[Optional[int], typer.Option(min=1, help="Most frames with --fps [default: 768].", rich_help_panel=VIDEO_PANEL)]
+Start = Annotated[Optional[float], typer.Option(min=0.0, help="Start of the clip, in seconds.", rich_help_panel=VIDEO_PANEL)]
+End = Annotated[Optional[float], typer.Option(min=0.0, help="End of the clip, in seconds.", rich_help_panel=VIDEO_PANEL)]
+TotalPixels = Annotated[
+    Optional[int],
+    typer.Option(min=1, help="Pixel budget for all frames together [default: 90316800; on CPU 1605632].", rich_help_panel=VIDEO_PANEL),
+]
+
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of streaming text.", rich_help_panel=OUT_PANEL)]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No diagnostics on stderr (errors still show).", rich_help_panel=OUT_PANEL)]

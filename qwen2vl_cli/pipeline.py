@@ -1,0 +1,146 @@
+"""One request from sources to result: resolve, probe, plan, decode, load the model, generate.
+
+Shared by the commands; it reports progress through `Hooks` and never prints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import BinaryIO, Protocol
+
+from qwen2vl_cli import media
+from qwen2vl_cli.errors import MediaError
+from qwen2vl_cli.messages import build_messages
+from qwen2vl_cli.modelinfo import vision_spec
+from qwen2vl_cli.sizing import plan
+from qwen2vl_cli.sources import Source, SourceResolver
+from qwen2vl_cli.types import (
+    GenerationOptions,
+    MediaInfo,
+    MediaOptions,
+    MediaPlan,
+    Result,
+    RuntimeOptions,
+    VisionSpec,
+)
+
+
+@dataclass(frozen=True)
+class Request:
+    sources: tuple[str, ...]
+    media: MediaOptions
+    generation: GenerationOptions
+    runtime: RuntimeOptions
+    require_video: bool = False
+
+
+class Hooks(Protocol):
+    def stage(self, text: str) -> None: ...  # what is happening now
+    def inputs(self, plans: list[MediaPlan]) -> None: ...  # sizes, frames and tokens decided
+    def note(self, text: str) -> None: ...
+    def text(self, chunk: str) -> None: ...  # streamed answer
+
+
+@dataclass(frozen=True)
+class Probed:
+    source: Source
+    info: MediaInfo
+    notes: tuple[str, ...]
+
+
+def probe_all(resolver: SourceResolver, texts: tuple[str, ...], opts: MediaOptions, require_video: bool = False) -> list[Probed]:
+    out = []
+    for text in texts:
+        src = resolver.resolve(text)
+        info, notes = media.probe(src)
+        if info.animated and opts.first_frame:
+            info, notes = media.as_still(info), ()
+        if require_video and info.kind != "video":
+            raise MediaError(src.label, f"is a still {info.format} image, not a video: use `qvl describe`")
+        out.append(Probed(src, info, notes))
+    return out
+
+
+def plan_all(probed: list[Probed], spec: VisionSpec, opts: MediaOptions) -> list[MediaPlan]:
+    return [plan(p.source.label, p.info, spec, opts, p.notes) for p in probed]
+
+
+def budget_note(probed: list[Probed], plans: list[MediaPlan], spec: VisionSpec, opts: MediaOptions) -> str | None:
+    """Say when the CPU budget made an input smaller than the reference would."""
+    if not opts.cpu_budget or opts.pixel_limits_given:
+        return None
+    full = plan_all(probed, spec, replace(opts, cpu_budget=False))
+    capped = [(p, f) for p, f in zip(plans, full) if p.visual_tokens < f.visual_tokens]
+    if not capped:
+        return None
+    shown = ", ".join(f"{p.source} {p.visual_tokens} tokens (full: {f.visual_tokens})" for p, f in capped[:3])
+    return (
+        f"on CPU inputs are kept small: {shown}; "
+        "pass --max-pixels (images) or --total-pixels (video) to choose the size"
+    )
+
+
+def inspect(texts: tuple[str, ...], spec: VisionSpec, opts: MediaOptions, stdin: BinaryIO | None = None) -> list[MediaPlan]:
+    """Plans for `qvl inspect`: headers and container metadata only, no pixels, no torch."""
+    with SourceResolver(stdin=stdin) as resolver:
+        return plan_all(probe_all(resolver, texts, opts), spec, opts)
+
+
+def run(request: Request, hooks: Hooks, stdin: BinaryIO | None = None) -> Result:
+    from qwen2vl_cli.runner import Runner, peak_memory_bytes
+
+    with SourceResolver(stdin=stdin) as resolver:
+        hooks.stage("Reading media")
+        probed = probe_all(resolver, request.sources, request.media, request.require_video)
+        runner = Runner(request.runtime)
+        opts = replace(request.media, cpu_budget=runner.device == "cpu")
+
+        # Plan and decode before the slow model load when the model's settings are on disk, so bad
+        # input fails fast; otherwise (first download) plan with the loaded processor's settings.
+        spec = vision_spec(request.runtime.model)
+        loaded = plans = None
+        if spec is not None:
+            plans, loaded = _decode(probed, spec, opts, hooks)
+        hooks.stage(f"Loading {request.runtime.model} ({runner.device}, {runner.dtype}, {runner.attn})")
+        runner.load()
+        actual = runner.vision_spec()
+        if plans is None or actual != spec:
+            spec = actual
+            plans, loaded = _decode(probed, spec, opts, hooks)
+        hooks.inputs(plans)
+        note = budget_note(probed, plans, spec, opts)
+        if note:
+            hooks.note(note)
+
+        messages = build_messages(plans, request.generation)
+        inputs = runner.inputs(runner.prompt_text(messages), loaded)
+        hooks.stage("Encoding media and reading the prompt")
+        gen = runner.generate(inputs, request.generation, on_text=hooks.text)
+        return Result(
+            text=gen.text,
+            model=request.runtime.model,
+            device=runner.device,
+            dtype=runner.dtype,
+            attn=runner.attn,
+            prompt_tokens=gen.prompt_tokens,
+            visual_tokens=gen.visual_tokens,
+            generated_tokens=gen.generated_tokens,
+            load_s=runner.load_s,
+            ttft_s=gen.ttft_s,
+            decode_tokens_per_s=gen.decode_tokens_per_s,
+            peak_memory_bytes=peak_memory_bytes(runner.device),
+            finish_reason=gen.finish_reason,
+            inputs=tuple(plans),
+        )
+
+
+def _decode(probed: list[Probed], spec: VisionSpec, opts: MediaOptions, hooks: Hooks):
+    plans = plan_all(probed, spec, opts)
+    hooks.stage("Decoding media")
+    loaded = [media.load(p.source, p.info, pl) for p, pl in zip(probed, plans)]
+    # Report the times the frames really have (pts), and what decoding found.
+    plans = [
+        replace(pl, frame_times_s=ld.frame_times_s, notes=pl.notes + ld.notes) if pl.kind == "video" else pl
+        for pl, ld in zip(plans, loaded)
+    ]
+    return plans, loaded

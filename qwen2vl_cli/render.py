@@ -1,0 +1,178 @@
+"""Everything the user sees: streamed text and JSON on stdout; diagnostics, notes and errors on stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from qwen2vl_cli.types import MediaPlan, Result
+
+
+def stderr_console() -> Console:
+    # soft_wrap: a diagnostic stays one line in logs, whatever the terminal width.
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def stdout_console() -> Console:
+    console = Console(highlight=False, soft_wrap=True)
+    if not console.is_terminal:
+        console.width = 1000  # piped tables keep whole names; rows take their natural width
+    return console
+
+
+def print_error(message: str) -> None:
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]qvl: error:[/] {message}", markup=True, emoji=False)
+
+
+def print_json(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def _fmt_s(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f} s"
+
+
+def _bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def frame_times(times: Sequence[float], limit: int = 8) -> str:
+    shown = [f"{t:.2f}" for t in times]
+    if len(shown) > limit:
+        shown = shown[: limit - 2] + ["…", shown[-1]]
+    return ", ".join(shown) + " s"
+
+
+def plan_line(p: MediaPlan) -> str:
+    grid = "×".join(str(g) for g in p.grid_thw)
+    size = f"{p.width}x{p.height} → {p.resized_width}x{p.resized_height}, grid {grid}, {p.visual_tokens} visual tokens"
+    if p.kind == "image":
+        return f"[bold]{p.source}[/]: image {size}"
+    n = len(p.frame_indices or ())
+    return (
+        f"[bold]{p.source}[/]: video {_fmt_s(p.duration_s)} at {p.native_fps:.3g} fps, {p.frames} frames; "
+        f"sampled {n} at {p.sample_fps:.3g} fps ({frame_times(p.frame_times_s or ())}); {size}"
+    )
+
+
+def summary_line(r: Result) -> str:
+    parts = [
+        f"prompt {r.prompt_tokens} tokens ({r.visual_tokens} visual)",
+        f"generated {r.generated_tokens} ({r.finish_reason})",
+        f"load {_fmt_s(r.load_s)}",
+        f"first token {_fmt_s(r.ttft_s)}",
+        f"{r.decode_tokens_per_s:.1f} tok/s" if r.decode_tokens_per_s else "- tok/s",
+        f"peak {_bytes(r.peak_memory_bytes)}",
+        f"{r.device} {r.dtype} {r.attn}",
+    ]
+    return "[dim]" + " · ".join(parts) + "[/]"
+
+
+class Reporter:
+    """The pipeline's hooks for a terminal: a spinner while waiting, the answer as it streams."""
+
+    def __init__(self, quiet: bool = False, stream: bool = True):
+        self.console = stderr_console()
+        self.quiet = quiet
+        self.stream = stream
+        self._status = None
+        self._wrote = False
+        self._ends_with_newline = True
+
+    def stage(self, text: str) -> None:
+        if self.quiet or not self.console.is_terminal:
+            return
+        if self._status is None:
+            self._status = self.console.status(text)
+            self._status.start()
+        else:
+            self._status.update(text)
+
+    def stop(self) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
+
+    def inputs(self, plans: list[MediaPlan], lines: bool = True) -> None:
+        if self.quiet:
+            return
+        for p in plans:
+            if lines:
+                self.console.print(plan_line(p))
+            for note in p.notes:
+                self.note(note)
+
+    def note(self, text: str) -> None:
+        if not self.quiet:
+            self.console.print(f"[yellow]note:[/] {text}", markup=True)
+
+    def text(self, chunk: str) -> None:
+        self.stop()
+        if not self.stream:
+            return
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+        self._wrote = True
+        self._ends_with_newline = chunk.endswith("\n")
+
+    def end_text(self) -> None:
+        self.stop()
+        if self.stream and (not self._wrote or not self._ends_with_newline):
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+
+    def summary(self, result: Result) -> None:
+        self.stop()
+        if not self.quiet:
+            self.console.print(summary_line(result))
+
+
+def inspect_table(plans: Sequence[MediaPlan]) -> None:
+    out = stdout_console()
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for name in ("source", "kind", "size", "resized", "grid (t,h,w)", "visual tokens", "with markers"):
+        table.add_column(name, justify="right" if "tokens" in name or "markers" in name else "left")
+    for p in plans:
+        table.add_row(
+            p.source,
+            p.kind,
+            f"{p.width}x{p.height}",
+            f"{p.resized_width}x{p.resized_height}",
+            f"({p.grid_thw[0]}, {p.grid_thw[1]}, {p.grid_thw[2]})",
+            str(p.visual_tokens),
+            str(p.tokens_with_markers),
+        )
+    out.print(table)
+    for p in plans:
+        if p.kind == "video":
+            indices = list(p.frame_indices or ())
+            shown = ", ".join(map(str, indices)) if len(indices) <= 12 else ", ".join(map(str, indices[:10])) + f", … {indices[-1]}"
+            out.print(
+                f"{p.source}: {_fmt_s(p.duration_s)}, {p.native_fps:.3g} fps, {p.frames} frames → "
+                f"{len(indices)} frames at {p.sample_fps:.3g} fps; indices {shown}; times {frame_times(p.frame_times_s or ())}"
+            )
+    if len(plans) > 1:
+        total = sum(p.tokens_with_markers for p in plans)
+        out.print(f"total: {total} tokens with markers for {len(plans)} inputs")
+
+
+def model_summary(info: dict) -> None:
+    out = stdout_console()
+    for title, rows in info.items():
+        table = Table(title=title, title_justify="left", title_style="bold", box=None, show_header=False, pad_edge=False)
+        table.add_column(style="dim")
+        table.add_column()
+        for key, value in rows.items():
+            table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
+        out.print(table)
+        out.print()

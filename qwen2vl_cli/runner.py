@@ -1,0 +1,198 @@
+"""Load Qwen2-VL with transformers, build processor inputs, and generate with streaming.
+
+The runner never prints: text goes to the `on_text` callback, numbers come back in the result.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from qwen2vl_cli import devices
+from qwen2vl_cli.config import debug_enabled
+from qwen2vl_cli.errors import GenerationInterrupted, ModelError
+from qwen2vl_cli.media import Loaded
+from qwen2vl_cli.modelinfo import check_model, vision_spec_from_dict
+from qwen2vl_cli.types import GenerationOptions, RuntimeOptions, VisionSpec
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    prompt_tokens: int
+    visual_tokens: int
+    generated_tokens: int
+    ttft_s: float | None
+    decode_tokens_per_s: float | None
+    finish_reason: str
+
+
+def peak_memory_bytes(device: str) -> int:
+    if device == "cuda":
+        import torch
+
+        return int(torch.cuda.max_memory_allocated())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
+
+
+class Runner:
+    def __init__(self, runtime: RuntimeOptions, caps: devices.Capabilities | None = None):
+        self.runtime = runtime
+        self.caps = caps if caps is not None else devices.detect()
+        self.device = devices.choose_device(runtime.device, self.caps)
+        self.dtype = devices.choose_dtype(runtime.dtype, self.device, self.caps)
+        self.attn = devices.choose_attn(runtime.attn, self.device, self.dtype, self.caps)
+        self.model = None
+        self.processor = None
+        self.load_s = 0.0
+
+    def load(self) -> None:
+        source = check_model(self.runtime.model)
+        import torch
+        import transformers
+        from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+        if not debug_enabled():
+            transformers.logging.set_verbosity_error()
+            transformers.logging.disable_progress_bar()
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        try:
+            self.processor = AutoProcessor.from_pretrained(source)
+            self.model = Qwen2VLForConditionalGeneration.from_pretrained(
+                source,
+                dtype=getattr(torch, self.dtype),
+                attn_implementation=self.attn,
+                device_map=self.device if self.device != "cpu" else None,
+            ).eval()
+        except (OSError, ValueError) as e:
+            message = " ".join(str(e).split())[:300]
+            raise ModelError(
+                f"cannot load model {self.runtime.model}: {message} "
+                f"(download it with `hf download {self.runtime.model}`, or pass --model DIR)"
+            ) from None
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        self.load_s = time.perf_counter() - start
+
+    def vision_spec(self) -> VisionSpec:
+        ip = self.processor.image_processor
+        size = ip.size if isinstance(ip.size, dict) else dict(ip.size)
+        return vision_spec_from_dict(
+            {"patch_size": ip.patch_size, "merge_size": ip.merge_size, "temporal_patch_size": ip.temporal_patch_size, "size": size}
+        )
+
+    def prompt_text(self, messages: list[dict]) -> str:
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def inputs(self, text: str, media: list[Loaded]):
+        """Processor inputs for one prompt; media are already at their planned size (no resize here)."""
+        import torch
+
+        images = [m.image for m in media if m.image is not None]
+        videos = [torch.from_numpy(m.frames).permute(0, 3, 1, 2) for m in media if m.frames is not None]
+        return self.processor(
+            text=[text],
+            images=images or None,
+            videos=videos or None,
+            images_kwargs={"do_resize": False},
+            videos_kwargs={"do_resize": False},
+            padding=True,
+            return_tensors="pt",
+        )
+
+    def generate(self, inputs, gen: GenerationOptions, on_text: Callable[[str], None] | None = None) -> Generation:
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        tokenizer = self.processor.tokenizer
+        inputs = inputs.to(self.model.device)
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+        config = self.model.config
+        ids = inputs["input_ids"]
+        visual_tokens = int(((ids == config.image_token_id) | (ids == config.video_token_id)).sum())
+
+        stop = threading.Event()
+        token_times: list[float] = []
+
+        class _Streamer(TextIteratorStreamer):
+            def put(self, value):
+                if not self.next_tokens_are_prompt:
+                    token_times.append(time.perf_counter())
+                super().put(value)
+
+        class _Stop(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        streamer = _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs = dict(
+            **inputs,
+            max_new_tokens=gen.max_new_tokens,
+            streamer=streamer,
+            stopping_criteria=StoppingCriteriaList([_Stop()]),
+            **sampling_kwargs(gen),
+        )
+        outcome: dict = {}
+
+        def work():
+            try:
+                if gen.seed is not None:
+                    torch.manual_seed(gen.seed)
+                with torch.inference_mode():
+                    outcome["sequences"] = self.model.generate(**kwargs)
+            except BaseException as e:  # surfaces in the main thread
+                outcome["error"] = e
+                streamer.end()
+
+        parts: list[str] = []
+        start = time.perf_counter()
+        thread = threading.Thread(target=work, name="qvl-generate", daemon=True)
+        thread.start()
+        try:
+            for chunk in streamer:
+                parts.append(chunk)
+                if on_text is not None and chunk:
+                    on_text(chunk)
+        except KeyboardInterrupt:
+            stop.set()
+            thread.join(timeout=30)
+            raise GenerationInterrupted("".join(parts)) from None
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        new = outcome["sequences"][0, prompt_tokens:]
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
+        finish = "stop" if len(new) and int(new[-1]) in eos_ids else "length"
+        ttft = token_times[0] - start if token_times else None
+        rate = None
+        if len(token_times) > 1 and token_times[-1] > token_times[0]:
+            rate = (len(token_times) - 1) / (token_times[-1] - token_times[0])
+        return Generation(text, prompt_tokens, visual_tokens, len(new), ttft, rate, finish)
+
+
+def sampling_kwargs(gen: GenerationOptions) -> dict:
+    """generate() arguments: greedy unless a temperature above 0 is given."""
+    if gen.temperature <= 0:
+        out: dict = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    else:
+        # Only the filters the user gave: Qwen's generation_config sets top_k=1, which would undo sampling.
+        out = {
+            "do_sample": True,
+            "temperature": gen.temperature,
+            "top_p": gen.top_p if gen.top_p is not None else 1.0,
+            "top_k": gen.top_k if gen.top_k is not None else 0,
+        }
+    if gen.repetition_penalty is not None:
+        out["repetition_penalty"] = gen.repetition_penalty
+    return out

@@ -1,0 +1,199 @@
+"""Pure resolution, frame and token math: the reference rules of qwen-vl-utils 0.0.14.
+
+`inspect` and the runner both plan with these functions, so their numbers cannot disagree.
+No torch here; numpy only reproduces torch's float32 `linspace` rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from qwen2vl_cli import config as C
+from qwen2vl_cli.errors import MediaError, UsageError
+from qwen2vl_cli.types import MediaInfo, MediaOptions, MediaPlan, VisionSpec
+
+
+class SizingError(UsageError):
+    pass
+
+
+def round_by_factor(x: float, factor: int) -> int:
+    return round(x / factor) * factor
+
+
+def ceil_by_factor(x: float, factor: int) -> int:
+    return math.ceil(x / factor) * factor
+
+
+def floor_by_factor(x: float, factor: int) -> int:
+    return math.floor(x / factor) * factor
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: float, max_pixels: float) -> tuple[int, int]:
+    """(height, width) rounded to multiples of `factor` with the area in [min_pixels, max_pixels]."""
+    if max_pixels < min_pixels:
+        raise SizingError(f"the pixel limit {int(max_pixels)} is below the minimum {int(min_pixels)}: raise --max-pixels")
+    if min(height, width) <= 0:
+        raise SizingError(f"cannot resize an image of {width}x{height}")
+    ratio = max(height, width) / min(height, width)
+    if ratio > C.MAX_ASPECT_RATIO:
+        raise SizingError(
+            f"aspect ratio {ratio:.0f}:1 ({width}x{height}) is above the {C.MAX_ASPECT_RATIO}:1 "
+            "that Qwen2-VL accepts: crop it or split it into parts"
+        )
+    h_bar = max(factor, round_by_factor(height, factor))
+    w_bar = max(factor, round_by_factor(width, factor))
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        # max(factor, ...): the reference can reach 0 here and then fails; one row of tokens is the floor.
+        h_bar = max(factor, floor_by_factor(height / beta, factor))
+        w_bar = max(factor, floor_by_factor(width / beta, factor))
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = ceil_by_factor(height * beta, factor)
+        w_bar = ceil_by_factor(width * beta, factor)
+    return h_bar, w_bar
+
+
+def _tokens(spec: VisionSpec, rh: int, rw: int, frames: int = 1) -> tuple[tuple[int, int, int], int]:
+    t = 1 if frames <= 1 else math.ceil(frames / spec.temporal_patch_size)
+    grid = (t, rh // spec.patch_size, rw // spec.patch_size)
+    return grid, grid[0] * grid[1] * grid[2] // (spec.merge_size**2)
+
+
+def image_size(info: MediaInfo, spec: VisionSpec, opts: MediaOptions) -> tuple[int, int]:
+    f = spec.factor
+    if opts.resize is not None:
+        w, h = opts.resize
+        return smart_resize(h, w, f, C.IMAGE_MIN_TOKENS * f * f, C.IMAGE_MAX_TOKENS * f * f)
+    min_p = opts.min_pixels if opts.min_pixels is not None else spec.min_pixels
+    if opts.max_pixels is not None:
+        max_p = opts.max_pixels
+    elif opts.cpu_budget and not opts.pixel_limits_given:
+        max_p = max(min_p, C.CPU_IMAGE_MAX_TOKENS * f * f)
+    else:
+        max_p = spec.max_pixels
+    return smart_resize(info.height, info.width, f, min_p, max_p)
+
+
+def plan_image(source: str, info: MediaInfo, spec: VisionSpec, opts: MediaOptions, notes: tuple[str, ...] = ()) -> MediaPlan:
+    try:
+        rh, rw = image_size(info, spec, opts)
+    except SizingError as e:
+        raise MediaError(source, str(e)) from None
+    grid, tokens = _tokens(spec, rh, rw)
+    return MediaPlan(source, "image", info.width, info.height, rw, rh, grid, tokens, notes=notes)
+
+
+def frame_range(total: int, fps: float, start: float | None, end: float | None) -> tuple[int, int]:
+    """First and last frame index inside [start, end] seconds (calculate_video_frame_range)."""
+    if start is None and end is None:
+        return 0, total - 1
+    duration = total / fps
+    first = math.ceil(max(0.0, min(start, duration)) * fps) if start is not None else 0
+    last = min(math.floor(max(0.0, min(end, duration)) * fps), total - 1) if end is not None else total - 1
+    if first >= last:
+        raise SizingError(
+            f"--start/--end select no frames: the clip is {duration:.2f} s long ({total} frames at {fps:g} fps)"
+        )
+    return first, last
+
+
+def frame_count(opts: MediaOptions, total: int, fps: float) -> tuple[int, list[str]]:
+    """How many frames to sample from `total` (smart_nframes), clamped where the reference raises (#2012)."""
+    notes: list[str] = []
+    if opts.nframes is not None:
+        n = round_by_factor(opts.nframes, C.FRAME_FACTOR)
+        if n > total:
+            n = max(C.FRAME_FACTOR, floor_by_factor(total, C.FRAME_FACTOR))
+            notes.append(f"--nframes {opts.nframes} is more than the {total} frames available: using {n}")
+        elif n < C.FRAME_FACTOR:
+            n = C.FRAME_FACTOR
+            notes.append(f"--nframes {opts.nframes} is below {C.FRAME_FACTOR}: using {n}")
+        return n, notes
+    target_fps = opts.fps if opts.fps is not None else C.FPS
+    min_frames = ceil_by_factor(opts.min_frames if opts.min_frames is not None else C.FPS_MIN_FRAMES, C.FRAME_FACTOR)
+    max_frames = floor_by_factor(
+        opts.max_frames if opts.max_frames is not None else min(C.FPS_MAX_FRAMES, total), C.FRAME_FACTOR
+    )
+    n = total / fps * target_fps
+    n = floor_by_factor(min(min(max(n, min_frames), max_frames), total), C.FRAME_FACTOR)
+    if n < C.FRAME_FACTOR:
+        n = C.FRAME_FACTOR
+        notes.append(f"only {total} frame{'s' if total != 1 else ''} available: repeating to make {n}")
+    return n, notes
+
+
+def linspace_indices(first: int, last: int, n: int) -> tuple[int, ...]:
+    """`torch.linspace(first, last, n).round()` bit for bit: float32, two halves, fused multiply-add."""
+    if n == 1:
+        return (first,)
+    start, end = np.float32(first), np.float32(last)
+    step = np.float64(np.float32((end - start) / np.float32(n - 1)))
+    idx = np.arange(n)
+    half = n // 2
+    values = np.empty(n, dtype=np.float32)
+    # float64 holds the exact float32 product, so one rounding to float32 matches the fused op.
+    values[:half] = (np.float64(start) + step * idx[:half]).astype(np.float32)
+    values[half:] = (np.float64(end) - step * (n - idx[half:] - 1)).astype(np.float32)
+    return tuple(int(v) for v in np.round(values))
+
+
+def video_pixel_limits(nframes: int, spec: VisionSpec, opts: MediaOptions) -> tuple[float, float]:
+    f2 = spec.factor**2
+    cpu = opts.cpu_budget and not opts.pixel_limits_given
+    min_p = opts.min_pixels if opts.min_pixels is not None else (C.CPU_VIDEO_MIN_TOKENS if cpu else C.VIDEO_MIN_TOKENS) * f2
+    total = opts.total_pixels if opts.total_pixels is not None else (C.CPU_VIDEO_TOTAL_TOKENS if cpu else C.VIDEO_TOTAL_TOKENS) * f2
+    max_p = max(min(C.VIDEO_MAX_TOKENS * f2, total / nframes * C.FRAME_FACTOR), int(min_p * 1.05))
+    if opts.max_pixels is not None:
+        max_p = min(opts.max_pixels, max_p)  # a per-item max_pixels can only lower the budget
+    return min_p, max_p
+
+
+def plan_video(source: str, info: MediaInfo, spec: VisionSpec, opts: MediaOptions, notes: tuple[str, ...] = ()) -> MediaPlan:
+    total, fps = info.frames or 0, info.fps or 0.0
+    if total <= 0:
+        raise MediaError(source, "the video has no frames")
+    try:
+        first, last = frame_range(total, fps, opts.start, opts.end)
+        n, count_notes = frame_count(opts, last - first + 1, fps)
+        indices = linspace_indices(first, last, n)
+        f = spec.factor
+        if opts.resize is not None:
+            w, h = opts.resize
+            rh, rw = smart_resize(h, w, f, C.IMAGE_MIN_TOKENS * f * f, C.IMAGE_MAX_TOKENS * f * f)
+        else:
+            min_p, max_p = video_pixel_limits(n, spec, opts)
+            rh, rw = smart_resize(info.height, info.width, f, min_p, max_p)
+    except SizingError as e:
+        raise MediaError(source, str(e)) from None
+    if info.frame_times_s is not None:
+        times = tuple(info.frame_times_s[i] for i in indices)
+    else:
+        times = tuple(info.start_s + i / fps for i in indices)
+    grid, tokens = _tokens(spec, rh, rw, frames=n)
+    return MediaPlan(
+        source,
+        "video",
+        info.width,
+        info.height,
+        rw,
+        rh,
+        grid,
+        tokens,
+        duration_s=info.duration_s,
+        native_fps=fps,
+        frames=total,
+        frame_indices=indices,
+        frame_times_s=times,
+        sample_fps=n / max(last - first + 1, 1e-6) * fps,
+        notes=tuple(notes) + tuple(count_notes),
+    )
+
+
+def plan(source: str, info: MediaInfo, spec: VisionSpec, opts: MediaOptions, notes: tuple[str, ...] = ()) -> MediaPlan:
+    if info.kind == "video":
+        return plan_video(source, info, spec, opts, notes)
+    return plan_image(source, info, spec, opts, notes)

@@ -1,0 +1,197 @@
+"""Turn what the user typed (path, file://, http(s)://, data:, '-') into a local file or bytes.
+
+Downloads and stdin go to one temporary directory that is removed when the resolver closes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import unquote, urlparse
+from urllib.request import url2pathname
+
+from qwen2vl_cli import config as C
+from qwen2vl_cli.errors import MediaError, UsageError
+
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Source:
+    label: str  # how messages name it
+    path: Path | None = None
+    data: bytes | None = None
+
+    def open(self) -> BinaryIO:
+        if self.data is not None:
+            return io.BytesIO(self.data)
+        assert self.path is not None
+        return open(self.path, "rb")
+
+    @property
+    def suffix(self) -> str:
+        return self.path.suffix.lower() if self.path is not None else ""
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class SourceResolver:
+    """Resolves sources; use as a context manager so temporary files are always removed."""
+
+    def __init__(
+        self,
+        stdin: BinaryIO | None = None,
+        max_bytes: int = C.MAX_DOWNLOAD_BYTES,
+        timeout: tuple[float, float] = (C.CONNECT_TIMEOUT_S, C.READ_TIMEOUT_S),
+    ):
+        self._stdin = stdin
+        self._stdin_used = False
+        self._max_bytes = max_bytes
+        self._timeout = timeout
+        self._tmp: str | None = None
+
+    def __enter__(self) -> SourceResolver:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def _tempfile(self, suffix: str) -> Path:
+        if self._tmp is None:
+            self._tmp = tempfile.mkdtemp(prefix="qvl-")
+        fd, name = tempfile.mkstemp(dir=self._tmp, suffix=suffix)
+        os.close(fd)
+        return Path(name)
+
+    def resolve(self, text: str) -> Source:
+        if text == "-":
+            return self._from_stdin()
+        match = _SCHEME.match(text)
+        scheme = match.group(1).lower() if match else ""
+        if len(scheme) == 1:  # a Windows drive letter, not a scheme
+            scheme = ""
+        if scheme in ("http", "https"):
+            return self._download(text)
+        if scheme == "file":
+            return self._local(text, self._file_uri_path(text))
+        if scheme == "data":
+            return self._data_uri(text)
+        if scheme and text[len(scheme) + 1 :].startswith("//"):
+            raise MediaError(text, f"unsupported URL scheme '{scheme}': use a path, file://, http(s):// or data:")
+        return self._local(text, Path(text).expanduser())
+
+    def _local(self, label: str, path: Path) -> Source:
+        if not path.exists():
+            raise MediaError(label, "no such file")
+        if path.is_dir():
+            raise MediaError(label, "is a directory: give the files in it instead (for example DIR/*.jpg)")
+        if not os.access(path, os.R_OK):
+            raise MediaError(label, "permission denied")
+        return Source(label, path=path)
+
+    @staticmethod
+    def _file_uri_path(uri: str) -> Path:
+        parsed = urlparse(uri)
+        if parsed.netloc not in ("", "localhost"):
+            raise MediaError(uri, f"file:// URIs must name a local file, not host '{parsed.netloc}'")
+        return Path(url2pathname(unquote(parsed.path)))
+
+    def _data_uri(self, uri: str) -> Source:
+        label = _short(uri, 40)
+        head, sep, payload = uri.partition(",")
+        if not sep:
+            raise MediaError(label, "malformed data: URI (no comma): use data:image/png;base64,...")
+        mime = head[5:].split(";")[0].lower()
+        if not (mime.startswith("image/") or mime.startswith("video/")):
+            raise MediaError(label, f"data: URI of type '{mime or 'text/plain'}': only image/* and video/* are accepted")
+        if head.endswith(";base64"):
+            try:
+                data = base64.b64decode(payload, validate=False)
+            except (binascii.Error, ValueError) as e:
+                raise MediaError(label, f"invalid base64 in data: URI ({e})") from None
+        else:
+            data = unquote(payload).encode("latin-1", "replace")
+        if not data:
+            raise MediaError(label, "empty data: URI")
+        return Source(label, data=data)
+
+    def _from_stdin(self) -> Source:
+        if self._stdin_used:
+            raise UsageError("'-' (standard input) can be given only once")
+        self._stdin_used = True
+        stream = self._stdin if self._stdin is not None else sys.stdin.buffer
+        if hasattr(stream, "isatty") and stream.isatty():
+            raise MediaError("-", "standard input is a terminal: pipe a file in, as in `qvl describe - < photo.jpg`")
+        path = self._tempfile("")
+        total = 0
+        with open(path, "wb") as out:
+            while chunk := stream.read(_CHUNK):
+                total += len(chunk)
+                if total > self._max_bytes:
+                    raise MediaError("-", f"standard input is larger than the {_size(self._max_bytes)} limit")
+                out.write(chunk)
+        if total == 0:
+            raise MediaError("-", "standard input is empty")
+        return Source("<stdin>", path=path)
+
+    def _download(self, url: str) -> Source:
+        import requests
+
+        label = _short(url)
+        suffix = Path(urlparse(url).path).suffix[:10]
+        path = self._tempfile(suffix)
+        session = requests.Session()
+        session.max_redirects = C.MAX_REDIRECTS
+        try:
+            with session.get(url, stream=True, timeout=self._timeout) as resp:
+                if resp.status_code >= 400:
+                    raise MediaError(label, f"HTTP {resp.status_code} {resp.reason}".rstrip())
+                declared = resp.headers.get("Content-Length")
+                if declared and declared.isdigit() and int(declared) > self._max_bytes:
+                    raise MediaError(label, f"is {_size(int(declared))}, over the {_size(self._max_bytes)} download limit")
+                total = 0
+                with open(path, "wb") as out:
+                    for chunk in resp.iter_content(_CHUNK):
+                        total += len(chunk)
+                        if total > self._max_bytes:
+                            raise MediaError(label, f"download exceeds the {_size(self._max_bytes)} limit")
+                        out.write(chunk)
+        except requests.exceptions.ConnectTimeout:
+            raise MediaError(label, f"timed out connecting after {self._timeout[0]:g} s") from None
+        except requests.exceptions.ReadTimeout:
+            raise MediaError(label, f"server sent nothing for {self._timeout[1]:g} s") from None
+        except requests.exceptions.TooManyRedirects:
+            raise MediaError(label, f"more than {C.MAX_REDIRECTS} redirects") from None
+        except requests.exceptions.RequestException as e:
+            reason = type(e).__name__
+            raise MediaError(label, f"download failed ({reason}): check the URL and your network") from None
+        finally:
+            session.close()
+        if total == 0:
+            raise MediaError(label, "the server sent an empty body")
+        return Source(label, path=path)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"

@@ -1,0 +1,67 @@
+"""`qvl inspect --model M` without media: architecture, parameter counts, processor and device facts."""
+
+from __future__ import annotations
+
+from qwen2vl_cli import devices
+from qwen2vl_cli.errors import UsageError
+from qwen2vl_cli.modelinfo import parameter_counts, read_config, read_processor_settings, vision_spec_from_dict
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:,.1f} M" if n < 1e9 else f"{n / 1e9:,.2f} B"
+
+
+def summarize(model: str) -> dict[str, dict]:
+    config = read_config(model)
+    if config is None:
+        raise UsageError(
+            f"--model {model}: not on this machine (neither a directory nor in the Hugging Face cache): "
+            f"run `hf download {model}` or pass a model directory"
+        )
+    text = config.get("text_config") or config
+    vision = config.get("vision_config") or {}
+    settings = read_processor_settings(model) or {}
+    spec = vision_spec_from_dict(settings)
+    counts = parameter_counts(model)
+    caps = devices.detect()
+    device = devices.choose_device("auto", caps)
+    dtype = devices.choose_dtype("auto", device, caps)
+    return {
+        f"{model}": {
+            "architecture": ", ".join(config.get("architectures") or [config.get("model_type", "?")]),
+        },
+        "Vision tower": {
+            "blocks": vision.get("depth"),
+            "embed dim": vision.get("embed_dim"),
+            "heads": vision.get("num_heads"),
+            "MLP ratio": vision.get("mlp_ratio"),
+            "output (merger) size": vision.get("hidden_size"),
+            "patch / merge / temporal patch": f"{spec.patch_size} / {spec.merge_size} / {spec.temporal_patch_size}",
+        },
+        "Language model": {
+            "layers": text.get("num_hidden_layers"),
+            "hidden size": text.get("hidden_size"),
+            "heads (KV heads)": f"{text.get('num_attention_heads')} ({text.get('num_key_value_heads')})",
+            "MLP size": text.get("intermediate_size"),
+            "vocabulary": text.get("vocab_size"),
+            "tied embeddings": bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+        },
+        "Parameters (meta device, no weights read)": {
+            "vision tower": _millions(counts["vision_tower"]),
+            "merger": _millions(counts["merger"]),
+            "language model": _millions(counts["language_model"]),
+            "lm head (untied)": _millions(counts["lm_head"]),
+            "total": _millions(counts["total"]),
+        },
+        "Processor": {
+            "min pixels": f"{spec.min_pixels:,} ({spec.min_pixels // spec.factor**2} tokens)",
+            "max pixels": f"{spec.max_pixels:,} ({spec.max_pixels // spec.factor**2} tokens)",
+            "image mean": settings.get("image_mean"),
+            "image std": settings.get("image_std"),
+        },
+        "This machine": {
+            "auto device": device + (f" ({caps.cuda_name})" if device == "cuda" else ""),
+            "auto dtype": dtype,
+            "attention": ", ".join(devices.usable_attn(device, dtype, caps)),
+        },
+    }

@@ -1,0 +1,169 @@
+"""Frozen request and result types shared by every stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Kind = Literal["image", "video"]
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    """The model's processor settings that decide sizes and token counts."""
+
+    patch_size: int = 14
+    merge_size: int = 2
+    temporal_patch_size: int = 2
+    min_pixels: int = 3136
+    max_pixels: int = 12845056
+
+    @property
+    def factor(self) -> int:
+        """Side multiple of a resized image: one merged visual token covers factor x factor pixels."""
+        return self.patch_size * self.merge_size
+
+
+@dataclass(frozen=True)
+class MediaOptions:
+    """What the user asked for about sizes and frames; None means the reference default."""
+
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    total_pixels: int | None = None
+    resize: tuple[int, int] | None = None  # (width, height)
+    fps: float | None = None
+    nframes: int | None = None
+    min_frames: int | None = None
+    max_frames: int | None = None
+    start: float | None = None
+    end: float | None = None
+    first_frame: bool = False
+    cpu_budget: bool = False  # smaller defaults when running on CPU and no pixel limit was given
+
+    @property
+    def pixel_limits_given(self) -> bool:
+        return any(v is not None for v in (self.min_pixels, self.max_pixels, self.total_pixels, self.resize))
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    """What a file's headers say, before any pixel is decoded."""
+
+    kind: Kind
+    width: int
+    height: int
+    format: str
+    animated: bool = False  # an image file holding motion (GIF, WebP, APNG)
+    frames: int | None = None
+    fps: float | None = None
+    duration_s: float | None = None
+    start_s: float = 0.0
+    frame_times_s: tuple[float, ...] | None = None  # animated images: when each frame is shown
+
+
+@dataclass(frozen=True)
+class MediaPlan:
+    """Sizes, frames and token counts for one input: what `inspect` prints and what the runner feeds."""
+
+    source: str
+    kind: Kind
+    width: int
+    height: int
+    resized_width: int
+    resized_height: int
+    grid_thw: tuple[int, int, int]
+    visual_tokens: int
+    duration_s: float | None = None
+    native_fps: float | None = None
+    frames: int | None = None
+    frame_indices: tuple[int, ...] | None = None
+    frame_times_s: tuple[float, ...] | None = None
+    sample_fps: float | None = None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def tokens_with_markers(self) -> int:
+        return self.visual_tokens + 2  # <|vision_start|> and <|vision_end|>
+
+    def to_dict(self) -> dict:
+        out = {
+            "source": self.source,
+            "kind": self.kind,
+            "width": self.width,
+            "height": self.height,
+            "resized_width": self.resized_width,
+            "resized_height": self.resized_height,
+            "grid_thw": list(self.grid_thw),
+            "visual_tokens": self.visual_tokens,
+        }
+        if self.kind == "video":
+            out.update(
+                duration_s=_round(self.duration_s),
+                native_fps=_round(self.native_fps),
+                frames=self.frames,
+                frame_indices=list(self.frame_indices or ()),
+                frame_times_s=[_round(t) for t in self.frame_times_s or ()],
+                sample_fps=_round(self.sample_fps),
+            )
+        return out
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    prompt: str | None = None
+    system: str | None = None
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    model: str
+    device: str = "auto"
+    dtype: str = "auto"
+    attn: str = "auto"
+
+
+@dataclass(frozen=True)
+class Result:
+    text: str
+    model: str
+    device: str
+    dtype: str
+    attn: str
+    prompt_tokens: int
+    visual_tokens: int
+    generated_tokens: int
+    load_s: float
+    ttft_s: float | None
+    decode_tokens_per_s: float | None
+    peak_memory_bytes: int
+    finish_reason: Literal["stop", "length"]
+    inputs: tuple[MediaPlan, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict:
+        return {
+            "text": self.text,
+            "model": self.model,
+            "device": self.device,
+            "dtype": self.dtype,
+            "attn": self.attn,
+            "prompt_tokens": self.prompt_tokens,
+            "visual_tokens": self.visual_tokens,
+            "generated_tokens": self.generated_tokens,
+            "load_s": _round(self.load_s),
+            "ttft_s": _round(self.ttft_s),
+            "decode_tokens_per_s": _round(self.decode_tokens_per_s),
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "finish_reason": self.finish_reason,
+            "inputs": [p.to_dict() for p in self.inputs],
+        }
+
+
+def _round(x: float | None, digits: int = 4) -> float | None:
+    return None if x is None else round(float(x), digits)
