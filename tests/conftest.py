@@ -1,0 +1,96 @@
+"""Shared fixtures: the tiny Qwen2-VL, generated media, a local HTTP server and a CLI runner."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from tests import media_factory
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from tests.tiny_model import build
+
+    return build(tmp_path_factory.mktemp("tiny-qwen2vl"))
+
+
+@pytest.fixture(scope="session")
+def media_dir(tmp_path_factory) -> Path:
+    return media_factory.make_all(tmp_path_factory.mktemp("media"))
+
+
+@dataclass
+class CliResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def qvl():
+    """Run the CLI in-process; stdout and stderr come back separately."""
+    from qwen2vl_cli.cli import app
+
+    runner = CliRunner()
+
+    def run(*args: str, input: bytes | None = None) -> CliResult:
+        result = runner.invoke(app, [str(a) for a in args], input=input)
+        return CliResult(result.exit_code, result.stdout, result.stderr)
+
+    return run
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+    def do_GET(self):
+        if self.path.startswith("/stall"):
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b"\xff\xd8")
+            self.wfile.flush()
+            time.sleep(3)
+            return
+        if self.path.startswith("/huge"):
+            self.send_response(200)
+            self.send_header("Content-Length", str(10**12))
+            self.end_headers()
+            return
+        if self.path.startswith("/redirect-loop"):
+            self.send_response(302)
+            self.send_header("Location", "/redirect-loop")
+            self.end_headers()
+            return
+        super().do_GET()
+
+
+@pytest.fixture(scope="session")
+def http_server(media_dir):
+    """Serves media_dir on 127.0.0.1, plus /stall, /huge and /redirect-loop."""
+
+    def handler(*args, **kwargs):
+        return _Handler(*args, directory=str(media_dir), **kwargs)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def noise_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    arr = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
+    return Image.fromarray(arr[..., 0] if channels == 1 else arr, mode)

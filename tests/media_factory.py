@@ -1,0 +1,106 @@
+"""Media the tests make themselves: stills in many formats, animations and videos with known frames.
+
+Video frames carry their index as a grey level (index * 4 % 256 on a flat block), so a test can
+tell which frames a sampler picked.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def coded_frame(index: int, width: int, height: int) -> np.ndarray:
+    frame = np.zeros((height, width, 3), dtype=np.uint8)
+    frame[:, :] = (30, 90, 160)
+    level = (index * 4) % 256
+    frame[height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = level
+    return frame
+
+
+def frame_index_of(pixels: np.ndarray) -> int:
+    """Read back the grey level a coded frame carries (up to 63 frames are unambiguous)."""
+    h, w = pixels.shape[:2]
+    block = pixels[3 * h // 8 : 5 * h // 8, 3 * w // 8 : 5 * w // 8].astype(np.float64)
+    return int(round(block.mean() / 4))
+
+
+def write_video(
+    path: Path,
+    frames: int = 90,
+    fps: int = 30,
+    size: tuple[int, int] = (320, 240),
+    codec: str = "libx264",
+    options: dict | None = None,
+) -> Path:
+    import av
+
+    w, h = size
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.options = options if options is not None else ({"crf": "10", "preset": "veryfast"} if codec == "libx264" else {})
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(coded_frame(i, w, h), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def write_audio_only(path: Path, seconds: float = 1.0) -> Path:
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=16000)
+        samples = int(16000 * seconds)
+        t = np.arange(samples, dtype=np.float32) / 16000
+        tone = (0.2 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None, :]
+        frame = av.AudioFrame.from_ndarray(tone, format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        for packet in stream.encode(frame):
+            container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def animation(frames: int = 12, size: tuple[int, int] = (64, 48)) -> list[Image.Image]:
+    return [Image.fromarray(coded_frame(i, *size)) for i in range(frames)]
+
+
+def make_all(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8))
+    photo.save(root / "photo.png")
+    photo.save(root / "photo.jpg", quality=90)
+    Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)).save(root / "square.png")
+    rgba = np.concatenate([rng.integers(0, 256, (60, 80, 3)), np.zeros((60, 80, 1))], axis=2).astype(np.uint8)
+    Image.fromarray(rgba, "RGBA").save(root / "transparent.png")
+
+    # EXIF orientation 6: stored 80x40 landscape, shown 40x80 portrait.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rng.integers(0, 256, (40, 80, 3), dtype=np.uint8)).save(root / "rotated.jpg", exif=exif)
+
+    anim = animation()
+    anim[0].save(root / "anim.gif", save_all=True, append_images=anim[1:], duration=100, loop=0)
+    anim[0].save(root / "anim.webp", save_all=True, append_images=anim[1:], duration=50, lossless=True)
+    anim[0].save(root / "anim.png", save_all=True, append_images=anim[1:], duration=100)
+    anim[0].save(root / "still.gif")
+
+    write_video(root / "clip.mp4")  # 3 s, 30 fps, 90 frames
+    write_video(root / "clip.webm", frames=40, fps=20, codec="libvpx-vp9", options={"crf": "10", "b": "0"})
+    write_audio_only(root / "audio.m4a")
+
+    (root / "empty.jpg").write_bytes(b"")
+    (root / "notes.txt").write_text("not an image\n")
+    data = io.BytesIO()
+    photo.save(data, format="JPEG")
+    (root / "truncated.jpg").write_bytes(data.getvalue()[: len(data.getvalue()) // 3])
+    (root / "folder").mkdir()
+    return root
