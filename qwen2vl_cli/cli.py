@@ -12,13 +12,16 @@ import sys
 import traceback
 from typing import Annotated, Optional
 
-import click
 import typer
 from typer.core import TyperGroup
 
 from qwen2vl_cli import __version__, config as C, options as O
 from qwen2vl_cli.errors import EXIT_INTERRUPTED, EXIT_USAGE, GenerationInterrupted, UsageError, describe_exception
 from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions
+
+
+# Typer raises its click layer's ClickException for usage errors; find it without naming click.
+_CLICK_ERRORS = tuple(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 
 class QvlGroup(TyperGroup):
@@ -30,11 +33,11 @@ class QvlGroup(TyperGroup):
         try:
             rv = super().main(args=args, prog_name=prog_name or "qvl", complete_var=complete_var, standalone_mode=False, **extra)
             code = rv if isinstance(rv, int) else 0
-        except click.ClickException as e:
+        except _CLICK_ERRORS as e:
             where = e.ctx.command_path if getattr(e, "ctx", None) is not None else "qvl"
             print_error(f"{e.format_message()} (see `{where} --help`)")
             code = EXIT_USAGE
-        except click.exceptions.Abort:
+        except typer.Abort:
             code = EXIT_INTERRUPTED
         except BrokenPipeError:
             # The reader went away (`qvl ... | head`): stop quietly.

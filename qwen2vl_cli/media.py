@@ -112,6 +112,8 @@ def _frame_times(src: Source, img, n_frames: int) -> tuple[float, ...]:
     try:
         for i in range(n_frames):
             img.seek(i)
+            if "duration" not in img.info:
+                img.load()  # WebP sets a frame's duration only once the frame is decoded
             times.append(t)
             if i < n_frames - 1:
                 t += _frame_duration(img)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -13,30 +12,49 @@ from qwen2vl_cli.types import VisionSpec
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-def is_local(model: str) -> bool:
-    return Path(model).expanduser().is_dir()
+# What loading needs from a hub repo; other weight formats and docs are skipped.
+MODEL_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
 
 
-def check_model(model: str) -> str:
-    """The path or hub id to load, or a one-line error when it cannot be found."""
+def locate_model(model: str) -> Path:
+    """The local directory of `model`, downloading a hub model that is not cached yet.
+
+    A cached model loads from its snapshot with no network call, so start-up never waits on the hub.
+    """
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UsageError(f"--model {model}: the directory has no config.json; give a Qwen2-VL model directory")
-        return str(path)
+        return path
     if path.exists():
         raise UsageError(f"--model {model}: is a file; give a model directory or a hub id such as Qwen/Qwen2-VL-2B-Instruct")
     if not _HUB_ID.match(model) or model.startswith((".", "~")):
         raise UsageError(f"--model {model}: no such directory")
-    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    cached = try_to_load_from_cache(model, "config.json")
-    if not isinstance(cached, str) and constants.HF_HUB_OFFLINE:
+    try:
+        return Path(snapshot_download(model, allow_patterns=MODEL_FILES, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
+    if constants.HF_HUB_OFFLINE:
         raise ModelError(
             f"model {model} is not in the Hugging Face cache and the hub is offline: "
             f"run `hf download {model}` where there is network, or pass --model DIR"
         )
-    return model
+    try:
+        return Path(snapshot_download(model, allow_patterns=MODEL_FILES))
+    except GatedRepoError:
+        raise ModelError(f"model {model} is gated: accept its terms on huggingface.co and run `hf auth login`") from None
+    except RepositoryNotFoundError:
+        raise UsageError(f"--model {model}: no such model on the Hugging Face hub (or it needs `hf auth login`)") from None
+    except (LocalEntryNotFoundError, OSError) as e:
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        reason = lines[0].removeprefix("Got: ")[:160]
+        raise ModelError(
+            f"cannot download model {model} ({reason}): check the network, or run `hf download {model}` "
+            "where there is one and pass --model DIR"
+        ) from None
 
 
 def model_file(model: str, filename: str) -> Path | None:
@@ -102,8 +120,10 @@ def parameter_counts(model: str) -> dict[str, int]:
     import torch
     from transformers import AutoConfig, Qwen2VLForConditionalGeneration
 
-    local = str(Path(model).expanduser()) if is_local(model) else model
-    config = AutoConfig.from_pretrained(local, local_files_only=True)
+    config_file = model_file(model, "config.json")
+    if config_file is None:
+        raise UsageError(f"--model {model}: not on this machine: run `hf download {model}` or pass a model directory")
+    config = AutoConfig.from_pretrained(str(config_file.parent), local_files_only=True)
     with torch.device("meta"):
         net = Qwen2VLForConditionalGeneration._from_config(config)
     visual = net.model.visual
@@ -112,7 +132,3 @@ def parameter_counts(model: str) -> dict[str, int]:
     language = sum(p.numel() for p in net.model.language_model.parameters())
     total = sum(p.numel() for p in net.parameters())  # tied lm_head is counted once
     return {"vision_tower": vision, "merger": merger, "language_model": language, "lm_head": total - vision - merger - language, "total": total}
-
-
-def hf_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")

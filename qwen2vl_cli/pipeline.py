@@ -11,7 +11,7 @@ from typing import BinaryIO, Protocol
 from qwen2vl_cli import media
 from qwen2vl_cli.errors import MediaError
 from qwen2vl_cli.messages import build_messages
-from qwen2vl_cli.modelinfo import vision_spec
+from qwen2vl_cli.modelinfo import locate_model
 from qwen2vl_cli.sizing import plan
 from qwen2vl_cli.sources import Source, SourceResolver
 from qwen2vl_cli.types import (
@@ -92,25 +92,27 @@ def run(request: Request, hooks: Hooks, stdin: BinaryIO | None = None) -> Result
     with SourceResolver(stdin=stdin) as resolver:
         hooks.stage("Reading media")
         probed = probe_all(resolver, request.sources, request.media, request.require_video)
+        hooks.stage(f"Finding {request.runtime.model}")
+        model_dir = locate_model(request.runtime.model)
         runner = Runner(request.runtime)
         opts = replace(request.media, cpu_budget=runner.device == "cpu")
-
-        # Plan and decode before the slow model load when the model's settings are on disk, so bad
-        # input fails fast; otherwise (first download) plan with the loaded processor's settings.
-        spec = vision_spec(request.runtime.model)
-        loaded = plans = None
-        if spec is not None:
-            plans, loaded = _decode(probed, spec, opts, hooks)
-        hooks.stage(f"Loading {request.runtime.model} ({runner.device}, {runner.dtype}, {runner.attn})")
-        runner.load()
-        actual = runner.vision_spec()
-        if plans is None or actual != spec:
-            spec = actual
-            plans, loaded = _decode(probed, spec, opts, hooks)
+        runner.load_processor(model_dir)
+        spec = runner.vision_spec()
+        # Decode before the slow model load, so bad input fails fast.
+        plans = plan_all(probed, spec, opts)
+        hooks.stage("Decoding media")
+        loaded = [media.load(p.source, p.info, pl) for p, pl in zip(probed, plans)]
+        # Report the times the frames really have (pts), and what decoding found.
+        plans = [
+            replace(pl, frame_times_s=ld.frame_times_s, notes=pl.notes + ld.notes) if pl.kind == "video" else pl
+            for pl, ld in zip(plans, loaded)
+        ]
         hooks.inputs(plans)
         note = budget_note(probed, plans, spec, opts)
         if note:
             hooks.note(note)
+        hooks.stage(f"Loading {request.runtime.model} ({runner.device}, {runner.dtype}, {runner.attn})")
+        runner.load_model(model_dir)
 
         messages = build_messages(plans, request.generation)
         inputs = runner.inputs(runner.prompt_text(messages), loaded)
@@ -132,15 +134,3 @@ def run(request: Request, hooks: Hooks, stdin: BinaryIO | None = None) -> Result
             finish_reason=gen.finish_reason,
             inputs=tuple(plans),
         )
-
-
-def _decode(probed: list[Probed], spec: VisionSpec, opts: MediaOptions, hooks: Hooks):
-    plans = plan_all(probed, spec, opts)
-    hooks.stage("Decoding media")
-    loaded = [media.load(p.source, p.info, pl) for p, pl in zip(probed, plans)]
-    # Report the times the frames really have (pts), and what decoding found.
-    plans = [
-        replace(pl, frame_times_s=ld.frame_times_s, notes=pl.notes + ld.notes) if pl.kind == "video" else pl
-        for pl, ld in zip(plans, loaded)
-    ]
-    return plans, loaded

@@ -10,13 +10,14 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from qwen2vl_cli import devices
 from qwen2vl_cli.config import debug_enabled
 from qwen2vl_cli.errors import GenerationInterrupted, ModelError
-from qwen2vl_cli.media import Loaded
-from qwen2vl_cli.modelinfo import check_model, vision_spec_from_dict
+from qwen2vl_cli.media import Loaded, _one_line
+from qwen2vl_cli.modelinfo import vision_spec_from_dict
 from qwen2vl_cli.types import GenerationOptions, RuntimeOptions, VisionSpec
 
 
@@ -51,32 +52,35 @@ class Runner:
         self.processor = None
         self.load_s = 0.0
 
-    def load(self) -> None:
-        source = check_model(self.runtime.model)
-        import torch
+    def load_processor(self, model_dir: Path) -> None:
+        """The tokenizer and image/video processors: fast, and they decide the sizes."""
         import transformers
-        from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+        from transformers import AutoProcessor
 
         if not debug_enabled():
             transformers.logging.set_verbosity_error()
             transformers.logging.disable_progress_bar()
+        try:
+            self.processor = AutoProcessor.from_pretrained(model_dir)
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelError(f"cannot load the processor of {self.runtime.model}: {_one_line(e)}") from None
+
+    def load_model(self, model_dir: Path) -> None:
+        import torch
+        from transformers import Qwen2VLForConditionalGeneration
+
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         try:
-            self.processor = AutoProcessor.from_pretrained(source)
             self.model = Qwen2VLForConditionalGeneration.from_pretrained(
-                source,
+                model_dir,
                 dtype=getattr(torch, self.dtype),
                 attn_implementation=self.attn,
                 device_map=self.device if self.device != "cpu" else None,
             ).eval()
-        except (OSError, ValueError) as e:
-            message = " ".join(str(e).split())[:300]
-            raise ModelError(
-                f"cannot load model {self.runtime.model}: {message} "
-                f"(download it with `hf download {self.runtime.model}`, or pass --model DIR)"
-            ) from None
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelError(f"cannot load model {self.runtime.model}: {_one_line(e)}") from None
         if self.device == "cuda":
             torch.cuda.synchronize()
         self.load_s = time.perf_counter() - start

@@ -177,6 +177,10 @@ class SourceResolver:
             raise MediaError(label, f"timed out connecting after {self._timeout[0]:g} s") from None
         except requests.exceptions.ReadTimeout:
             raise MediaError(label, f"server sent nothing for {self._timeout[1]:g} s") from None
+        except requests.exceptions.ConnectionError as e:
+            if "timed out" not in str(e).lower():  # a stall in the body arrives wrapped like this
+                raise MediaError(label, "could not connect: check the URL and your network") from None
+            raise MediaError(label, f"server sent nothing for {self._timeout[1]:g} s") from None
         except requests.exceptions.TooManyRedirects:
             raise MediaError(label, f"more than {C.MAX_REDIRECTS} redirects") from None
         except requests.exceptions.RequestException as e:

@@ -1,7 +1,7 @@
 """Media the tests make themselves: stills in many formats, animations and videos with known frames.
 
-Video frames carry their index as a grey level (index * 4 % 256 on a flat block), so a test can
-tell which frames a sampler picked.
+Video frames carry their index in two flat grey blocks (index % 32 and index // 32, times 8), so
+a test can tell which frames a sampler picked, up to frame 1023.
 """
 
 from __future__ import annotations
@@ -16,16 +16,18 @@ from PIL import Image
 def coded_frame(index: int, width: int, height: int) -> np.ndarray:
     frame = np.zeros((height, width, 3), dtype=np.uint8)
     frame[:, :] = (30, 90, 160)
-    level = (index * 4) % 256
-    frame[height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = level
+    frame[height // 4 : 3 * height // 4, width // 8 : width // 2] = (index % 32) * 8
+    frame[height // 4 : 3 * height // 4, width // 2 : 7 * width // 8] = (index // 32) * 8
     return frame
 
 
 def frame_index_of(pixels: np.ndarray) -> int:
-    """Read back the grey level a coded frame carries (up to 63 frames are unambiguous)."""
+    """Read back the index a coded frame carries."""
     h, w = pixels.shape[:2]
-    block = pixels[3 * h // 8 : 5 * h // 8, 3 * w // 8 : 5 * w // 8].astype(np.float64)
-    return int(round(block.mean() / 4))
+    rows = slice(3 * h // 8, 5 * h // 8)
+    low = pixels[rows, 3 * w // 16 : 7 * w // 16].astype(np.float64).mean()
+    high = pixels[rows, 9 * w // 16 : 13 * w // 16].astype(np.float64).mean()
+    return int(round(low / 8)) + 32 * int(round(high / 8))
 
 
 def write_video(

@@ -1,0 +1,201 @@
+"""End to end through the CLI on the tiny Qwen2-VL: streams, JSON, inspect and every user error."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+
+import pytest
+
+JSON_KEYS = {
+    "text", "model", "device", "dtype", "attn", "prompt_tokens", "visual_tokens", "generated_tokens",
+    "load_s", "ttft_s", "decode_tokens_per_s", "peak_memory_bytes", "finish_reason", "inputs",
+}
+IMAGE_KEYS = {"source", "kind", "width", "height", "resized_width", "resized_height", "grid_thw", "visual_tokens"}
+VIDEO_KEYS = IMAGE_KEYS | {"duration_s", "native_fps", "frames", "frame_indices", "frame_times_s", "sample_fps"}
+FAST = ("--max-new-tokens", "8", "--dtype", "float32")
+
+
+def describe_json(qvl, tiny_model, *args, input=None) -> dict:
+    r = qvl("describe", *args, "--model", tiny_model, *FAST, "--json", input=input)
+    assert r.exit_code == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_describe_streams_text_to_stdout_and_diagnostics_to_stderr(qvl, tiny_model, media_dir):
+    r = qvl("describe", media_dir / "photo.png", "--model", tiny_model, *FAST)
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout.endswith("\n")
+    assert "photo.png: image 400x300 → " in r.stderr
+    assert "visual tokens" in r.stderr and "prompt" in r.stderr and "tok/s" in r.stderr
+    assert "photo.png" not in r.stdout and "tok/s" not in r.stdout
+    ref = describe_json(qvl, tiny_model, media_dir / "photo.png")
+    assert r.stdout == ref["text"] + "\n"  # the streamed text is the whole answer
+
+
+def test_json_schema_and_numbers(qvl, tiny_model, media_dir):
+    out = describe_json(qvl, tiny_model, media_dir / "square.png")
+    assert set(out) == JSON_KEYS
+    assert out["device"] == "cpu" and out["dtype"] == "float32" and out["attn"] == "sdpa"
+    assert out["visual_tokens"] == 64 and out["generated_tokens"] == 8 and out["finish_reason"] == "length"
+    assert out["prompt_tokens"] > 66 and out["peak_memory_bytes"] > 0 and out["load_s"] > 0
+    [inp] = out["inputs"]
+    assert set(inp) == IMAGE_KEYS and inp["grid_thw"] == [1, 16, 16]
+
+
+def test_quiet_leaves_stderr_empty(qvl, tiny_model, media_dir):
+    r = qvl("describe", media_dir / "square.png", "--model", tiny_model, *FAST, "-q")
+    assert r.exit_code == 0 and r.stderr == "" and r.stdout.strip()
+
+
+def test_sources_give_the_same_answer(qvl, tiny_model, media_dir, http_server):
+    path = media_dir / "photo.jpg"
+    data = "data:image/jpeg;base64," + base64.b64encode(path.read_bytes()).decode()
+    texts = {
+        describe_json(qvl, tiny_model, path)["text"],
+        describe_json(qvl, tiny_model, path.as_uri())["text"],
+        describe_json(qvl, tiny_model, f"{http_server}/photo.jpg")["text"],
+        describe_json(qvl, tiny_model, data)["text"],
+        describe_json(qvl, tiny_model, "-", input=path.read_bytes())["text"],
+    }
+    assert len(texts) == 1
+
+
+def test_several_images_go_into_one_prompt_in_order(qvl, tiny_model, media_dir):
+    out = describe_json(qvl, tiny_model, media_dir / "square.png", media_dir / "photo.png")
+    assert [i["source"].rsplit("/", 1)[-1] for i in out["inputs"]] == ["square.png", "photo.png"]
+    assert out["visual_tokens"] == sum(i["visual_tokens"] for i in out["inputs"])
+    swapped = describe_json(qvl, tiny_model, media_dir / "photo.png", media_dir / "square.png")
+    assert swapped["visual_tokens"] == out["visual_tokens"]
+
+
+def test_animated_gif_is_a_video_unless_first_frame(qvl, tiny_model, media_dir):
+    r = qvl("describe", media_dir / "anim.gif", "--model", tiny_model, *FAST)
+    assert r.exit_code == 0 and "read as a video" in r.stderr and "anim.gif: video" in r.stderr
+    moving = describe_json(qvl, tiny_model, media_dir / "anim.gif")
+    still = describe_json(qvl, tiny_model, media_dir / "anim.gif", "--first-frame")
+    assert moving["inputs"][0]["kind"] == "video" and set(moving["inputs"][0]) == VIDEO_KEYS
+    assert still["inputs"][0]["kind"] == "image"
+
+
+def test_video_command_options(qvl, tiny_model, media_dir):
+    base = describe_json(qvl, tiny_model, media_dir / "clip.mp4")
+    [v] = base["inputs"]
+    assert v["frames"] == 90 and v["native_fps"] == 30.0 and len(v["frame_indices"]) == 6
+    r = qvl("video", media_dir / "clip.mp4", "--model", tiny_model, *FAST, "--nframes", "4", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["inputs"][0]["frame_indices"] == [0, 30, 59, 89]
+    r = qvl("video", media_dir / "clip.mp4", "--model", tiny_model, *FAST, "--start", "1", "--end", "2", "--fps", "4", "--json")
+    times = json.loads(r.stdout)["inputs"][0]["frame_times_s"]
+    assert r.exit_code == 0 and 1.0 <= min(times) and max(times) <= 2.0 and len(times) == 4
+
+
+def test_nframes_beyond_the_clip_is_clamped_and_said(qvl, tiny_model, media_dir):
+    r = qvl("video", media_dir / "clip.mp4", "--model", tiny_model, *FAST, "--nframes", "500")
+    assert r.exit_code == 0 and "--nframes 500 is more than the 90 frames available: using 90" in r.stderr
+
+
+def test_inspect_json_lines(qvl, media_dir):
+    r = qvl("inspect", media_dir / "square.png", media_dir / "clip.mp4", "--json", "--device", "cuda")
+    assert r.exit_code == 0, r.stderr
+    image, video = [json.loads(line) for line in r.stdout.splitlines()]
+    assert image == {
+        "source": str(media_dir / "square.png"), "kind": "image", "width": 224, "height": 224,
+        "resized_width": 224, "resized_height": 224, "grid_thw": [1, 16, 16], "visual_tokens": 64,
+    }
+    assert set(video) == VIDEO_KEYS and video["frame_indices"] == [0, 18, 36, 53, 71, 89]
+
+
+def test_inspect_table(qvl, media_dir):
+    r = qvl("inspect", media_dir / "square.png", "--device", "cuda")
+    assert r.exit_code == 0
+    assert "224x224" in r.stdout and "(1, 16, 16)" in r.stdout and " 64 " in r.stdout and "66" in r.stdout
+
+
+def test_inspect_equals_what_describe_used(qvl, tiny_model, media_dir):
+    for name in ("photo.jpg", "clip.mp4", "anim.webp"):
+        r = qvl("inspect", media_dir / name, "--json", "--model", tiny_model, "--device", "cpu")
+        planned = json.loads(r.stdout)
+        used = describe_json(qvl, tiny_model, media_dir / name)["inputs"][0]
+        used.pop("frame_times_s", None), planned.pop("frame_times_s", None)  # decoded pts vs. index / fps
+        assert planned == used
+
+
+def test_inspect_model_summary(qvl, tiny_model):
+    r = qvl("inspect", "--model", tiny_model)
+    assert r.exit_code == 0, r.stderr
+    for text in ("Vision tower", "Language model", "Parameters", "total", "Processor", "12,845,056", "sdpa", "auto device"):
+        assert text in r.stdout
+
+
+@pytest.mark.parametrize(
+    "args,code,message",
+    [
+        (["describe", "{m}/nope.jpg"], 2, "nope.jpg: no such file"),
+        (["describe", "{m}/folder"], 2, "is a directory"),
+        (["describe", "{m}/notes.txt"], 2, "not an image or a video"),
+        (["describe", "{m}/truncated.jpg"], 2, "truncated or corrupt"),
+        (["describe", "{m}/empty.jpg"], 2, "empty"),
+        (["describe", "{m}/audio.m4a"], 2, "no video stream"),
+        (["describe", "ftp://host/x.jpg"], 2, "unsupported URL scheme"),
+        (["video", "{m}/clip.mp4", "--fps", "0"], 2, "--fps 0: must be above 0"),
+        (["video", "{m}/clip.mp4", "--fps", "1", "--nframes", "4"], 2, "choose one"),
+        (["video", "{m}/clip.mp4", "--start", "2", "--end", "1"], 2, "is not before --end"),
+        (["video", "{m}/clip.mp4", "--start", "10", "--end", "12"], 2, "select no frames"),
+        (["video", "{m}/photo.png"], 2, "not a video: use `qvl describe`"),
+        (["describe", "{m}/photo.png", "--resize", "big"], 2, "WIDTHxHEIGHT"),
+        (["describe", "{m}/photo.png", "--device", "tpu"], 2, "choose one of auto, cuda, cpu, mps"),
+        (["describe", "{m}/photo.png", "--device", "cuda"], 2, "no CUDA GPU"),
+        (["describe", "{m}/photo.png", "--attn", "flash_attention_2"], 2, "use --attn sdpa"),
+        (["describe", "{m}/photo.png", "--bogus"], 2, "No such option"),
+        (["describe", "{m}/photo.png", "--max-new-tokens", "0"], 2, "--max-new-tokens"),
+        (["describe", "{m}/photo.png", "--model", "{m}/no-model-here"], 2, "no such directory"),
+        (["describe", "{m}/photo.png", "--model", "{m}/folder"], 2, "no config.json"),
+        (["inspect"], 2, "give MEDIA"),
+    ],
+)
+def test_user_errors_are_one_line_with_stable_codes(qvl, tiny_model, media_dir, args, code, message):
+    args = [a.format(m=media_dir) for a in args]
+    if args[0] != "inspect" and "--model" not in args:
+        args += ["--model", str(tiny_model)]
+    r = qvl(*args)
+    assert r.exit_code == code, (r.stdout, r.stderr)
+    assert message in r.stderr
+    assert r.stderr.startswith("qvl: error: ") and r.stderr.count("\n") == 1
+    assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+def test_uncached_hub_model_offline_says_how_to_get_it(qvl, media_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    r = qvl("describe", media_dir / "photo.png", "--model", "Qwen/Qwen2-VL-2B-Instruct")
+    assert r.exit_code == 1
+    assert "hf download Qwen/Qwen2-VL-2B-Instruct" in r.stderr and "--model DIR" in r.stderr
+
+
+def test_console_script_help_is_fast_and_imports_no_torch():
+    code = "import sys; from qwen2vl_cli.cli import app; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+    r = subprocess.run([sys.executable, "-m", "qwen2vl_cli", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "describe" in r.stdout and "inspect" in r.stdout
+
+
+def test_inspect_imports_no_torch(media_dir):
+    code = (
+        "import sys\nfrom qwen2vl_cli.cli import main\nsys.argv=['qvl','inspect',sys.argv[1],sys.argv[2]]\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert e.code == 0\n"
+        "print('torch' in sys.modules, file=sys.stderr)"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(media_dir / "photo.jpg"), str(media_dir / "clip.mp4")], capture_output=True, text=True)
+    assert r.stderr.strip().splitlines()[-1] == "False"
+    assert "photo.jpg" in r.stdout and "clip.mp4" in r.stdout
+
+
+def test_debug_env_shows_traceback(qvl, media_dir, monkeypatch, tiny_model):
+    monkeypatch.setenv("QVL_DEBUG", "1")
+    r = qvl("describe", media_dir / "nope.jpg", "--model", tiny_model)
+    assert r.exit_code == 2 and "Traceback" in r.stderr
