@@ -24,6 +24,7 @@ from qwen2vl_cli.types import GenerationOptions, RuntimeOptions, VisionSpec
 @dataclass(frozen=True)
 class Generation:
     text: str
+    tokens: tuple[int, ...]
     prompt_tokens: int
     visual_tokens: int
     generated_tokens: int
@@ -182,7 +183,7 @@ class Runner:
         rate = None
         if len(token_times) > 1 and token_times[-1] > token_times[0]:
             rate = (len(token_times) - 1) / (token_times[-1] - token_times[0])
-        return Generation(text, prompt_tokens, visual_tokens, len(new), ttft, rate, finish)
+        return Generation(text, tuple(int(t) for t in new), prompt_tokens, visual_tokens, len(new), ttft, rate, finish)
 
 
 def sampling_kwargs(gen: GenerationOptions) -> dict:

@@ -63,12 +63,19 @@ def _tokens(spec: VisionSpec, rh: int, rw: int, frames: int = 1) -> tuple[tuple[
     return grid, grid[0] * grid[1] * grid[2] // (spec.merge_size**2)
 
 
+def _min_pixels(opts: MediaOptions, default: int) -> int:
+    """The user's --min-pixels, else the default lowered to a smaller --max-pixels (the reference fails there)."""
+    if opts.min_pixels is not None:
+        return opts.min_pixels
+    return min(default, opts.max_pixels) if opts.max_pixels is not None else default
+
+
 def image_size(info: MediaInfo, spec: VisionSpec, opts: MediaOptions) -> tuple[int, int]:
     f = spec.factor
     if opts.resize is not None:
         w, h = opts.resize
         return smart_resize(h, w, f, C.IMAGE_MIN_TOKENS * f * f, C.IMAGE_MAX_TOKENS * f * f)
-    min_p = opts.min_pixels if opts.min_pixels is not None else spec.min_pixels
+    min_p = _min_pixels(opts, spec.min_pixels)
     if opts.max_pixels is not None:
         max_p = opts.max_pixels
     elif opts.cpu_budget and not opts.pixel_limits_given:
@@ -144,7 +151,7 @@ def linspace_indices(first: int, last: int, n: int) -> tuple[int, ...]:
 def video_pixel_limits(nframes: int, spec: VisionSpec, opts: MediaOptions) -> tuple[float, float]:
     f2 = spec.factor**2
     cpu = opts.cpu_budget and not opts.pixel_limits_given
-    min_p = opts.min_pixels if opts.min_pixels is not None else (C.CPU_VIDEO_MIN_TOKENS if cpu else C.VIDEO_MIN_TOKENS) * f2
+    min_p = _min_pixels(opts, (C.CPU_VIDEO_MIN_TOKENS if cpu else C.VIDEO_MIN_TOKENS) * f2)
     total = opts.total_pixels if opts.total_pixels is not None else (C.CPU_VIDEO_TOTAL_TOKENS if cpu else C.VIDEO_TOTAL_TOKENS) * f2
     max_p = max(min(C.VIDEO_MAX_TOKENS * f2, total / nframes * C.FRAME_FACTOR), int(min_p * 1.05))
     if opts.max_pixels is not None:

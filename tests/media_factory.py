@@ -17,7 +17,7 @@ def coded_frame(index: int, width: int, height: int) -> np.ndarray:
     frame = np.zeros((height, width, 3), dtype=np.uint8)
     frame[:, :] = (30, 90, 160)
     frame[height // 4 : 3 * height // 4, width // 8 : width // 2] = (index % 32) * 8
-    frame[height // 4 : 3 * height // 4, width // 2 : 7 * width // 8] = (index // 32) * 8
+    frame[height // 4 : 3 * height // 4, width // 2 : 7 * width // 8] = (index // 32) % 32 * 8
     return frame
 
 

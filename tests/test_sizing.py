@@ -188,3 +188,13 @@ def test_resize_properties(w, h, max_tokens):
 def test_frame_counts_are_even_and_in_range(total, fps, target):
     n, _ = sizing.frame_count(MediaOptions(fps=target), total, fps)
     assert n % 2 == 0 and 2 <= n <= max(2, min(total, 768))
+
+
+def test_max_pixels_below_the_default_minimum_lowers_the_minimum():
+    info = MediaInfo("video", 320, 240, "mp4", frames=90, fps=30.0, duration_s=3.0)
+    plan = sizing.plan_video("v", info, SPEC, MediaOptions(max_pixels=20000))  # the reference asserts here
+    assert plan.resized_width * plan.resized_height <= 20000
+    image = sizing.plan_image("i", MediaInfo("image", 640, 480, "PNG"), SPEC, MediaOptions(max_pixels=2000))
+    assert (image.resized_width, image.resized_height) == (28, 28)
+    with pytest.raises(MediaError, match="below the minimum"):
+        sizing.plan_video("v", info, SPEC, MediaOptions(max_pixels=20000, min_pixels=50000))
