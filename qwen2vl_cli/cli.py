@@ -206,7 +206,7 @@ _generating_command(
         annotation=Annotated[
             list[str],
             typer.Argument(
-                metavar="MEDIA...",
+                metavar="MEDIA",
                 help="Image, animated image or video: path, http(s):// URL, file:// URI, data: URI, or - for stdin. "
                 "Several go into one prompt, in order.",
                 show_default=False,
@@ -237,7 +237,7 @@ _generating_command(
 
 @app.command()
 def inspect(
-    media: Annotated[Optional[list[str]], typer.Argument(metavar="[MEDIA]...", help="Images or videos, as for describe.", show_default=False)] = None,
+    media: Annotated[Optional[list[str]], typer.Argument(metavar="MEDIA", help="Images or videos, as for describe.", show_default=False)] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", envvar=C.ENV_MODEL, help="Read sizing settings from this model (local dir or HF cache; never downloads). Without MEDIA: summarize the model.", rich_help_panel=O.RUN_PANEL)] = None,
     device: Annotated[str, typer.Option(envvar=C.ENV_DEVICE, help="Size as this device would: cpu uses smaller defaults. auto guesses without importing torch.", rich_help_panel=O.RUN_PANEL)] = "auto",
     min_pixels: O.MinPixels = None,

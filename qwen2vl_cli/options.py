@@ -60,15 +60,15 @@ MaxPixels = Annotated[
 Resize = Annotated[Optional[str], typer.Option(metavar="WxH", help="Exact size, each side rounded to a multiple of 28.", rich_help_panel=MEDIA_PANEL)]
 FirstFrame = Annotated[bool, typer.Option("--first-frame", help="Read animated GIF/WebP/APNG as a still (their first frame).", rich_help_panel=MEDIA_PANEL)]
 
-Fps = Annotated[Optional[float], typer.Option(help="Frames sampled per second [default: 2.0].", rich_help_panel=VIDEO_PANEL)]
+Fps = Annotated[Optional[float], typer.Option(help="Frames sampled per second (default 2.0).", rich_help_panel=VIDEO_PANEL)]
 Nframes = Annotated[Optional[int], typer.Option(min=1, help="Exact number of frames (instead of --fps); clamped to what the clip has.", rich_help_panel=VIDEO_PANEL)]
-MinFrames = Annotated[Optional[int], typer.Option(min=1, help="Least frames with --fps [default: 4].", rich_help_panel=VIDEO_PANEL)]
-MaxFrames = Annotated[Optional[int], typer.Option(min=1, help="Most frames with --fps [default: 768].", rich_help_panel=VIDEO_PANEL)]
+MinFrames = Annotated[Optional[int], typer.Option(min=1, help="Least frames with --fps (default 4).", rich_help_panel=VIDEO_PANEL)]
+MaxFrames = Annotated[Optional[int], typer.Option(min=1, help="Most frames with --fps (default 768).", rich_help_panel=VIDEO_PANEL)]
 Start = Annotated[Optional[float], typer.Option(min=0.0, help="Start of the clip, in seconds.", rich_help_panel=VIDEO_PANEL)]
 End = Annotated[Optional[float], typer.Option(min=0.0, help="End of the clip, in seconds.", rich_help_panel=VIDEO_PANEL)]
 TotalPixels = Annotated[
     Optional[int],
-    typer.Option(min=1, help="Pixel budget for all frames together [default: 90316800; on CPU 1605632].", rich_help_panel=VIDEO_PANEL),
+    typer.Option(min=1, help="Pixel budget for all frames together (default 90316800; on CPU 1605632).", rich_help_panel=VIDEO_PANEL),
 ]
 
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of streaming text.", rich_help_panel=OUT_PANEL)]

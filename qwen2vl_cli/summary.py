@@ -8,6 +8,8 @@ from qwen2vl_cli.modelinfo import parameter_counts, read_config, read_processor_
 
 
 def _millions(n: int) -> str:
+    if n < 1e6:
+        return f"{n:,}"
     return f"{n / 1e6:,.1f} M" if n < 1e9 else f"{n / 1e9:,.2f} B"
 
 
@@ -44,13 +46,13 @@ def summarize(model: str) -> dict[str, dict]:
             "heads (KV heads)": f"{text.get('num_attention_heads')} ({text.get('num_key_value_heads')})",
             "MLP size": text.get("intermediate_size"),
             "vocabulary": text.get("vocab_size"),
-            "tied embeddings": bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+            "tied embeddings": "yes" if config.get("tie_word_embeddings", text.get("tie_word_embeddings")) else "no",
         },
         "Parameters (meta device, no weights read)": {
             "vision tower": _millions(counts["vision_tower"]),
             "merger": _millions(counts["merger"]),
             "language model": _millions(counts["language_model"]),
-            "lm head (untied)": _millions(counts["lm_head"]),
+            "lm head": _millions(counts["lm_head"]) if counts["lm_head"] else "tied to the embeddings",
             "total": _millions(counts["total"]),
         },
         "Processor": {

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -121,6 +123,28 @@ def test_inspect_equals_what_describe_used(qvl, tiny_model, media_dir):
         used = describe_json(qvl, tiny_model, media_dir / name)["inputs"][0]
         used.pop("frame_times_s", None), planned.pop("frame_times_s", None)  # decoded pts vs. index / fps
         assert planned == used
+
+
+CONFIG_2B = Path(__file__).parent / "configs" / "qwen2-vl-2b"  # the 2B's config files, no weights
+
+
+def test_inspect_model_summary_counts_2b_parameters_without_weights(qvl):
+    r = qvl("inspect", "--model", CONFIG_2B)
+    assert r.exit_code == 0, r.stderr
+    assert "631.2 M" in r.stdout and "34.1 M" in r.stdout and "1.54 B" in r.stdout and "2.21 B" in r.stdout
+    assert "tied to the embeddings" in r.stdout and "151,936" in r.stdout
+
+
+def test_inspect_reads_the_model_pixel_limits(qvl, media_dir, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(CONFIG_2B, model)
+    settings = json.loads((model / "preprocessor_config.json").read_text())
+    settings["max_pixels"] = 64 * 28 * 28
+    (model / "preprocessor_config.json").write_text(json.dumps(settings))
+    r = qvl("inspect", media_dir / "photo.png", "--model", model, "--json", "--device", "cuda")
+    assert r.exit_code == 0 and json.loads(r.stdout)["visual_tokens"] <= 64
+    r = qvl("inspect", media_dir / "photo.png", "--model", CONFIG_2B, "--json", "--device", "cuda")
+    assert json.loads(r.stdout)["visual_tokens"] == 154  # 400x300 -> 392x308
 
 
 def test_inspect_model_summary(qvl, tiny_model):

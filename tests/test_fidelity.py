@@ -23,8 +23,8 @@ from tests.media_factory import write_video
 
 PROMPT = "Describe this image."
 # Mean absolute difference (uint8 units) between qvl's frames (PyAV + Pillow bicubic) and the
-# reference's (decord + torchvision bicubic); measured 0.0-0.2 on these clips.
-VIDEO_PIXEL_TOLERANCE = 1.0
+# reference's (decord + torchvision bicubic): measured 0.002-0.05 (max 6) on these clips.
+VIDEO_PIXEL_TOLERANCE = 0.5
 
 
 @pytest.fixture(scope="module")
