@@ -134,6 +134,7 @@ def _answer(
     prompt: O.Prompt = None,
     system: O.System = None,
     max_new_tokens: O.MaxNewTokens = C.DEFAULT_MAX_NEW_TOKENS,
+    min_new_tokens: O.MinNewTokens = None,
     temperature: O.Temperature = 0.0,
     top_p: O.TopP = None,
     top_k: O.TopK = None,
@@ -164,7 +165,9 @@ def _answer(
     request = Request(
         sources=tuple(sources),
         media=media_options(min_pixels, max_pixels, resize, first_frame, fps, nframes, min_frames, max_frames, start, end, total_pixels),
-        generation=GenerationOptions(prompt, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed),
+        generation=GenerationOptions(
+            prompt, system, max_new_tokens, min_new_tokens, temperature, top_p, top_k, repetition_penalty, seed
+        ),
         runtime=runtime_options(model, device, dtype, attn),
         require_video=require_video,
     )

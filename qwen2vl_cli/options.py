@@ -42,6 +42,7 @@ Attn = Annotated[
 Prompt = Annotated[Optional[str], typer.Option("--prompt", "-p", help="The question. Default: \"Describe this image.\" (or video, or these images).", rich_help_panel=GEN_PANEL)]
 System = Annotated[Optional[str], typer.Option(help="System message. Default: the chat template's \"You are a helpful assistant.\"", rich_help_panel=GEN_PANEL)]
 MaxNewTokens = Annotated[int, typer.Option(min=1, help="Most tokens to generate.", rich_help_panel=GEN_PANEL)]
+MinNewTokens = Annotated[Optional[int], typer.Option(min=0, help="Generate at least this many tokens, even past the end (for benchmarks).", rich_help_panel=GEN_PANEL)]
 Temperature = Annotated[float, typer.Option(min=0.0, help="0 = greedy (deterministic); above 0 samples.", rich_help_panel=GEN_PANEL)]
 TopP = Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Nucleus sampling (with --temperature > 0).", rich_help_panel=GEN_PANEL)]
 TopK = Annotated[Optional[int], typer.Option(min=0, help="Top-k sampling (with --temperature > 0).", rich_help_panel=GEN_PANEL)]

@@ -5,6 +5,7 @@ Shared by the commands; it reports progress through `Hooks` and never prints.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import BinaryIO, Protocol
 
@@ -98,21 +99,27 @@ def run(request: Request, hooks: Hooks, stdin: BinaryIO | None = None) -> Result
         opts = replace(request.media, cpu_budget=runner.device == "cpu")
         runner.load_processor(model_dir)
         spec = runner.vision_spec()
-        # Decode before the slow model load, so bad input fails fast.
         plans = plan_all(probed, spec, opts)
-        hooks.stage("Decoding media")
-        loaded = [media.load(p.source, p.info, pl) for p, pl in zip(probed, plans)]
-        # Report the times the frames really have (pts), and what decoding found.
-        plans = [
-            replace(pl, frame_times_s=ld.frame_times_s, notes=pl.notes + ld.notes) if pl.kind == "video" else pl
-            for pl, ld in zip(plans, loaded)
-        ]
-        hooks.inputs(plans)
-        note = budget_note(probed, plans, spec, opts)
-        if note:
-            hooks.note(note)
-        hooks.stage(f"Loading {request.runtime.model} ({runner.device}, {runner.dtype}, {runner.attn})")
-        runner.load_model(model_dir)
+        # The model loads on a worker thread while this one decodes the media: decoding (PyAV, Pillow)
+        # releases the GIL, and a bad input still fails at once instead of after the load.
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qvl-load")
+        try:
+            model_loading = pool.submit(runner.load_model, model_dir)
+            hooks.stage("Decoding media")
+            loaded = [media.load(p.source, p.info, pl) for p, pl in zip(probed, plans)]
+            # Report the times the frames really have (pts), and what decoding found.
+            plans = [
+                replace(pl, frame_times_s=ld.frame_times_s, notes=pl.notes + ld.notes) if pl.kind == "video" else pl
+                for pl, ld in zip(plans, loaded)
+            ]
+            hooks.inputs(plans)
+            note = budget_note(probed, plans, spec, opts)
+            if note:
+                hooks.note(note)
+            hooks.stage(f"Loading {request.runtime.model} ({runner.device}, {runner.dtype}, {runner.attn})")
+            model_loading.result()
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
         messages = build_messages(plans, request.generation)
         inputs = runner.inputs(runner.prompt_text(messages), loaded)

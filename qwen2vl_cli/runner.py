@@ -165,10 +165,12 @@ class Runner:
                 parts.append(chunk)
                 if on_text is not None and chunk:
                     on_text(chunk)
-        except KeyboardInterrupt:
+        except BaseException as e:  # Ctrl-C, or the reader of stdout went away: stop generating first
             stop.set()
             thread.join(timeout=30)
-            raise GenerationInterrupted("".join(parts)) from None
+            if isinstance(e, KeyboardInterrupt):
+                raise GenerationInterrupted("".join(parts)) from None
+            raise
         thread.join()
         if "error" in outcome:
             raise outcome["error"]
@@ -200,4 +202,6 @@ def sampling_kwargs(gen: GenerationOptions) -> dict:
         }
     if gen.repetition_penalty is not None:
         out["repetition_penalty"] = gen.repetition_penalty
+    if gen.min_new_tokens:
+        out["min_new_tokens"] = min(gen.min_new_tokens, gen.max_new_tokens)
     return out

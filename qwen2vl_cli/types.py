@@ -114,6 +114,7 @@ class GenerationOptions:
     prompt: str | None = None
     system: str | None = None
     max_new_tokens: int = 512
+    min_new_tokens: int | None = None
     temperature: float = 0.0
     top_p: float | None = None
     top_k: int | None = None

@@ -223,3 +223,32 @@ def test_debug_env_shows_traceback(qvl, media_dir, monkeypatch, tiny_model):
     monkeypatch.setenv("QVL_DEBUG", "1")
     r = qvl("describe", media_dir / "nope.jpg", "--model", tiny_model)
     assert r.exit_code == 2 and "Traceback" in r.stderr
+
+
+SAMPLES = Path(__file__).parent.parent / "samples"
+
+
+def _long_generation(tiny_model, *extra):
+    return [sys.executable, "-m", "qwen2vl_cli", "describe", str(SAMPLES / "photo.jpg"), "--model", str(tiny_model),
+            "--max-new-tokens", "20000", "--min-new-tokens", "20000", *extra]
+
+
+def test_ctrl_c_during_generation_keeps_the_text_and_exits_130(tiny_model):
+    import signal
+
+    proc = subprocess.Popen(_long_generation(tiny_model), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = proc.stdout.read(1)  # generation is streaming
+    proc.send_signal(signal.SIGINT)
+    rest, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert first and (first + rest).endswith(b"\n")
+    assert err.decode().strip().splitlines()[-1] == "qvl: error: interrupted"
+    assert b"Traceback" not in err
+
+
+def test_closed_pipe_ends_quietly(tiny_model):
+    proc = subprocess.Popen(_long_generation(tiny_model, "-q"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(5)
+    proc.stdout.close()  # as `| head -c 5` does
+    _, err = proc.communicate(timeout=120)
+    assert err == b"" and proc.returncode == 1
