@@ -10,6 +10,7 @@ import os
 import re
 import sys
 import traceback
+from dataclasses import replace
 from typing import Annotated, Optional
 
 import typer
@@ -88,8 +89,19 @@ def parse_resize(text: str | None) -> tuple[int, int] | None:
     return int(m.group(1)), int(m.group(2))
 
 
-def media_options(
-    min_pixels, max_pixels, resize, first_frame, fps, nframes, min_frames, max_frames, start, end, total_pixels
+# Option groups, each declared once as a signature; commands are assembled from them below.
+def _sizing_options(
+    min_pixels: O.MinPixels = None,
+    max_pixels: O.MaxPixels = None,
+    resize: O.Resize = None,
+    first_frame: O.FirstFrame = False,
+    fps: O.Fps = None,
+    nframes: O.Nframes = None,
+    min_frames: O.MinFrames = None,
+    max_frames: O.MaxFrames = None,
+    start: O.Start = None,
+    end: O.End = None,
+    total_pixels: O.TotalPixels = None,
 ) -> MediaOptions:
     if fps is not None and fps <= 0:
         raise UsageError(f"--fps {fps:g}: must be above 0")
@@ -116,21 +128,7 @@ def media_options(
     )
 
 
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise UsageError(f"--{name} {value}: choose one of {', '.join(allowed)}")
-    return value
-
-
-def runtime_options(model: str, device: str, dtype: str, attn: str) -> RuntimeOptions:
-    from qwen2vl_cli.devices import ATTNS, DEVICES, DTYPES
-
-    return RuntimeOptions(model, _choice("device", device, DEVICES), _choice("dtype", dtype, DTYPES), _choice("attn", attn, ATTNS))
-
-
-def _answer(
-    sources: list[str],
-    require_video: bool,
+def _generation_options(
     prompt: O.Prompt = None,
     system: O.System = None,
     max_new_tokens: O.MaxNewTokens = C.DEFAULT_MAX_NEW_TOKENS,
@@ -140,35 +138,72 @@ def _answer(
     top_k: O.TopK = None,
     repetition_penalty: O.RepetitionPenalty = None,
     seed: O.Seed = None,
-    min_pixels: O.MinPixels = None,
-    max_pixels: O.MaxPixels = None,
-    resize: O.Resize = None,
-    first_frame: O.FirstFrame = False,
-    fps: O.Fps = None,
-    nframes: O.Nframes = None,
-    min_frames: O.MinFrames = None,
-    max_frames: O.MaxFrames = None,
-    start: O.Start = None,
-    end: O.End = None,
-    total_pixels: O.TotalPixels = None,
-    model: O.Model = C.DEFAULT_MODEL,
-    device: O.Device = "auto",
-    dtype: O.Dtype = "auto",
-    attn: O.Attn = "auto",
-    json_out: O.Json = False,
-    quiet: O.Quiet = False,
-) -> None:
-    """The body of `describe` and `video`."""
+) -> GenerationOptions:
+    return GenerationOptions(prompt, system, max_new_tokens, min_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise UsageError(f"--{name} {value}: choose one of {', '.join(allowed)}")
+    return value
+
+
+def _runtime_options(model: O.Model = C.DEFAULT_MODEL, device: O.Device = "auto", dtype: O.Dtype = "auto", attn: O.Attn = "auto") -> RuntimeOptions:
+    from qwen2vl_cli.devices import ATTNS, DEVICES, DTYPES
+
+    return RuntimeOptions(model, _choice("device", device, DEVICES), _choice("dtype", dtype, DTYPES), _choice("attn", attn, ATTNS))
+
+
+def _output_options(json_out: O.Json = False, quiet: O.Quiet = False) -> tuple[bool, bool]:
+    return json_out, quiet
+
+
+def _inspect_options(
+    model: Annotated[Optional[str], typer.Option("--model", "-m", envvar=C.ENV_MODEL, help="Read sizing settings from this model (local dir or HF cache; never downloads). Without MEDIA: summarize the model.", rich_help_panel=O.RUN_PANEL)] = None,
+    device: Annotated[str, typer.Option(envvar=C.ENV_DEVICE, help="Size as this device would: cpu uses smaller defaults. auto guesses without importing torch.", rich_help_panel=O.RUN_PANEL)] = "auto",
+    json_out: Annotated[bool, typer.Option("--json", help="JSON Lines: one object per input.", rich_help_panel=O.OUT_PANEL)] = False,
+) -> tuple[str | None, str, bool]:
+    return model, _choice("device", device, ("auto", "cuda", "cpu", "mps")), json_out
+
+
+def _params(group) -> list[_inspect.Parameter]:
+    return list(_inspect.signature(group, eval_str=True).parameters.values())
+
+
+def _take(group, kwargs: dict):
+    """Call an option group with its own options, removed from kwargs."""
+    return group(**{p.name: kwargs.pop(p.name) for p in _params(group)})
+
+
+def _command(name: str, argument: _inspect.Parameter, groups: list, body, doc: str, no_args_is_help: bool = True) -> None:
+    """Register `body(argument, **options)` as a Typer command whose options are the groups' options."""
+    params = [argument] + [p for group in groups for p in _params(group)]
+
+    def command(**kwargs) -> None:
+        body(kwargs.pop(argument.name), kwargs)
+
+    # Typer reads the signature: one declaration per option, shared by every command that takes it.
+    command.__signature__ = _inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__doc__ = doc
+    app.command(name=name, no_args_is_help=no_args_is_help)(command)
+
+
+def _argument(name: str, annotation, default=_inspect.Parameter.empty) -> _inspect.Parameter:
+    return _inspect.Parameter(name, _inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=annotation, default=default)
+
+
+def _answer(sources: list[str], require_video: bool, options: dict) -> None:
+    """The body of `describe` and `video`: build the request, run it, render."""
     from qwen2vl_cli.pipeline import Request, run
     from qwen2vl_cli.render import Reporter, print_json
 
+    json_out, quiet = _take(_output_options, options)
     request = Request(
         sources=tuple(sources),
-        media=media_options(min_pixels, max_pixels, resize, first_frame, fps, nframes, min_frames, max_frames, start, end, total_pixels),
-        generation=GenerationOptions(
-            prompt, system, max_new_tokens, min_new_tokens, temperature, top_p, top_k, repetition_penalty, seed
-        ),
-        runtime=runtime_options(model, device, dtype, attn),
+        media=_take(_sizing_options, options),
+        generation=_take(_generation_options, options),
+        runtime=_take(_runtime_options, options),
         require_video=require_video,
     )
     reporter = Reporter(quiet=quiet, stream=not json_out)
@@ -185,82 +220,14 @@ def _answer(
         print_json(result.to_dict())
 
 
-def _generating_command(name: str, argument: _inspect.Parameter, require_video: bool, doc: str) -> None:
-    """Register a command with `_answer`'s options after its own argument."""
-    # Typer reads the signature, so both commands share one option list instead of two copies.
-    shared = list(_inspect.signature(_answer, eval_str=True).parameters.values())[2:]
-    params = [argument] + shared
-
-    def command(**kwargs) -> None:
-        given = kwargs.pop(argument.name)
-        _answer(given if isinstance(given, list) else [given], require_video, **kwargs)
-
-    command.__signature__ = _inspect.Signature(params)
-    command.__annotations__ = {p.name: p.annotation for p in params}
-    command.__doc__ = doc
-    app.command(name=name, no_args_is_help=True)(command)
-
-
-_generating_command(
-    "describe",
-    _inspect.Parameter(
-        "media",
-        _inspect.Parameter.POSITIONAL_OR_KEYWORD,
-        annotation=Annotated[
-            list[str],
-            typer.Argument(
-                metavar="MEDIA",
-                help="Image, animated image or video: path, http(s):// URL, file:// URI, data: URI, or - for stdin. "
-                "Several go into one prompt, in order.",
-                show_default=False,
-            ),
-        ],
-    ),
-    require_video=False,
-    doc="Describe images, animated images or videos with Qwen2-VL; the answer streams to stdout.",
-)
-_generating_command(
-    "video",
-    _inspect.Parameter(
-        "clip",
-        _inspect.Parameter.POSITIONAL_OR_KEYWORD,
-        annotation=Annotated[
-            str,
-            typer.Argument(
-                metavar="CLIP",
-                help="Video or animated image: path, http(s):// URL, file:// URI, or - for stdin.",
-                show_default=False,
-            ),
-        ],
-    ),
-    require_video=True,
-    doc="Describe a video clip, sampled with Qwen2-VL's frame rules (2 frames per second by default).",
-)
-
-
-@app.command()
-def inspect(
-    media: Annotated[Optional[list[str]], typer.Argument(metavar="MEDIA", help="Images or videos, as for describe.", show_default=False)] = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", envvar=C.ENV_MODEL, help="Read sizing settings from this model (local dir or HF cache; never downloads). Without MEDIA: summarize the model.", rich_help_panel=O.RUN_PANEL)] = None,
-    device: Annotated[str, typer.Option(envvar=C.ENV_DEVICE, help="Size as this device would: cpu uses smaller defaults. auto guesses without importing torch.", rich_help_panel=O.RUN_PANEL)] = "auto",
-    min_pixels: O.MinPixels = None,
-    max_pixels: O.MaxPixels = None,
-    resize: O.Resize = None,
-    first_frame: O.FirstFrame = False,
-    fps: O.Fps = None,
-    nframes: O.Nframes = None,
-    min_frames: O.MinFrames = None,
-    max_frames: O.MaxFrames = None,
-    start: O.Start = None,
-    end: O.End = None,
-    total_pixels: O.TotalPixels = None,
-    json_out: Annotated[bool, typer.Option("--json", help="JSON Lines: one object per input.", rich_help_panel=O.OUT_PANEL)] = False,
-) -> None:
-    """Sizes, frames and token counts, without loading weights. With only --model: the model's summary."""
+def _inspect_body(media: list[str] | None, options: dict) -> None:
+    """Sizes, frames and token counts from headers and the model's settings; or a model summary."""
     from qwen2vl_cli import render
     from qwen2vl_cli.modelinfo import vision_spec
     from qwen2vl_cli.pipeline import inspect as inspect_media
 
+    model, device, json_out = _take(_inspect_options, options)
+    opts = _take(_sizing_options, options)
     if not media:
         if model is None:
             raise UsageError("give MEDIA to inspect, or --model M for a model summary")
@@ -268,15 +235,11 @@ def inspect(
 
         render.model_summary(summarize(model))
         return
-    _choice("device", device, ("auto", "cuda", "cpu", "mps"))
-    opts = media_options(min_pixels, max_pixels, resize, first_frame, fps, nframes, min_frames, max_frames, start, end, total_pixels)
     resolved = C.guess_device() if device == "auto" else device
     spec = vision_spec(model)
     if spec is None:
         render.stderr_console().print(f"[yellow]note:[/] {model} is not on this machine: using Qwen2-VL's default sizes")
         spec = vision_spec(None)
-    from dataclasses import replace
-
     plans = inspect_media(tuple(media), spec, replace(opts, cpu_budget=resolved == "cpu"))
     render.Reporter().inputs(plans, lines=False)
     if json_out:
@@ -285,9 +248,33 @@ def inspect(
     else:
         render.inspect_table(plans)
     if resolved == "cpu" and not opts.pixel_limits_given:
-        render.stderr_console().print(
-            "[dim]sized for CPU (smaller defaults); --device cuda shows GPU sizes[/]"
-        )
+        render.stderr_console().print("[dim]sized for CPU (smaller defaults); --device cuda shows GPU sizes[/]")
+
+
+_ANSWER_GROUPS = [_generation_options, _sizing_options, _runtime_options, _output_options]
+_MEDIA_HELP = "Image, animated image or video: path, http(s):// URL, file:// URI, data: URI, or - for stdin."
+_command(
+    "describe",
+    _argument("media", Annotated[list[str], typer.Argument(metavar="MEDIA", help=_MEDIA_HELP + " Several go into one prompt, in order.", show_default=False)]),
+    _ANSWER_GROUPS,
+    lambda media, options: _answer(media, False, options),
+    "Describe images, animated images or videos with Qwen2-VL; the answer streams to stdout.",
+)
+_command(
+    "video",
+    _argument("clip", Annotated[str, typer.Argument(metavar="CLIP", help="Video or animated image: path, http(s):// URL, file:// URI, or - for stdin.", show_default=False)]),
+    _ANSWER_GROUPS,
+    lambda clip, options: _answer([clip], True, options),
+    "Describe a video clip, sampled with Qwen2-VL's frame rules (2 frames per second by default).",
+)
+_command(
+    "inspect",
+    _argument("media", Annotated[Optional[list[str]], typer.Argument(metavar="MEDIA", help=_MEDIA_HELP, show_default=False)], None),
+    [_inspect_options, _sizing_options],
+    _inspect_body,
+    "Sizes, frames and token counts, without loading weights. With only --model: the model's summary.",
+    no_args_is_help=False,
+)
 
 
 def main() -> None:
