@@ -36,7 +36,8 @@ class QvlGroup(TyperGroup):
             code = rv if isinstance(rv, int) else 0
         except _CLICK_ERRORS as e:
             where = e.ctx.command_path if getattr(e, "ctx", None) is not None else "qvl"
-            print_error(f"{e.format_message()} (see `{where} --help`)")
+            if e.format_message():  # empty when the help was shown for a bare command
+                print_error(f"{e.format_message()} (see `{where} --help`)")
             code = EXIT_USAGE
         except typer.Abort:
             code = EXIT_INTERRUPTED
