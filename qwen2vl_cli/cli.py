@@ -103,6 +103,7 @@ def _sizing_options(
     start: O.Start = None,
     end: O.End = None,
     total_pixels: O.TotalPixels = None,
+    seek: O.Seek = "exact",
 ) -> MediaOptions:
     if fps is not None and fps <= 0:
         raise UsageError(f"--fps {fps:g}: must be above 0")
@@ -126,6 +127,7 @@ def _sizing_options(
         start=start,
         end=end,
         first_frame=first_frame,
+        seek=_choice("seek", seek, ("exact", "keyframe")),
     )
 
 

@@ -42,8 +42,8 @@ def _pil():
     return Image
 
 
-def probe(src: Source) -> tuple[MediaInfo, tuple[str, ...]]:
-    """What the headers say. Returns the info and notes for the diagnostics."""
+def probe(src: Source, scan: bool = False) -> tuple[MediaInfo, tuple[str, ...]]:
+    """What the headers say, and notes for the diagnostics. `scan`: index a video's packets too."""
     Image = _pil()
     from PIL import UnidentifiedImageError
 
@@ -66,7 +66,7 @@ def probe(src: Source) -> tuple[MediaInfo, tuple[str, ...]]:
         if img is None or img_format in _VIDEO_FORMATS:
             from qwen2vl_cli.video import probe_video
 
-            return probe_video(src), ()
+            return probe_video(src, scan=scan), ()
         with img:
             return _probe_image(src, img, img_format)
 
@@ -146,11 +146,11 @@ def to_rgb(img):
     return img.convert("RGB")
 
 
-def load(src: Source, info: MediaInfo, plan: MediaPlan) -> Loaded:
+def load(src: Source, info: MediaInfo, plan: MediaPlan, keyframes_only: bool = False) -> Loaded:
     if plan.kind == "video" and not info.animated:
         from qwen2vl_cli.video import read_frames
 
-        return read_frames(src, plan)
+        return read_frames(src, plan, keyframes_only=keyframes_only and info.keyframes is not None)
     Image = _pil()
     from PIL import ImageOps
 

@@ -67,6 +67,10 @@ MinFrames = Annotated[Optional[int], typer.Option(min=1, help="Least frames with
 MaxFrames = Annotated[Optional[int], typer.Option(min=1, help="Most frames with --fps (default 768).", rich_help_panel=VIDEO_PANEL)]
 Start = Annotated[Optional[float], typer.Option(min=0.0, help="Start of the clip, in seconds.", rich_help_panel=VIDEO_PANEL)]
 End = Annotated[Optional[float], typer.Option(min=0.0, help="End of the clip, in seconds.", rich_help_panel=VIDEO_PANEL)]
+Seek = Annotated[
+    str,
+    typer.Option(help="exact: the reference's frames. keyframe: the nearest keyframes only, decoded alone (fast preview).", rich_help_panel=VIDEO_PANEL),
+]
 TotalPixels = Annotated[
     Optional[int],
     typer.Option(min=1, help="Pixel budget for all frames together (default 90316800; on CPU 1605632).", rich_help_panel=VIDEO_PANEL),

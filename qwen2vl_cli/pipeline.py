@@ -53,7 +53,7 @@ def probe_all(resolver: SourceResolver, texts: tuple[str, ...], opts: MediaOptio
     out = []
     for text in texts:
         src = resolver.resolve(text)
-        info, notes = media.probe(src)
+        info, notes = media.probe(src, scan=opts.seek == "keyframe")
         if info.animated and opts.first_frame:
             info, notes = media.as_still(info), ()
         if require_video and info.kind != "video":
@@ -106,7 +106,7 @@ def run(request: Request, hooks: Hooks, stdin: BinaryIO | None = None) -> Result
         try:
             model_loading = pool.submit(runner.load_model, model_dir)
             hooks.stage("Decoding media")
-            loaded = [media.load(p.source, p.info, pl) for p, pl in zip(probed, plans)]
+            loaded = [media.load(p.source, p.info, pl, opts.seek == "keyframe") for p, pl in zip(probed, plans)]
             # Report the times the frames really have (pts), and what decoding found.
             plans = [
                 replace(pl, frame_times_s=ld.frame_times_s, notes=pl.notes + ld.notes) if pl.kind == "video" else pl

@@ -65,6 +65,7 @@ class Runner:
             self.processor = AutoProcessor.from_pretrained(model_dir)
         except (OSError, ValueError, KeyError) as e:
             raise ModelError(f"cannot load the processor of {self.runtime.model}: {_one_line(e)}") from None
+        self.processor.video_processor = ChunkedVideoProcessor(self.processor.video_processor, self.dtype)
 
     def load_model(self, model_dir: Path) -> None:
         import torch
@@ -186,6 +187,44 @@ class Runner:
         if len(token_times) > 1 and token_times[-1] > token_times[0]:
             rate = (len(token_times) - 1) / (token_times[-1] - token_times[0])
         return Generation(text, tuple(int(t) for t in new), prompt_tokens, visual_tokens, len(new), ttft, rate, finish)
+
+
+class ChunkedVideoProcessor:
+    """The video processor, run a few temporal patches at a time into one preallocated tensor.
+
+    Run on a whole clip it converts every frame to float32 at once and then copies it again while
+    patchifying. `pixel_values_videos` is a concatenation over temporal patches, so chunks of an
+    even number of frames give the same tensor with one chunk's float copies at a time. Values are
+    stored in the model's dtype, which the vision tower casts to anyway.
+    """
+
+    CHUNK_FRAMES = 16
+
+    def __init__(self, inner, dtype: str):
+        self.inner = inner
+        self.dtype = dtype
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, videos, **kwargs):
+        import torch
+        from transformers import BatchFeature
+
+        tp, ps = self.inner.temporal_patch_size, self.inner.patch_size
+        step = max(tp, self.CHUNK_FRAMES // tp * tp)
+        # Frames arrive at their planned size (T, C, H, W), so the grid is known before any work.
+        grids = [(-(-v.shape[0] // tp), v.shape[2] // ps, v.shape[3] // ps) for v in videos]
+        patch_dim = videos[0].shape[1] * tp * ps * ps
+        out = torch.empty((sum(t * h * w for t, h, w in grids), patch_dim), dtype=getattr(torch, self.dtype))
+        offset = 0
+        for video in videos:
+            for start in range(0, video.shape[0], step):
+                values = self.inner(videos=[video[start : start + step]], **kwargs)["pixel_values_videos"]
+                out[offset : offset + values.shape[0]] = values
+                offset += values.shape[0]
+        assert offset == out.shape[0]
+        return BatchFeature(data={"pixel_values_videos": out, "video_grid_thw": torch.tensor(grids, dtype=torch.long)})
 
 
 def sampling_kwargs(gen: GenerationOptions) -> dict:

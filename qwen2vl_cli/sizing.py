@@ -6,6 +6,7 @@ No torch here; numpy only reproduces torch's float32 `linspace` rounding.
 
 from __future__ import annotations
 
+import bisect
 import math
 
 import numpy as np
@@ -148,6 +149,17 @@ def linspace_indices(first: int, last: int, n: int) -> tuple[int, ...]:
     return tuple(int(v) for v in np.round(values))
 
 
+def nearest_keyframes(indices: tuple[int, ...], keyframes: tuple[int, ...]) -> tuple[int, ...]:
+    """Each index moved to its nearest keyframe (the earlier one on a tie)."""
+    out = []
+    for i in indices:
+        pos = bisect.bisect_right(keyframes, i)
+        before = keyframes[pos - 1] if pos > 0 else keyframes[0]
+        after = keyframes[pos] if pos < len(keyframes) else before
+        out.append(after if after - i < i - before else before)
+    return tuple(out)
+
+
 def video_pixel_limits(nframes: int, spec: VisionSpec, opts: MediaOptions) -> tuple[float, float]:
     f2 = spec.factor**2
     cpu = opts.cpu_budget and not opts.pixel_limits_given
@@ -167,6 +179,14 @@ def plan_video(source: str, info: MediaInfo, spec: VisionSpec, opts: MediaOption
         first, last = frame_range(total, fps, opts.start, opts.end)
         n, count_notes = frame_count(opts, last - first + 1, fps)
         indices = linspace_indices(first, last, n)
+        if opts.seek == "keyframe" and not info.animated:
+            if info.keyframes:
+                wanted, indices = indices, nearest_keyframes(indices, info.keyframes)
+                count_notes.append(
+                    f"--seek keyframe: using keyframes {_short_list(indices)} for frames {_short_list(wanted)}"
+                )
+            else:
+                count_notes.append("--seek keyframe: the stream has no keyframe index, so the exact frames are used")
         f = spec.factor
         if opts.resize is not None:
             w, h = opts.resize
@@ -198,6 +218,11 @@ def plan_video(source: str, info: MediaInfo, spec: VisionSpec, opts: MediaOption
         sample_fps=n / max(last - first + 1, 1e-6) * fps,
         notes=tuple(notes) + tuple(count_notes),
     )
+
+
+def _short_list(values: tuple[int, ...], limit: int = 10) -> str:
+    shown = [str(v) for v in values]
+    return ", ".join(shown if len(shown) <= limit else shown[: limit - 1] + ["…", shown[-1]])
 
 
 def plan(source: str, info: MediaInfo, spec: VisionSpec, opts: MediaOptions, notes: tuple[str, ...] = ()) -> MediaPlan:

@@ -39,6 +39,7 @@ class MediaOptions:
     start: float | None = None
     end: float | None = None
     first_frame: bool = False
+    seek: Literal["exact", "keyframe"] = "exact"  # keyframe: nearest keyframes only (fast preview)
     cpu_budget: bool = False  # smaller defaults when running on CPU and no pixel limit was given
 
     @property
@@ -60,6 +61,7 @@ class MediaInfo:
     duration_s: float | None = None
     start_s: float = 0.0
     frame_times_s: tuple[float, ...] | None = None  # animated images: when each frame is shown
+    keyframes: tuple[int, ...] | None = None  # videos whose packets were scanned
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,16 @@
-"""PyAV: probe a video's container metadata and decode only the planned frames, resized as they come.
+"""PyAV: probe a video's container, then decode only the planned frames, resized as they come.
 
-No full-resolution frame is kept: each chosen frame is converted to RGB, resized with bicubic
-filtering (as the reference's resize) and copied into one preallocated uint8 array.
+The sampler reads the packet index first (demuxing, no decoding) so it knows every frame's
+presentation index and where the keyframes are. Then it decodes forward with FFmpeg's threads,
+skips decoding non-reference frames that no chosen frame needs, seeks over gaps longer than a
+GOP, and converts each chosen frame to RGB and the planned size into one preallocated uint8
+array. No full-resolution frame is kept.
 """
 
 from __future__ import annotations
 
+import bisect
+from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
@@ -14,6 +19,20 @@ from qwen2vl_cli.errors import MediaError
 from qwen2vl_cli.media import Loaded, _one_line
 from qwen2vl_cli.sources import Source
 from qwen2vl_cli.types import MediaInfo, MediaPlan
+
+
+@dataclass(frozen=True)
+class PacketIndex:
+    """Every frame's pts in presentation order, and which of them are keyframes."""
+
+    pts: tuple[int, ...]
+    keyframes: tuple[int, ...]  # presentation indices
+    span_s: float | None  # first pts to the end of the last frame
+
+    def keyframe_before(self, index: int) -> int:
+        """The last keyframe at or before `index` (0 when there is none)."""
+        pos = bisect.bisect_right(self.keyframes, index) - 1
+        return self.keyframes[pos] if pos >= 0 else 0
 
 
 def _open(src: Source):
@@ -26,7 +45,36 @@ def _open(src: Source):
         raise MediaError(src.label, f"not an image or a video that qvl can read ({_one_line(e)})") from None
 
 
-def probe_video(src: Source) -> MediaInfo:
+def scan_packets(src: Source, container, stream) -> PacketIndex | None:
+    """Demux (no decoding) to index the frames; None when packets lack timestamps."""
+    import av
+
+    entries: list[tuple[int, bool]] = []
+    last_end = None
+    try:
+        for packet in container.demux(stream):
+            if packet.size == 0:
+                continue  # the flush packet at the end
+            if packet.pts is None:
+                return None
+            entries.append((packet.pts, packet.is_keyframe))
+            end = packet.pts + (packet.duration or 0)
+            last_end = end if last_end is None else max(last_end, end)
+    except av.FFmpegError as e:
+        if not entries:
+            raise MediaError(src.label, f"cannot read the video stream ({_one_line(e)})") from None
+    entries.sort()
+    pts = tuple(p for p, _ in entries)
+    if len(set(pts)) != len(pts):
+        return None
+    keyframes = tuple(i for i, (_, key) in enumerate(entries) if key)
+    tb = stream.time_base
+    span = float((last_end - pts[0]) * tb) if pts and tb else None
+    return PacketIndex(pts, keyframes, span)
+
+
+def probe_video(src: Source, scan: bool = False) -> MediaInfo:
+    """Container metadata; with `scan`, or where the container has no frame count, a packet scan."""
     import av
 
     container = _open(src)
@@ -45,12 +93,15 @@ def probe_video(src: Source) -> MediaInfo:
             duration = float(stream.duration * tb)
         elif container.duration:
             duration = container.duration / av.time_base
-        if frames <= 0 or width <= 0 or height <= 0:
-            # Containers such as WebM, MKV and raw streams do not store a frame count: demux packets
-            # (no decoding) to count them.
-            frames, span = _count_packets(src, container, stream)
-            if duration is None and span:
-                duration = span
+        keyframes = None
+        if scan or frames <= 0:
+            # WebM, MKV and raw streams store no frame count: count the packets (no decoding).
+            index = scan_packets(src, container, stream)
+            if index is not None:
+                frames, keyframes = len(index.pts), index.keyframes
+                duration = duration or index.span_s
+            elif frames <= 0:
+                frames = _count_packets(container, stream)
         if frames <= 0:
             raise MediaError(src.label, "the video stream has no frames")
         if width <= 0 or height <= 0:
@@ -62,77 +113,131 @@ def probe_video(src: Source) -> MediaInfo:
         if duration is None:
             duration = frames / fps
         fmt = f"{container.format.name.split(',')[0]}/{ctx.name}"
-    return MediaInfo(kind="video", width=width, height=height, format=fmt, frames=frames, fps=fps, duration_s=duration)
+    return MediaInfo(
+        kind="video", width=width, height=height, format=fmt, frames=frames, fps=fps, duration_s=duration, keyframes=keyframes
+    )
 
 
-def _count_packets(src: Source, container, stream) -> tuple[int, float | None]:
+def _count_packets(container, stream) -> int:
+    container.seek(0)
+    return sum(1 for packet in container.demux(stream) if packet.size)
+
+
+class _Frames:
+    """The output array, filled slot by slot as the chosen frames are decoded."""
+
+    def __init__(self, plan: MediaPlan):
+        self.width, self.height = plan.resized_width, plan.resized_height
+        indices = plan.frame_indices or ()
+        self.pixels = np.empty((len(indices), self.height, self.width, 3), dtype=np.uint8)
+        self.times = [0.0] * len(indices)
+        self.slots: dict[int, list[int]] = {}
+        for slot, index in enumerate(indices):
+            self.slots.setdefault(index, []).append(slot)
+        self.todo = sorted(self.slots)  # frame indices still to fill, ascending
+        self.filled = 0
+        from av.video.reformatter import VideoReformatter
+
+        # One scaler context each, reused for every frame (a frame's own reformat() builds a new one).
+        self._to_rgb, self._resize = VideoReformatter(), VideoReformatter()
+
+    def put(self, index: int, frame, t: float) -> None:
+        # Full-resolution RGB first, then bicubic in RGB: within 0.05 (mean, uint8) of the
+        # reference's resize, where one-step YUV scaling is 1.5 off.
+        rgb = self._to_rgb.reformat(frame, format="rgb24")
+        pixels = self._resize.reformat(rgb, width=self.width, height=self.height, interpolation="BICUBIC").to_ndarray()
+        for slot in self.slots.pop(index):
+            self.pixels[slot] = pixels
+            self.times[slot] = t
+            self.filled += 1
+        self.todo.remove(index)
+
+    def pad(self) -> int:
+        """Repeat the last decoded frame into slots the stream never delivered; returns how many."""
+        missing = len(self.times) - self.filled
+        if missing and self.filled:
+            self.pixels[self.filled :] = self.pixels[self.filled - 1]
+            self.times[self.filled :] = [self.times[self.filled - 1]] * missing
+        return missing
+
+
+def read_frames(src: Source, plan: MediaPlan, keyframes_only: bool = False) -> Loaded:
+    """Decode the planned frames. With `keyframes_only` the plan holds keyframe indices (--seek keyframe)."""
     import av
 
-    count, lo, hi = 0, None, None
-    try:
-        for packet in container.demux(stream):
-            if packet.size == 0:
-                continue  # the flush packet at the end
-            count += 1
-            if packet.pts is not None:
-                end = packet.pts + (packet.duration or 0)
-                lo = packet.pts if lo is None else min(lo, packet.pts)
-                hi = end if hi is None else max(hi, end)
-    except av.FFmpegError as e:
-        if count == 0:
-            raise MediaError(src.label, f"cannot read the video stream ({_one_line(e)})") from None
-    span = float((hi - lo) * stream.time_base) if lo is not None and hi is not None and stream.time_base else None
-    return count, span
-
-
-def read_frames(src: Source, plan: MediaPlan) -> Loaded:
-    """Decode forward, keeping the planned frame indices; decoding stops after the last one."""
-    import av
-    from PIL import Image
-
-    indices = plan.frame_indices or ()
-    w, h = plan.resized_width, plan.resized_height
-    out = np.empty((len(indices), h, w, 3), dtype=np.uint8)
-    slots: dict[int, list[int]] = {}
-    for slot, index in enumerate(indices):
-        slots.setdefault(index, []).append(slot)
-    last = max(slots)
-    times = [0.0] * len(indices)
-    filled = 0
-    decoded = 0
-    t0 = None
+    out = _Frames(plan)
     container = _open(src)
     with container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        tb = stream.time_base
+        index = scan_packets(src, container, stream)
         try:
-            for frame in container.decode(stream):
-                index = decoded
-                decoded += 1
-                if frame.pts is not None and t0 is None:
-                    t0 = frame.pts
-                if index in slots:
-                    image = frame.to_image().resize((w, h), Image.Resampling.BICUBIC)
-                    pixels = np.asarray(image)
-                    # Frames flushed at the end carry no .time; pts * time_base is always right.
-                    t = float((frame.pts - t0) * tb) if frame.pts is not None and tb else index / plan.native_fps
-                    for slot in slots[index]:
-                        out[slot] = pixels
-                        times[slot] = t
-                        filled += 1
-                if index >= last:
-                    break
+            if index is None or len(index.pts) != plan.frames:
+                _decode_counting(container, stream, out, plan)
+            else:
+                _decode_indexed(container, stream, out, index, keyframes_only)
         except av.FFmpegError as e:
-            if filled == 0:
+            if out.filled == 0:
                 raise MediaError(src.label, f"cannot decode the video ({_one_line(e)})") from None
     notes: tuple[str, ...] = ()
-    if filled < len(indices):
-        if filled == 0:
+    missing = out.pad()
+    if missing:
+        if out.filled == 0:
             raise MediaError(src.label, "no frame could be decoded")
-        # The container promised more frames than the stream holds: repeat the last one decoded.
-        for slot in range(filled, len(indices)):
-            out[slot] = out[filled - 1]
-            times[slot] = times[filled - 1]
-        notes = (f"the stream ended after {decoded} frames (metadata said {plan.frames}): last frame repeated",)
-    return Loaded(frames=out, frame_times_s=tuple(times), notes=notes)
+        notes = (f"the stream ended early (metadata said {plan.frames} frames): the last frame fills {missing} slots",)
+    return Loaded(frames=out.pixels, frame_times_s=tuple(out.times), notes=notes)
+
+
+# Decoding up to this many unwanted frames is cheaper than a seek and a decoder restart.
+SEEK_GAP_FRAMES = 32
+
+
+def _decode_indexed(container, stream, out: _Frames, index: PacketIndex, keyframes_only: bool) -> None:
+    ctx = stream.codec_context
+    tb = stream.time_base
+    position = {p: i for i, p in enumerate(index.pts)}
+    wanted = {index.pts[i] for i in out.slots}
+    t0 = index.pts[0]
+    demuxed = None  # presentation index of the last packet sent to the decoder; None: rewind first
+    while out.todo:
+        target = out.todo[0]
+        keyframe = index.keyframe_before(target)
+        if demuxed is None or keyframe > demuxed + SEEK_GAP_FRAMES:
+            # A GOP or more lies between here and the next chosen frame: jump to its keyframe.
+            # seek() takes a presentation timestamp and lands on the keyframe at or before it.
+            container.seek(index.pts[keyframe], stream=stream, backward=True)
+        for packet in container.demux(stream):
+            if packet.size:
+                if keyframes_only and packet.pts not in wanted:
+                    continue  # keyframes decode alone; VP9 ignores skip_frame=NONKEY, so pick packets here
+                demuxed = max(demuxed if demuxed is not None else -1, position.get(packet.pts, -1))
+                # Non-reference frames nobody chose need not be decoded at all.
+                ctx.skip_frame = "DEFAULT" if packet.pts in wanted else "NONREF"
+            for frame in ctx.decode(packet):
+                i = position.get(frame.pts)
+                if i is not None and i in out.slots:
+                    out.put(i, frame, float((frame.pts - t0) * tb))
+            if not out.todo:
+                return
+            # Seek again once the decoder has given up everything before the next gap.
+            if out.todo[0] != target and demuxed is not None and index.keyframe_before(out.todo[0]) > demuxed + SEEK_GAP_FRAMES:
+                break
+        else:
+            return  # end of stream
+
+
+def _decode_counting(container, stream, out: _Frames, plan: MediaPlan) -> None:
+    """No usable packet index: decode forward, counting frames in presentation order."""
+    tb = stream.time_base
+    t0 = None
+    last = max(out.slots)
+    container.seek(0)
+    for i, frame in enumerate(container.decode(stream)):
+        if t0 is None and frame.pts is not None:
+            t0 = frame.pts
+        if i in out.slots:
+            # Frames flushed at the end carry no .time; pts * time_base is always right.
+            t = float((frame.pts - t0) * tb) if frame.pts is not None and tb else i / (plan.native_fps or 1.0)
+            out.put(i, frame, t)
+        if i >= last:
+            return

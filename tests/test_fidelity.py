@@ -28,6 +28,14 @@ VIDEO_PIXEL_TOLERANCE = 0.5
 
 
 @pytest.fixture(scope="module")
+def ref_processor(tiny_model):
+    """The reference recipe's own processor, untouched by qvl."""
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny_model)
+
+
+@pytest.fixture(scope="module")
 def runner(tiny_model) -> Runner:
     r = Runner(RuntimeOptions(str(tiny_model), device="cpu", dtype="float32"), caps=Capabilities())
     r.load_processor(tiny_model)
@@ -47,25 +55,25 @@ def qvl_inputs(runner: Runner, paths: list[Path], opts: MediaOptions = MediaOpti
     return runner.inputs(text, loaded), plans, loaded
 
 
-def reference_inputs(runner: Runner, content: list[dict], prompt: str = PROMPT):
+def reference_inputs(processor, content: list[dict], prompt: str = PROMPT):
     messages = [{"role": "user", "content": content + [{"type": "text", "text": prompt}]}]
-    text = runner.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     images, videos = process_vision_info(messages)
-    return runner.processor(text=[text], images=images, videos=videos, padding=True, return_tensors="pt")
+    return processor(text=[text], images=images, videos=videos, padding=True, return_tensors="pt")
 
 
 @pytest.mark.parametrize("names", [["photo.png"], ["square.png"], ["photo.jpg"], ["transparent.png"], ["square.png", "photo.png"]])
-def test_image_inputs_are_identical(runner, media_dir, names):
+def test_image_inputs_are_identical(runner, ref_processor, media_dir, names):
     ours, _, _ = qvl_inputs(runner, [media_dir / n for n in names])
-    ref = reference_inputs(runner, [{"type": "image", "image": str(media_dir / n)} for n in names])
+    ref = reference_inputs(ref_processor, [{"type": "image", "image": str(media_dir / n)} for n in names])
     for key in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids"):
         assert torch.equal(ours[key], ref[key]), key
 
 
-def test_greedy_answer_is_token_identical(runner, media_dir):
+def test_greedy_answer_is_token_identical(runner, ref_processor, media_dir):
     ours, _, _ = qvl_inputs(runner, [media_dir / "photo.png"])
     gen = runner.generate(ours, GenerationOptions(max_new_tokens=24))
-    ref = reference_inputs(runner, [{"type": "image", "image": str(media_dir / "photo.png")}])
+    ref = reference_inputs(ref_processor, [{"type": "image", "image": str(media_dir / "photo.png")}])
     with torch.inference_mode():
         out = runner.model.generate(**ref, max_new_tokens=24, do_sample=False)
     expected = out[0, ref["input_ids"].shape[1] :].tolist()
@@ -73,11 +81,11 @@ def test_greedy_answer_is_token_identical(runner, media_dir):
     assert gen.text == runner.processor.tokenizer.decode(expected, skip_special_tokens=True)
 
 
-def test_cli_answer_equals_the_reference_recipe(qvl, runner, tiny_model, media_dir):
+def test_cli_answer_equals_the_reference_recipe(qvl, runner, ref_processor, tiny_model, media_dir):
     r = qvl("describe", media_dir / "photo.png", "--model", tiny_model, "--dtype", "float32",
             "--max-new-tokens", "16", "--max-pixels", "12845056", "--json")
     assert r.exit_code == 0, r.stderr
-    ref = reference_inputs(runner, [{"type": "image", "image": str(media_dir / "photo.png")}])
+    ref = reference_inputs(ref_processor, [{"type": "image", "image": str(media_dir / "photo.png")}])
     with torch.inference_mode():
         out = runner.model.generate(**ref, max_new_tokens=16, do_sample=False)
     text = runner.processor.tokenizer.decode(out[0, ref["input_ids"].shape[1] :], skip_special_tokens=True)
@@ -86,6 +94,7 @@ def test_cli_answer_equals_the_reference_recipe(qvl, runner, tiny_model, media_d
 
 VIDEO_CASES = [
     {},
+    {"nframes": 40},  # more than one processing chunk
     {"fps": 4.0},
     {"nframes": 8},
     {"video_start": 0.5, "video_end": 2.5},
@@ -102,7 +111,7 @@ def _opts(ele: dict) -> MediaOptions:
 
 
 @pytest.mark.parametrize("ele", VIDEO_CASES)
-def test_video_matches_qwen_vl_utils(runner, media_dir, ele):
+def test_video_matches_qwen_vl_utils(runner, ref_processor, media_dir, ele):
     pytest.importorskip("decord")  # qwen-vl-utils' own reader; installed with the test extra
     path = media_dir / "clip.mp4"
     ref_video, meta = fetch_video({"video": str(path), **ele}, return_video_metadata=True)
@@ -111,8 +120,11 @@ def test_video_matches_qwen_vl_utils(runner, media_dir, ele):
     assert (plan.resized_height, plan.resized_width) == tuple(ref_video.shape[-2:])
     ours_frames = torch.from_numpy(loaded.frames).permute(0, 3, 1, 2).float()
     assert (ours_frames - ref_video).abs().mean().item() < VIDEO_PIXEL_TOLERANCE
-    ref = runner.processor.video_processor(videos=[ref_video], return_tensors="pt")
+    ref = ref_processor.video_processor(videos=[ref_video], return_tensors="pt")
     assert torch.equal(ours["video_grid_thw"], ref["video_grid_thw"])
+    # Chunked processing gives the same values the processor gives on the whole clip at once.
+    whole = ref_processor.video_processor(videos=[torch.from_numpy(loaded.frames).permute(0, 3, 1, 2)], do_resize=False, return_tensors="pt")
+    assert torch.equal(ours["pixel_values_videos"], whole["pixel_values_videos"])
     assert plan.visual_tokens == int((ours["input_ids"] == runner.model.config.video_token_id).sum())
     assert plan.visual_tokens == int(ref["video_grid_thw"].prod()) // 4
 
@@ -130,25 +142,25 @@ def size_table(tmp_path_factory):
     return paths
 
 
-def test_inspect_numbers_equal_the_processor_over_sizes(runner, size_table):
+def test_inspect_numbers_equal_the_processor_over_sizes(runner, ref_processor, size_table):
     spec = vision_spec(str(runner.runtime.model))
     for path in size_table:
         info, _ = media.probe(Source(str(path), path=path))
         plan = sizing.plan(str(path), info, spec, MediaOptions())
-        ref = reference_inputs(runner, [{"type": "image", "image": str(path)}])
+        ref = reference_inputs(ref_processor, [{"type": "image", "image": str(path)}])
         assert list(ref["image_grid_thw"][0]) == list(plan.grid_thw), path.name
         assert int((ref["input_ids"] == runner.model.config.image_token_id).sum()) == plan.visual_tokens, path.name
 
 
 @pytest.mark.parametrize("frames,fps,size", [(4, 2, (64, 48)), (5, 25, (96, 64)), (600, 30, (64, 48)), (1800, 60, (64, 36))])
-def test_inspect_numbers_equal_the_reference_for_videos(runner, tmp_path, frames, fps, size):
+def test_inspect_numbers_equal_the_reference_for_videos(runner, ref_processor, tmp_path, frames, fps, size):
     pytest.importorskip("decord")
     path = write_video(tmp_path / "v.mp4", frames=frames, fps=fps, size=size)
     spec = vision_spec(str(runner.runtime.model))
     info, _ = media.probe(Source(str(path), path=path))
     plan = sizing.plan(str(path), info, spec, MediaOptions())
     ref_video, meta = fetch_video({"video": str(path)}, return_video_metadata=True)
-    ref = runner.processor.video_processor(videos=[ref_video], return_tensors="pt")
+    ref = ref_processor.video_processor(videos=[ref_video], return_tensors="pt")
     assert list(plan.frame_indices) == list(meta["frames_indices"])
     assert list(ref["video_grid_thw"][0]) == list(plan.grid_thw)
     assert plan.visual_tokens == int(ref["video_grid_thw"].prod()) // 4
