@@ -45,32 +45,34 @@ def _open(src: Source):
         raise MediaError(src.label, f"not an image or a video that qvl can read ({_one_line(e)})") from None
 
 
-def scan_packets(src: Source, container, stream) -> PacketIndex | None:
-    """Demux (no decoding) to index the frames; None when packets lack timestamps."""
+def scan_packets(src: Source, container, stream) -> tuple[int, PacketIndex | None]:
+    """Demux (no decoding) to count and index the frames; the index is None when packets lack pts."""
     import av
 
     entries: list[tuple[int, bool]] = []
-    last_end = None
+    count, timed, last_end = 0, True, None
     try:
         for packet in container.demux(stream):
             if packet.size == 0:
                 continue  # the flush packet at the end
+            count += 1
             if packet.pts is None:
-                return None
-            entries.append((packet.pts, packet.is_keyframe))
-            end = packet.pts + (packet.duration or 0)
-            last_end = end if last_end is None else max(last_end, end)
+                timed = False
+            elif timed:
+                entries.append((packet.pts, packet.is_keyframe))
+                end = packet.pts + (packet.duration or 0)
+                last_end = end if last_end is None else max(last_end, end)
     except av.FFmpegError as e:
-        if not entries:
+        if count == 0:
             raise MediaError(src.label, f"cannot read the video stream ({_one_line(e)})") from None
     entries.sort()
     pts = tuple(p for p, _ in entries)
-    if len(set(pts)) != len(pts):
-        return None
+    if not timed or not pts or len(set(pts)) != len(pts):
+        return count, None
     keyframes = tuple(i for i, (_, key) in enumerate(entries) if key)
     tb = stream.time_base
-    span = float((last_end - pts[0]) * tb) if pts and tb else None
-    return PacketIndex(pts, keyframes, span)
+    span = float((last_end - pts[0]) * tb) if tb else None
+    return count, PacketIndex(pts, keyframes, span)
 
 
 def probe_video(src: Source, scan: bool = False) -> MediaInfo:
@@ -96,12 +98,11 @@ def probe_video(src: Source, scan: bool = False) -> MediaInfo:
         keyframes = None
         if scan or frames <= 0:
             # WebM, MKV and raw streams store no frame count: count the packets (no decoding).
-            index = scan_packets(src, container, stream)
+            counted, index = scan_packets(src, container, stream)
+            frames = counted
             if index is not None:
-                frames, keyframes = len(index.pts), index.keyframes
+                keyframes = index.keyframes
                 duration = duration or index.span_s
-            elif frames <= 0:
-                frames = _count_packets(container, stream)
         if frames <= 0:
             raise MediaError(src.label, "the video stream has no frames")
         if width <= 0 or height <= 0:
@@ -116,11 +117,6 @@ def probe_video(src: Source, scan: bool = False) -> MediaInfo:
     return MediaInfo(
         kind="video", width=width, height=height, format=fmt, frames=frames, fps=fps, duration_s=duration, keyframes=keyframes
     )
-
-
-def _count_packets(container, stream) -> int:
-    container.seek(0)
-    return sum(1 for packet in container.demux(stream) if packet.size)
 
 
 class _Frames:
@@ -166,11 +162,12 @@ def read_frames(src: Source, plan: MediaPlan, keyframes_only: bool = False) -> L
     import av
 
     out = _Frames(plan)
-    container = _open(src)
+    with _open(src) as container:
+        _, index = scan_packets(src, container, container.streams.video[0])
+    container = _open(src)  # a fresh one: raw streams cannot seek back after the scan
     with container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        index = scan_packets(src, container, stream)
         try:
             if index is None or len(index.pts) != plan.frames:
                 _decode_counting(container, stream, out, plan)
@@ -198,11 +195,11 @@ def _decode_indexed(container, stream, out: _Frames, index: PacketIndex, keyfram
     position = {p: i for i, p in enumerate(index.pts)}
     wanted = {index.pts[i] for i in out.slots}
     t0 = index.pts[0]
-    demuxed = None  # presentation index of the last packet sent to the decoder; None: rewind first
+    demuxed = -1  # presentation index of the last packet sent to the decoder
     while out.todo:
         target = out.todo[0]
         keyframe = index.keyframe_before(target)
-        if demuxed is None or keyframe > demuxed + SEEK_GAP_FRAMES:
+        if keyframe > demuxed + SEEK_GAP_FRAMES:
             # A GOP or more lies between here and the next chosen frame: jump to its keyframe.
             # seek() takes a presentation timestamp and lands on the keyframe at or before it.
             container.seek(index.pts[keyframe], stream=stream, backward=True)
@@ -210,7 +207,7 @@ def _decode_indexed(container, stream, out: _Frames, index: PacketIndex, keyfram
             if packet.size:
                 if keyframes_only and packet.pts not in wanted:
                     continue  # keyframes decode alone; VP9 ignores skip_frame=NONKEY, so pick packets here
-                demuxed = max(demuxed if demuxed is not None else -1, position.get(packet.pts, -1))
+                demuxed = max(demuxed, position.get(packet.pts, -1))
                 # Non-reference frames nobody chose need not be decoded at all.
                 ctx.skip_frame = "DEFAULT" if packet.pts in wanted else "NONREF"
             for frame in ctx.decode(packet):
@@ -220,7 +217,7 @@ def _decode_indexed(container, stream, out: _Frames, index: PacketIndex, keyfram
             if not out.todo:
                 return
             # Seek again once the decoder has given up everything before the next gap.
-            if out.todo[0] != target and demuxed is not None and index.keyframe_before(out.todo[0]) > demuxed + SEEK_GAP_FRAMES:
+            if out.todo[0] != target and index.keyframe_before(out.todo[0]) > demuxed + SEEK_GAP_FRAMES:
                 break
         else:
             return  # end of stream
@@ -231,7 +228,6 @@ def _decode_counting(container, stream, out: _Frames, plan: MediaPlan) -> None:
     tb = stream.time_base
     t0 = None
     last = max(out.slots)
-    container.seek(0)
     for i, frame in enumerate(container.decode(stream)):
         if t0 is None and frame.pts is not None:
             t0 = frame.pts

@@ -7,6 +7,7 @@ a test can tell which frames a sampler picked, up to frame 1023.
 from __future__ import annotations
 
 import io
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,43 @@ def write_video(
         for i in range(frames):
             frame = av.VideoFrame.from_ndarray(coded_frame(i, w, h), format="rgb24")
             for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def write_vfr_video(path: Path, size: tuple[int, int] = (320, 240)) -> tuple[Path, list[float]]:
+    """60 frames: the first 30 at 30 fps, the rest at 10 fps. Returns the path and each frame's time."""
+    import av
+
+    w, h = size
+    times = [i * 0.033 if i < 30 else 30 * 0.033 + (i - 30) * 0.1 for i in range(60)]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.time_base = stream.codec_context.time_base = Fraction(1, 1000)
+        for i, t in enumerate(times):
+            frame = av.VideoFrame.from_ndarray(coded_frame(i, w, h), format="rgb24")
+            frame.pts, frame.time_base = round(t * 1000), Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path, times
+
+
+def write_raw_h264(path: Path, frames: int = 50, size: tuple[int, int] = (160, 120)) -> Path:
+    """An elementary H.264 stream: no container, no timestamps, no frame count."""
+    import av
+
+    w, h = size
+    with av.open(str(path), "w", format="h264") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.options = {"crf": "10", "preset": "veryfast"}
+        for i in range(frames):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(coded_frame(i, w, h), format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
@@ -96,6 +134,10 @@ def make_all(root: Path) -> Path:
     anim[0].save(root / "still.gif")
 
     write_video(root / "clip.mp4")  # 3 s, 30 fps, 90 frames
+    # 20 s with a keyframe every 12 frames and B-frames: sparse sampling seeks.
+    write_video(root / "short_gop.mp4", frames=600, size=(128, 96), options={"crf": "10", "preset": "veryfast", "g": "12", "bf": "3"})
+    write_vfr_video(root / "vfr.mp4")
+    write_raw_h264(root / "raw.h264")
     write_video(root / "clip.webm", frames=40, fps=20, codec="libvpx-vp9", options={"crf": "10", "b": "0"})
     write_audio_only(root / "audio.m4a")
 

@@ -164,3 +164,46 @@ def test_inspect_numbers_equal_the_reference_for_videos(runner, ref_processor, t
     assert list(plan.frame_indices) == list(meta["frames_indices"])
     assert list(ref["video_grid_thw"][0]) == list(plan.grid_thw)
     assert plan.visual_tokens == int(ref["video_grid_thw"].prod()) // 4
+
+
+@pytest.mark.parametrize("name", ["clip.webm", "vfr.mp4", "short_gop.mp4"])
+def test_webm_vfr_and_short_gop_match_qwen_vl_utils(runner, ref_processor, media_dir, name):
+    pytest.importorskip("decord")
+    path = media_dir / name
+    ref_video, meta = fetch_video({"video": str(path)}, return_video_metadata=True)
+    ours, [plan], [loaded] = qvl_inputs(runner, [path], MediaOptions(), prompt="Describe this video.")
+    assert list(plan.frame_indices) == list(meta["frames_indices"])
+    assert (plan.resized_height, plan.resized_width) == tuple(ref_video.shape[-2:])
+    ours_frames = torch.from_numpy(loaded.frames).permute(0, 3, 1, 2).float()
+    assert (ours_frames - ref_video).abs().mean().item() < VIDEO_PIXEL_TOLERANCE
+    ref = ref_processor.video_processor(videos=[ref_video], return_tensors="pt")
+    assert torch.equal(ours["video_grid_thw"], ref["video_grid_thw"])
+
+
+def test_animated_gif_follows_the_reference_video_rules(runner, ref_processor, media_dir):
+    """qwen-vl-utils reads a GIF as its first frame (decord cannot open GIFs). Given the GIF's
+    frames as a clip at the rate its frame durations give, its video rules pick the frames and the
+    size that qvl picks."""
+    from PIL import ImageSequence
+    from qwen_vl_utils import vision_process as ref
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as F
+
+    path = media_dir / "anim.gif"
+    with Image.open(path) as img:
+        frames = np.stack([np.asarray(media.to_rgb(f)) for f in ImageSequence.Iterator(img)])
+    total, fps = len(frames), 10.0  # 100 ms per frame
+    n = ref.smart_nframes({}, total_frames=total, video_fps=fps)
+    idx = torch.linspace(0, total - 1, n).round().long()
+    clip = torch.from_numpy(frames)[idx].permute(0, 3, 1, 2)
+    max_pixels = max(min(ref.VIDEO_MAX_TOKEN_NUM * 784, ref.MODEL_SEQ_LEN * 784 * 0.9 / n * 2), int(ref.VIDEO_MIN_TOKEN_NUM * 784 * 1.05))
+    rh, rw = ref.smart_resize(clip.shape[2], clip.shape[3], 28, ref.VIDEO_MIN_TOKEN_NUM * 784, max_pixels)
+    ref_video = F.resize(clip, [rh, rw], interpolation=InterpolationMode.BICUBIC, antialias=True).float()
+
+    ours, [plan], [loaded] = qvl_inputs(runner, [path], MediaOptions(), prompt="Describe this video.")
+    assert list(plan.frame_indices) == idx.tolist()
+    assert (plan.resized_height, plan.resized_width) == (rh, rw)
+    ours_frames = torch.from_numpy(loaded.frames).permute(0, 3, 1, 2).float()
+    assert (ours_frames - ref_video).abs().mean().item() < VIDEO_PIXEL_TOLERANCE
+    ref = ref_processor.video_processor(videos=[ref_video], return_tensors="pt")
+    assert torch.equal(ours["video_grid_thw"], ref["video_grid_thw"])

@@ -1,0 +1,70 @@
+"""The PyAV sampler: exact frames under seeks and skipping, keyframe mode, VFR times, no-index streams."""
+
+from __future__ import annotations
+
+import pytest
+
+from qwen2vl_cli import media, sizing
+from qwen2vl_cli.sources import Source
+from qwen2vl_cli.types import MediaOptions, VisionSpec
+from qwen2vl_cli.video import probe_video
+from tests.media_factory import frame_index_of
+
+SPEC = VisionSpec()
+
+
+def sample(path, opts: MediaOptions):
+    src = Source(str(path), path=path)
+    info, _ = media.probe(src, scan=opts.seek == "keyframe")
+    plan = sizing.plan(str(path), info, SPEC, opts)
+    return info, plan, media.load(src, info, plan, keyframes_only=opts.seek == "keyframe")
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        MediaOptions(),  # every 15th frame: decode forward, skipping non-reference frames
+        MediaOptions(fps=0.2),  # every 150th: seeks over the gaps
+        MediaOptions(nframes=4),
+        MediaOptions(start=7.3, end=15.0, fps=1.0),  # seek to the start
+        MediaOptions(nframes=600),  # every frame
+    ],
+)
+def test_short_gop_clip_gives_exactly_the_planned_frames(media_dir, opts):
+    info, plan, loaded = sample(media_dir / "short_gop.mp4", opts)
+    assert info.frames == 600
+    assert [frame_index_of(f) for f in loaded.frames] == [i % 1024 for i in plan.frame_indices]
+    assert loaded.frame_times_s == pytest.approx([i / 30 for i in plan.frame_indices], abs=1e-3)
+
+
+@pytest.mark.parametrize("name,gop", [("short_gop.mp4", 12), ("clip.webm", None)])
+def test_keyframe_mode_uses_and_names_keyframes(media_dir, name, gop):
+    path = media_dir / name
+    info = probe_video(Source(str(path), path=path), scan=True)
+    assert info.keyframes and info.keyframes[0] == 0
+    if gop:
+        assert max(b - a for a, b in zip(info.keyframes, info.keyframes[1:])) <= gop
+    _, plan, loaded = sample(path, MediaOptions(seek="keyframe", fps=1.0))
+    assert set(plan.frame_indices) <= set(info.keyframes)
+    assert any("--seek keyframe" in n for n in plan.notes)
+    assert [frame_index_of(f) for f in loaded.frames] == list(plan.frame_indices)
+
+
+def test_vfr_times_come_from_the_frames_timestamps(media_dir):
+    _, plan, loaded = sample(media_dir / "vfr.mp4", MediaOptions(nframes=8))
+    expected = [i * 0.033 if i < 30 else 30 * 0.033 + (i - 30) * 0.1 for i in plan.frame_indices]
+    assert loaded.frame_times_s == pytest.approx(expected, abs=2e-3)
+    assert [frame_index_of(f) for f in loaded.frames] == list(plan.frame_indices)
+    # index / fps (what a header-only estimate can say) is far off in the middle of the clip
+    assert max(abs(a - b) for a, b in zip(plan.frame_times_s, expected)) > 0.3
+
+
+def test_stream_without_timestamps_or_frame_count(media_dir):
+    info, plan, loaded = sample(media_dir / "raw.h264", MediaOptions(nframes=6))
+    assert info.frames == 50
+    assert [frame_index_of(f) for f in loaded.frames] == list(plan.frame_indices)
+
+
+def test_webm_exact_frames(media_dir):
+    _, plan, loaded = sample(media_dir / "clip.webm", MediaOptions(fps=4.0))
+    assert [frame_index_of(f) for f in loaded.frames] == list(plan.frame_indices)
