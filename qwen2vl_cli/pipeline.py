@@ -87,6 +87,16 @@ def inspect(texts: tuple[str, ...], spec: VisionSpec, opts: MediaOptions, stdin:
         return plan_all(probe_all(resolver, texts, opts), spec, opts)
 
 
+def decode_all(probed: list[Probed], plans: list[MediaPlan], opts: MediaOptions) -> tuple[list[MediaPlan], list[media.Loaded]]:
+    """Pixels for every input, and plans updated with what decoding found (real frame times, notes)."""
+    loaded = [media.load(p.source, p.info, pl, keyframes_only=opts.seek == "keyframe") for p, pl in zip(probed, plans)]
+    plans = [
+        replace(pl, frame_times_s=ld.frame_times_s, notes=pl.notes + ld.notes) if pl.kind == "video" else pl
+        for pl, ld in zip(plans, loaded)
+    ]
+    return plans, loaded
+
+
 def run(request: Request, hooks: Hooks, stdin: BinaryIO | None = None) -> Result:
     from qwen2vl_cli.runner import Runner, peak_memory_bytes
 
@@ -106,12 +116,7 @@ def run(request: Request, hooks: Hooks, stdin: BinaryIO | None = None) -> Result
         try:
             model_loading = pool.submit(runner.load_model, model_dir)
             hooks.stage("Decoding media")
-            loaded = [media.load(p.source, p.info, pl, opts.seek == "keyframe") for p, pl in zip(probed, plans)]
-            # Report the times the frames really have (pts), and what decoding found.
-            plans = [
-                replace(pl, frame_times_s=ld.frame_times_s, notes=pl.notes + ld.notes) if pl.kind == "video" else pl
-                for pl, ld in zip(plans, loaded)
-            ]
+            plans, loaded = decode_all(probed, plans, opts)
             hooks.inputs(plans)
             note = budget_note(probed, plans, spec, opts)
             if note:
@@ -123,6 +128,7 @@ def run(request: Request, hooks: Hooks, stdin: BinaryIO | None = None) -> Result
 
         messages = build_messages(plans, request.generation)
         inputs = runner.inputs(runner.prompt_text(messages), loaded)
+        del loaded  # the uint8 frames are in the model inputs now
         hooks.stage("Encoding media and reading the prompt")
         gen = runner.generate(inputs, request.generation, on_text=hooks.text)
         return Result(

@@ -190,12 +190,13 @@ class Runner:
 
 
 class ChunkedVideoProcessor:
-    """The video processor, run a few temporal patches at a time into one preallocated tensor.
+    """Qwen2-VL's video processor, done a few frames at a time straight into one preallocated tensor.
 
-    Run on a whole clip it converts every frame to float32 at once and then copies it again while
-    patchifying. `pixel_values_videos` is a concatenation over temporal patches, so chunks of an
-    even number of frames give the same tensor with one chunk's float copies at a time. Values are
-    stored in the model's dtype, which the vision tower casts to anyway.
+    Run on a whole clip, the processor converts every frame to float32, normalizes, then copies it
+    all again to patchify and again to concatenate: three full-size float copies. Here each chunk
+    of frames is gathered into patch order and converted in one copy, then normalized in place with
+    the processor's own fused mean and std, so the values are bit for bit the processor's.
+    `pixel_values_videos` is stored in the model's dtype, which the vision tower casts to anyway.
     """
 
     CHUNK_FRAMES = 16
@@ -207,23 +208,39 @@ class ChunkedVideoProcessor:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def __call__(self, videos, **kwargs):
+    def __call__(self, videos, do_resize: bool = True, **kwargs):
         import torch
         from transformers import BatchFeature
 
-        tp, ps = self.inner.temporal_patch_size, self.inner.patch_size
-        step = max(tp, self.CHUNK_FRAMES // tp * tp)
-        # Frames arrive at their planned size (T, C, H, W), so the grid is known before any work.
+        p = self.inner
+        if do_resize or not (p.do_rescale and p.do_normalize):
+            return p(videos, do_resize=do_resize, **kwargs)  # not the path qvl feeds: the processor's own
+        tp, ps, m = p.temporal_patch_size, p.patch_size, p.merge_size
+        # The processor's fused rescale-and-normalize constants, computed the way it computes them.
+        mean = (torch.tensor(p.image_mean) * (1.0 / p.rescale_factor))[:, None]
+        std = (torch.tensor(p.image_std) * (1.0 / p.rescale_factor))[:, None]
+        # Frames arrive at their planned size (T, C, H, W), so every grid is known before any work.
         grids = [(-(-v.shape[0] // tp), v.shape[2] // ps, v.shape[3] // ps) for v in videos]
-        patch_dim = videos[0].shape[1] * tp * ps * ps
-        out = torch.empty((sum(t * h * w for t, h, w in grids), patch_dim), dtype=getattr(torch, self.dtype))
+        channels = videos[0].shape[1]
+        dtype = getattr(torch, self.dtype)
+        out = torch.empty((sum(t * h * w for t, h, w in grids), channels * tp * ps * ps), dtype=dtype)
         offset = 0
-        for video in videos:
+        step = max(tp, self.CHUNK_FRAMES // tp * tp)
+        direct = dtype == torch.float32  # float32 output: normalize in place; else via one chunk buffer
+        for video, (_, gh, gw) in zip(videos, grids):
             for start in range(0, video.shape[0], step):
-                values = self.inner(videos=[video[start : start + step]], **kwargs)["pixel_values_videos"]
-                out[offset : offset + values.shape[0]] = values
-                offset += values.shape[0]
-        assert offset == out.shape[0]
+                chunk = video[start : start + step]
+                if pad := -chunk.shape[0] % tp:  # the processor repeats the last frame
+                    chunk = torch.cat([chunk, chunk[-1:].expand(pad, -1, -1, -1)])
+                gt = chunk.shape[0] // tp
+                rows = gt * gh * gw
+                patches = chunk.reshape(gt, tp, channels, gh // m, m, ps, gw // m, m, ps).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+                target = out[offset : offset + rows] if direct else torch.empty((rows, out.shape[1]))
+                target.view(patches.shape).copy_(patches)
+                target.view(rows, channels, -1).sub_(mean).div_(std)
+                if not direct:
+                    out[offset : offset + rows] = target
+                offset += rows
         return BatchFeature(data={"pixel_values_videos": out, "video_grid_thw": torch.tensor(grids, dtype=torch.long)})
 
 

@@ -1,0 +1,37 @@
+"""Runner pieces that need no model: the chunked video processor and the sampling arguments."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoProcessor
+
+from qwen2vl_cli.runner import ChunkedVideoProcessor, sampling_kwargs
+from qwen2vl_cli.types import GenerationOptions
+
+
+@pytest.fixture(scope="module")
+def video_processor(tiny_model):
+    return AutoProcessor.from_pretrained(tiny_model).video_processor
+
+
+@pytest.mark.parametrize("frames", [2, 16, 17, 40])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_chunked_video_processor_equals_the_processor(video_processor, frames, dtype):
+    gen = torch.Generator().manual_seed(frames)
+    videos = [torch.randint(0, 256, (frames, 3, 56, 84), dtype=torch.uint8, generator=gen),
+              torch.randint(0, 256, (4, 3, 28, 28), dtype=torch.uint8, generator=gen)]
+    expected = video_processor(videos=videos, do_resize=False, return_tensors="pt")
+    ours = ChunkedVideoProcessor(video_processor, dtype)(videos, do_resize=False, return_tensors="pt")
+    assert torch.equal(ours["video_grid_thw"], expected["video_grid_thw"])
+    assert ours["pixel_values_videos"].dtype == getattr(torch, dtype)
+    assert torch.equal(ours["pixel_values_videos"], expected["pixel_values_videos"].to(getattr(torch, dtype)))
+
+
+def test_greedy_unless_temperature():
+    assert sampling_kwargs(GenerationOptions())["do_sample"] is False
+    sampled = sampling_kwargs(GenerationOptions(temperature=0.7))
+    # Qwen's generation_config sets top_k=1; sampling must not inherit it silently.
+    assert sampled == {"do_sample": True, "temperature": 0.7, "top_p": 1.0, "top_k": 0}
+    assert sampling_kwargs(GenerationOptions(temperature=0.7, top_k=5, min_new_tokens=9, max_new_tokens=4))["top_k"] == 5
+    assert sampling_kwargs(GenerationOptions(min_new_tokens=9, max_new_tokens=4))["min_new_tokens"] == 4
