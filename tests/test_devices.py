@@ -36,7 +36,7 @@ def test_auto_choices(caps, device, dtype, attn):
     "caps,device,dtype,message",
     [
         (CPU, "cpu", "bfloat16", "needs a CUDA GPU"),
-        (T4, "cuda", "float16", "Ampere or newer (Tesla T4 is sm_75)"),
+        (T4, "cuda", "float16", "Ampere or newer GPU (Tesla T4 is sm_75)"),
         (A100_NO_FLASH, "cuda", "bfloat16", "pip install 'qwen2vl-cli[flash]'"),
         (A100, "cuda", "float32", "not float32"),
     ],
