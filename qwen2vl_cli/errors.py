@@ -40,6 +40,12 @@ class GenerationInterrupted(Exception):
         self.text = text
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception's reason on one line; FFmpeg errors without their errno and path."""
+    text = getattr(exc, "strerror", None) or str(exc)
+    return " ".join(str(text).split()) or type(exc).__name__
+
+
 def describe_exception(exc: BaseException) -> tuple[str, int]:
     """Map any exception to (one-line message, exit code)."""
     if isinstance(exc, QvlError):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from qwen2vl_cli import config as C
-from qwen2vl_cli.errors import MediaError
+from qwen2vl_cli.errors import MediaError, one_line
 from qwen2vl_cli.sources import Source
 from qwen2vl_cli.types import MediaInfo, MediaOptions, MediaPlan
 
@@ -62,7 +62,7 @@ def probe(src: Source, scan: bool = False) -> tuple[MediaInfo, tuple[str, ...]]:
         except UnidentifiedImageError:
             img = None
         except (OSError, ValueError, SyntaxError) as e:
-            raise MediaError(src.label, f"cannot read the image header ({_one_line(e)})") from None
+            raise MediaError(src.label, f"cannot read the image header ({one_line(e)})") from None
         if img is None or img_format in _VIDEO_FORMATS:
             from qwen2vl_cli.video import probe_video
 
@@ -118,7 +118,7 @@ def _frame_times(src: Source, img, n_frames: int) -> tuple[float, ...]:
             if i < n_frames - 1:
                 t += _frame_duration(img)
     except (OSError, EOFError, ValueError) as e:
-        raise MediaError(src.label, f"corrupt animation at frame {len(times)} ({_one_line(e)})") from None
+        raise MediaError(src.label, f"corrupt animation at frame {len(times)} ({one_line(e)})") from None
     return tuple(times)
 
 
@@ -169,7 +169,7 @@ def load(src: Source, info: MediaInfo, plan: MediaPlan, keyframes_only: bool = F
     except Image.DecompressionBombError:
         raise MediaError(src.label, _bomb_message(None)) from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
-        raise MediaError(src.label, f"cannot decode the image: truncated or corrupt ({_one_line(e)})") from None
+        raise MediaError(src.label, f"cannot decode the image: truncated or corrupt ({one_line(e)})") from None
 
 
 def _load_animation(img, plan: MediaPlan, size: tuple[int, int]) -> Loaded:
@@ -193,8 +193,3 @@ def _bomb_message(f) -> str:
         f"image is larger than Pillow's decompression-bomb limit of {2 * (Image.MAX_IMAGE_PIXELS or 0):,} pixels: "
         f"downscale it, or set {C.ENV_MAX_IMAGE_PIXELS}=N if you trust the file"
     )
-
-
-def _one_line(exc: BaseException) -> str:
-    text = getattr(exc, "strerror", None) or str(exc)  # FFmpeg errors: the reason without errno and path
-    return " ".join(str(text).split()) or type(exc).__name__

@@ -54,8 +54,8 @@ def probe_all(resolver: SourceResolver, texts: tuple[str, ...], opts: MediaOptio
     for text in texts:
         src = resolver.resolve(text)
         info, notes = media.probe(src, scan=opts.seek == "keyframe")
-        if info.animated and opts.first_frame:
-            info, notes = media.as_still(info), ()
+        if (still := media.effective_info(info, opts)) is not info:
+            info, notes = still, ()  # --first-frame
         if require_video and info.kind != "video":
             raise MediaError(src.label, f"is a still {info.format} image, not a video: use `qvl describe`")
         out.append(Probed(src, info, notes))

@@ -15,8 +15,8 @@ from typing import Callable
 
 from qwen2vl_cli import devices
 from qwen2vl_cli.config import debug_enabled
-from qwen2vl_cli.errors import GenerationInterrupted, ModelError
-from qwen2vl_cli.media import Loaded, _one_line
+from qwen2vl_cli.errors import GenerationInterrupted, ModelError, one_line
+from qwen2vl_cli.media import Loaded
 from qwen2vl_cli.modelinfo import vision_spec_from_dict
 from qwen2vl_cli.types import GenerationOptions, RuntimeOptions, VisionSpec
 
@@ -64,7 +64,7 @@ class Runner:
         try:
             self.processor = AutoProcessor.from_pretrained(model_dir)
         except (OSError, ValueError, KeyError) as e:
-            raise ModelError(f"cannot load the processor of {self.runtime.model}: {_one_line(e)}") from None
+            raise ModelError(f"cannot load the processor of {self.runtime.model}: {one_line(e)}") from None
         self.processor.video_processor = ChunkedVideoProcessor(self.processor.video_processor, self.dtype)
 
     def load_model(self, model_dir: Path) -> None:
@@ -82,7 +82,7 @@ class Runner:
                 device_map=self.device if self.device != "cpu" else None,
             ).eval()
         except (OSError, ValueError, KeyError) as e:
-            raise ModelError(f"cannot load model {self.runtime.model}: {_one_line(e)}") from None
+            raise ModelError(f"cannot load model {self.runtime.model}: {one_line(e)}") from None
         if self.device == "cuda":
             torch.cuda.synchronize()
         self.load_s = time.perf_counter() - start

@@ -15,8 +15,8 @@ from fractions import Fraction
 
 import numpy as np
 
-from qwen2vl_cli.errors import MediaError
-from qwen2vl_cli.media import Loaded, _one_line
+from qwen2vl_cli.errors import MediaError, one_line
+from qwen2vl_cli.media import Loaded
 from qwen2vl_cli.sources import Source
 from qwen2vl_cli.types import MediaInfo, MediaPlan
 
@@ -42,7 +42,7 @@ def _open(src: Source):
     try:
         return av.open(target, mode="r", metadata_errors="ignore")
     except av.FFmpegError as e:
-        raise MediaError(src.label, f"not an image or a video that qvl can read ({_one_line(e)})") from None
+        raise MediaError(src.label, f"not an image or a video that qvl can read ({one_line(e)})") from None
 
 
 def scan_packets(src: Source, container, stream) -> tuple[int, PacketIndex | None]:
@@ -64,7 +64,7 @@ def scan_packets(src: Source, container, stream) -> tuple[int, PacketIndex | Non
                 last_end = end if last_end is None else max(last_end, end)
     except av.FFmpegError as e:
         if count == 0:
-            raise MediaError(src.label, f"cannot read the video stream ({_one_line(e)})") from None
+            raise MediaError(src.label, f"cannot read the video stream ({one_line(e)})") from None
     entries.sort()
     pts = tuple(p for p, _ in entries)
     if not timed or not pts or len(set(pts)) != len(pts):
@@ -175,7 +175,7 @@ def read_frames(src: Source, plan: MediaPlan, keyframes_only: bool = False) -> L
                 _decode_indexed(container, stream, out, index, keyframes_only)
         except av.FFmpegError as e:
             if out.filled == 0:
-                raise MediaError(src.label, f"cannot decode the video ({_one_line(e)})") from None
+                raise MediaError(src.label, f"cannot decode the video ({one_line(e)})") from None
     notes: tuple[str, ...] = ()
     missing = out.pad()
     if missing:
