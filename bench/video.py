@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+from results import machine, write_section
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -224,7 +225,7 @@ def main() -> None:
     pixel = run_child("compare", HERE / "clips" / "60s-720p.mp4", model) if not args.only or args.only == "60s-720p" else None
     report = render(rows, checks, pixel, args)
     print(report)
-    (HERE / "RESULTS.md").write_text(merge_results(report))
+    write_section(report)
 
 
 def stats(runs: list[dict]) -> tuple[float | None, float | None, int]:
@@ -237,9 +238,7 @@ def render(rows, checks, pixel, args) -> str:
     lines = [
         "## Video preparation (`bench/video.py`)",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, "
-        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 1024**3:.0f} GiB, Python {platform.python_version()}, "
-        f"{time.strftime('%Y-%m-%d')}. Command: `python bench/video.py{' --long' if args.long else ''} --runs {args.runs}`.",
+        f"Machine: {machine()}. Command: `python bench/video.py{' --long' if args.long else ''} --runs {args.runs}`.",
         "File to processor outputs (no model), default options (fps 2, reference pixel budget); "
         f"wall min / median of {args.runs} runs, peak RSS of the whole process.",
         "",
@@ -264,20 +263,6 @@ def render(rows, checks, pixel, args) -> str:
     if pixel and "mean_abs_diff" in pixel:
         lines.append(f"- 60s-720p pixels: mean absolute difference {pixel['mean_abs_diff']:.3f}, max {pixel['max_abs_diff']:.0f} (uint8 units)")
     return "\n".join(lines) + "\n"
-
-
-def merge_results(section: str) -> str:
-    """Replace this benchmark's section of RESULTS.md, keeping the others."""
-    path = HERE / "RESULTS.md"
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    head = section.splitlines()[0]
-    if head in text:
-        before, rest = text.split(head, 1)
-        after = rest.split("\n## ", 1)
-        text = before + section + ("\n## " + after[1] if len(after) > 1 else "")
-    else:
-        text = text.rstrip() + "\n\n" + section
-    return text
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import re
 import sys
 import traceback
 from dataclasses import replace
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -161,6 +162,30 @@ def _output_options(json_out: O.Json = False, quiet: O.Quiet = False) -> tuple[b
     return json_out, quiet
 
 
+def _each_options(
+    each: O.Each = False,
+    from_file: O.FromFile = None,
+    null: O.Null = False,
+    format: O.Format = "jsonl",
+    ordered: O.Ordered = True,
+    output: O.Output = None,
+    resume: O.Resume = None,
+    batch_size: O.BatchSize = None,
+):
+    """None without --each/--from (and then none of the other options may be given)."""
+    from qwen2vl_cli.batch import EachOptions
+
+    if not (each or from_file):
+        given = [name for name, value in (("--null", null), ("--output", output), ("--resume", resume), ("--batch-size", batch_size),
+                 ("--format", format != "jsonl"), ("--unordered", not ordered)) if value]
+        if given:
+            raise UsageError(f"{given[0]} works with --each (or --from FILE)")
+        return None
+    if output and resume and Path(output).expanduser().resolve() != Path(resume).expanduser().resolve():
+        raise UsageError("--output and --resume name different files: give one")
+    return EachOptions(from_file, null, _choice("format", format, ("jsonl", "text")), ordered, output, resume, batch_size)
+
+
 def _inspect_options(
     model: Annotated[Optional[str], typer.Option("--model", "-m", envvar=C.ENV_MODEL, help="Read sizing settings from this model (local dir or HF cache; never downloads). Without MEDIA: summarize the model.", rich_help_panel=O.RUN_PANEL)] = None,
     device: Annotated[str, typer.Option(envvar=C.ENV_DEVICE, help="Size as this device would: cpu uses smaller defaults. auto guesses without importing torch.", rich_help_panel=O.RUN_PANEL)] = "auto",
@@ -196,19 +221,26 @@ def _argument(name: str, annotation, default=_inspect.Parameter.empty) -> _inspe
     return _inspect.Parameter(name, _inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=annotation, default=default)
 
 
-def _answer(sources: list[str], require_video: bool, options: dict) -> None:
+def _answer(sources: list[str] | None, require_video: bool, options: dict) -> None:
     """The body of `describe` and `video`: build the request, run it, render."""
     from qwen2vl_cli.pipeline import Request, run
     from qwen2vl_cli.render import Reporter, print_json
 
     json_out, quiet = _take(_output_options, options)
+    each = _take(_each_options, options)
     request = Request(
-        sources=tuple(sources),
+        sources=tuple(sources or ()),
         media=_take(_sizing_options, options),
         generation=_take(_generation_options, options),
         runtime=_take(_runtime_options, options),
         require_video=require_video,
     )
+    if each is not None:
+        return _answer_each(request, each, quiet)
+    if not request.sources:
+        raise UsageError("give MEDIA to describe (or --each --from FILE)")
+    if require_video and len(request.sources) > 1:
+        raise UsageError("qvl video takes one CLIP; add --each for one answer per clip")
     reporter = Reporter(quiet=quiet, stream=not json_out)
     try:
         result = run(request, reporter)
@@ -221,6 +253,45 @@ def _answer(sources: list[str], require_video: bool, options: dict) -> None:
     reporter.summary(result)
     if json_out:
         print_json(result.to_dict())
+
+
+def _answer_each(request, each, quiet: bool) -> None:
+    """`--each`: one record per input, the model loaded once."""
+    from qwen2vl_cli import batch
+    from qwen2vl_cli.pipeline import Session
+    from qwen2vl_cli.render import BatchProgress, Reporter
+
+    records = batch.RecordFile(each.resume or each.output, resume=each.resume is not None) if (each.resume or each.output) else None
+    tally = batch.Tally()
+    progress = None
+    try:
+        sources = batch.iter_sources(request.sources, each.from_file, each.null)
+        reporter = Reporter(quiet=quiet, stream=False)
+        try:
+            session = Session(request.runtime, reporter)
+        finally:
+            reporter.stop()
+        progress = BatchProgress(quiet, total=batch.count_sources(request.sources, each.from_file, each.null))
+        batch.run_each(
+            sources,
+            session,
+            request.media,
+            request.generation,
+            key=batch.request_key(request.media, request.generation, request.runtime),
+            batch_size=each.batch_size or batch.default_batch_size(session.runner.device),
+            emitter=batch.Emitter(batch.sink_for(records, sys.stdout), each.format, each.ordered),
+            tally=tally,
+            done=records.done if records is not None and each.resume else frozenset(),
+            require_video=request.require_video,
+            on_progress=lambda: progress.update(tally),
+        )
+    finally:
+        if progress is not None:
+            progress.close(tally)
+        if records is not None:
+            records.close()
+    if tally.failed:
+        raise typer.Exit(1)
 
 
 def _inspect_body(media: list[str] | None, options: dict) -> None:
@@ -254,20 +325,20 @@ def _inspect_body(media: list[str] | None, options: dict) -> None:
         render.stderr_console().print("[dim]sized for CPU (smaller defaults); --device cuda shows GPU sizes[/]")
 
 
-_ANSWER_GROUPS = [_generation_options, _sizing_options, _runtime_options, _output_options]
+_ANSWER_GROUPS = [_generation_options, _sizing_options, _runtime_options, _output_options, _each_options]
 _MEDIA_HELP = "Image, animated image or video: path, http(s):// URL, file:// URI, data: URI, or - for stdin."
 _command(
     "describe",
-    _argument("media", Annotated[list[str], typer.Argument(metavar="MEDIA", help=_MEDIA_HELP + " Several go into one prompt, in order.", show_default=False)]),
+    _argument("media", Annotated[Optional[list[str]], typer.Argument(metavar="MEDIA", help=_MEDIA_HELP + " Several go into one prompt, in order (with --each: one answer each).", show_default=False)], None),
     _ANSWER_GROUPS,
     lambda media, options: _answer(media, False, options),
     "Describe images, animated images or videos with Qwen2-VL; the answer streams to stdout.",
 )
 _command(
     "video",
-    _argument("clip", Annotated[str, typer.Argument(metavar="CLIP", help="Video or animated image: path, http(s):// URL, file:// URI, or - for stdin.", show_default=False)]),
+    _argument("clip", Annotated[Optional[list[str]], typer.Argument(metavar="CLIP", help="Video or animated image: path, http(s):// URL, file:// URI, or - for stdin (several with --each).", show_default=False)], None),
     _ANSWER_GROUPS,
-    lambda clip, options: _answer([clip], True, options),
+    lambda clip, options: _answer(clip, True, options),
     "Describe a video clip, sampled with Qwen2-VL's frame rules (2 frames per second by default).",
 )
 _command(

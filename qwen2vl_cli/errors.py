@@ -46,6 +46,19 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(text).split()) or type(exc).__name__
 
 
+def error_type(exc: BaseException) -> str:
+    """A stable name for the kind of failure, for machine-readable records."""
+    if isinstance(exc, MediaError):
+        return "bad_input"
+    if isinstance(exc, UsageError):
+        return "usage"
+    if type(exc).__name__ == "OutOfMemoryError" or isinstance(exc, MemoryError):
+        return "out_of_memory"
+    if isinstance(exc, ModelError):
+        return "model"
+    return "runtime"
+
+
 def describe_exception(exc: BaseException) -> tuple[str, int]:
     """Map any exception to (one-line message, exit code)."""
     if isinstance(exc, QvlError):

@@ -78,3 +78,13 @@ TotalPixels = Annotated[
 
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of streaming text.", rich_help_panel=OUT_PANEL)]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No diagnostics on stderr (errors still show).", rich_help_panel=OUT_PANEL)]
+
+EACH_PANEL = "Many inputs"
+Each = Annotated[bool, typer.Option("--each", help="One request per MEDIA with the same prompt and options; the model loads once. Records go out as JSON Lines.", rich_help_panel=EACH_PANEL)]
+FromFile = Annotated[Optional[str], typer.Option("--from", metavar="FILE", help="Read sources from FILE, one per line (- for stdin; blank lines and # comments skipped). Implies --each.", rich_help_panel=EACH_PANEL)]
+Null = Annotated[bool, typer.Option("--null", "-0", help="--from entries are NUL-separated (find -print0).", rich_help_panel=EACH_PANEL)]
+Format = Annotated[str, typer.Option(help="jsonl: one JSON object per input. text: source<TAB>text, newlines escaped.", rich_help_panel=EACH_PANEL)]
+Ordered = Annotated[bool, typer.Option("--ordered/--unordered", help="Records in input order, or as each finishes.", rich_help_panel=EACH_PANEL)]
+Output = Annotated[Optional[str], typer.Option("--output", "-o", metavar="FILE", help="Write records to FILE (a new file), flushed after each.", rich_help_panel=EACH_PANEL)]
+Resume = Annotated[Optional[str], typer.Option(metavar="FILE", help="Continue FILE: skip inputs it already answered with the same prompt and options, append the rest.", rich_help_panel=EACH_PANEL)]
+BatchSize = Annotated[Optional[int], typer.Option(min=1, help="Inputs generated together (left-padded). Default: 8 on CUDA, 4 on MPS, 1 on CPU.", rich_help_panel=EACH_PANEL)]

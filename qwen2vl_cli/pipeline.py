@@ -97,6 +97,26 @@ def decode_all(probed: list[Probed], plans: list[MediaPlan], opts: MediaOptions)
     return plans, loaded
 
 
+def make_result(runner, gen, plans, peak_memory: int) -> Result:
+    """The result of one request: the generation's text and counts, the runner's settings, the plans."""
+    return Result(
+        text=gen.text,
+        model=runner.runtime.model,
+        device=runner.device,
+        dtype=runner.dtype,
+        attn=runner.attn,
+        prompt_tokens=gen.prompt_tokens,
+        visual_tokens=gen.visual_tokens,
+        generated_tokens=gen.generated_tokens,
+        load_s=runner.load_s,
+        ttft_s=gen.ttft_s,
+        decode_tokens_per_s=gen.decode_tokens_per_s,
+        peak_memory_bytes=peak_memory,
+        finish_reason=gen.finish_reason,
+        inputs=tuple(plans),
+    )
+
+
 def run(request: Request, hooks: Hooks, stdin: BinaryIO | None = None) -> Result:
     from qwen2vl_cli.runner import Runner, peak_memory_bytes
 
@@ -131,19 +151,44 @@ def run(request: Request, hooks: Hooks, stdin: BinaryIO | None = None) -> Result
         del loaded  # the uint8 frames are in the model inputs now
         hooks.stage("Encoding media and reading the prompt")
         gen = runner.generate(inputs, request.generation, on_text=hooks.text)
-        return Result(
-            text=gen.text,
-            model=request.runtime.model,
-            device=runner.device,
-            dtype=runner.dtype,
-            attn=runner.attn,
-            prompt_tokens=gen.prompt_tokens,
-            visual_tokens=gen.visual_tokens,
-            generated_tokens=gen.generated_tokens,
-            load_s=runner.load_s,
-            ttft_s=gen.ttft_s,
-            decode_tokens_per_s=gen.decode_tokens_per_s,
-            peak_memory_bytes=peak_memory_bytes(runner.device),
-            finish_reason=gen.finish_reason,
-            inputs=tuple(plans),
-        )
+        return make_result(runner, gen, plans, peak_memory_bytes(runner.device))
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One input of a batch run, decoded and ready for the processor."""
+
+    plans: tuple[MediaPlan, ...]
+    loaded: tuple[media.Loaded, ...]
+    text: str
+
+
+class Session:
+    """A model loaded once and kept for many requests (`--each`)."""
+
+    def __init__(self, runtime: RuntimeOptions, hooks: Hooks):
+        from qwen2vl_cli.runner import Runner
+
+        hooks.stage(f"Finding {runtime.model}")
+        model_dir = locate_model(runtime.model)
+        self.runner = Runner(runtime)
+        self.runner.load_processor(model_dir)
+        self.spec = self.runner.vision_spec()
+        hooks.stage(f"Loading {runtime.model} ({self.runner.device}, {self.runner.dtype}, {self.runner.attn})")
+        self.runner.load_model(model_dir)
+
+    def prepare(self, source: str, opts: MediaOptions, gen: GenerationOptions, require_video: bool = False) -> Prepared:
+        """Everything before the model for one source; safe to run on a worker thread."""
+        opts = replace(opts, cpu_budget=self.runner.device == "cpu")
+        with SourceResolver() as resolver:
+            probed = probe_all(resolver, (source,), opts, require_video)
+            plans, loaded = decode_all(probed, plan_all(probed, self.spec, opts), opts)
+        text = self.runner.prompt_text(build_messages(plans, gen))
+        return Prepared(tuple(plans), tuple(loaded), text)
+
+    def generate(self, batch: list[Prepared], gen: GenerationOptions) -> list[Result]:
+        from qwen2vl_cli.runner import peak_memory_bytes
+
+        gens = self.runner.generate_batch([p.text for p in batch], [list(p.loaded) for p in batch], gen)
+        peak = peak_memory_bytes(self.runner.device)
+        return [make_result(self.runner, g, p.plans, peak) for p, g in zip(batch, gens)]

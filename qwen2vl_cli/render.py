@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Sequence
 
 from rich.console import Console
@@ -135,6 +136,46 @@ class Reporter:
         self.stop()
         if not self.quiet:
             self.console.print(summary_line(result))
+
+
+class BatchProgress:
+    """Progress of an `--each` run on stderr: a live bar on a terminal, a line every 10 s otherwise."""
+
+    INTERVAL_S = 10.0
+
+    def __init__(self, quiet: bool, total: int | None):
+        self.console = stderr_console()
+        self.quiet = quiet
+        self._progress = None
+        self._last = time.monotonic()
+        if quiet or not self.console.is_terminal:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        columns = [SpinnerColumn(), MofNCompleteColumn() if total else TextColumn("{task.completed} done"), BarColumn(),
+                   TextColumn("{task.fields[rate]:.2f} items/s · {task.fields[failed]} failed"), TimeElapsedColumn()]
+        if total:
+            columns.append(TimeRemainingColumn())
+        self._progress = Progress(*columns, console=self.console, transient=True)
+        self._task = self._progress.add_task("qvl", total=total, rate=0.0, failed=0)
+        self._progress.start()
+
+    def update(self, tally) -> None:
+        if self.quiet:
+            return
+        handled = tally.done + tally.failed + tally.skipped
+        rate = tally.done / tally.elapsed if tally.elapsed > 0 else 0.0
+        if self._progress is not None:
+            self._progress.update(self._task, completed=handled, rate=rate, failed=tally.failed)
+        elif time.monotonic() - self._last >= self.INTERVAL_S:
+            self._last = time.monotonic()
+            self.console.print(f"qvl: {tally.line()}")
+
+    def close(self, tally) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+        if not self.quiet:
+            self.console.print(f"qvl: {tally.line()}")
 
 
 def inspect_table(plans: Sequence[MediaPlan]) -> None:

@@ -66,6 +66,7 @@ class Runner:
         except (OSError, ValueError, KeyError) as e:
             raise ModelError(f"cannot load the processor of {self.runtime.model}: {one_line(e)}") from None
         self.processor.video_processor = ChunkedVideoProcessor(self.processor.video_processor, self.dtype)
+        self.processor.tokenizer.padding_side = "left"  # batched generation continues every row at its end
 
     def load_model(self, model_dir: Path) -> None:
         import torch
@@ -97,14 +98,14 @@ class Runner:
     def prompt_text(self, messages: list[dict]) -> str:
         return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def inputs(self, text: str, media: list[Loaded]):
-        """Processor inputs for one prompt; media are already at their planned size (no resize here)."""
+    def inputs(self, texts: str | list[str], media: list[Loaded]):
+        """Processor inputs for one or more prompts (media in prompt order), already at their planned size."""
         import torch
 
         images = [m.image for m in media if m.image is not None]
         videos = [torch.from_numpy(m.frames).permute(0, 3, 1, 2) for m in media if m.frames is not None]
         return self.processor(
-            text=[text],
+            text=[texts] if isinstance(texts, str) else texts,
             images=images or None,
             videos=videos or None,
             images_kwargs={"do_resize": False},
@@ -175,18 +176,67 @@ class Runner:
         thread.join()
         if "error" in outcome:
             raise outcome["error"]
-        new = outcome["sequences"][0, prompt_tokens:]
-        text = tokenizer.decode(new, skip_special_tokens=True)
         if self.device == "cuda":
             torch.cuda.synchronize()
+        ttft, rate = _timings(start, token_times)
+        return self._generation(outcome["sequences"][0, prompt_tokens:], prompt_tokens, visual_tokens, ttft, rate)
+
+    def generate_batch(self, texts: list[str], media: list[list[Loaded]], gen: GenerationOptions) -> list[Generation]:
+        """Several prompts in one left-padded batch; greedy results equal one-by-one generation."""
+        import torch
+        from transformers.generation.streamers import BaseStreamer
+
+        token_times: list[float] = []
+
+        class _Clock(BaseStreamer):  # the text streamer takes batch size 1 only; this one just times
+            def __init__(self):
+                self.prompt_seen = False
+
+            def put(self, value):
+                if self.prompt_seen:
+                    token_times.append(time.perf_counter())
+                self.prompt_seen = True
+
+            def end(self):
+                pass
+
+        inputs = self.inputs(texts, [m for items in media for m in items]).to(self.model.device)
+        width = int(inputs["input_ids"].shape[1])
+        start = time.perf_counter()
+        if gen.seed is not None:
+            torch.manual_seed(gen.seed)
+        with torch.inference_mode():
+            sequences = self.model.generate(**inputs, max_new_tokens=gen.max_new_tokens, streamer=_Clock(), **sampling_kwargs(gen))
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        ttft, rate = _timings(start, token_times)
+        config = self.model.config
+        out = []
+        for row in range(len(texts)):
+            ids = inputs["input_ids"][row][inputs["attention_mask"][row].bool()]
+            visual = int(((ids == config.image_token_id) | (ids == config.video_token_id)).sum())
+            out.append(self._generation(sequences[row, width:], int(ids.shape[0]), visual, ttft, rate))
+        return out
+
+    def _generation(self, new, prompt_tokens: int, visual_tokens: int, ttft: float | None, rate: float | None) -> Generation:
+        """Text, token count and finish reason of one row; anything after its end-of-sequence is padding."""
         eos = self.model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
-        finish = "stop" if len(new) and int(new[-1]) in eos_ids else "length"
-        ttft = token_times[0] - start if token_times else None
-        rate = None
-        if len(token_times) > 1 and token_times[-1] > token_times[0]:
-            rate = (len(token_times) - 1) / (token_times[-1] - token_times[0])
-        return Generation(text, tuple(int(t) for t in new), prompt_tokens, visual_tokens, len(new), ttft, rate, finish)
+        tokens = [int(t) for t in new]
+        end = next((i + 1 for i, t in enumerate(tokens) if t in eos_ids), len(tokens))
+        tokens = tokens[:end]
+        finish = "stop" if tokens and tokens[-1] in eos_ids else "length"
+        text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True)
+        return Generation(text, tuple(tokens), prompt_tokens, visual_tokens, len(tokens), ttft, rate, finish)
+
+
+def _timings(start: float, token_times: list[float]) -> tuple[float | None, float | None]:
+    """Time to first token and decode tokens/s (per sequence) from the times new tokens arrived."""
+    ttft = token_times[0] - start if token_times else None
+    rate = None
+    if len(token_times) > 1 and token_times[-1] > token_times[0]:
+        rate = (len(token_times) - 1) / (token_times[-1] - token_times[0])
+    return ttft, rate
 
 
 class ChunkedVideoProcessor:

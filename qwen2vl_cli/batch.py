@@ -1,0 +1,294 @@
+"""Many inputs, one model (`--each`): lazy sources in, one record per input out, resumable.
+
+A worker thread resolves and decodes the next inputs (a bounded queue ahead of the model), the
+main thread generates in batches, and records go out in input order (or as they finish) with a
+flush after each, so a killed run loses nothing already written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import BinaryIO, TextIO
+
+from qwen2vl_cli.errors import UsageError, describe_exception, error_type
+from qwen2vl_cli.types import GenerationOptions, MediaOptions, Result, RuntimeOptions
+
+
+@dataclass(frozen=True)
+class EachOptions:
+    from_file: str | None = None  # one source per line; '-' is stdin
+    null: bool = False  # NUL-separated, as `find -print0` writes
+    format: str = "jsonl"  # or "text": source<TAB>text
+    ordered: bool = True
+    output: str | None = None  # a new file for the records
+    resume: str | None = None  # a records file to continue
+    batch_size: int | None = None  # None: chosen from the device
+
+
+def iter_sources(args: Iterable[str], from_file: str | None, null: bool, stdin: BinaryIO | None = None) -> Iterator[str]:
+    """The command line's sources, then the list file's, read lazily (a list may be huge)."""
+    yield from args
+    if from_file is None:
+        return
+    if from_file == "-":
+        import sys
+
+        stream = stdin if stdin is not None else sys.stdin.buffer
+        yield from _entries(stream, null)
+        return
+    path = Path(from_file).expanduser()
+    if not path.is_file():
+        raise UsageError(f"--from {from_file}: no such file")
+    with open(path, "rb") as stream:
+        yield from _entries(stream, null)
+
+
+def count_sources(args: tuple[str, ...], from_file: str | None, null: bool) -> int | None:
+    """How many inputs there are, when that is cheap to know (not for stdin)."""
+    if from_file is None:
+        return len(args)
+    if from_file == "-":
+        return None
+    path = Path(from_file).expanduser()
+    if not path.is_file():
+        return None
+    with open(path, "rb") as stream:
+        return len(args) + sum(1 for _ in _entries(stream, null))
+
+
+def _entries(stream: BinaryIO, null: bool) -> Iterator[str]:
+    if null:
+        pending = b""
+        while chunk := stream.read(1 << 16):
+            pending += chunk
+            *items, pending = pending.split(b"\0")
+            yield from (os.fsdecode(i) for i in items if i)
+        if pending:
+            yield os.fsdecode(pending)
+        return
+    for raw in stream:
+        line = os.fsdecode(raw.rstrip(b"\r\n"))
+        if line.strip() and not line.lstrip().startswith("#"):
+            yield line.strip()
+
+
+def request_key(media: MediaOptions, gen: GenerationOptions, runtime: RuntimeOptions) -> str:
+    """Identifies "the same prompt and options" for --resume."""
+    fields = {"media": asdict(media), "generation": asdict(gen), "model": runtime.model}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class RecordFile:
+    """JSON Lines on disk: append-only, flushed and synced per record, resumable after a kill."""
+
+    def __init__(self, path: str, resume: bool):
+        self.path = Path(path).expanduser()
+        self.done: set[tuple[str, str]] = set()
+        if self.path.exists() and not resume:
+            raise UsageError(f"--output {path}: the file exists; continue it with --resume {path}, or choose a new name")
+        if self.path.exists():
+            self._read_and_repair()
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def _read_and_repair(self) -> None:
+        good_end = 0
+        with open(self.path, "rb") as f:
+            for line in f:
+                if not line.endswith(b"\n"):
+                    break  # a record cut short by a kill: it is dropped and redone
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    break
+                good_end += len(line)
+                if isinstance(record, dict) and "error" not in record and "source" in record:
+                    self.done.add((record["source"], record.get("request_key", "")))
+        if good_end != self.path.stat().st_size:
+            with open(self.path, "r+b") as f:
+                f.truncate(good_end)
+
+    def write(self, line: str) -> None:
+        self._file.write(line + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+
+@dataclass
+class Tally:
+    done: int = 0
+    failed: int = 0
+    skipped: int = 0
+    started: float = 0.0
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def line(self) -> str:
+        rate = self.done / self.elapsed if self.elapsed > 0 else 0.0
+        return f"{self.done} done, {self.failed} failed, {self.skipped} skipped in {self.elapsed:.1f} s ({rate:.2f} items/s)"
+
+
+def record_for(index: int, source: str, key: str, result: Result | None, error: BaseException | None) -> dict:
+    if error is not None:
+        message, _ = describe_exception(error)
+        return {"source": source, "index": index, "request_key": key, "error": {"type": error_type(error), "message": message}}
+    out = result.to_dict()
+    out.update(source=source, index=index, request_key=key)
+    return out
+
+
+def format_record(record: dict, fmt: str) -> str:
+    if fmt == "text":
+        text = record["text"] if "error" not in record else f"ERROR: {record['error']['message']}"
+        escaped = text.replace("\\", "\\\\").replace("\t", "\\t").replace("\r", "\\r").replace("\n", "\\n")
+        return f"{record['source']}\t{escaped}"
+    return json.dumps(record, ensure_ascii=False)
+
+
+class Emitter:
+    """Writes records in input order (holding early finishers back), or as they come."""
+
+    def __init__(self, sink: Callable[[str], None], fmt: str, ordered: bool):
+        self.sink, self.fmt, self.ordered = sink, fmt, ordered
+        self.next_index = 0
+        self.held: dict[int, dict | None] = {}
+
+    def emit(self, index: int, record: dict | None) -> None:
+        """`record` None: the input was skipped (resume); it only advances the order."""
+        if not self.ordered:
+            if record is not None:
+                self.sink(format_record(record, self.fmt))
+            return
+        self.held[index] = record
+        while self.next_index in self.held:
+            ready = self.held.pop(self.next_index)
+            if ready is not None:
+                self.sink(format_record(ready, self.fmt))
+            self.next_index += 1
+
+
+_END = object()
+
+
+def run_each(
+    sources: Iterator[str],
+    session,
+    media: MediaOptions,
+    gen: GenerationOptions,
+    key: str,
+    batch_size: int,
+    emitter: Emitter,
+    tally: Tally,
+    done: set[tuple[str, str]] = frozenset(),
+    require_video: bool = False,
+    on_progress: Callable[[], None] = lambda: None,
+) -> None:
+    """Prepare ahead on a worker thread; generate in batches on this one."""
+    ahead: queue.Queue = queue.Queue(maxsize=max(2, 2 * batch_size))
+    stop = threading.Event()
+
+    def prefetch() -> None:
+        try:
+            for index, source in enumerate(sources):
+                if stop.is_set():
+                    break
+                if (source, key) in done:
+                    item = (index, source, None, None)
+                else:
+                    try:
+                        item = (index, source, session.prepare(source, media, gen, require_video), None)
+                    except Exception as e:  # one bad input is one error record
+                        item = (index, source, None, e)
+                _put(ahead, item, stop)
+        except BaseException as e:  # the source list itself failed (unreadable --from file)
+            _put(ahead, (None, None, None, e), stop)
+        _put(ahead, _END, stop)
+
+    worker = threading.Thread(target=prefetch, name="qvl-prefetch", daemon=True)
+    worker.start()
+    tally.started = time.perf_counter()
+    try:
+        finished = False
+        while not finished:
+            batch: list[tuple[int, str, object]] = []
+            while len(batch) < batch_size:
+                item = ahead.get()
+                if item is _END:
+                    finished = True
+                    break
+                index, source, prepared, error = item
+                if index is None:
+                    raise error
+                if prepared is None and error is None:
+                    tally.skipped += 1
+                    emitter.emit(index, None)
+                elif error is not None:
+                    tally.failed += 1
+                    emitter.emit(index, record_for(index, source, key, None, error))
+                else:
+                    batch.append((index, source, prepared))
+                on_progress()
+            if batch:
+                for (index, source, _), result, error in _generate(session, batch, gen):
+                    if error is None:
+                        tally.done += 1
+                    else:
+                        tally.failed += 1
+                    emitter.emit(index, record_for(index, source, key, result, error))
+                    on_progress()
+    finally:
+        stop.set()
+
+
+def _generate(session, batch, gen):
+    """Results for a batch; when the batch fails as a whole, each input is tried alone."""
+    try:
+        results = session.generate([p for _, _, p in batch], gen)
+        return [(item, r, None) for item, r in zip(batch, results)]
+    except Exception as e:
+        if len(batch) == 1:
+            return [(batch[0], None, e)]
+    out = []
+    for item in batch:
+        try:
+            out.append((item, session.generate([item[2]], gen)[0], None))
+        except Exception as e:
+            out.append((item, None, e))
+    return out
+
+
+def _put(q: queue.Queue, item, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.2)
+            return
+        except queue.Full:
+            continue
+
+
+def default_batch_size(device: str) -> int:
+    # Decode on CPU is memory-bound, but prefill is not: one at a time keeps first answers quick.
+    return {"cuda": 8, "mps": 4}.get(device, 1)
+
+
+def sink_for(output: RecordFile | None, stdout: TextIO) -> Callable[[str], None]:
+    if output is not None:
+        return output.write
+
+    def write(line: str) -> None:
+        stdout.write(line + "\n")
+        stdout.flush()
+
+    return write

@@ -1,0 +1,165 @@
+"""`--each`: many inputs, one model; records, order, resume, batching and lazy source lists."""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from qwen2vl_cli.batch import RecordFile, iter_sources
+
+FAST = ("--max-new-tokens", "6", "--dtype", "float32")
+
+
+def records(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_each_gives_one_record_per_input_and_goes_on_after_a_bad_one(qvl, tiny_model, media_dir):
+    r = qvl("describe", "--each", media_dir / "photo.png", media_dir / "notes.txt", media_dir / "square.png",
+            "--model", tiny_model, *FAST)
+    assert r.exit_code == 1  # one input failed
+    out = records(r.stdout)
+    assert [o["index"] for o in out] == [0, 1, 2]
+    assert [Path(o["source"]).name for o in out] == ["photo.png", "notes.txt", "square.png"]
+    assert out[1]["error"]["type"] == "bad_input" and "not an image or a video" in out[1]["error"]["message"]
+    assert "text" not in out[1] and out[0]["text"] and out[2]["visual_tokens"] == 64
+    assert "2 done, 1 failed, 0 skipped" in r.stderr and "items/s" in r.stderr
+
+
+def test_stdin_list_with_comments_blank_lines_and_a_broken_entry(qvl, tiny_model, media_dir):
+    listing = f"# captions\n{media_dir / 'square.png'}\n\n{media_dir / 'missing.jpg'}\n{media_dir / 'photo.jpg'}\n"
+    r = qvl("describe", "--from", "-", "--model", tiny_model, *FAST, input=listing.encode())
+    out = records(r.stdout)
+    assert r.exit_code == 1 and len(out) == 3
+    assert "no such file" in out[1]["error"]["message"] and "text" in out[2]
+
+
+def test_nul_separated_list(qvl, tiny_model, media_dir):
+    listing = b"\0".join(str(media_dir / n).encode() for n in ("square.png", "photo.png")) + b"\0"
+    r = qvl("describe", "--each", "--from", "-", "-0", "--model", tiny_model, *FAST, input=listing)
+    assert r.exit_code == 0 and [Path(o["source"]).name for o in records(r.stdout)] == ["square.png", "photo.png"]
+
+
+def test_ordered_and_unordered(qvl, tiny_model, media_dir):
+    args = ["describe", "--each", media_dir / "square.png", media_dir / "notes.txt", media_dir / "photo.png",
+            "--model", tiny_model, *FAST, "--batch-size", "3"]
+    assert [o["index"] for o in records(qvl(*args).stdout)] == [0, 1, 2]
+    # The bad input is known before the batch is generated; unordered, it comes out first.
+    assert [o["index"] for o in records(qvl(*args, "--unordered").stdout)] == [1, 0, 2]
+
+
+def test_batched_equals_unbatched_under_greedy(qvl, tiny_model, media_dir):
+    """float32 on the tiny model: token-identical. (In bfloat16, padding changes GEMM shapes and a
+    near-tie can flip a late token.)"""
+    names = ["square.png", "photo.png", "photo.jpg", "anim.gif", "clip.mp4"]
+    args = ["describe", "--each", *[media_dir / n for n in names], "--model", tiny_model,
+            "--max-new-tokens", "16", "--dtype", "float32"]
+    one = records(qvl(*args, "--batch-size", "1").stdout)
+    many = records(qvl(*args, "--batch-size", "5").stdout)
+    assert [o["text"] for o in one] == [o["text"] for o in many]
+    assert [o["generated_tokens"] for o in one] == [o["generated_tokens"] for o in many]
+    assert [o["prompt_tokens"] for o in one] == [o["prompt_tokens"] for o in many]
+
+
+def test_text_format_escapes_newlines(qvl, tiny_model, media_dir):
+    r = qvl("describe", "--each", media_dir / "square.png", "--model", tiny_model, *FAST, "--format", "text")
+    [line] = r.stdout.splitlines()
+    source, text = line.split("\t")
+    assert source == str(media_dir / "square.png") and "\n" not in text and text
+
+
+def test_video_each(qvl, tiny_model, media_dir):
+    r = qvl("video", "--each", media_dir / "clip.mp4", media_dir / "anim.gif", "--model", tiny_model, *FAST)
+    assert r.exit_code == 0 and [o["inputs"][0]["kind"] for o in records(r.stdout)] == ["video", "video"]
+    r = qvl("video", media_dir / "clip.mp4", media_dir / "anim.gif", "--model", tiny_model)
+    assert r.exit_code == 2 and "--each" in r.stderr
+
+
+def test_output_file_is_never_overwritten(qvl, tiny_model, media_dir, tmp_path):
+    out = tmp_path / "captions.jsonl"
+    out.write_text("precious\n")
+    r = qvl("describe", "--each", media_dir / "square.png", "--model", tiny_model, "--output", out)
+    assert r.exit_code == 2 and "--resume" in r.stderr and out.read_text() == "precious\n"
+    r = qvl("describe", media_dir / "square.png", "--model", tiny_model, "--output", tmp_path / "x.jsonl")
+    assert r.exit_code == 2 and "--output works with --each" in r.stderr
+
+
+def test_resume_skips_what_is_done_and_redoes_changed_options(qvl, tiny_model, media_dir, tmp_path):
+    out = tmp_path / "captions.jsonl"
+    first = [media_dir / "square.png", media_dir / "notes.txt", media_dir / "photo.png"]
+    r = qvl("describe", "--each", *first, "--model", tiny_model, *FAST, "--resume", out)
+    assert r.exit_code == 1 and r.stdout == "" and len(records(out.read_text())) == 3
+    r = qvl("describe", "--each", *first, media_dir / "photo.jpg", "--model", tiny_model, *FAST, "--resume", out)
+    assert "1 done, 1 failed, 2 skipped" in r.stderr  # the failed input is tried again
+    sources = [Path(o["source"]).name for o in records(out.read_text()) if "error" not in o]
+    assert sources == ["square.png", "photo.png", "photo.jpg"]
+    r = qvl("describe", "--each", *first[:1], "--model", tiny_model, *FAST, "--resume", out, "-p", "Other?")
+    assert "1 done, 0 failed, 0 skipped" in r.stderr  # another prompt is another request
+
+
+def test_truncated_last_record_is_detected_and_redone(qvl, tiny_model, media_dir, tmp_path):
+    out = tmp_path / "captions.jsonl"
+    r = qvl("describe", "--each", media_dir / "square.png", media_dir / "photo.png", "--model", tiny_model, *FAST, "--resume", out)
+    whole = out.read_text()
+    out.write_text(whole[: len(whole) - 40])  # as if killed in the middle of writing the second record
+    r = qvl("describe", "--each", media_dir / "square.png", media_dir / "photo.png", "--model", tiny_model, *FAST, "--resume", out)
+    assert r.exit_code == 0 and "1 done, 0 failed, 1 skipped" in r.stderr
+    assert [Path(o["source"]).name for o in records(out.read_text())] == ["square.png", "photo.png"]
+
+
+def test_resume_after_a_kill(tiny_model, media_dir, tmp_path):
+    out = tmp_path / "captions.jsonl"
+    sources = [str(media_dir / n) for n in ("square.png", "photo.png", "photo.jpg", "transparent.png")]
+    cmd = [sys.executable, "-m", "qwen2vl_cli", "describe", "--each", *sources, "--model", str(tiny_model),
+           "--dtype", "float32", "--max-new-tokens", "800", "--min-new-tokens", "800", "--resume", str(out), "-q"]
+    proc = subprocess.Popen(cmd)
+    deadline = time.time() + 300
+    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 1):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written = records(out.read_text())
+    assert 1 <= len(written) < 4
+    done = subprocess.run(cmd, capture_output=True, text=True)  # the same request: it carries on
+    assert done.returncode == 0
+    final = records(out.read_text())
+    assert final[: len(written)] == written  # nothing already written was touched
+    assert sorted(o["source"] for o in final) == sorted(sources)
+    assert all("error" not in o for o in final)
+
+
+def test_source_lists_are_read_lazily():
+    class Tracked(io.BytesIO):
+        def __init__(self, data):
+            super().__init__(data)
+            self.max_pos = 0
+
+        def readline(self, *a):
+            line = super().readline(*a)
+            self.max_pos = max(self.max_pos, self.tell())
+            return line
+
+        def __iter__(self):
+            return iter(self.readline, b"")
+
+    stream = Tracked(b"".join(f"/data/img{i:06d}.jpg\n".encode() for i in range(100_000)))
+    it = iter_sources([], "-", False, stdin=stream)
+    assert [next(it), next(it)] == ["/data/img000000.jpg", "/data/img000001.jpg"]
+    assert stream.max_pos < 1000
+
+
+def test_record_file_repairs_a_cut_line(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"source": "a", "request_key": "k", "text": "x"}\n{"source": "b", "requ')
+    f = RecordFile(str(path), resume=True)
+    f.write('{"source": "b", "request_key": "k", "text": "y"}')
+    f.close()
+    assert f.done == {("a", "k")}
+    assert [json.loads(line)["source"] for line in path.read_text().splitlines()] == ["a", "b"]
