@@ -123,7 +123,8 @@ def run_qvl(session, images: list[str], tokens: int, batch_size: int) -> tuple[f
     emitter = Emitter(lambda line: out.append(json.loads(line)), "jsonl", ordered=True)
     # The reference's pixel budget (explicit, so the CPU defaults do not shrink anything).
     media = MediaOptions(max_pixels=12845056)
-    gen = GenerationOptions(prompt="Describe this image.", max_new_tokens=tokens, min_new_tokens=tokens)
+    # Fixed length, as the reference loop: random weights loop, and the guard would stop them early.
+    gen = GenerationOptions(prompt="Describe this image.", max_new_tokens=tokens, min_new_tokens=tokens, repeat_guard=False)
     tally = Tally()
     run_each(iter(images), session, media, gen, key="bench", batch_size=batch_size, emitter=emitter, tally=tally)
     if tally.failed:

@@ -142,8 +142,9 @@ def _generation_options(
     top_k: O.TopK = None,
     repetition_penalty: O.RepetitionPenalty = None,
     seed: O.Seed = None,
+    repeat_guard: O.RepeatGuard = True,
 ) -> GenerationOptions:
-    return GenerationOptions(prompt, system, max_new_tokens, min_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+    return GenerationOptions(prompt, system, max_new_tokens, min_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, repeat_guard)
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:

@@ -47,6 +47,7 @@ Temperature = Annotated[float, typer.Option(min=0.0, help="0 = greedy (determini
 TopP = Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Nucleus sampling (with --temperature > 0).", rich_help_panel=GEN_PANEL)]
 TopK = Annotated[Optional[int], typer.Option(min=0, help="Top-k sampling (with --temperature > 0).", rich_help_panel=GEN_PANEL)]
 RepetitionPenalty = Annotated[Optional[float], typer.Option(min=0.0, help="Default: the model's generation_config (1.05 for Qwen2-VL-Instruct).", rich_help_panel=GEN_PANEL)]
+RepeatGuard = Annotated[bool, typer.Option("--repeat-guard/--no-repeat-guard", help="Stop when the answer loops on one short phrase (finish_reason \"repetition\").", rich_help_panel=GEN_PANEL)]
 Seed = Annotated[Optional[int], typer.Option(help="Random seed for sampling.", rich_help_panel=GEN_PANEL)]
 
 MinPixels = Annotated[Optional[int], typer.Option(min=1, help="Least pixels per image or frame (default: the model's, 3136).", rich_help_panel=MEDIA_PANEL)]

@@ -134,8 +134,11 @@ class Reporter:
 
     def summary(self, result: Result) -> None:
         self.stop()
-        if not self.quiet:
-            self.console.print(summary_line(result))
+        if self.quiet:
+            return
+        if result.finish_reason == "repetition":
+            self.note(f"stopped a repetition loop after {result.generated_tokens} tokens (--no-repeat-guard lets it run)")
+        self.console.print(summary_line(result))
 
 
 class BatchProgress:

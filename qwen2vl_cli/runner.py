@@ -30,7 +30,41 @@ class Generation:
     generated_tokens: int
     ttft_s: float | None
     decode_tokens_per_s: float | None
-    finish_reason: str
+    finish_reason: str  # stop | length | repetition
+
+
+class RepetitionGuard:
+    """Stops a row whose last tokens are one short n-gram over and over (QwenLM/Qwen2-VL#1611).
+
+    A row is caught when its tail of max(MIN_SPAN, REPEATS x n) tokens has period n for some
+    n <= MAX_PERIOD: the same n-gram at least REPEATS times in a row, covering MIN_SPAN tokens.
+    """
+
+    MAX_PERIOD = 32
+    REPEATS = 4
+    MIN_SPAN = 48
+
+    def __init__(self, prompt_width: int):
+        self.prompt_width = prompt_width
+        self.stopped_at: dict[int, int] = {}  # row -> generated length when caught
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        rows = input_ids.shape[0]
+        done = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
+        generated = input_ids.shape[1] - self.prompt_width
+        if generated < self.MIN_SPAN:
+            return done
+        for n in range(1, self.MAX_PERIOD + 1):
+            span = max(self.MIN_SPAN, self.REPEATS * n)
+            if span > generated:
+                break
+            tail = input_ids[:, -span:]
+            done |= (tail[:, n:] == tail[:, :-n]).all(dim=1)
+        for row in done.nonzero().flatten().tolist():
+            self.stopped_at.setdefault(row, generated)
+        return done
 
 
 def peak_memory_bytes(device: str) -> int:
@@ -139,11 +173,12 @@ class Runner:
                 return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
 
         streamer = _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        guard = RepetitionGuard(prompt_tokens)
         kwargs = dict(
             **inputs,
             max_new_tokens=gen.max_new_tokens,
             streamer=streamer,
-            stopping_criteria=StoppingCriteriaList([_Stop()]),
+            stopping_criteria=StoppingCriteriaList([_Stop()] + ([guard] if gen.repeat_guard else [])),
             **sampling_kwargs(gen),
         )
         outcome: dict = {}
@@ -179,7 +214,8 @@ class Runner:
         if self.device == "cuda":
             torch.cuda.synchronize()
         ttft, rate = _timings(start, token_times)
-        return self._generation(outcome["sequences"][0, prompt_tokens:], prompt_tokens, visual_tokens, ttft, rate)
+        new = outcome["sequences"][0, prompt_tokens:]
+        return self._generation(new, prompt_tokens, visual_tokens, ttft, rate, guard.stopped_at.get(0))
 
     def generate_batch(self, texts: list[str], media: list[list[Loaded]], gen: GenerationOptions) -> list[Generation]:
         """Several prompts in one left-padded batch; greedy results equal one-by-one generation."""
@@ -202,11 +238,18 @@ class Runner:
 
         inputs = self.inputs(texts, [m for items in media for m in items]).to(self.model.device)
         width = int(inputs["input_ids"].shape[1])
+        guard = RepetitionGuard(width)
         start = time.perf_counter()
         if gen.seed is not None:
             torch.manual_seed(gen.seed)
         with torch.inference_mode():
-            sequences = self.model.generate(**inputs, max_new_tokens=gen.max_new_tokens, streamer=_Clock(), **sampling_kwargs(gen))
+            sequences = self.model.generate(
+                **inputs,
+                max_new_tokens=gen.max_new_tokens,
+                streamer=_Clock(),
+                stopping_criteria=[guard] if gen.repeat_guard else None,
+                **sampling_kwargs(gen),
+            )
         if self.device == "cuda":
             torch.cuda.synchronize()
         ttft, rate = _timings(start, token_times)
@@ -215,17 +258,24 @@ class Runner:
         for row in range(len(texts)):
             ids = inputs["input_ids"][row][inputs["attention_mask"][row].bool()]
             visual = int(((ids == config.image_token_id) | (ids == config.video_token_id)).sum())
-            out.append(self._generation(sequences[row, width:], int(ids.shape[0]), visual, ttft, rate))
+            out.append(self._generation(sequences[row, width:], int(ids.shape[0]), visual, ttft, rate, guard.stopped_at.get(row)))
         return out
 
-    def _generation(self, new, prompt_tokens: int, visual_tokens: int, ttft: float | None, rate: float | None) -> Generation:
-        """Text, token count and finish reason of one row; anything after its end-of-sequence is padding."""
+    def _generation(
+        self, new, prompt_tokens: int, visual_tokens: int, ttft: float | None, rate: float | None, looped_at: int | None = None
+    ) -> Generation:
+        """Text, token count and finish reason of one row; anything after its end (end-of-sequence,
+        or where the repetition guard stopped it) is padding."""
         eos = self.model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
         tokens = [int(t) for t in new]
-        end = next((i + 1 for i, t in enumerate(tokens) if t in eos_ids), len(tokens))
-        tokens = tokens[:end]
-        finish = "stop" if tokens and tokens[-1] in eos_ids else "length"
+        eos_end = next((i + 1 for i, t in enumerate(tokens) if t in eos_ids), None)
+        if eos_end is not None and (looped_at is None or eos_end <= looped_at):
+            tokens, finish = tokens[:eos_end], "stop"
+        elif looped_at is not None:
+            tokens, finish = tokens[:looped_at], "repetition"
+        else:
+            finish = "length"
         text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True)
         return Generation(text, tuple(tokens), prompt_tokens, visual_tokens, len(tokens), ttft, rate, finish)
 

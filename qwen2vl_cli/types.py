@@ -122,6 +122,7 @@ class GenerationOptions:
     top_k: int | None = None
     repetition_penalty: float | None = None
     seed: int | None = None
+    repeat_guard: bool = True  # stop a generation caught in a loop
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ class Result:
     ttft_s: float | None
     decode_tokens_per_s: float | None
     peak_memory_bytes: int
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "repetition"]
     inputs: tuple[MediaPlan, ...] = field(default_factory=tuple)
 
     def to_dict(self) -> dict:

@@ -252,3 +252,31 @@ def test_closed_pipe_ends_quietly(tiny_model):
     proc.stdout.close()  # as `| head -c 5` does
     _, err = proc.communicate(timeout=120)
     assert err == b"" and proc.returncode == 1
+
+
+@pytest.fixture(scope="session")
+def looping_model(tiny_model, tmp_path_factory):
+    """The tiny model with its final norm zeroed: every logit is 0, so greedy repeats token 0."""
+    import torch
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    out = tmp_path_factory.mktemp("looping")
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model)
+    with torch.no_grad():
+        model.model.language_model.norm.weight.zero_()
+    model.save_pretrained(out)
+    AutoProcessor.from_pretrained(tiny_model).save_pretrained(out)
+    return out
+
+
+def test_repetition_loop_is_stopped_and_said(qvl, looping_model, media_dir):
+    r = qvl("describe", media_dir / "square.png", "--model", looping_model, "--max-new-tokens", "300", "--json")
+    out = json.loads(r.stdout)
+    assert r.exit_code == 0 and out["finish_reason"] == "repetition" and out["generated_tokens"] == 48
+    assert "stopped a repetition loop after 48 tokens" in r.stderr
+    r = qvl("describe", media_dir / "square.png", "--model", looping_model, "--max-new-tokens", "100", "--json", "--no-repeat-guard")
+    out = json.loads(r.stdout)
+    assert out["finish_reason"] == "length" and out["generated_tokens"] == 100
+    r = qvl("describe", "--each", media_dir / "square.png", media_dir / "photo.png", "--model", looping_model,
+            "--max-new-tokens", "300", "--batch-size", "2")
+    assert [json.loads(line)["finish_reason"] for line in r.stdout.splitlines()] == ["repetition", "repetition"]

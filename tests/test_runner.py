@@ -35,3 +35,20 @@ def test_greedy_unless_temperature():
     assert sampled == {"do_sample": True, "temperature": 0.7, "top_p": 1.0, "top_k": 0}
     assert sampling_kwargs(GenerationOptions(temperature=0.7, top_k=5, min_new_tokens=9, max_new_tokens=4))["top_k"] == 5
     assert sampling_kwargs(GenerationOptions(min_new_tokens=9, max_new_tokens=4))["min_new_tokens"] == 4
+
+
+def _guard_hits(tail: list[int], prompt: int = 5) -> bool:
+    from qwen2vl_cli.runner import RepetitionGuard
+
+    ids = torch.tensor([[7] * prompt + tail])
+    return bool(RepetitionGuard(prompt)(ids, None)[0])
+
+
+def test_repetition_guard_catches_short_loops_only():
+    assert _guard_hits([3] * 48)  # one token over and over
+    assert _guard_hits(list(range(10)) + [1, 2, 3, 4, 5, 6] * 8)  # a 6-gram 8 times
+    assert _guard_hits([9] * 10 + list(range(40, 52)) * 4)  # a 12-gram 4 times
+    assert not _guard_hits([3] * 47)  # too short to call
+    assert not _guard_hits(list(range(100, 148)))  # no period
+    assert not _guard_hits([1, 2, 3] * 15 + [4, 5, 6])  # the loop ended
+    assert not _guard_hits([7] * 3 + [1] * 40)  # the prompt does not count
