@@ -105,6 +105,7 @@ def _sizing_options(
     end: O.End = None,
     total_pixels: O.TotalPixels = None,
     seek: O.Seek = "exact",
+    max_visual_tokens: O.MaxVisualTokens = None,
 ) -> MediaOptions:
     if fps is not None and fps <= 0:
         raise UsageError(f"--fps {fps:g}: must be above 0")
@@ -129,6 +130,7 @@ def _sizing_options(
         end=end,
         first_frame=first_frame,
         seek=_choice("seek", seek, ("exact", "keyframe")),
+        max_visual_tokens=max_visual_tokens,
     )
 
 

@@ -59,6 +59,10 @@ MaxPixels = Annotated[
         rich_help_panel=MEDIA_PANEL,
     ),
 ]
+MaxVisualTokens = Annotated[
+    Optional[int],
+    typer.Option(min=1, help="One budget for all images and frames of a request: qvl picks the sizes (and frame counts) and says what it chose.", rich_help_panel=MEDIA_PANEL),
+]
 Resize = Annotated[Optional[str], typer.Option(metavar="WxH", help="Exact size, each side rounded to a multiple of 28.", rich_help_panel=MEDIA_PANEL)]
 FirstFrame = Annotated[bool, typer.Option("--first-frame", help="Read animated GIF/WebP/APNG as a still (their first frame).", rich_help_panel=MEDIA_PANEL)]
 

@@ -10,10 +10,10 @@ from dataclasses import dataclass, replace
 from typing import BinaryIO, Protocol
 
 from qwen2vl_cli import media
-from qwen2vl_cli.errors import MediaError
+from qwen2vl_cli.errors import MediaError, QvlError, UsageError
 from qwen2vl_cli.messages import build_messages
 from qwen2vl_cli.modelinfo import locate_model
-from qwen2vl_cli.sizing import plan
+from qwen2vl_cli.sizing import SizingError, fit_budget, plan
 from qwen2vl_cli.sources import Source, SourceResolver
 from qwen2vl_cli.types import (
     GenerationOptions,
@@ -63,10 +63,17 @@ def probe_all(resolver: SourceResolver, texts: tuple[str, ...], opts: MediaOptio
 
 
 def plan_all(probed: list[Probed], spec: VisionSpec, opts: MediaOptions) -> list[MediaPlan]:
-    return [plan(p.source.label, p.info, spec, opts, p.notes) for p in probed]
+    """One plan per input; under --max-visual-tokens the first plan's notes say what was cut."""
+    if opts.max_visual_tokens is None:
+        return [plan(p.source.label, p.info, spec, opts, p.notes) for p in probed]
+    try:
+        plans, note = fit_budget([(p.source.label, p.info, p.notes) for p in probed], spec, opts, opts.max_visual_tokens)
+    except SizingError as e:
+        raise UsageError(str(e)) from None
+    return [replace(plans[0], notes=plans[0].notes + (note,))] + plans[1:]
 
 
-def budget_note(probed: list[Probed], plans: list[MediaPlan], spec: VisionSpec, opts: MediaOptions) -> str | None:
+def cpu_budget_note(probed: list[Probed], plans: list[MediaPlan], spec: VisionSpec, opts: MediaOptions) -> str | None:
     """Say when the CPU budget made an input smaller than the reference would."""
     if not opts.cpu_budget or opts.pixel_limits_given:
         return None
@@ -117,6 +124,56 @@ def make_result(runner, gen, plans, peak_memory: int) -> Result:
     )
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    return type(exc).__name__ == "OutOfMemoryError" or isinstance(exc, MemoryError)
+
+
+def _free_memory(device: str) -> None:
+    import gc
+
+    gc.collect()
+    if device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def _generate(runner, plans, loaded, generation: GenerationOptions, hooks: Hooks, on_text):
+    inputs = runner.inputs(runner.prompt_text(build_messages(plans, generation)), loaded)
+    hooks.stage("Encoding media and reading the prompt")
+    return runner.generate(inputs, generation, on_text=on_text)
+
+
+def _generate_or_shrink(runner, probed, spec, opts, plans, loaded, generation, hooks):
+    """Generate; out of memory before the first token (vision tower, prefill): once more at half
+    the visual tokens, saying so. Returns the generation and the plans it used."""
+    streamed: list[str] = []
+
+    def on_text(chunk: str) -> None:
+        streamed.append(chunk)
+        hooks.text(chunk)
+
+    try:
+        return _generate(runner, plans, loaded, generation, hooks, on_text), plans
+    except Exception as e:
+        if not is_out_of_memory(e) or streamed:
+            raise
+    total = sum(p.visual_tokens for p in plans)
+    half = max(1, total // 2)
+    hooks.note(f"out of memory with {total} visual tokens: trying again with --max-visual-tokens {half}")
+    del loaded
+    _free_memory(runner.device)
+    plans, loaded = decode_all(probed, plan_all(probed, spec, replace(opts, max_visual_tokens=half)), opts)
+    try:
+        return _generate(runner, plans, loaded, generation, hooks, on_text), plans
+    except Exception as e:
+        if not is_out_of_memory(e) or streamed:
+            raise
+    raise QvlError(
+        f"out of memory even with {half} visual tokens: try --max-visual-tokens {max(1, half // 2)}, or a smaller --max-new-tokens"
+    )
+
+
 def run(request: Request, hooks: Hooks, stdin: BinaryIO | None = None) -> Result:
     from qwen2vl_cli.runner import Runner, peak_memory_bytes
 
@@ -138,7 +195,7 @@ def run(request: Request, hooks: Hooks, stdin: BinaryIO | None = None) -> Result
             hooks.stage("Decoding media")
             plans, loaded = decode_all(probed, plans, opts)
             hooks.inputs(plans)
-            note = budget_note(probed, plans, spec, opts)
+            note = cpu_budget_note(probed, plans, spec, opts)
             if note:
                 hooks.note(note)
             hooks.stage(f"Loading {request.runtime.model} ({runner.device}, {runner.dtype}, {runner.attn})")
@@ -146,11 +203,7 @@ def run(request: Request, hooks: Hooks, stdin: BinaryIO | None = None) -> Result
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
-        messages = build_messages(plans, request.generation)
-        inputs = runner.inputs(runner.prompt_text(messages), loaded)
-        del loaded  # the uint8 frames are in the model inputs now
-        hooks.stage("Encoding media and reading the prompt")
-        gen = runner.generate(inputs, request.generation, on_text=hooks.text)
+        gen, plans = _generate_or_shrink(runner, probed, spec, opts, plans, loaded, request.generation, hooks)
         return make_result(runner, gen, plans, peak_memory_bytes(runner.device))
 
 

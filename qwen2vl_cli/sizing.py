@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from dataclasses import replace
 
 import numpy as np
 
@@ -229,3 +230,55 @@ def plan(source: str, info: MediaInfo, spec: VisionSpec, opts: MediaOptions, not
     if info.kind == "video":
         return plan_video(source, info, spec, opts, notes)
     return plan_image(source, info, spec, opts, notes)
+
+
+# Under a token budget a video keeps frames of at least this many tokens (about 224x112) and
+# drops frames below that.
+BUDGET_MIN_FRAME_TOKENS = 32
+
+
+def _capped(info: MediaInfo, spec: VisionSpec, opts: MediaOptions, cap: float) -> MediaOptions:
+    """Options that keep one input near `cap` visual tokens: smaller pixels, then fewer frames."""
+    f2 = spec.factor**2
+    if info.kind == "image":
+        limit = max(C.IMAGE_MIN_TOKENS, cap) * f2
+        return replace(opts, resize=None, max_pixels=int(min(opts.max_pixels or limit, limit)), min_pixels=int(min(opts.min_pixels or spec.min_pixels, limit)))
+    first, last = frame_range(info.frames or 0, info.fps or 1.0, opts.start, opts.end)
+    n, _ = frame_count(opts, last - first + 1, info.fps or 1.0)
+    pairs = n / C.FRAME_FACTOR
+    if cap / pairs < BUDGET_MIN_FRAME_TOKENS:  # frames too small to read: take fewer frames instead
+        pairs = max(1, math.floor(cap / BUDGET_MIN_FRAME_TOKENS))
+        opts = replace(opts, nframes=int(pairs * C.FRAME_FACTOR), fps=None)
+    per_frame = max(1.0, cap / pairs) * f2
+    return replace(opts, resize=None, total_pixels=None, max_pixels=int(min(opts.max_pixels or per_frame, per_frame)),
+                   min_pixels=int(min(opts.min_pixels or per_frame, per_frame)))
+
+
+def fit_budget(items: list[tuple[str, MediaInfo, tuple[str, ...]]], spec: VisionSpec, opts: MediaOptions, budget: int) -> tuple[list[MediaPlan], str]:
+    """Plans whose visual tokens add up to at most `budget` (--max-visual-tokens), and what was done.
+
+    Every input is scaled by the same factor of its tokens at the given options, the largest factor
+    that fits (found by bisection: the token count grows with the factor).
+    """
+    full = [plan(src, info, spec, opts, notes) for src, info, notes in items]
+    total = sum(p.visual_tokens for p in full)
+    if total <= budget:
+        return full, f"--max-visual-tokens {budget}: the inputs need {total}, no change"
+
+    def at(scale: float) -> list[MediaPlan]:
+        return [plan(src, info, spec, _capped(info, spec, opts, scale * p.visual_tokens), notes) for (src, info, notes), p in zip(items, full)]
+
+    lo, hi, best = 0.0, 1.0, None
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        plans = at(mid)
+        if sum(p.visual_tokens for p in plans) <= budget:
+            lo, best = mid, plans
+        else:
+            hi = mid
+    if best is None:
+        smallest = sum(p.visual_tokens for p in at(0.0))
+        raise SizingError(f"--max-visual-tokens {budget} is below the {smallest} tokens these inputs need at their smallest: raise it")
+    shown = ", ".join(f"{p.source} {p.resized_width}x{p.resized_height}" + (f" x {len(p.frame_indices)} frames" if p.kind == "video" else "") for p in best[:4])
+    used = sum(p.visual_tokens for p in best)
+    return best, f"--max-visual-tokens {budget}: {total} tokens cut to {used} ({shown})"

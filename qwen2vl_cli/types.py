@@ -40,11 +40,13 @@ class MediaOptions:
     end: float | None = None
     first_frame: bool = False
     seek: Literal["exact", "keyframe"] = "exact"  # keyframe: nearest keyframes only (fast preview)
+    max_visual_tokens: int | None = None  # one budget over all images and frames of a request
     cpu_budget: bool = False  # smaller defaults when running on CPU and no pixel limit was given
 
     @property
     def pixel_limits_given(self) -> bool:
-        return any(v is not None for v in (self.min_pixels, self.max_pixels, self.total_pixels, self.resize))
+        limits = (self.min_pixels, self.max_pixels, self.total_pixels, self.resize, self.max_visual_tokens)
+        return any(v is not None for v in limits)
 
 
 @dataclass(frozen=True)

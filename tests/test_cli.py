@@ -280,3 +280,42 @@ def test_repetition_loop_is_stopped_and_said(qvl, looping_model, media_dir):
     r = qvl("describe", "--each", media_dir / "square.png", media_dir / "photo.png", "--model", looping_model,
             "--max-new-tokens", "300", "--batch-size", "2")
     assert [json.loads(line)["finish_reason"] for line in r.stdout.splitlines()] == ["repetition", "repetition"]
+
+
+def test_max_visual_tokens_budget(qvl, tiny_model, media_dir):
+    r = qvl("describe", media_dir / "photo.png", media_dir / "clip.mp4", "--model", tiny_model, *FAST,
+            "--max-visual-tokens", "120", "--json")
+    out = json.loads(r.stdout)
+    assert r.exit_code == 0 and out["visual_tokens"] <= 120
+    assert "--max-visual-tokens 120: " in r.stderr and "tokens cut to" in r.stderr
+    r = qvl("inspect", media_dir / "photo.png", media_dir / "clip.mp4", "--max-visual-tokens", "120", "--json")
+    assert sum(json.loads(line)["visual_tokens"] for line in r.stdout.splitlines()) == out["visual_tokens"]
+
+
+def test_out_of_memory_before_the_first_token_retries_at_half_the_budget(qvl, tiny_model, media_dir, monkeypatch):
+    import torch
+
+    from qwen2vl_cli.runner import Runner
+
+    real = Runner.generate
+    calls = []
+
+    def flaky(self, inputs, gen, on_text=None):  # the error a GPU raises in the vision tower
+        calls.append(int(inputs["image_grid_thw"].prod(dim=1).sum()) // 4)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(self, inputs, gen, on_text)
+
+    monkeypatch.setattr(Runner, "generate", flaky)
+    r = qvl("describe", media_dir / "photo.png", "--model", tiny_model, *FAST, "--json")
+    assert r.exit_code == 0, r.stderr
+    assert calls == [154, json.loads(r.stdout)["visual_tokens"]] and calls[1] <= 77
+    assert "out of memory with 154 visual tokens: trying again with --max-visual-tokens 77" in r.stderr
+
+    def always(self, inputs, gen, on_text=None):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(Runner, "generate", always)
+    r = qvl("describe", media_dir / "photo.png", "--model", tiny_model, *FAST)
+    assert r.exit_code == 1
+    assert r.stderr.strip().endswith("out of memory even with 77 visual tokens: try --max-visual-tokens 38, or a smaller --max-new-tokens")

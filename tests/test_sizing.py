@@ -198,3 +198,28 @@ def test_max_pixels_below_the_default_minimum_lowers_the_minimum():
     assert (image.resized_width, image.resized_height) == (28, 28)
     with pytest.raises(MediaError, match="below the minimum"):
         sizing.plan_video("v", info, SPEC, MediaOptions(max_pixels=20000, min_pixels=50000))
+
+
+BUDGET_ITEMS = [
+    ("a.jpg", MediaInfo("image", 1280, 720, "JPEG"), ()),
+    ("v.mp4", MediaInfo("video", 1920, 1080, "mp4", frames=18000, fps=30.0, duration_s=600.0), ()),
+    ("b.png", MediaInfo("image", 224, 224, "PNG"), ()),
+]
+
+
+@pytest.mark.parametrize("budget", [100000, 20000, 3000, 500, 60])
+def test_visual_token_budget_holds_and_says_what_it_chose(budget):
+    plans, note = sizing.fit_budget(BUDGET_ITEMS, SPEC, MediaOptions(), budget)
+    assert sum(p.visual_tokens for p in plans) <= budget
+    assert note.startswith(f"--max-visual-tokens {budget}: 107244 tokens cut to ")
+    video = plans[1]
+    assert video.visual_tokens == len(video.frame_indices) // 2 * video.grid_thw[1] * video.grid_thw[2] // 4
+    if budget < 5000:  # frames stay readable; there are fewer of them
+        assert video.resized_width * video.resized_height >= 24 * 784 and len(video.frame_indices) < 768
+
+
+def test_visual_token_budget_that_cannot_fit():
+    plans, note = sizing.fit_budget(BUDGET_ITEMS[:1], SPEC, MediaOptions(), 2000)
+    assert "no change" in note and plans[0].visual_tokens == 1196
+    with pytest.raises(sizing.SizingError, match="raise it"):
+        sizing.fit_budget(BUDGET_ITEMS, SPEC, MediaOptions(), 2)
