@@ -18,6 +18,7 @@ import typer
 from typer.core import TyperGroup
 
 from qwen2vl_cli import __version__, config as C, options as O
+from qwen2vl_cli.sources import parse_size
 from qwen2vl_cli.errors import EXIT_INTERRUPTED, EXIT_USAGE, GenerationInterrupted, UsageError, describe_exception
 from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions
 
@@ -106,6 +107,7 @@ def _sizing_options(
     total_pixels: O.TotalPixels = None,
     seek: O.Seek = "exact",
     max_visual_tokens: O.MaxVisualTokens = None,
+    max_download: O.MaxDownload = "2G",
 ) -> MediaOptions:
     if fps is not None and fps <= 0:
         raise UsageError(f"--fps {fps:g}: must be above 0")
@@ -131,6 +133,7 @@ def _sizing_options(
         first_frame=first_frame,
         seek=_choice("seek", seek, ("exact", "keyframe")),
         max_visual_tokens=max_visual_tokens,
+        max_download=parse_size(max_download),
     )
 
 

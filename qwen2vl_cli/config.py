@@ -40,6 +40,7 @@ CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 30.0
 MAX_REDIRECTS = 5
 MAX_DOWNLOAD_BYTES = 2 * 1024**3
+DOWNLOAD_DEADLINE_S = 600.0  # a server that drips one byte every few seconds is cut off here
 
 # Animated images: browsers show frames with a delay under 20 ms for 100 ms; so does qvl.
 MIN_FRAME_DURATION_S = 0.02

@@ -63,6 +63,7 @@ MaxVisualTokens = Annotated[
     Optional[int],
     typer.Option(min=1, help="One budget for all images and frames of a request: qvl picks the sizes (and frame counts) and says what it chose.", rich_help_panel=MEDIA_PANEL),
 ]
+MaxDownload = Annotated[str, typer.Option(metavar="SIZE", help="Most bytes read from a URL or stdin, e.g. 500M.", rich_help_panel=MEDIA_PANEL)]
 Resize = Annotated[Optional[str], typer.Option(metavar="WxH", help="Exact size, each side rounded to a multiple of 28.", rich_help_panel=MEDIA_PANEL)]
 FirstFrame = Annotated[bool, typer.Option("--first-frame", help="Read animated GIF/WebP/APNG as a still (their first frame).", rich_help_panel=MEDIA_PANEL)]
 

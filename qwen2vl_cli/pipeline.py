@@ -90,7 +90,7 @@ def cpu_budget_note(probed: list[Probed], plans: list[MediaPlan], spec: VisionSp
 
 def inspect(texts: tuple[str, ...], spec: VisionSpec, opts: MediaOptions, stdin: BinaryIO | None = None) -> list[MediaPlan]:
     """Plans for `qvl inspect`: headers and container metadata only, no pixels, no torch."""
-    with SourceResolver(stdin=stdin) as resolver:
+    with SourceResolver(stdin=stdin, max_bytes=opts.max_download) as resolver:
         return plan_all(probe_all(resolver, texts, opts), spec, opts)
 
 
@@ -177,7 +177,7 @@ def _generate_or_shrink(runner, probed, spec, opts, plans, loaded, generation, h
 def run(request: Request, hooks: Hooks, stdin: BinaryIO | None = None) -> Result:
     from qwen2vl_cli.runner import Runner, peak_memory_bytes
 
-    with SourceResolver(stdin=stdin) as resolver:
+    with SourceResolver(stdin=stdin, max_bytes=request.media.max_download) as resolver:
         hooks.stage("Reading media")
         probed = probe_all(resolver, request.sources, request.media, request.require_video)
         hooks.stage(f"Finding {request.runtime.model}")
@@ -233,7 +233,7 @@ class Session:
     def prepare(self, source: str, opts: MediaOptions, gen: GenerationOptions, require_video: bool = False) -> Prepared:
         """Everything before the model for one source; safe to run on a worker thread."""
         opts = replace(opts, cpu_budget=self.runner.device == "cpu")
-        with SourceResolver() as resolver:
+        with SourceResolver(max_bytes=opts.max_download) as resolver:
             probed = probe_all(resolver, (source,), opts, require_video)
             plans, loaded = decode_all(probed, plan_all(probed, self.spec, opts), opts)
         text = self.runner.prompt_text(build_messages(plans, gen))

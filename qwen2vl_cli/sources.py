@@ -13,6 +13,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -55,11 +56,13 @@ class SourceResolver:
         stdin: BinaryIO | None = None,
         max_bytes: int = C.MAX_DOWNLOAD_BYTES,
         timeout: tuple[float, float] = (C.CONNECT_TIMEOUT_S, C.READ_TIMEOUT_S),
+        deadline_s: float = C.DOWNLOAD_DEADLINE_S,
     ):
         self._stdin = stdin
         self._stdin_used = False
         self._max_bytes = max_bytes
         self._timeout = timeout
+        self._deadline_s = deadline_s
         self._tmp: str | None = None
 
     def __enter__(self) -> SourceResolver:
@@ -165,18 +168,23 @@ class SourceResolver:
                     raise MediaError(label, f"HTTP {resp.status_code} {resp.reason}".rstrip())
                 declared = resp.headers.get("Content-Length")
                 if declared and declared.isdigit() and int(declared) > self._max_bytes:
-                    raise MediaError(label, f"is {_size(int(declared))}, over the {_size(self._max_bytes)} download limit")
+                    raise MediaError(label, f"is {_size(int(declared))}, over the {_size(self._max_bytes)} download limit (--max-download)")
                 total = 0
+                started = time.monotonic()
                 with open(path, "wb") as out:
                     for chunk in resp.iter_content(_CHUNK):
                         total += len(chunk)
                         if total > self._max_bytes:
-                            raise MediaError(label, f"download exceeds the {_size(self._max_bytes)} limit")
+                            raise MediaError(label, f"download exceeds the {_size(self._max_bytes)} limit (--max-download)")
+                        if time.monotonic() - started > self._deadline_s:
+                            raise MediaError(label, f"download took longer than {self._deadline_s:g} s")
                         out.write(chunk)
         except requests.exceptions.ConnectTimeout:
             raise MediaError(label, f"timed out connecting after {self._timeout[0]:g} s") from None
         except requests.exceptions.ReadTimeout:
             raise MediaError(label, f"server sent nothing for {self._timeout[1]:g} s") from None
+        except requests.exceptions.ChunkedEncodingError:
+            raise MediaError(label, "the server closed the connection before the end of the file") from None
         except requests.exceptions.ConnectionError as e:
             if "timed out" not in str(e).lower():  # a stall in the body arrives wrapped like this
                 raise MediaError(label, "could not connect: check the URL and your network") from None
@@ -193,9 +201,17 @@ class SourceResolver:
         return Source(label, path=path)
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n} B"
+    return f"{n:.1f} GiB"
+
+
+def parse_size(text: str) -> int:
+    """'500M', '2G', '100k' or plain bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)i?[bB]?\s*", text)
+    if not match:
+        raise UsageError(f"--max-download {text}: give a size such as 500M or 2G")
+    return int(float(match.group(1)) * 1024 ** " KMG".index(match.group(2).upper() or " "))

@@ -41,6 +41,7 @@ class MediaOptions:
     first_frame: bool = False
     seek: Literal["exact", "keyframe"] = "exact"  # keyframe: nearest keyframes only (fast preview)
     max_visual_tokens: int | None = None  # one budget over all images and frames of a request
+    max_download: int = 2 * 1024**3  # bytes read from a URL or stdin
     cpu_budget: bool = False  # smaller defaults when running on CPU and no pixel limit was given
 
     @property

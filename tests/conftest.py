@@ -67,6 +67,27 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
             self.send_header("Content-Length", str(10**12))
             self.end_headers()
             return
+        if self.path.startswith("/endless"):  # no length, bytes forever
+            self.send_response(200)
+            self.end_headers()
+            try:
+                while True:
+                    self.wfile.write(b"\x00" * 65536)
+            except (BrokenPipeError, ConnectionResetError):
+                return
+        if self.path.startswith("/short"):  # promises more than it sends, then hangs up
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            self.wfile.write(b"\x89PNG\r\n\x1a\n" + b"\x00" * 500)
+            return
+        if self.path.startswith("/liar"):  # says 100 bytes for a whole image
+            body = (self.directory_path / "photo.png").read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", "100")
+            self.end_headers()
+            self.wfile.write(body)
+            return
         if self.path.startswith("/redirect-loop"):
             self.send_response(302)
             self.send_header("Location", "/redirect-loop")
@@ -77,10 +98,14 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
 @pytest.fixture(scope="session")
 def http_server(media_dir):
-    """Serves media_dir on 127.0.0.1, plus /stall, /huge and /redirect-loop."""
+    """Serves media_dir on 127.0.0.1, plus misbehaving paths: /stall, /huge, /endless, /short, /liar and
+    /redirect-loop."""
+
+    class Handler(_Handler):
+        directory_path = media_dir
 
     def handler(*args, **kwargs):
-        return _Handler(*args, directory=str(media_dir), **kwargs)
+        return Handler(*args, directory=str(media_dir), **kwargs)
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

@@ -78,3 +78,28 @@ def test_bad_sources(text, problem):
 def test_directory_is_refused(media_dir):
     with SourceResolver() as r, pytest.raises(MediaError, match="is a directory"):
         r.resolve(str(media_dir / "folder"))
+
+
+@pytest.mark.parametrize(
+    "path,code,problem",
+    [
+        ("/endless", 2, "exceeds the 1.0 MiB limit (--max-download)"),
+        ("/huge", 2, "over the 1.0 MiB download limit"),
+        ("/short", 2, "closed the connection before the end"),
+        ("/liar", 2, "truncated or corrupt"),
+        ("/redirect-loop", 2, "more than 5 redirects"),
+        ("/missing.png", 2, "HTTP 404"),
+    ],
+)
+def test_misbehaving_servers_give_one_line_and_leave_no_files(qvl, tiny_model, http_server, tmp_path, monkeypatch, path, code, problem):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    r = qvl("describe", http_server + path, "--model", tiny_model, "--max-download", "1M")
+    assert r.exit_code == code and problem in r.stderr and r.stderr.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []  # the partial download is gone
+
+
+def test_max_download_parses_sizes(qvl, tiny_model, media_dir):
+    r = qvl("inspect", media_dir / "photo.png", "--max-download", "lots")
+    assert r.exit_code == 2 and "give a size such as 500M" in r.stderr
