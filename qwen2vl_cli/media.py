@@ -61,14 +61,19 @@ def probe(src: Source, scan: bool = False) -> tuple[MediaInfo, tuple[str, ...]]:
             raise MediaError(src.label, _bomb_message(f)) from None
         except UnidentifiedImageError:
             img = None
-        except (OSError, ValueError, SyntaxError) as e:
+        except Exception as e:  # Pillow raises many kinds of error on corrupt bytes (struct.error, ...)
             raise MediaError(src.label, f"cannot read the image header ({one_line(e)})") from None
         if img is None or img_format in _VIDEO_FORMATS:
             from qwen2vl_cli.video import probe_video
 
             return probe_video(src, scan=scan), ()
         with img:
-            return _probe_image(src, img, img_format)
+            try:
+                return _probe_image(src, img, img_format)
+            except MediaError:
+                raise
+            except Exception as e:  # as above: a corrupt frame table, palette or EXIF block
+                raise MediaError(src.label, f"corrupt {img_format} image ({one_line(e)})") from None
 
 
 def _probe_image(src: Source, img, img_format: str) -> tuple[MediaInfo, tuple[str, ...]]:
@@ -117,7 +122,7 @@ def _frame_times(src: Source, img, n_frames: int) -> tuple[float, ...]:
             times.append(t)
             if i < n_frames - 1:
                 t += _frame_duration(img)
-    except (OSError, EOFError, ValueError) as e:
+    except Exception as e:  # Pillow's error types on corrupt frames vary
         raise MediaError(src.label, f"corrupt animation at frame {len(times)} ({one_line(e)})") from None
     return tuple(times)
 
@@ -168,7 +173,7 @@ def load(src: Source, info: MediaInfo, plan: MediaPlan, keyframes_only: bool = F
         raise
     except Image.DecompressionBombError:
         raise MediaError(src.label, _bomb_message(None)) from None
-    except (OSError, ValueError, SyntaxError, EOFError) as e:
+    except Exception as e:  # Pillow's error types on corrupt pixel data vary (OSError, struct.error, ...)
         raise MediaError(src.label, f"cannot decode the image: truncated or corrupt ({one_line(e)})") from None
 
 

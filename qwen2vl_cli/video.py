@@ -77,6 +77,15 @@ def scan_packets(src: Source, container, stream) -> tuple[int, PacketIndex | Non
 
 def probe_video(src: Source, scan: bool = False) -> MediaInfo:
     """Container metadata; with `scan`, or where the container has no frame count, a packet scan."""
+    try:
+        return _probe_video(src, scan)
+    except MediaError:
+        raise
+    except Exception as e:  # FFmpeg and PyAV fail in more ways than av.FFmpegError on corrupt input
+        raise MediaError(src.label, f"corrupt video ({one_line(e)})") from None
+
+
+def _probe_video(src: Source, scan: bool) -> MediaInfo:
     import av
 
     container = _open(src)
@@ -85,6 +94,8 @@ def probe_video(src: Source, scan: bool = False) -> MediaInfo:
             raise MediaError(src.label, "has no video stream (audio only?)")
         stream = container.streams.video[0]
         ctx = stream.codec_context
+        if ctx is None:
+            raise MediaError(src.label, "the video stream's codec is unknown to FFmpeg")
         width, height = ctx.width, ctx.height
         tb = stream.time_base or Fraction(1, av.time_base)
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
@@ -159,29 +170,26 @@ class _Frames:
 
 def read_frames(src: Source, plan: MediaPlan, keyframes_only: bool = False) -> Loaded:
     """Decode the planned frames. With `keyframes_only` the plan holds keyframe indices (--seek keyframe)."""
-    import av
-
     out = _Frames(plan)
-    with _open(src) as container:
-        _, index = scan_packets(src, container, container.streams.video[0])
-    container = _open(src)  # a fresh one: raw streams cannot seek back after the scan
-    with container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        try:
+    try:
+        with _open(src) as container:
+            _, index = scan_packets(src, container, container.streams.video[0])
+        with _open(src) as container:  # a fresh one: raw streams cannot seek back after the scan
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
             if index is None or len(index.pts) != plan.frames:
                 _decode_counting(container, stream, out, plan)
             else:
                 _decode_indexed(container, stream, out, index, keyframes_only)
-        except av.FFmpegError as e:
-            if out.filled == 0:
-                raise MediaError(src.label, f"cannot decode the video ({one_line(e)})") from None
-    notes: tuple[str, ...] = ()
-    missing = out.pad()
-    if missing:
+    except MediaError:
+        raise
+    except Exception as e:  # a corrupt stream: keep what was decoded, if anything
         if out.filled == 0:
-            raise MediaError(src.label, "no frame could be decoded")
-        notes = (f"the stream ended early (metadata said {plan.frames} frames): the last frame fills {missing} slots",)
+            raise MediaError(src.label, f"cannot decode the video ({one_line(e)})") from None
+    missing = out.pad()
+    if missing == len(out.times):
+        raise MediaError(src.label, "no frame could be decoded")
+    notes = (f"the stream ended early (metadata said {plan.frames} frames): the last frame fills {missing} slots",) if missing else ()
     return Loaded(frames=out.pixels, frame_times_s=tuple(out.times), notes=notes)
 
 
