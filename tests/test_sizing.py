@@ -223,3 +223,14 @@ def test_visual_token_budget_that_cannot_fit():
     assert "no change" in note and plans[0].visual_tokens == 1196
     with pytest.raises(sizing.SizingError, match="raise it"):
         sizing.fit_budget(BUDGET_ITEMS, SPEC, MediaOptions(), 2)
+
+
+@settings(max_examples=300, deadline=None)
+@given(w=st.integers(28, 8000), h=st.integers(28, 8000), max_tokens=st.integers(64, 16384))
+def test_resize_keeps_the_aspect_ratio_within_rounding(w, h, max_tokens):
+    if max(w, h) / min(w, h) > 200:
+        return
+    rh, rw = sizing.smart_resize(h, w, 28, 3136, max_tokens * 784)
+    # Each side moves by at most half a 28-pixel step of rounding (plus the scale): the ratio of
+    # the result stays within that error of the original.
+    assert abs(rw / rh - w / h) <= (w / h) * (28 / rh + 28 / rw)
