@@ -192,6 +192,23 @@ def _each_options(
     return EachOptions(from_file, null, _choice("format", format, ("jsonl", "text")), ordered, output, resume, batch_size)
 
 
+def _endpoint_options(
+    endpoint: O.Endpoint = None,
+    api_key: O.ApiKey = None,
+    pass_urls: O.PassUrls = False,
+    concurrency: O.Concurrency = 4,
+):
+    if endpoint is None:
+        if pass_urls:
+            raise UsageError("--pass-urls works with --endpoint URL")
+        return None
+    if not endpoint.startswith(("http://", "https://")):
+        raise UsageError(f"--endpoint {endpoint}: give an http(s):// URL, such as http://127.0.0.1:8000/v1")
+    from qwen2vl_cli.endpoint import EndpointOptions
+
+    return EndpointOptions(endpoint.rstrip("/"), api_key, pass_urls, concurrency)
+
+
 def _inspect_options(
     model: Annotated[Optional[str], typer.Option("--model", "-m", envvar=C.ENV_MODEL, help="Read sizing settings from this model (local dir or HF cache; never downloads). Without MEDIA: summarize the model.", rich_help_panel=O.RUN_PANEL)] = None,
     device: Annotated[str, typer.Option(envvar=C.ENV_DEVICE, help="Size as this device would: cpu uses smaller defaults. auto guesses without importing torch.", rich_help_panel=O.RUN_PANEL)] = "auto",
@@ -234,6 +251,7 @@ def _answer(sources: list[str] | None, require_video: bool, options: dict) -> No
 
     json_out, quiet = _take(_output_options, options)
     each = _take(_each_options, options)
+    endpoint = _take(_endpoint_options, options)
     request = Request(
         sources=tuple(sources or ()),
         media=_take(_sizing_options, options),
@@ -242,14 +260,19 @@ def _answer(sources: list[str] | None, require_video: bool, options: dict) -> No
         require_video=require_video,
     )
     if each is not None:
-        return _answer_each(request, each, quiet)
+        return _answer_each(request, each, quiet, endpoint)
     if not request.sources:
         raise UsageError("give MEDIA to describe (or --each --from FILE)")
     if require_video and len(request.sources) > 1:
         raise UsageError("qvl video takes one CLIP; add --each for one answer per clip")
     reporter = Reporter(quiet=quiet, stream=not json_out)
     try:
-        result = run(request, reporter)
+        if endpoint is not None:
+            from qwen2vl_cli import endpoint as remote
+
+            result = remote.run(request.sources, request.media, request.generation, request.runtime.model, endpoint, reporter, require_video)
+        else:
+            result = run(request, reporter)
     except GenerationInterrupted:
         reporter.end_text()
         raise
@@ -261,8 +284,8 @@ def _answer(sources: list[str] | None, require_video: bool, options: dict) -> No
         print_json(result.to_dict())
 
 
-def _answer_each(request, each, quiet: bool) -> None:
-    """`--each`: one record per input, the model loaded once."""
+def _answer_each(request, each, quiet: bool, endpoint=None) -> None:
+    """`--each`: one record per input, the model loaded once (or a remote engine, --concurrency at a time)."""
     from qwen2vl_cli import batch
     from qwen2vl_cli.pipeline import Session
     from qwen2vl_cli.render import BatchProgress, Reporter
@@ -274,7 +297,12 @@ def _answer_each(request, each, quiet: bool) -> None:
         sources = batch.iter_sources(request.sources, each.from_file, each.null)
         reporter = Reporter(quiet=quiet, stream=False)
         try:
-            session = Session(request.runtime, reporter)
+            if endpoint is not None:
+                from qwen2vl_cli.endpoint import EachAdapter, EndpointSession
+
+                session = EachAdapter(EndpointSession(endpoint, request.runtime.model), request.media)
+            else:
+                session = Session(request.runtime, reporter)
         finally:
             reporter.stop()
         progress = BatchProgress(quiet, total=batch.count_sources(request.sources, each.from_file, each.null))
@@ -284,7 +312,7 @@ def _answer_each(request, each, quiet: bool) -> None:
             request.media,
             request.generation,
             key=batch.request_key(request.media, request.generation, request.runtime),
-            batch_size=each.batch_size or batch.default_batch_size(session.runner.device),
+            batch_size=endpoint.concurrency if endpoint else each.batch_size or batch.default_batch_size(session.runner.device),
             emitter=batch.Emitter(batch.sink_for(records, sys.stdout), each.format, each.ordered),
             tally=tally,
             done=records.done if records is not None and each.resume else frozenset(),
@@ -331,7 +359,7 @@ def _inspect_body(media: list[str] | None, options: dict) -> None:
         render.stderr_console().print("[dim]sized for CPU (smaller defaults); --device cuda shows GPU sizes[/]")
 
 
-_ANSWER_GROUPS = [_generation_options, _sizing_options, _runtime_options, _output_options, _each_options]
+_ANSWER_GROUPS = [_generation_options, _sizing_options, _runtime_options, _output_options, _each_options, _endpoint_options]
 _MEDIA_HELP = "Image, animated image or video: path, http(s):// URL, file:// URI, data: URI, or - for stdin."
 _command(
     "describe",
@@ -355,6 +383,36 @@ _command(
     "Sizes, frames and token counts, without loading weights. With only --model: the model's summary.",
     no_args_is_help=False,
 )
+
+
+@app.command()
+def serve(
+    model: O.Model = C.DEFAULT_MODEL,
+    device: O.Device = "auto",
+    dtype: O.Dtype = "auto",
+    attn: O.Attn = "auto",
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 opens it to the network.", rich_help_panel=O.SERVE_PANEL)] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one; the address is printed).", rich_help_panel=O.SERVE_PANEL)] = 8000,
+    api_key: O.ApiKey = None,
+    batch_size: O.BatchSize = None,
+    queue_size: Annotated[int, typer.Option(min=1, help="Requests that may wait; beyond that: 503.", rich_help_panel=O.SERVE_PANEL)] = 64,
+    quiet: O.Quiet = False,
+) -> None:
+    """An OpenAI-compatible server: POST /v1/chat/completions (image_url, video_url, stream), GET /v1/models."""
+    import importlib.util
+
+    from qwen2vl_cli.render import Reporter
+    from qwen2vl_cli.serve import serve as run_server
+
+    if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
+        raise UsageError("qvl serve needs its extra: pip install 'qwen2vl-cli[serve]'")
+    reporter = Reporter(quiet=quiet, stream=False)
+
+    def announce(url: str) -> None:
+        reporter.stop()
+        reporter.console.print(f"qvl: serving {model} on {url} (Ctrl-C to stop)")
+
+    run_server(_runtime_options(model, device, dtype, attn), host, port, api_key, batch_size, queue_size, reporter, announce)
 
 
 def main() -> None:

@@ -94,3 +94,10 @@ Ordered = Annotated[bool, typer.Option("--ordered/--unordered", help="Records in
 Output = Annotated[Optional[str], typer.Option("--output", "-o", metavar="FILE", help="Write records to FILE (a new file), flushed after each.", rich_help_panel=EACH_PANEL)]
 Resume = Annotated[Optional[str], typer.Option(metavar="FILE", help="Continue FILE: skip inputs it already answered with the same prompt and options, append the rest.", rich_help_panel=EACH_PANEL)]
 BatchSize = Annotated[Optional[int], typer.Option(min=1, help="Inputs generated together (left-padded). Default: 8 on CUDA, 4 on MPS, 1 on CPU.", rich_help_panel=EACH_PANEL)]
+
+SERVE_PANEL = "Server"
+ENDPOINT_PANEL = "Remote engine"
+Endpoint = Annotated[Optional[str], typer.Option(envvar="QVL_ENDPOINT", metavar="URL", help="Send the requests to an OpenAI-compatible server (qvl serve, vLLM, SGLang), e.g. http://127.0.0.1:8000/v1.", rich_help_panel=ENDPOINT_PANEL)]
+PassUrls = Annotated[bool, typer.Option("--pass-urls", help="Send http(s) media URLs as they are instead of as data: URLs.", rich_help_panel=ENDPOINT_PANEL)]
+Concurrency = Annotated[int, typer.Option(min=1, help="Requests in flight with --each --endpoint.", rich_help_panel=ENDPOINT_PANEL)]
+ApiKey = Annotated[Optional[str], typer.Option(envvar="QVL_API_KEY", help="Require Authorization: Bearer KEY.", rich_help_panel=SERVE_PANEL)]

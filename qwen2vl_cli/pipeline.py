@@ -230,14 +230,27 @@ class Session:
         hooks.stage(f"Loading {runtime.model} ({self.runner.device}, {self.runner.dtype}, {self.runner.attn})")
         self.runner.load_model(model_dir)
 
-    def prepare(self, source: str, opts: MediaOptions, gen: GenerationOptions, require_video: bool = False) -> Prepared:
-        """Everything before the model for one source; safe to run on a worker thread."""
+    def _decode(self, sources: tuple[str, ...], opts: MediaOptions, require_video: bool = False):
         opts = replace(opts, cpu_budget=self.runner.device == "cpu")
         with SourceResolver(max_bytes=opts.max_download) as resolver:
-            probed = probe_all(resolver, (source,), opts, require_video)
-            plans, loaded = decode_all(probed, plan_all(probed, self.spec, opts), opts)
-        text = self.runner.prompt_text(build_messages(plans, gen))
-        return Prepared(tuple(plans), tuple(loaded), text)
+            probed = probe_all(resolver, sources, opts, require_video)
+            return decode_all(probed, plan_all(probed, self.spec, opts), opts)
+
+    def prepare(self, source: str, opts: MediaOptions, gen: GenerationOptions, require_video: bool = False) -> Prepared:
+        """Everything before the model for one source; safe to run on a worker thread."""
+        plans, loaded = self._decode((source,), opts, require_video)
+        return Prepared(tuple(plans), tuple(loaded), self.runner.prompt_text(build_messages(plans, gen)))
+
+    def prepare_chat(self, chat: list[dict], urls: list[str], opts: MediaOptions, gen: GenerationOptions) -> Prepared:
+        """A whole conversation whose media parts are `{"type": "media"}` placeholders for `urls`, in order."""
+        plans, loaded = self._decode(tuple(urls), opts)
+        kinds = iter([p.kind for p in plans])
+        typed = [
+            m if isinstance(m["content"], str)
+            else {**m, "content": [{"type": next(kinds)} if part["type"] == "media" else part for part in m["content"]]}
+            for m in chat
+        ]
+        return Prepared(tuple(plans), tuple(loaded), self.runner.prompt_text(typed))
 
     def generate(self, batch: list[Prepared], gen: GenerationOptions) -> list[Result]:
         from qwen2vl_cli.runner import peak_memory_bytes

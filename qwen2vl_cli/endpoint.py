@@ -1,0 +1,184 @@
+"""`--endpoint URL`: the same requests against an OpenAI-compatible engine (qvl serve, vLLM, SGLang).
+
+Media are resolved and checked here as for a local run (a bad file never leaves the machine), then
+sent as data: URLs, or passed through as http(s) URLs with --pass-urls. The official openai client
+does the HTTP: streaming, timeouts, and bounded retries with backoff on 429, 5xx and lost
+connections. Token counts come from the server's `usage`; timings are measured here.
+"""
+
+from __future__ import annotations
+
+import base64
+import mimetypes
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
+
+from qwen2vl_cli.errors import MediaError, QvlError, UsageError
+from qwen2vl_cli.messages import default_prompt
+from qwen2vl_cli.modelinfo import vision_spec
+from qwen2vl_cli.pipeline import Hooks, probe_all, plan_all
+from qwen2vl_cli.runner import peak_memory_bytes
+from qwen2vl_cli.sources import Source, SourceResolver
+from qwen2vl_cli.types import GenerationOptions, MediaOptions, MediaPlan, Result, VisionSpec
+
+MAX_RETRIES = 3
+_MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp", "BMP": "image/bmp", "TIFF": "image/tiff"}
+
+
+@dataclass(frozen=True)
+class EndpointOptions:
+    url: str
+    api_key: str | None = None
+    pass_urls: bool = False
+    concurrency: int = 4
+
+
+@dataclass(frozen=True)
+class RemoteRequest:
+    plans: tuple[MediaPlan, ...]
+    messages: list
+
+
+def _data_url(src: Source, info_format: str, kind: str) -> str:
+    data = src.data if src.data is not None else src.path.read_bytes()
+    mime = _MIME.get(info_format.upper()) or mimetypes.guess_type(src.label)[0] or ("video/mp4" if kind == "video" else "image/png")
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def mm_kwargs(opts: MediaOptions) -> dict:
+    """The sizing options the user gave, for the server (vLLM's mm_processor_kwargs)."""
+    default = MediaOptions()
+    skip = {"cpu_budget", "max_download", "resize"}
+    return {k: v for k, v in asdict(opts).items() if k not in skip and v != getattr(default, k)}
+
+
+class EndpointSession:
+    """The `Session` interface (prepare, generate) over HTTP, for single runs and `--each`."""
+
+    def __init__(self, options: EndpointOptions, model: str):
+        try:
+            from openai import OpenAI
+        except ImportError:
+            raise UsageError("--endpoint needs its extra: pip install 'qwen2vl-cli[endpoint]'") from None
+        self.options, self.model = options, model
+        self.client = OpenAI(base_url=options.url, api_key=options.api_key or "none", max_retries=MAX_RETRIES)
+        # Sizes are planned with the model's settings when they are on this machine, for the diagnostics.
+        self.spec: VisionSpec = vision_spec(model) or VisionSpec()
+
+    def prepare(self, source: str, opts: MediaOptions, gen: GenerationOptions, require_video: bool = False) -> RemoteRequest:
+        return self.prepare_many((source,), opts, gen, require_video)
+
+    def prepare_many(self, sources: tuple[str, ...], opts: MediaOptions, gen: GenerationOptions, require_video: bool = False) -> RemoteRequest:
+        with SourceResolver(max_bytes=opts.max_download) as resolver:
+            probed = probe_all(resolver, sources, opts, require_video)
+            plans = plan_all(probed, self.spec, opts)
+            parts = []
+            for text, p, plan in zip(sources, probed, plans):
+                kind = "video_url" if plan.kind == "video" else "image_url"
+                passed = self.options.pass_urls and text.startswith(("http://", "https://"))
+                parts.append({"type": kind, kind: {"url": text if passed else _data_url(p.source, p.info.format, plan.kind)}})
+        parts.append({"type": "text", "text": gen.prompt if gen.prompt is not None else default_prompt(plans)})
+        messages = ([{"role": "system", "content": gen.system}] if gen.system is not None else []) + [{"role": "user", "content": parts}]
+        return RemoteRequest(tuple(plans), messages)
+
+    def complete(self, request: RemoteRequest, gen: GenerationOptions, opts: MediaOptions, on_text=None) -> Result:
+        import openai
+
+        extra = {"mm_processor_kwargs": mm_kwargs(opts)} if mm_kwargs(opts) else {}
+        for name in ("top_k", "repetition_penalty"):
+            if getattr(gen, name) is not None:
+                extra[name] = getattr(gen, name)
+        if gen.min_new_tokens:
+            extra["min_tokens"] = gen.min_new_tokens
+        start = time.perf_counter()
+        times, parts, usage, finish = [], [], None, "stop"
+        try:
+            stream = self.client.chat.completions.create(
+                model=self.model,
+                messages=request.messages,
+                max_tokens=gen.max_new_tokens,
+                temperature=gen.temperature,
+                top_p=gen.top_p if gen.top_p is not None else openai.NOT_GIVEN,
+                seed=gen.seed if gen.seed is not None else openai.NOT_GIVEN,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body=extra or None,
+            )
+            for chunk in stream:
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                for choice in chunk.choices:
+                    if choice.delta and choice.delta.content:
+                        times.append(time.perf_counter())
+                        parts.append(choice.delta.content)
+                        if on_text is not None:
+                            on_text(choice.delta.content)
+                    if choice.finish_reason:
+                        finish = choice.finish_reason
+        except openai.AuthenticationError:
+            raise UsageError(f"--endpoint {self.options.url} refused the API key: give --api-key (or QVL_API_KEY)") from None
+        except openai.BadRequestError as e:
+            raise MediaError(self.options.url, _server_message(e)) from None
+        except openai.APIConnectionError:
+            raise QvlError(f"cannot reach --endpoint {self.options.url} (tried {MAX_RETRIES + 1} times): is the server up?") from None
+        except openai.APIStatusError as e:
+            raise QvlError(f"--endpoint {self.options.url} answered {e.status_code}: {_server_message(e)}") from None
+        ttft = times[0] - start if times else None
+        completion = usage.completion_tokens if usage else len(times)
+        rate = (completion - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else None
+        return Result(
+            text="".join(parts),
+            model=self.model,
+            device="endpoint",
+            dtype="-",
+            attn="-",
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            visual_tokens=sum(p.visual_tokens for p in request.plans),
+            generated_tokens=completion,
+            load_s=0.0,
+            ttft_s=ttft,
+            decode_tokens_per_s=rate,
+            peak_memory_bytes=peak_memory_bytes("cpu"),
+            finish_reason=finish if finish in ("stop", "length") else "stop",
+            inputs=request.plans,
+        )
+
+    def generate_all(self, batch: list[RemoteRequest], gen: GenerationOptions, opts: MediaOptions) -> list[Result]:
+        """A batch of `--each` requests, all in flight at once (the batch size is --concurrency)."""
+        if len(batch) == 1:
+            return [self.complete(batch[0], gen, opts)]
+        with ThreadPoolExecutor(max_workers=len(batch)) as pool:
+            return list(pool.map(lambda r: self.complete(r, gen, opts), batch))
+
+
+class EachAdapter:
+    """What `batch.run_each` calls: prepare one source, generate a batch."""
+
+    def __init__(self, session: EndpointSession, opts: MediaOptions):
+        self.session, self.opts = session, opts
+
+    def prepare(self, source, opts, gen, require_video=False):
+        return self.session.prepare(source, opts, gen, require_video)
+
+    def generate(self, batch, gen):
+        return self.session.generate_all(batch, gen, self.opts)
+
+
+def _server_message(e) -> str:
+    body = getattr(e, "body", None)
+    if isinstance(body, dict):
+        error = body.get("error", body)
+        if isinstance(error, dict) and error.get("message"):
+            return " ".join(str(error["message"]).split())
+    return " ".join(str(e).split())[:300]
+
+
+def run(sources: tuple[str, ...], opts: MediaOptions, gen: GenerationOptions, model: str, options: EndpointOptions,
+        hooks: Hooks, require_video: bool = False) -> Result:
+    session = EndpointSession(options, model)
+    hooks.stage("Reading media")
+    request = session.prepare_many(sources, replace(opts, cpu_budget=False), gen, require_video)
+    hooks.inputs(list(request.plans))
+    hooks.stage(f"Waiting for {options.url}")
+    return session.complete(request, gen, opts, on_text=hooks.text)

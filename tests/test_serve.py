@@ -1,0 +1,195 @@
+"""`qvl serve` and `--endpoint`: the OpenAI-compatible server on the tiny model, and qvl as its client."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+KEY = "test-key"
+FAST = ("--max-new-tokens", "12", "--dtype", "float32")
+
+
+def start_server(tiny_model, *extra) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qwen2vl_cli", "serve", "--model", str(tiny_model), "--port", "0", "--dtype", "float32", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        line = proc.stderr.readline()
+        if "serving" in line:
+            return proc, line.split(" on ")[1].split()[0]
+        if proc.poll() is not None:
+            raise RuntimeError(proc.stderr.read())
+    raise RuntimeError("qvl serve did not start")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    proc, url = start_server(tiny_model, "--api-key", KEY)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server, api_key=KEY, max_retries=0)
+
+
+def data_url(path: Path, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+def local_text(qvl, tiny_model, *args) -> str:
+    r = qvl("describe", *args, "--model", tiny_model, *FAST, "--json")
+    assert r.exit_code == 0, r.stderr
+    return json.loads(r.stdout)["text"]
+
+
+@pytest.mark.parametrize("name", ["square.png", "anim.gif", "clip.mp4"])
+def test_endpoint_gives_the_local_answer(qvl, tiny_model, media_dir, server, name):
+    expected = local_text(qvl, tiny_model, media_dir / name)
+    r = qvl("describe", media_dir / name, "--endpoint", server, "--api-key", KEY, "--model", tiny_model, *FAST, "--json")
+    assert r.exit_code == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["text"] == expected and out["device"] == "endpoint"
+    assert out["prompt_tokens"] > out["visual_tokens"] > 0 and out["generated_tokens"] > 0
+    streamed = qvl("describe", media_dir / name, "--endpoint", server, "--api-key", KEY, "--model", tiny_model, *FAST)
+    assert streamed.exit_code == 0 and streamed.stdout == expected + "\n"
+    assert f"{name}:" in streamed.stderr and "tok/s" in streamed.stderr
+
+
+def test_openai_client_models_and_completions(client, media_dir, tiny_model):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [str(tiny_model)]
+    content = [
+        {"type": "image_url", "image_url": {"url": data_url(media_dir / "square.png", "image/png")}},
+        {"type": "video_url", "video_url": {"url": data_url(media_dir / "clip.mp4", "video/mp4")}},
+        {"type": "text", "text": "Compare them."},
+    ]
+    done = client.chat.completions.create(model="m", messages=[{"role": "user", "content": content}], max_tokens=10)
+    assert done.choices[0].message.role == "assistant" and done.choices[0].finish_reason in ("stop", "length")
+    assert done.usage.prompt_tokens > 64 and done.usage.completion_tokens == len(done.choices[0].message.content) or done.usage.completion_tokens > 0
+    chunks = list(client.chat.completions.create(model="m", messages=[{"role": "user", "content": content}], max_tokens=10,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == done.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == done.usage.completion_tokens
+
+
+def test_mm_processor_kwargs_set_the_sizes(client, media_dir):
+    content = [{"type": "image_url", "image_url": {"url": data_url(media_dir / "photo.png", "image/png")}}, {"type": "text", "text": "?"}]
+    small = client.chat.completions.create(model="m", messages=[{"role": "user", "content": content}], max_tokens=2,
+                                           extra_body={"mm_processor_kwargs": {"max_pixels": 28 * 28 * 16}})
+    large = client.chat.completions.create(model="m", messages=[{"role": "user", "content": content}], max_tokens=2,
+                                           extra_body={"mm_processor_kwargs": {"max_pixels": 12845056}})
+    assert large.usage.prompt_tokens - small.usage.prompt_tokens == 154 - 16  # 392x308 against 112x112
+
+
+def test_auth_and_bad_requests(server, media_dir):
+    url = server + "/chat/completions"
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    r = requests.post(url, json=body)
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    headers = {"Authorization": f"Bearer {KEY}"}
+    assert requests.post(url, json=body, headers=headers).status_code == 200
+    cases = [
+        ({"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"not a png").decode()}}, "not an image or a video"),
+        ({"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}, "http(s):// or data: URL"),
+        ({"type": "image_url", "image_url": {"url": data_url(media_dir / "truncated.jpg", "image/jpeg")}}, "truncated or corrupt"),
+        ({"type": "audio_url", "audio_url": {"url": "x"}}, "unsupported content part"),
+    ]
+    for part, message in cases:
+        r = requests.post(url, json={"messages": [{"role": "user", "content": [part]}]}, headers=headers)
+        assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+        assert "Traceback" not in r.text
+    r = requests.post(url, data="{not json", headers={**headers, "content-type": "application/json"})
+    assert r.status_code == 400
+    r = requests.post(url, json={**body, "mm_processor_kwargs": {"bogus": 1}}, headers=headers)
+    assert r.status_code == 400 and "unknown" in r.json()["error"]["message"]
+
+
+def test_a_full_queue_answers_503(tiny_model):
+    proc, url = start_server(tiny_model, "--queue-size", "1", "--batch-size", "1")
+    try:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 600, "min_tokens": 600}
+        with ThreadPoolExecutor(6) as pool:
+            codes = list(pool.map(lambda _: requests.post(url + "/chat/completions", json=body).status_code, range(6)))
+        assert codes.count(200) >= 1 and codes.count(503) >= 1 and set(codes) <= {200, 503}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_each_endpoint_keeps_order_and_error_records(qvl, tiny_model, media_dir, server, tmp_path):
+    names = ["square.png", "notes.txt", "photo.png", "anim.gif", "photo.jpg"]
+    out = tmp_path / "records.jsonl"
+    args = ["describe", "--each", *[media_dir / n for n in names], "--endpoint", server, "--api-key", KEY,
+            "--model", tiny_model, *FAST, "--concurrency", "3", "--resume", out]
+    r = qvl(*args)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert r.exit_code == 1 and [o["index"] for o in records] == [0, 1, 2, 3, 4]
+    assert "error" in records[1] and all("text" in records[i] for i in (0, 2, 3, 4))
+    local = json.loads(qvl("describe", "--each", media_dir / "photo.png", "--model", tiny_model, *FAST).stdout)
+    assert records[2]["text"] == local["text"]
+    r = qvl(*args)  # resumed: only the failed input is tried again
+    assert "0 done, 1 failed, 4 skipped" in r.stderr
+
+
+class _Flaky(http.server.BaseHTTPRequestHandler):
+    """Answers 503 twice, then a one-chunk streamed completion."""
+
+    calls = 0
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        type(self).calls += 1
+        self.rfile.read(int(self.headers["Content-Length"]))
+        if type(self).calls <= 2:
+            self.send_response(503)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Retry-After", "0")
+            self.end_headers()
+            self.wfile.write(b'{"error": {"message": "busy", "type": "server_overloaded"}}')
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
+                 "choices": [{"index": 0, "delta": {"content": "a red square"}, "finish_reason": "stop"}],
+                 "usage": {"prompt_tokens": 90, "completion_tokens": 3, "total_tokens": 93}}
+        self.wfile.write(f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode())
+
+
+def test_client_retries_busy_servers(qvl, media_dir):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        r = qvl("describe", media_dir / "square.png", "--endpoint", url, "--json")
+        assert r.exit_code == 0, r.stderr
+        out = json.loads(r.stdout)
+        assert out["text"] == "a red square" and out["prompt_tokens"] == 90 and _Flaky.calls == 3
+    finally:
+        server.shutdown()
+
+
+def test_unreachable_endpoint_is_one_line(qvl, media_dir):
+    r = qvl("describe", media_dir / "square.png", "--endpoint", "http://127.0.0.1:9/v1")
+    assert r.exit_code == 1 and "cannot reach --endpoint http://127.0.0.1:9/v1" in r.stderr and r.stderr.count("\n") == 1
