@@ -18,7 +18,6 @@ import typer
 from typer.core import TyperGroup
 
 from qwen2vl_cli import __version__, config as C, options as O
-from qwen2vl_cli.sources import parse_size
 from qwen2vl_cli.errors import EXIT_INTERRUPTED, EXIT_USAGE, GenerationInterrupted, UsageError, describe_exception
 from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions
 
@@ -109,17 +108,9 @@ def _sizing_options(
     max_visual_tokens: O.MaxVisualTokens = None,
     max_download: O.MaxDownload = "2G",
 ) -> MediaOptions:
-    if fps is not None and fps <= 0:
-        raise UsageError(f"--fps {fps:g}: must be above 0")
-    if fps is not None and nframes is not None:
-        raise UsageError("--fps and --nframes both given: choose one")
-    if start is not None and end is not None and start >= end:
-        raise UsageError(f"--start {start:g} is not before --end {end:g}")
-    if min_pixels is not None and max_pixels is not None and max_pixels < min_pixels:
-        raise UsageError(f"--max-pixels {max_pixels} is below --min-pixels {min_pixels}")
-    if min_frames is not None and max_frames is not None and max_frames < min_frames:
-        raise UsageError(f"--max-frames {max_frames} is below --min-frames {min_frames}")
-    return MediaOptions(
+    from qwen2vl_cli.sources import parse_size
+
+    opts = MediaOptions(
         min_pixels=min_pixels,
         max_pixels=max_pixels,
         total_pixels=total_pixels,
@@ -131,10 +122,13 @@ def _sizing_options(
         start=start,
         end=end,
         first_frame=first_frame,
-        seek=_choice("seek", seek, ("exact", "keyframe")),
+        seek=seek,
         max_visual_tokens=max_visual_tokens,
         max_download=parse_size(max_download),
     )
+    from qwen2vl_cli.sizing import check_options
+
+    return check_options(opts)
 
 
 def _generation_options(

@@ -92,7 +92,7 @@ class EndpointSession:
         if gen.min_new_tokens:
             extra["min_tokens"] = gen.min_new_tokens
         start = time.perf_counter()
-        times, parts, usage, finish = [], [], None, "stop"
+        times, parts, usage, finish, served = [], [], None, "stop", None
         try:
             stream = self.client.chat.completions.create(
                 model=self.model,
@@ -108,6 +108,8 @@ class EndpointSession:
             for chunk in stream:
                 if chunk.usage is not None:
                     usage = chunk.usage
+                if (chunk.model_extra or {}).get("qvl"):
+                    served = chunk.model_extra["qvl"]
                 for choice in chunk.choices:
                     if choice.delta and choice.delta.content:
                         times.append(time.perf_counter())
@@ -126,6 +128,10 @@ class EndpointSession:
             raise QvlError(f"--endpoint {self.options.url} answered {e.status_code}: {_server_message(e)}") from None
         ttft = times[0] - start if times else None
         completion = usage.completion_tokens if usage else len(times)
+        # A qvl server says which sizes it used; from other engines, the plan made here stands.
+        plans = request.plans
+        if served and len(served.get("inputs", ())) == len(plans):
+            plans = tuple(replace(MediaPlan.from_dict(d), source=p.source) for d, p in zip(served["inputs"], plans))
         rate = (completion - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else None
         return Result(
             text="".join(parts),
@@ -134,14 +140,14 @@ class EndpointSession:
             dtype="-",
             attn="-",
             prompt_tokens=usage.prompt_tokens if usage else 0,
-            visual_tokens=sum(p.visual_tokens for p in request.plans),
+            visual_tokens=sum(p.visual_tokens for p in plans),
             generated_tokens=completion,
             load_s=0.0,
             ttft_s=ttft,
             decode_tokens_per_s=rate,
             peak_memory_bytes=peak_memory_bytes("cpu"),
             finish_reason=finish if finish in ("stop", "length") else "stop",
-            inputs=request.plans,
+            inputs=plans,
         )
 
     def generate_all(self, batch: list[RemoteRequest], gen: GenerationOptions, opts: MediaOptions) -> list[Result]:
@@ -179,6 +185,7 @@ def run(sources: tuple[str, ...], opts: MediaOptions, gen: GenerationOptions, mo
     session = EndpointSession(options, model)
     hooks.stage("Reading media")
     request = session.prepare_many(sources, replace(opts, cpu_budget=False), gen, require_video)
-    hooks.inputs(list(request.plans))
     hooks.stage(f"Waiting for {options.url}")
-    return session.complete(request, gen, opts, on_text=hooks.text)
+    result = session.complete(request, gen, opts, on_text=hooks.text)
+    hooks.inputs(list(result.inputs))  # the sizes the server used, when it says
+    return result

@@ -8,13 +8,16 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
-import numpy as np
 
 from qwen2vl_cli import config as C
 from qwen2vl_cli.errors import MediaError, one_line
 from qwen2vl_cli.sources import Source
 from qwen2vl_cli.types import MediaInfo, MediaOptions, MediaPlan
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # Formats Pillow can hold as motion; multi-page TIFF and ICO are pages, not frames.
 _ANIMATED_FORMATS = {"GIF", "PNG", "WEBP", "FLI"}
@@ -51,6 +54,10 @@ def probe(src: Source, scan: bool = False) -> tuple[MediaInfo, tuple[str, ...]]:
         head = f.read(16)
         if not head:
             raise MediaError(src.label, "the file is empty")
+        if _looks_like_video(head):  # skip Pillow's plugin search for the common containers
+            from qwen2vl_cli.video import probe_video
+
+            return probe_video(src, scan=scan), ()
         f.seek(0)
         try:
             with warnings.catch_warnings():
@@ -74,6 +81,11 @@ def probe(src: Source, scan: bool = False) -> tuple[MediaInfo, tuple[str, ...]]:
                 raise
             except Exception as e:  # as above: a corrupt frame table, palette or EXIF block
                 raise MediaError(src.label, f"corrupt {img_format} image ({one_line(e)})") from None
+
+
+def _looks_like_video(head: bytes) -> bool:
+    """MP4/MOV/3GP, Matroska/WebM, AVI and FLV by their magic bytes (anything else: Pillow, then PyAV)."""
+    return head[4:8] == b"ftyp" or head[:4] == b"\x1aE\xdf\xa3" or (head[:4] == b"RIFF" and head[8:12] == b"AVI ") or head[:3] == b"FLV"
 
 
 def _probe_image(src: Source, img, img_format: str) -> tuple[MediaInfo, tuple[str, ...]]:
@@ -140,6 +152,8 @@ def to_rgb(img):
     """RGB with alpha composited on white; 16-bit greyscale scaled to 8 bits."""
     Image = _pil()
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        import numpy as np
+
         arr = np.asarray(img).astype(np.float64)
         scale = 257.0 if arr.max(initial=0) > 255 else 1.0
         img = Image.fromarray(np.clip(arr / scale + 0.5, 0, 255).astype(np.uint8), "L")
@@ -178,6 +192,8 @@ def load(src: Source, info: MediaInfo, plan: MediaPlan, keyframes_only: bool = F
 
 
 def _load_animation(img, plan: MediaPlan, size: tuple[int, int]) -> Loaded:
+    import numpy as np
+
     Image = _pil()
     indices = plan.frame_indices or ()
     out = np.empty((len(indices), size[1], size[0], 3), dtype=np.uint8)

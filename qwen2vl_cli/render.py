@@ -8,7 +8,6 @@ import time
 from collections.abc import Sequence
 
 from rich.console import Console
-from rich.table import Table
 
 from qwen2vl_cli.types import MediaPlan, Result
 
@@ -182,6 +181,8 @@ class BatchProgress:
 
 
 def inspect_table(plans: Sequence[MediaPlan]) -> None:
+    from rich.table import Table
+
     out = stdout_console()
     table = Table(box=None, pad_edge=False, header_style="bold")
     for name in ("source", "kind", "size", "resized", "grid (t,h,w)", "visual tokens", "with markers"):
@@ -211,6 +212,8 @@ def inspect_table(plans: Sequence[MediaPlan]) -> None:
 
 
 def model_summary(info: dict) -> None:
+    from rich.table import Table
+
     out = stdout_console()
     for title, rows in info.items():
         table = Table(title=title, title_justify="left", title_style="bold", box=None, show_header=False, pad_edge=False)

@@ -4,6 +4,7 @@ Requests are prepared as they arrive (media fetched, checked and decoded on a th
 bad image is a 400 at once. Prepared requests wait in a bounded queue (full: 503); one worker
 thread owns the model and takes what is waiting, up to the batch size, as one batch of requests
 with the same sampling settings. A streaming request is generated alone, token by token.
+This module needs the `serve` extra (FastAPI, uvicorn); the CLI imports it only for `qvl serve`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,12 @@ import time
 import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, field, fields
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from qwen2vl_cli.errors import QvlError, UsageError, describe_exception, error_type
 from qwen2vl_cli.pipeline import Hooks, Prepared, Session, is_out_of_memory
@@ -69,10 +76,15 @@ def to_chat(messages) -> tuple[list[dict], list[str]]:
 def media_options(kwargs) -> MediaOptions:
     if kwargs is None:
         return MediaOptions()
+    from qwen2vl_cli.sizing import check_options
+
     unknown = set(kwargs) - MM_KWARGS if isinstance(kwargs, dict) else {"?"}
     if unknown:
         raise ApiError(400, "invalid_request_error", f"mm_processor_kwargs: unknown {sorted(unknown)}; known: {sorted(MM_KWARGS)}")
-    return MediaOptions(**kwargs)
+    try:
+        return check_options(MediaOptions(**kwargs))
+    except UsageError as e:
+        raise ApiError(400, "invalid_request_error", f"mm_processor_kwargs: {str(e).lstrip('-')}") from None
 
 
 def generation_options(body: dict) -> GenerationOptions:
@@ -153,7 +165,7 @@ class Engine:
             job.future.set_result(gen)
 
 
-def completion_body(request_id: str, model: str, gen, created: int) -> dict:
+def completion_body(request_id: str, model: str, gen, created: int, prepared: Prepared) -> dict:
     return {
         "id": request_id,
         "object": "chat.completion",
@@ -161,7 +173,13 @@ def completion_body(request_id: str, model: str, gen, created: int) -> dict:
         "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": gen.text}, "finish_reason": _finish(gen)}],
         "usage": _usage(gen),
+        "qvl": _extension(prepared),
     }
+
+
+def _extension(prepared: Prepared) -> dict:
+    """What qvl clients read back: the sizes the server chose (other clients ignore the field)."""
+    return {"inputs": [p.to_dict() for p in prepared.plans]}
 
 
 def _finish(gen) -> str:
@@ -173,12 +191,6 @@ def _usage(gen) -> dict:
 
 
 def create_app(session: Session, model_name: str, api_key: str | None = None, batch_size: int = 8, queue_size: int = 64):
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.concurrency import run_in_threadpool
-    from starlette.exceptions import HTTPException
-
     app = FastAPI(title="qvl", docs_url=None, redoc_url=None)
     engine = Engine(session, batch_size, queue_size)
     started = int(time.time())
@@ -219,8 +231,6 @@ def create_app(session: Session, model_name: str, api_key: str | None = None, ba
             prepared = await run_in_threadpool(session.prepare_chat, chat, urls, media_options(body.get("mm_processor_kwargs")), gen)
         except QvlError as e:
             raise ApiError(400, "invalid_request_error", describe_exception(e)[0]) from None
-        except TypeError as e:  # mm_processor_kwargs of the wrong type
-            raise ApiError(400, "invalid_request_error", f"mm_processor_kwargs: {e}") from None
         request_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         model = body.get("model") or model_name
@@ -230,7 +240,7 @@ def create_app(session: Session, model_name: str, api_key: str | None = None, ba
                 result = await asyncio.wrap_future(future)
             except Exception as e:
                 raise _runtime_error(e) from None
-            return completion_body(request_id, model, result, created)
+            return completion_body(request_id, model, result, created, prepared)
         return StreamingResponse(_stream(engine, prepared, gen, request_id, model, created, body), media_type="text/event-stream")
 
     return app
@@ -254,6 +264,8 @@ async def _stream(engine: Engine, prepared, gen, request_id, model, created, bod
                  "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
         if usage is not None:
             chunk["usage"] = usage
+        if finish is not None:
+            chunk["qvl"] = _extension(prepared)
         return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
     yield event({"role": "assistant", "content": ""})
@@ -282,6 +294,7 @@ def serve(runtime: RuntimeOptions, host: str, port: int, api_key: str | None, ba
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen(2048)  # before the address is announced: early clients wait instead of being refused
     except OSError as e:
         raise UsageError(f"cannot listen on {host}:{port} ({e.strerror}): choose another --port") from None
     announce(f"http://{host}:{sock.getsockname()[1]}/v1")

@@ -1,16 +1,15 @@
 """Pure resolution, frame and token math: the reference rules of qwen-vl-utils 0.0.14.
 
 `inspect` and the runner both plan with these functions, so their numbers cannot disagree.
-No torch here; numpy only reproduces torch's float32 `linspace` rounding.
+No torch and no numpy here: `inspect` starts fast.
 """
 
 from __future__ import annotations
 
 import bisect
 import math
+import struct
 from dataclasses import replace
-
-import numpy as np
 
 from qwen2vl_cli import config as C
 from qwen2vl_cli.errors import MediaError, UsageError
@@ -19,6 +18,30 @@ from qwen2vl_cli.types import MediaInfo, MediaOptions, MediaPlan, VisionSpec
 
 class SizingError(UsageError):
     pass
+
+
+def check_options(opts: MediaOptions) -> MediaOptions:
+    """The options' own consistency (the CLI and the server's mm_processor_kwargs both pass here)."""
+    numbers = ("min_pixels", "max_pixels", "total_pixels", "fps", "nframes", "min_frames", "max_frames", "start", "end", "max_visual_tokens")
+    for name in numbers:
+        value = getattr(opts, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+            raise UsageError(f"--{name.replace('_', '-')} {value}: must be a number of 0 or more")
+    if opts.seek not in ("exact", "keyframe"):
+        raise UsageError(f"--seek {opts.seek}: choose one of exact, keyframe")
+    if opts.fps is not None and opts.fps <= 0:
+        raise UsageError(f"--fps {opts.fps:g}: must be above 0")
+    if opts.fps is not None and opts.nframes is not None:
+        raise UsageError("--fps and --nframes both given: choose one")
+    if opts.start is not None and opts.end is not None and opts.start >= opts.end:
+        raise UsageError(f"--start {opts.start:g} is not before --end {opts.end:g}")
+    if opts.min_pixels is not None and opts.max_pixels is not None and opts.max_pixels < opts.min_pixels:
+        raise UsageError(f"--max-pixels {opts.max_pixels} is below --min-pixels {opts.min_pixels}")
+    if opts.min_frames is not None and opts.max_frames is not None and opts.max_frames < opts.min_frames:
+        raise UsageError(f"--max-frames {opts.max_frames} is below --min-frames {opts.min_frames}")
+    if opts.max_visual_tokens is not None and opts.max_visual_tokens < 1:
+        raise UsageError(f"--max-visual-tokens {opts.max_visual_tokens}: must be 1 or more")
+    return opts
 
 
 def round_by_factor(x: float, factor: int) -> int:
@@ -135,19 +158,21 @@ def frame_count(opts: MediaOptions, total: int, fps: float) -> tuple[int, list[s
     return n, notes
 
 
+def _f32(x: float) -> float:
+    """Round to the nearest float32 (ties to even), as a float32 operation would."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
 def linspace_indices(first: int, last: int, n: int) -> tuple[int, ...]:
     """`torch.linspace(first, last, n).round()` bit for bit: float32, two halves, fused multiply-add."""
     if n == 1:
         return (first,)
-    start, end = np.float32(first), np.float32(last)
-    step = np.float64(np.float32((end - start) / np.float32(n - 1)))
-    idx = np.arange(n)
+    start, end = _f32(first), _f32(last)
+    step = _f32(_f32(end - start) / (n - 1))
     half = n // 2
-    values = np.empty(n, dtype=np.float32)
-    # float64 holds the exact float32 product, so one rounding to float32 matches the fused op.
-    values[:half] = (np.float64(start) + step * idx[:half]).astype(np.float32)
-    values[half:] = (np.float64(end) - step * (n - idx[half:] - 1)).astype(np.float32)
-    return tuple(int(v) for v in np.round(values))
+    # A float64 holds these float32 products exactly, so one rounding to float32 matches the fused op.
+    values = [_f32(start + step * i) if i < half else _f32(end - step * (n - i - 1)) for i in range(n)]
+    return tuple(round(v) for v in values)
 
 
 def nearest_keyframes(indices: tuple[int, ...], keyframes: tuple[int, ...]) -> tuple[int, ...]:

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import unquote, urlparse
-from urllib.request import url2pathname
 
 from qwen2vl_cli import config as C
 from qwen2vl_cli.errors import MediaError, UsageError
@@ -111,6 +110,8 @@ class SourceResolver:
 
     @staticmethod
     def _file_uri_path(uri: str) -> Path:
+        from urllib.request import url2pathname  # pulls in http.client: only when a file:// URI is given
+
         parsed = urlparse(uri)
         if parsed.netloc not in ("", "localhost"):
             raise MediaError(uri, f"file:// URIs must name a local file, not host '{parsed.netloc}'")

@@ -87,6 +87,13 @@ class MediaPlan:
     sample_fps: float | None = None
     notes: tuple[str, ...] = ()
 
+    @classmethod
+    def from_dict(cls, d: dict) -> MediaPlan:
+        """The inverse of to_dict (for plans that come back from a qvl server)."""
+        tuples = {"grid_thw", "frame_indices", "frame_times_s"}
+        names = {f for f in cls.__dataclass_fields__} - {"notes"}
+        return cls(**{k: tuple(v) if k in tuples and v is not None else v for k, v in d.items() if k in names})
+
     @property
     def tokens_with_markers(self) -> int:
         return self.visual_tokens + 2  # <|vision_start|> and <|vision_end|>

@@ -13,7 +13,6 @@ import bisect
 from dataclasses import dataclass
 from fractions import Fraction
 
-import numpy as np
 
 from qwen2vl_cli.errors import MediaError, one_line
 from qwen2vl_cli.media import Loaded
@@ -134,6 +133,8 @@ class _Frames:
     """The output array, filled slot by slot as the chosen frames are decoded."""
 
     def __init__(self, plan: MediaPlan):
+        import numpy as np
+
         self.width, self.height = plan.resized_width, plan.resized_height
         indices = plan.frame_indices or ()
         self.pixels = np.empty((len(indices), self.height, self.width, 3), dtype=np.uint8)

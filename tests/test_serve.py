@@ -97,7 +97,9 @@ def test_mm_processor_kwargs_set_the_sizes(client, media_dir):
                                            extra_body={"mm_processor_kwargs": {"max_pixels": 28 * 28 * 16}})
     large = client.chat.completions.create(model="m", messages=[{"role": "user", "content": content}], max_tokens=2,
                                            extra_body={"mm_processor_kwargs": {"max_pixels": 12845056}})
-    assert large.usage.prompt_tokens - small.usage.prompt_tokens == 154 - 16  # 392x308 against 112x112
+    sizes = [r.model_extra["qvl"]["inputs"][0] for r in (small, large)]
+    assert [(s["resized_width"], s["resized_height"], s["visual_tokens"]) for s in sizes] == [(112, 84, 12), (392, 308, 154)]
+    assert large.usage.prompt_tokens - small.usage.prompt_tokens == 154 - 12
 
 
 def test_auth_and_bad_requests(server, media_dir):
