@@ -144,7 +144,7 @@ def measure(name: str, args) -> dict:
 
     path = model_dir(name)
     images = make_images(args.images)
-    session = Session(RuntimeOptions(str(path), device=args.device, dtype="bfloat16"), Quiet())
+    session = Session(RuntimeOptions(str(path), device=args.device, dtype=args.dtype), Quiet())
     reference_processor = AutoProcessor.from_pretrained(path)
     run_qvl(session, images[:2], 2, 2)  # warm-up: first-call costs out of every timing
     a = run_reference(session.runner.model, reference_processor, images, args.tokens)
@@ -153,7 +153,7 @@ def measure(name: str, args) -> dict:
     assert all(o["generated_tokens"] == args.tokens for o in out_b + out_c)
     n = len(images)
     return {"model": name, "images": n, "a": n / a, "b": n / b, "c": n / c, "device": session.runner.device,
-            "visual_tokens": sum(o["visual_tokens"] for o in out_b) / n}
+            "visual_tokens": sum(o["visual_tokens"] for o in out_b) / n, "dtype": session.runner.dtype}
 
 
 def main() -> None:
@@ -163,15 +163,16 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32, help="max_new_tokens = min_new_tokens")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto", help="auto: what qvl picks on this device")
     args = parser.parse_args()
     rows = [measure(m, args) for m in (("tiny", "2b") if args.model == "both" else (args.model,))]
     lines = [
-        "## Throughput (`bench/throughput.py`)",
+        f"## Throughput, {' and '.join(r['model'] for r in rows)} (`bench/throughput.py`)",
         "",
         f"Machine: {machine()}, device {rows[0]['device']}. Command: `python bench/throughput.py --model {args.model} "
-        f"--images {args.images} --tokens {args.tokens} --batch-size {args.batch_size} --device {args.device}`.",
+        f"--images {args.images} --tokens {args.tokens} --batch-size {args.batch_size} --device {args.device} --dtype {args.dtype}`.",
         f"{args.images} JPEGs of mixed sizes ({min(w * h for w, h in SIZES)}-{max(w * h for w, h in SIZES)} px), "
-        f"greedy, {args.tokens} new tokens each, bfloat16, one process, model loaded once.",
+        f"greedy, {args.tokens} new tokens each, {rows[0]['dtype']}, one process, model loaded once.",
         "",
         "| model | (a) reference loop | (b) qvl --each, batch 1 | (c) qvl --each, batch "
         f"{args.batch_size} + prefetch | b/a | c/a |",

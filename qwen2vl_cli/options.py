@@ -26,7 +26,7 @@ Dtype = Annotated[
     str,
     typer.Option(
         envvar=C.ENV_DTYPE,
-        help="auto | bfloat16 | float16 | float32. auto: bfloat16 where supported, float16 on older GPUs, float32 on CPUs without vector units.",
+        help="auto | bfloat16 | float16 | float32. auto: bfloat16 on GPUs that have it, else float16; on CPUs bfloat16 only with native support (AVX-512 BF16, AMX), else float32.",
         rich_help_panel=RUN_PANEL,
     ),
 ]

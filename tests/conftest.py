@@ -107,7 +107,11 @@ def http_server(media_dir):
     def handler(*args, **kwargs):
         return Handler(*args, directory=str(media_dir), **kwargs)
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    class Server(http.server.ThreadingHTTPServer):
+        def handle_error(self, request, client_address):  # clients that hang up on purpose
+            pass
+
+    server = Server(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
