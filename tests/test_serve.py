@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.robustness.corpus import png_claiming
+
 KEY = "test-key"
 FAST = ("--max-new-tokens", "12", "--dtype", "float32")
 
@@ -114,6 +116,8 @@ def test_auth_and_bad_requests(server, media_dir):
         ({"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}, "http(s):// or data: URL"),
         ({"type": "image_url", "image_url": {"url": data_url(media_dir / "truncated.jpg", "image/jpeg")}}, "truncated or corrupt"),
         ({"type": "audio_url", "audio_url": {"url": "x"}}, "unsupported content part"),
+        ({"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png_claiming(100000, 100000)).decode()}},
+         "decompression-bomb"),
     ]
     for part, message in cases:
         r = requests.post(url, json={"messages": [{"role": "user", "content": [part]}]}, headers=headers)

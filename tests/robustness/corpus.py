@@ -15,7 +15,7 @@ from PIL import Image
 from tests import media_factory
 
 
-def _png_claiming(width: int, height: int) -> bytes:
+def png_claiming(width: int, height: int) -> bytes:
     """A PNG whose header declares width x height, with almost no data."""
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
@@ -55,7 +55,7 @@ def make_corpus(root: Path, seeds: Path) -> list[tuple[str, Path, str]]:
         add(f"random{ext}", rng.integers(0, 256, 4096, dtype=np.uint8).tobytes(), "error")
     add("image-named.mp4", (seeds / "photo.png").read_bytes(), "ok")
     add("video-named.jpg", (seeds / "clip.mp4").read_bytes(), "ok")
-    add("huge-header.png", _png_claiming(100000, 100000), "error")
+    add("huge-header.png", png_claiming(100000, 100000), "error")
     for size, expect in (((1, 1), "ok"), ((1, 150), "ok"), ((150, 1), "ok"), ((1, 300), "error"), ((4000, 10), "error")):
         path = root / f"size-{size[0]}x{size[1]}.png"
         Image.new("RGB", size, (200, 30, 30)).save(path)
