@@ -65,7 +65,7 @@ def probe(src: Source, scan: bool = False) -> tuple[MediaInfo, tuple[str, ...]]:
                 img = Image.open(f)
                 img_format = img.format or "image"
         except Image.DecompressionBombError:
-            raise MediaError(src.label, _bomb_message(f)) from None
+            raise MediaError(src.label, _bomb_message()) from None
         except UnidentifiedImageError:
             img = None
         except Exception as e:  # Pillow raises many kinds of error on corrupt bytes (struct.error, ...)
@@ -186,7 +186,7 @@ def load(src: Source, info: MediaInfo, plan: MediaPlan, keyframes_only: bool = F
     except MediaError:
         raise
     except Image.DecompressionBombError:
-        raise MediaError(src.label, _bomb_message(None)) from None
+        raise MediaError(src.label, _bomb_message()) from None
     except Exception as e:  # Pillow's error types on corrupt pixel data vary (OSError, struct.error, ...)
         raise MediaError(src.label, f"cannot decode the image: truncated or corrupt ({one_line(e)})") from None
 
@@ -208,7 +208,7 @@ def _load_animation(img, plan: MediaPlan, size: tuple[int, int]) -> Loaded:
     return Loaded(frames=out, frame_times_s=plan.frame_times_s)
 
 
-def _bomb_message(f) -> str:
+def _bomb_message() -> str:
     Image = _pil()
     return (
         f"image is larger than Pillow's decompression-bomb limit of {2 * (Image.MAX_IMAGE_PIXELS or 0):,} pixels: "

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from rich.console import Console
 
+from qwen2vl_cli.sources import format_size
 from qwen2vl_cli.types import MediaPlan, Result
 
 
@@ -37,15 +38,6 @@ def _fmt_s(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f} s"
 
 
-def _bytes(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
-
-
 def frame_times(times: Sequence[float], limit: int = 8) -> str:
     shown = [f"{t:.2f}" for t in times]
     if len(shown) > limit:
@@ -72,7 +64,7 @@ def summary_line(r: Result) -> str:
         f"load {_fmt_s(r.load_s)}",
         f"first token {_fmt_s(r.ttft_s)}",
         f"{r.decode_tokens_per_s:.1f} tok/s" if r.decode_tokens_per_s else "- tok/s",
-        f"peak {_bytes(r.peak_memory_bytes)}",
+        f"peak {format_size(r.peak_memory_bytes)}",
         f"{r.device} {r.dtype} {r.attn}",
     ]
     return "[dim]" + " · ".join(parts) + "[/]"

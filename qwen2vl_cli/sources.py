@@ -149,7 +149,7 @@ class SourceResolver:
             while chunk := stream.read(_CHUNK):
                 total += len(chunk)
                 if total > self._max_bytes:
-                    raise MediaError("-", f"standard input is larger than the {_size(self._max_bytes)} limit")
+                    raise MediaError("-", f"standard input is larger than the {format_size(self._max_bytes)} limit")
                 out.write(chunk)
         if total == 0:
             raise MediaError("-", "standard input is empty")
@@ -169,14 +169,14 @@ class SourceResolver:
                     raise MediaError(label, f"HTTP {resp.status_code} {resp.reason}".rstrip())
                 declared = resp.headers.get("Content-Length")
                 if declared and declared.isdigit() and int(declared) > self._max_bytes:
-                    raise MediaError(label, f"is {_size(int(declared))}, over the {_size(self._max_bytes)} download limit (--max-download)")
+                    raise MediaError(label, f"is {format_size(int(declared))}, over the {format_size(self._max_bytes)} download limit (--max-download)")
                 total = 0
                 started = time.monotonic()
                 with open(path, "wb") as out:
                     for chunk in resp.iter_content(_CHUNK):
                         total += len(chunk)
                         if total > self._max_bytes:
-                            raise MediaError(label, f"download exceeds the {_size(self._max_bytes)} limit (--max-download)")
+                            raise MediaError(label, f"download exceeds the {format_size(self._max_bytes)} limit (--max-download)")
                         if time.monotonic() - started > self._deadline_s:
                             raise MediaError(label, f"download took longer than {self._deadline_s:g} s")
                         out.write(chunk)
@@ -202,7 +202,7 @@ class SourceResolver:
         return Source(label, path=path)
 
 
-def _size(n: float) -> str:
+def format_size(n: float) -> str:
     for unit in ("B", "KiB", "MiB"):
         if n < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

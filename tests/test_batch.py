@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from qwen2vl_cli.batch import RecordFile, iter_sources
 

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tests import media_factory
 
 
 def png_claiming(width: int, height: int) -> bytes:
