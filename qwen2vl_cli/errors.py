@@ -32,6 +32,10 @@ class ModelError(QvlError):
     """The model cannot be found or loaded."""
 
 
+class InternalError(QvlError):
+    """A failure that is qvl's (or a library's) fault, not the input's: exit 1, with a plea to report it."""
+
+
 class GenerationInterrupted(Exception):
     """Ctrl-C during generation; carries the text streamed so far."""
 

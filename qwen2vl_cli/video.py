@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 
-from qwen2vl_cli.errors import MediaError, one_line
+from qwen2vl_cli.errors import InternalError, MediaError, one_line
 from qwen2vl_cli.media import Loaded
 from qwen2vl_cli.sources import Source
 from qwen2vl_cli.types import MediaInfo, MediaPlan
@@ -36,12 +36,47 @@ class PacketIndex:
 
 def _open(src: Source):
     import av
+    import av.container
 
     target = str(src.path) if src.path is not None else src.open()  # a path lets FFmpeg do its own I/O
+    # PyAV before 19 decodes metadata strictly unless told otherwise (a bad tag would stop the
+    # file); 19 removed the keyword and always decodes leniently.
+    lenient = {"metadata_errors": "ignore"} if hasattr(av.container.Container, "metadata_errors") else {}
     try:
-        return av.open(target, mode="r", metadata_errors="ignore")
+        return av.open(target, mode="r", **lenient)
     except av.FFmpegError as e:
         raise MediaError(src.label, f"not an image or a video that qvl can read ({one_line(e)})") from None
+
+
+def _fraction(value) -> Fraction | None:
+    """A PyAV rational as a Fraction; None when it is missing, zero or undefined.
+
+    PyAV before 19 gives Fraction or None; 19 gives AVRational values, 0/1 or 0/0 when unknown.
+    """
+    num, den = getattr(value, "numerator", 0), getattr(value, "denominator", 0)
+    return Fraction(num, den) if num and den else None
+
+
+def _time_base(stream) -> Fraction:
+    import av
+
+    return _fraction(stream.time_base) or Fraction(1, av.time_base)
+
+
+def _data_errors() -> tuple[type[BaseException], ...]:
+    """What FFmpeg and PyAV raise on bad bytes; anything else is a bug, not the user's file."""
+    import av
+
+    return (av.FFmpegError, EOFError, OverflowError, UnicodeDecodeError)
+
+
+def _bug(src: Source, e: BaseException) -> InternalError:
+    import av
+
+    return InternalError(
+        f"{src.label}: the video reader failed ({type(e).__name__}: {one_line(e)}; PyAV {av.__version__}): "
+        "this is a bug in qvl, please report it with the output of QVL_DEBUG=1"
+    )
 
 
 def scan_packets(src: Source, container, stream) -> tuple[int, PacketIndex | None]:
@@ -69,7 +104,7 @@ def scan_packets(src: Source, container, stream) -> tuple[int, PacketIndex | Non
     if not timed or not pts or len(set(pts)) != len(pts):
         return count, None
     keyframes = tuple(i for i, (_, key) in enumerate(entries) if key)
-    tb = stream.time_base
+    tb = _fraction(stream.time_base)
     span = float((last_end - pts[0]) * tb) if tb else None
     return count, PacketIndex(pts, keyframes, span)
 
@@ -80,8 +115,12 @@ def probe_video(src: Source, scan: bool = False) -> MediaInfo:
         return _probe_video(src, scan)
     except MediaError:
         raise
-    except Exception as e:  # FFmpeg and PyAV fail in more ways than av.FFmpegError on corrupt input
+    except _data_errors() as e:  # FFmpeg's own ENOMEM included: a declared-huge stream is bad input
         raise MediaError(src.label, f"corrupt video ({one_line(e)})") from None
+    except MemoryError:
+        raise
+    except Exception as e:
+        raise _bug(src, e) from e
 
 
 def _probe_video(src: Source, scan: bool) -> MediaInfo:
@@ -96,8 +135,8 @@ def _probe_video(src: Source, scan: bool) -> MediaInfo:
         if ctx is None:
             raise MediaError(src.label, "the video stream's codec is unknown to FFmpeg")
         width, height = ctx.width, ctx.height
-        tb = stream.time_base or Fraction(1, av.time_base)
-        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        tb = _time_base(stream)
+        rate = _fraction(stream.average_rate) or _fraction(stream.guessed_rate) or _fraction(stream.base_rate)
         fps = float(rate) if rate else 0.0
         frames = stream.frames or 0
         duration = None
@@ -184,9 +223,13 @@ def read_frames(src: Source, plan: MediaPlan, keyframes_only: bool = False) -> L
                 _decode_indexed(container, stream, out, index, keyframes_only)
     except MediaError:
         raise
-    except Exception as e:  # a corrupt stream: keep what was decoded, if anything
+    except _data_errors() as e:  # a corrupt stream: keep what was decoded, if anything
         if out.filled == 0:
             raise MediaError(src.label, f"cannot decode the video ({one_line(e)})") from None
+    except MemoryError:
+        raise
+    except Exception as e:
+        raise _bug(src, e) from e
     missing = out.pad()
     if missing == len(out.times):
         raise MediaError(src.label, "no frame could be decoded")
@@ -200,7 +243,7 @@ SEEK_GAP_FRAMES = 32
 
 def _decode_indexed(container, stream, out: _Frames, index: PacketIndex, keyframes_only: bool) -> None:
     ctx = stream.codec_context
-    tb = stream.time_base
+    tb = _time_base(stream)
     position = {p: i for i, p in enumerate(index.pts)}
     wanted = {index.pts[i] for i in out.slots}
     t0 = index.pts[0]
@@ -234,7 +277,7 @@ def _decode_indexed(container, stream, out: _Frames, index: PacketIndex, keyfram
 
 def _decode_counting(container, stream, out: _Frames, plan: MediaPlan) -> None:
     """No usable packet index: decode forward, counting frames in presentation order."""
-    tb = stream.time_base
+    tb = _time_base(stream)
     t0 = None
     last = max(out.slots)
     for i, frame in enumerate(container.decode(stream)):
@@ -242,7 +285,7 @@ def _decode_counting(container, stream, out: _Frames, plan: MediaPlan) -> None:
             t0 = frame.pts
         if i in out.slots:
             # Frames flushed at the end carry no .time; pts * time_base is always right.
-            t = float((frame.pts - t0) * tb) if frame.pts is not None and tb else i / (plan.native_fps or 1.0)
+            t = float((frame.pts - t0) * tb) if frame.pts is not None else i / (plan.native_fps or 1.0)
             out.put(i, frame, t)
         if i >= last:
             return

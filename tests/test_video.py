@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+from types import SimpleNamespace
+
 import pytest
 
 from qwen2vl_cli import media, sizing
 from qwen2vl_cli.sources import Source
 from qwen2vl_cli.types import MediaOptions, VisionSpec
-from qwen2vl_cli.video import probe_video
+from qwen2vl_cli.video import _fraction, probe_video
 from tests.media_factory import frame_index_of
 
 SPEC = VisionSpec()
@@ -68,3 +71,36 @@ def test_stream_without_timestamps_or_frame_count(media_dir):
 def test_webm_exact_frames(media_dir):
     _, plan, loaded = sample(media_dir / "clip.webm", MediaOptions(fps=4.0))
     assert [frame_index_of(f) for f in loaded.frames] == list(plan.frame_indices)
+
+
+@pytest.mark.parametrize(
+    "value,expected",
+    [
+        (Fraction(1, 15360), Fraction(1, 15360)),  # PyAV before 19
+        (None, None),
+        (Fraction(0, 1), None),
+        (SimpleNamespace(numerator=30000, denominator=1001), Fraction(30000, 1001)),  # PyAV 19's AVRational
+        (SimpleNamespace(numerator=0, denominator=1), None),  # AVRational for "unknown"
+        (SimpleNamespace(numerator=0, denominator=0), None),
+    ],
+)
+def test_rationals_read_the_same_from_every_pyav(value, expected):
+    assert _fraction(value) == expected
+
+
+def test_a_failure_inside_the_video_reader_is_a_bug_report_not_a_corrupt_file(qvl, media_dir, monkeypatch):
+    import av
+
+    def broken_open(*args, **kwargs):  # what PyAV 19 did to a keyword it no longer takes
+        raise TypeError("open() got an unexpected keyword argument 'metadata_errors'")
+
+    monkeypatch.setattr(av, "open", broken_open)
+    r = qvl("inspect", media_dir / "clip.mp4")
+    assert r.exit_code == 1 and r.stdout == ""
+    assert r.stderr.startswith(f"qvl: error: {media_dir / 'clip.mp4'}: the video reader failed (TypeError: ")
+    assert "corrupt" not in r.stderr and "report it" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_video_metadata_reads_on_the_installed_pyav(media_dir):
+    info = probe_video(Source("clip.mp4", path=media_dir / "clip.mp4"))
+    assert (info.width, info.height, info.frames, info.fps) == (320, 240, 90, 30.0) and info.duration_s == pytest.approx(3.0)
