@@ -285,6 +285,8 @@ def _answer_each(request, each, quiet: bool, endpoint=None) -> None:
     from qwen2vl_cli.render import BatchProgress, Reporter
 
     records = batch.RecordFile(each.resume or each.output, resume=each.resume is not None) if (each.resume or each.output) else None
+    # Bound before any live display starts: records go to the real stdout, whatever it is.
+    emitter = batch.Emitter(batch.sink_for(records, sys.stdout), each.format, each.ordered)
     tally = batch.Tally()
     progress = None
     try:
@@ -307,7 +309,7 @@ def _answer_each(request, each, quiet: bool, endpoint=None) -> None:
             request.generation,
             key=batch.request_key(request.media, request.generation, request.runtime),
             batch_size=endpoint.concurrency if endpoint else each.batch_size or batch.default_batch_size(session.runner.device),
-            emitter=batch.Emitter(batch.sink_for(records, sys.stdout), each.format, each.ordered),
+            emitter=emitter,
             tally=tally,
             done=records.done if records is not None and each.resume else frozenset(),
             require_video=request.require_video,
@@ -340,7 +342,7 @@ def _inspect_body(media: list[str] | None, options: dict) -> None:
     resolved = C.guess_device() if device == "auto" else device
     spec = vision_spec(model)
     if spec is None:
-        render.stderr_console().print(f"[yellow]note:[/] {model} is not on this machine: using Qwen2-VL's default sizes")
+        render.stderr_console().print(render.styled("note:", "yellow", f"{model} is not on this machine: using Qwen2-VL's default sizes"))
         spec = vision_spec(None)
     plans = inspect_media(tuple(media), spec, replace(opts, cpu_budget=resolved == "cpu"))
     render.Reporter().inputs(plans, lines=False)
@@ -350,7 +352,7 @@ def _inspect_body(media: list[str] | None, options: dict) -> None:
     else:
         render.inspect_table(plans)
     if resolved == "cpu" and not opts.pixel_limits_given:
-        render.stderr_console().print("[dim]sized for CPU (smaller defaults); --device cuda shows GPU sizes[/]")
+        render.stderr_console().print("sized for CPU (smaller defaults); --device cuda shows GPU sizes", style="dim")
 
 
 _ANSWER_GROUPS = [_generation_options, _sizing_options, _runtime_options, _output_options, _each_options, _endpoint_options]
@@ -395,11 +397,10 @@ def serve(
     """An OpenAI-compatible server: POST /v1/chat/completions (image_url, video_url, stream), GET /v1/models."""
     import importlib.util
 
-    from qwen2vl_cli.render import Reporter
-    from qwen2vl_cli.serve import serve as run_server
-
     if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
         raise UsageError("qvl serve needs its extra: pip install 'qwen2vl-cli[serve]'")
+    from qwen2vl_cli.render import Reporter
+    from qwen2vl_cli.serve import serve as run_server  # imports fastapi
     reporter = Reporter(quiet=quiet, stream=False)
 
     def announce(url: str) -> None:

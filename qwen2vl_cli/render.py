@@ -8,25 +8,37 @@ import time
 from collections.abc import Sequence
 
 from rich.console import Console
+from rich.text import Text
 
 from qwen2vl_cli.sources import format_size
 from qwen2vl_cli.types import MediaPlan, Result
 
 
-def stderr_console() -> Console:
+def _console(**kwargs) -> Console:
+    # markup, emoji and highlighting off: file names, model output and exception text are data,
+    # and `cat[red].jpg` or `:smile:` must print as given. Styles come from Text objects.
     # soft_wrap: a diagnostic stays one line in logs, whatever the terminal width.
-    return Console(stderr=True, highlight=False, soft_wrap=True)
+    return Console(markup=False, emoji=False, highlight=False, soft_wrap=True, **kwargs)
+
+
+def stderr_console() -> Console:
+    return _console(stderr=True)
 
 
 def stdout_console() -> Console:
-    console = Console(highlight=False, soft_wrap=True)
+    console = _console()
     if not console.is_terminal:
         console.width = 1000  # piped tables keep whole names; rows take their natural width
     return console
 
 
+def styled(label: str, style: str, text: str) -> Text:
+    """`label` in `style`, then plain `text`: the one way diagnostics are coloured."""
+    return Text.assemble((label, style), " ", text)
+
+
 def print_error(message: str) -> None:
-    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]qvl: error:[/] {message}", markup=True, emoji=False)
+    stderr_console().print(styled("qvl: error:", "bold red", message))
 
 
 def print_json(obj: dict) -> None:
@@ -45,19 +57,20 @@ def frame_times(times: Sequence[float], limit: int = 8) -> str:
     return ", ".join(shown) + " s"
 
 
-def plan_line(p: MediaPlan) -> str:
+def plan_line(p: MediaPlan) -> Text:
     grid = "×".join(str(g) for g in p.grid_thw)
     size = f"{p.width}x{p.height} → {p.resized_width}x{p.resized_height}, grid {grid}, {p.visual_tokens} visual tokens"
     if p.kind == "image":
-        return f"[bold]{p.source}[/]: image {size}"
+        return Text.assemble((p.source, "bold"), f": image {size}")
     n = len(p.frame_indices or ())
-    return (
-        f"[bold]{p.source}[/]: video {_fmt_s(p.duration_s)} at {p.native_fps:.3g} fps, {p.frames} frames; "
-        f"sampled {n} at {p.sample_fps:.3g} fps ({frame_times(p.frame_times_s or ())}); {size}"
+    return Text.assemble(
+        (p.source, "bold"),
+        f": video {_fmt_s(p.duration_s)} at {p.native_fps:.3g} fps, {p.frames} frames; "
+        f"sampled {n} at {p.sample_fps:.3g} fps ({frame_times(p.frame_times_s or ())}); {size}",
     )
 
 
-def summary_line(r: Result) -> str:
+def summary_line(r: Result) -> Text:
     parts = [
         f"prompt {r.prompt_tokens} tokens ({r.visual_tokens} visual)",
         f"generated {r.generated_tokens} ({r.finish_reason})",
@@ -67,7 +80,21 @@ def summary_line(r: Result) -> str:
         f"peak {format_size(r.peak_memory_bytes)}",
         f"{r.device} {r.dtype} {r.attn}",
     ]
-    return "[dim]" + " · ".join(parts) + "[/]"
+    return Text(" · ".join(parts), style="dim")
+
+
+def _live(console: Console, renderable):
+    """A live display on stderr that leaves sys.stdout and sys.stderr alone: what the user
+    redirected stays redirected (Rich's default swaps them for proxies onto this console)."""
+    from rich.live import Live
+
+    return Live(renderable, console=console, transient=True, refresh_per_second=12.5, redirect_stdout=False, redirect_stderr=False)
+
+
+def _spinner(text: str):
+    from rich.spinner import Spinner
+
+    return Spinner("dots", Text(text))
 
 
 class Reporter:
@@ -85,10 +112,10 @@ class Reporter:
         if self.quiet or not self.console.is_terminal:
             return
         if self._status is None:
-            self._status = self.console.status(text)
+            self._status = _live(self.console, _spinner(text))
             self._status.start()
         else:
-            self._status.update(text)
+            self._status.update(_spinner(text))
 
     def stop(self) -> None:
         if self._status is not None:
@@ -106,7 +133,7 @@ class Reporter:
 
     def note(self, text: str) -> None:
         if not self.quiet:
-            self.console.print(f"[yellow]note:[/] {text}", markup=True)
+            self.console.print(styled("note:", "yellow", text))
 
     def text(self, chunk: str) -> None:
         self.stop()
@@ -150,7 +177,8 @@ class BatchProgress:
                    TextColumn("{task.fields[rate]:.2f} items/s · {task.fields[failed]} failed"), TimeElapsedColumn()]
         if total:
             columns.append(TimeRemainingColumn())
-        self._progress = Progress(*columns, console=self.console, transient=True)
+        # Rich's Progress swaps sys.stdout for its own proxy by default: records would land on the terminal.
+        self._progress = Progress(*columns, console=self.console, transient=True, redirect_stdout=False, redirect_stderr=False)
         self._task = self._progress.add_task("qvl", total=total, rate=0.0, failed=0)
         self._progress.start()
 
@@ -181,7 +209,7 @@ def inspect_table(plans: Sequence[MediaPlan]) -> None:
         table.add_column(name, justify="right" if "tokens" in name or "markers" in name else "left")
     for p in plans:
         table.add_row(
-            p.source,
+            Text(p.source),
             p.kind,
             f"{p.width}x{p.height}",
             f"{p.resized_width}x{p.resized_height}",

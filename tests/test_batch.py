@@ -117,7 +117,8 @@ def test_resume_after_a_kill(tiny_model, media_dir, tmp_path):
     out = tmp_path / "captions.jsonl"
     sources = [str(media_dir / n) for n in ("square.png", "photo.png", "photo.jpg", "transparent.png")]
     cmd = [sys.executable, "-m", "qwen2vl_cli", "describe", "--each", *sources, "--model", str(tiny_model),
-           "--dtype", "float32", "--max-new-tokens", "800", "--min-new-tokens", "800", "--resume", str(out), "-q"]
+           "--dtype", "float32", "--max-new-tokens", "800", "--min-new-tokens", "800", "--batch-size", "1",
+           "--resume", str(out), "-q"]
     proc = subprocess.Popen(cmd)
     deadline = time.time() + 300
     while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 1):
@@ -162,3 +163,40 @@ def test_record_file_repairs_a_cut_line(tmp_path):
     f.close()
     assert f.done == {("a", "k")}
     assert [json.loads(line)["source"] for line in path.read_text().splitlines()] == ["a", "b"]
+
+
+def test_records_reach_redirected_stdout_while_a_progress_bar_runs_on_a_terminal(tiny_model, media_dir, tmp_path):
+    """`qvl describe --each *.jpg > captions.jsonl` typed in a terminal: stderr is a TTY, stdout a file."""
+    import os
+    import pty
+    import threading
+
+    names = ["square.png", "photo.png", "photo.jpg"]
+    out = tmp_path / "captions.jsonl"
+    primary, secondary = pty.openpty()
+    screen = bytearray()
+
+    def read_terminal():
+        while True:
+            try:
+                chunk = os.read(primary, 4096)
+            except OSError:  # the terminal closed
+                return
+            if not chunk:
+                return
+            screen.extend(chunk)
+
+    reader = threading.Thread(target=read_terminal, daemon=True)
+    reader.start()
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "100"}
+    env.pop("NO_COLOR", None)
+    with open(out, "wb") as stdout:
+        proc = subprocess.run([sys.executable, "-m", "qwen2vl_cli", "describe", "--each", *[str(media_dir / n) for n in names],
+                               "--model", str(tiny_model), *FAST], stdout=stdout, stderr=secondary, env=env, timeout=300)
+    os.close(secondary)
+    reader.join(timeout=10)
+    os.close(primary)
+    assert proc.returncode == 0, screen.decode(errors="replace")
+    assert [Path(o["source"]).name for o in records(out.read_text())] == names
+    terminal = screen.decode(errors="replace")
+    assert "3 done, 0 failed" in terminal and '"request_key"' not in terminal

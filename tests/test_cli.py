@@ -319,3 +319,31 @@ def test_out_of_memory_before_the_first_token_retries_at_half_the_budget(qvl, ti
     r = qvl("describe", media_dir / "photo.png", "--model", tiny_model, *FAST)
     assert r.exit_code == 1
     assert r.stderr.strip().endswith("out of memory even with 77 visual tokens: try --max-visual-tokens 38, or a smaller --max-new-tokens")
+
+
+ODD_NAMES = ["cat[red].png", "[hawaii] trip/img.png", "x[/b].png", "a:smile:.png", "[bold]"]
+
+
+def test_odd_file_names_print_as_given_and_never_crash(qvl, tiny_model, media_dir, tmp_path):
+    for name in ODD_NAMES:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        shutil.copy(media_dir / "square.png", tmp_path / name)
+    paths = [str(tmp_path / n) for n in ODD_NAMES]
+    r = qvl("inspect", *paths, "--device", "cuda")
+    assert r.exit_code == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if "224x224" in line]
+    assert [line.split("  ")[0] for line in rows] == paths
+    r = qvl("describe", tmp_path / "x[/b].png", "--model", tiny_model, *FAST)
+    assert r.exit_code == 0 and f"{tmp_path / 'x[/b].png'}: image 224x224" in r.stderr
+    for missing in ("clip[v2].mp4", "x[/b].jpg", "[red]"):
+        r = qvl("describe", tmp_path / missing, "--model", tiny_model)
+        assert r.exit_code == 2 and r.stderr == f"qvl: error: {tmp_path / missing}: no such file\n"
+
+
+def test_hints_keep_their_extras(qvl, tiny_model, media_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # as if the extra were not installed
+    r = qvl("serve", "--model", tiny_model)
+    assert r.exit_code == 2 and r.stderr == "qvl: error: qvl serve needs its extra: pip install 'qwen2vl-cli[serve]'\n"
+    monkeypatch.setitem(sys.modules, "openai", None)
+    r = qvl("describe", media_dir / "square.png", "--endpoint", "http://127.0.0.1:9/v1")
+    assert r.exit_code == 2 and r.stderr.endswith("pip install 'qwen2vl-cli[endpoint]'\n")
