@@ -16,6 +16,23 @@ from typer.testing import CliRunner
 from tests import media_factory
 
 
+@pytest.fixture(scope="session", autouse=True)
+def on_the_cpu():
+    """The suite means the CPU, on every machine: the tiny model in float32 gives the same tokens
+    everywhere, and `--each` the same batch size. QVL_DEVICE reaches in-process runs and
+    subprocesses alike. Device choice is tested over capability tables (test_devices.py); a test
+    that means a GPU passes --device cuda and is skipped without one."""
+    import os
+
+    before = os.environ.get("QVL_DEVICE")
+    os.environ["QVL_DEVICE"] = "cpu"
+    yield
+    if before is None:
+        os.environ.pop("QVL_DEVICE", None)
+    else:
+        os.environ["QVL_DEVICE"] = before
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     from tests.tiny_model import build

@@ -171,7 +171,6 @@ def test_inspect_model_summary(qvl, tiny_model):
         (["video", "{m}/photo.png"], 2, "not a video: use `qvl describe`"),
         (["describe", "{m}/photo.png", "--resize", "big"], 2, "WIDTHxHEIGHT"),
         (["describe", "{m}/photo.png", "--device", "tpu"], 2, "choose one of auto, cuda, cpu, mps"),
-        (["describe", "{m}/photo.png", "--device", "cuda"], 2, "no CUDA GPU"),
         (["describe", "{m}/photo.png", "--attn", "flash_attention_2"], 2, "use --attn sdpa"),
         (["describe", "{m}/photo.png", "--bogus"], 2, "No such option"),
         (["describe", "{m}/photo.png", "--max-new-tokens", "0"], 2, "--max-new-tokens"),
@@ -189,6 +188,30 @@ def test_user_errors_are_one_line_with_stable_codes(qvl, tiny_model, media_dir, 
     assert message in r.stderr
     assert r.stderr.startswith("qvl: error: ") and r.stderr.count("\n") == 1
     assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+def test_cuda_asked_for_where_there_is_none(qvl, tiny_model, media_dir, monkeypatch):
+    from qwen2vl_cli import devices
+
+    monkeypatch.setattr(devices, "detect", lambda: devices.Capabilities(cpu_bf16=False))  # a machine without a GPU
+    r = qvl("describe", media_dir / "photo.png", "--model", tiny_model, "--device", "cuda")
+    assert r.exit_code == 2 and r.stdout == ""
+    assert r.stderr == "qvl: error: --device cuda: no CUDA GPU is visible to PyTorch; use --device cpu (or auto)\n"
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA GPU")
+def test_describe_on_a_cuda_gpu(qvl, tiny_model, media_dir):
+    r = qvl("describe", media_dir / "photo.png", "--model", tiny_model, "--device", "cuda", "--max-new-tokens", "8", "--json")
+    assert r.exit_code == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["device"] == "cuda" and out["dtype"] in ("bfloat16", "float16") and out["generated_tokens"] >= 1
+    assert out["inputs"][0]["visual_tokens"] == 154  # GPU sizes: no CPU cap on a 400x300 image
 
 
 def test_uncached_hub_model_offline_says_how_to_get_it(qvl, media_dir, monkeypatch, tmp_path):
