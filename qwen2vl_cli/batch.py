@@ -101,13 +101,14 @@ class RecordFile:
     def _read_and_repair(self) -> None:
         good_end = 0
         with open(self.path, "rb") as f:
-            for line in f:
+            for number, line in enumerate(f, 1):
                 if not line.endswith(b"\n"):
                     break  # a record cut short by a kill: it is dropped and redone
                 try:
                     record = json.loads(line)
                 except ValueError:
-                    break
+                    # Not a record qvl wrote: leave the file as it is.
+                    raise UsageError(f"--resume {self.path}: line {number} is not a JSON record; give a file that qvl --each wrote") from None
                 good_end += len(line)
                 if isinstance(record, dict) and "error" not in record and "source" in record:
                     self.done.add((record["source"], record.get("request_key", "")))
@@ -149,19 +150,25 @@ def record_for(index: int, source: str, key: str, result: Result | None, error: 
     return out
 
 
+def _escaped(text: str) -> str:
+    """One field of a tab-separated line: backslashes, tabs and line breaks escaped."""
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\r", "\\r").replace("\n", "\\n")
+
+
 def format_record(record: dict, fmt: str) -> str:
     if fmt == "text":
-        text = record["text"] if "error" not in record else f"ERROR: {record['error']['message']}"
-        escaped = text.replace("\\", "\\\\").replace("\t", "\\t").replace("\r", "\\r").replace("\n", "\\n")
-        return f"{record['source']}\t{escaped}"
+        return f"{_escaped(record['source'])}\t{_escaped(record['text'])}"
     return json.dumps(record, ensure_ascii=False)
 
 
 class Emitter:
-    """Writes records in input order (holding early finishers back), or as they come."""
+    """Writes records in input order (holding early finishers back), or as they come.
 
-    def __init__(self, sink: Callable[[str], None], fmt: str, ordered: bool):
-        self.sink, self.fmt, self.ordered = sink, fmt, ordered
+    In the text format a failure is no caption: it goes to `on_failure` (stderr), not to the sink.
+    """
+
+    def __init__(self, sink: Callable[[str], None], fmt: str, ordered: bool, on_failure: Callable[[dict], None] = lambda record: None):
+        self.sink, self.fmt, self.ordered, self.on_failure = sink, fmt, ordered, on_failure
         self.next_index = 0
         self.held: dict[int, dict | None] = {}
 
@@ -169,14 +176,20 @@ class Emitter:
         """`record` None: the input was skipped (resume); it only advances the order."""
         if not self.ordered:
             if record is not None:
-                self.sink(format_record(record, self.fmt))
+                self._write(record)
             return
         self.held[index] = record
         while self.next_index in self.held:
             ready = self.held.pop(self.next_index)
             if ready is not None:
-                self.sink(format_record(ready, self.fmt))
+                self._write(ready)
             self.next_index += 1
+
+    def _write(self, record: dict) -> None:
+        if self.fmt == "text" and "error" in record:
+            self.on_failure(record)
+        else:
+            self.sink(format_record(record, self.fmt))
 
 
 _END = object()

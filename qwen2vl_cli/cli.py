@@ -15,19 +15,35 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from qwen2vl_cli import __version__, config as C, options as O
 from qwen2vl_cli.errors import EXIT_INTERRUPTED, EXIT_USAGE, GenerationInterrupted, UsageError, describe_exception
-from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions
+from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions, check_generation
 
 
 # Typer raises its click layer's ClickException for usage errors; find it without naming click.
 _CLICK_ERRORS = tuple(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 
+def _flags_without_types(params: list) -> list:
+    """Typer prints a flag's type in --help (`--json <bool>`), which reads as if it took a value."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class QvlCommand(TyperCommand):
+    def get_params(self, ctx) -> list:
+        return _flags_without_types(super().get_params(ctx))
+
+
 class QvlGroup(TyperGroup):
     """The edge: every error becomes one line on stderr and a stable exit code."""
+
+    def get_params(self, ctx) -> list:
+        return _flags_without_types(super().get_params(ctx))
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         from qwen2vl_cli.render import print_error
@@ -62,7 +78,6 @@ app = typer.Typer(
     cls=QvlGroup,
     name="qvl",
     help="Describe images, animated GIFs and videos with Qwen2-VL. The answer goes to stdout, diagnostics to stderr.",
-    add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -143,7 +158,9 @@ def _generation_options(
     seed: O.Seed = None,
     repeat_guard: O.RepeatGuard = True,
 ) -> GenerationOptions:
-    return GenerationOptions(prompt, system, max_new_tokens, min_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, repeat_guard)
+    return check_generation(
+        GenerationOptions(prompt, system, max_new_tokens, min_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, repeat_guard)
+    )
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
@@ -183,6 +200,8 @@ def _each_options(
         return None
     if output and resume and Path(output).expanduser().resolve() != Path(resume).expanduser().resolve():
         raise UsageError("--output and --resume name different files: give one")
+    if resume and format == "text":
+        raise UsageError("--resume continues a JSON Lines file: drop --format text")
     return EachOptions(from_file, null, _choice("format", format, ("jsonl", "text")), ordered, output, resume, batch_size)
 
 
@@ -231,7 +250,7 @@ def _command(name: str, argument: _inspect.Parameter, groups: list, body, doc: s
     command.__signature__ = _inspect.Signature(params)
     command.__annotations__ = {p.name: p.annotation for p in params}
     command.__doc__ = doc
-    app.command(name=name, no_args_is_help=no_args_is_help)(command)
+    app.command(name=name, no_args_is_help=no_args_is_help, cls=QvlCommand)(command)
 
 
 def _argument(name: str, annotation, default=_inspect.Parameter.empty) -> _inspect.Parameter:
@@ -282,13 +301,24 @@ def _answer_each(request, each, quiet: bool, endpoint=None) -> None:
     """`--each`: one record per input, the model loaded once (or a remote engine, --concurrency at a time)."""
     from qwen2vl_cli import batch
     from qwen2vl_cli.pipeline import Session
-    from qwen2vl_cli.render import BatchProgress, Reporter
+    from qwen2vl_cli.render import BatchProgress, Reporter, print_error
 
+    if not request.sources and each.from_file is None:
+        raise UsageError("--each needs inputs: give MEDIA, or --from FILE (- for stdin) with one source per line")
     records = batch.RecordFile(each.resume or each.output, resume=each.resume is not None) if (each.resume or each.output) else None
-    # Bound before any live display starts: records go to the real stdout, whatever it is.
-    emitter = batch.Emitter(batch.sink_for(records, sys.stdout), each.format, each.ordered)
-    tally = batch.Tally()
     progress = None
+
+    def failed(record: dict) -> None:  # --format text: a failure is said on stderr, not written as a caption
+        message, source = record["error"]["message"], record["source"]
+        text = message if message.startswith(source) else f"{source}: {message}"
+        if progress is not None:
+            progress.failure(text)
+        else:
+            print_error(text)
+
+    # Bound before any live display starts: records go to the real stdout, whatever it is.
+    emitter = batch.Emitter(batch.sink_for(records, sys.stdout), each.format, each.ordered, failed)
+    tally = batch.Tally()
     try:
         sources = batch.iter_sources(request.sources, each.from_file, each.null)
         reporter = Reporter(quiet=quiet, stream=False)
@@ -320,6 +350,8 @@ def _answer_each(request, each, quiet: bool, endpoint=None) -> None:
             progress.close(tally)
         if records is not None:
             records.close()
+    if tally.done + tally.failed + tally.skipped == 0:
+        raise UsageError(f"--from {each.from_file}: no sources in it (one per line; blank lines and # comments are skipped)")
     if tally.failed:
         raise typer.Exit(1)
 
@@ -381,7 +413,7 @@ _command(
 )
 
 
-@app.command()
+@app.command(cls=QvlCommand)
 def serve(
     model: O.Model = C.DEFAULT_MODEL,
     device: O.Device = "auto",
@@ -389,7 +421,7 @@ def serve(
     attn: O.Attn = "auto",
     host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 opens it to the network.", rich_help_panel=O.SERVE_PANEL)] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one; the address is printed).", rich_help_panel=O.SERVE_PANEL)] = 8000,
-    api_key: O.ApiKey = None,
+    api_key: O.ServeApiKey = None,
     batch_size: O.BatchSize = None,
     queue_size: Annotated[int, typer.Option(min=1, help="Requests that may wait; beyond that: 503.", rich_help_panel=O.SERVE_PANEL)] = 64,
     quiet: O.Quiet = False,

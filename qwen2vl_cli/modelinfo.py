@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from qwen2vl_cli.errors import ModelError, UsageError
+from qwen2vl_cli.errors import ModelError
 from qwen2vl_cli.types import VisionSpec
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -24,12 +24,12 @@ def locate_model(model: str) -> Path:
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise UsageError(f"--model {model}: the directory has no config.json; give a Qwen2-VL model directory")
+            raise ModelError(f"--model {model}: the directory has no config.json; give a Qwen2-VL model directory")
         return path
     if path.exists():
-        raise UsageError(f"--model {model}: is a file; give a model directory or a hub id such as Qwen/Qwen2-VL-2B-Instruct")
+        raise ModelError(f"--model {model}: is a file; give a model directory or a hub id such as Qwen/Qwen2-VL-2B-Instruct")
     if not _HUB_ID.match(model) or model.startswith((".", "~")):
-        raise UsageError(f"--model {model}: no such directory")
+        raise ModelError(f"--model {model}: no such directory, and not a hub id such as Qwen/Qwen2-VL-2B-Instruct")
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
@@ -47,7 +47,7 @@ def locate_model(model: str) -> Path:
     except GatedRepoError:
         raise ModelError(f"model {model} is gated: accept its terms on huggingface.co and run `hf auth login`") from None
     except RepositoryNotFoundError:
-        raise UsageError(f"--model {model}: no such model on the Hugging Face hub (or it needs `hf auth login`)") from None
+        raise ModelError(f"--model {model}: no such model on the Hugging Face hub (or it needs `hf auth login`)") from None
     except (LocalEntryNotFoundError, OSError) as e:
         lines = str(e).strip().splitlines() or [type(e).__name__]
         reason = lines[0].removeprefix("Got: ")[:160]
@@ -92,7 +92,7 @@ def read_processor_settings(model: str) -> dict | None:
         try:
             data = json.loads(file.read_text())
         except (OSError, ValueError) as e:
-            raise UsageError(f"--model {model}: cannot read {name} ({e})") from None
+            raise ModelError(f"--model {model}: cannot read {name} ({e})") from None
         return data.get("image_processor", data)
     return None
 
@@ -112,7 +112,7 @@ def read_config(model: str) -> dict | None:
     try:
         return json.loads(file.read_text())
     except (OSError, ValueError) as e:
-        raise UsageError(f"--model {model}: cannot read config.json ({e})") from None
+        raise ModelError(f"--model {model}: cannot read config.json ({e})") from None
 
 
 def parameter_counts(model: str) -> dict[str, int]:
@@ -122,7 +122,7 @@ def parameter_counts(model: str) -> dict[str, int]:
 
     config_file = model_file(model, "config.json")
     if config_file is None:
-        raise UsageError(f"--model {model}: not on this machine: run `hf download {model}` or pass a model directory")
+        raise ModelError(f"--model {model}: not on this machine: run `hf download {model}` or pass a model directory")
     config = AutoConfig.from_pretrained(str(config_file.parent), local_files_only=True)
     with torch.device("meta"):
         net = Qwen2VLForConditionalGeneration._from_config(config)

@@ -46,7 +46,7 @@ MinNewTokens = Annotated[Optional[int], typer.Option(min=0, help="Generate at le
 Temperature = Annotated[float, typer.Option(min=0.0, help="0 = greedy (deterministic); above 0 samples.", rich_help_panel=GEN_PANEL)]
 TopP = Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Nucleus sampling (with --temperature > 0).", rich_help_panel=GEN_PANEL)]
 TopK = Annotated[Optional[int], typer.Option(min=0, help="Top-k sampling (with --temperature > 0).", rich_help_panel=GEN_PANEL)]
-RepetitionPenalty = Annotated[Optional[float], typer.Option(min=0.0, help="Default: the model's generation_config (1.05 for Qwen2-VL-Instruct).", rich_help_panel=GEN_PANEL)]
+RepetitionPenalty = Annotated[Optional[float], typer.Option(help="Default: the model's generation_config (1.05 for Qwen2-VL-Instruct).", rich_help_panel=GEN_PANEL)]
 RepeatGuard = Annotated[bool, typer.Option("--repeat-guard/--no-repeat-guard", help="Stop when the answer loops on one short phrase (finish_reason \"repetition\").", rich_help_panel=GEN_PANEL)]
 Seed = Annotated[Optional[int], typer.Option(help="Random seed for sampling.", rich_help_panel=GEN_PANEL)]
 
@@ -100,4 +100,5 @@ ENDPOINT_PANEL = "Remote engine"
 Endpoint = Annotated[Optional[str], typer.Option(envvar="QVL_ENDPOINT", metavar="URL", help="Send the requests to an OpenAI-compatible server (qvl serve, vLLM, SGLang), e.g. http://127.0.0.1:8000/v1.", rich_help_panel=ENDPOINT_PANEL)]
 PassUrls = Annotated[bool, typer.Option("--pass-urls", help="Send http(s) media URLs as they are instead of as data: URLs.", rich_help_panel=ENDPOINT_PANEL)]
 Concurrency = Annotated[int, typer.Option(min=1, help="Requests in flight with --each --endpoint.", rich_help_panel=ENDPOINT_PANEL)]
-ApiKey = Annotated[Optional[str], typer.Option(envvar="QVL_API_KEY", help="Require Authorization: Bearer KEY.", rich_help_panel=SERVE_PANEL)]
+ApiKey = Annotated[Optional[str], typer.Option(envvar="QVL_API_KEY", help="Send Authorization: Bearer KEY to the endpoint.", rich_help_panel=ENDPOINT_PANEL)]
+ServeApiKey = Annotated[Optional[str], typer.Option("--api-key", envvar="QVL_API_KEY", help="Require Authorization: Bearer KEY from clients.", rich_help_panel=SERVE_PANEL)]

@@ -54,10 +54,12 @@ def probe_all(resolver: SourceResolver, texts: tuple[str, ...], opts: MediaOptio
     for text in texts:
         src = resolver.resolve(text)
         info, notes = media.probe(src, scan=opts.seek == "keyframe")
-        if (still := media.effective_info(info, opts)) is not info:
-            info, notes = still, ()  # --first-frame
         if require_video and info.kind != "video":
             raise MediaError(src.label, f"is a still {info.format} image, not a video: use `qvl describe`")
+        if (still := media.effective_info(info, opts)) is not info:
+            if require_video:
+                raise MediaError(src.label, f"--first-frame reads this animated {info.format} as a still image: drop it, or use `qvl describe`")
+            info, notes = still, ()
         out.append(Probed(src, info, notes))
     return out
 

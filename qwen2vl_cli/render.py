@@ -193,6 +193,10 @@ class BatchProgress:
             self._last = time.monotonic()
             self.console.print(f"qvl: {tally.line()}")
 
+    def failure(self, text: str) -> None:
+        """One input's error, above the live bar."""
+        self.console.print(styled("qvl: error:", "bold red", text))
+
     def close(self, tally) -> None:
         if self._progress is not None:
             self._progress.stop()

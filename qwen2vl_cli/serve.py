@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException
 
 from qwen2vl_cli.errors import QvlError, UsageError, describe_exception, error_type
 from qwen2vl_cli.pipeline import Hooks, Prepared, Session, is_out_of_memory
-from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions
+from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions, check_generation
 
 # The per-request sizing options, under vLLM's name for them.
 MM_KWARGS = {f.name for f in fields(MediaOptions)} - {"cpu_budget", "resize", "max_download"}
@@ -96,7 +96,7 @@ def generation_options(body: dict) -> GenerationOptions:
 
     max_tokens = number("max_completion_tokens", int) or number("max_tokens", int) or 512
     temperature = number("temperature")
-    return GenerationOptions(
+    gen = GenerationOptions(
         max_new_tokens=max_tokens,
         min_new_tokens=number("min_tokens", int),
         temperature=temperature if temperature is not None else 0.0,  # greedy, as the CLI
@@ -105,6 +105,10 @@ def generation_options(body: dict) -> GenerationOptions:
         repetition_penalty=number("repetition_penalty"),
         seed=number("seed", int),
     )
+    try:
+        return check_generation(gen)
+    except UsageError as e:
+        raise ApiError(400, "invalid_request_error", str(e).lstrip("-")) from None
 
 
 @dataclass

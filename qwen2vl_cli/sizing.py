@@ -22,15 +22,17 @@ class SizingError(UsageError):
 
 def check_options(opts: MediaOptions) -> MediaOptions:
     """The options' own consistency (the CLI and the server's mm_processor_kwargs both pass here)."""
-    numbers = ("min_pixels", "max_pixels", "total_pixels", "fps", "nframes", "min_frames", "max_frames", "start", "end", "max_visual_tokens")
+    if opts.fps is not None:
+        number = isinstance(opts.fps, (int, float)) and not isinstance(opts.fps, bool)
+        if not (number and opts.fps > 0):
+            raise UsageError(f"--fps {f'{opts.fps:g}' if number else opts.fps}: must be above 0 (frames sampled per second)")
+    numbers = ("min_pixels", "max_pixels", "total_pixels", "nframes", "min_frames", "max_frames", "start", "end", "max_visual_tokens")
     for name in numbers:
         value = getattr(opts, name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
             raise UsageError(f"--{name.replace('_', '-')} {value}: must be a number of 0 or more")
     if opts.seek not in ("exact", "keyframe"):
         raise UsageError(f"--seek {opts.seek}: choose one of exact, keyframe")
-    if opts.fps is not None and opts.fps <= 0:
-        raise UsageError(f"--fps {opts.fps:g}: must be above 0")
     if opts.fps is not None and opts.nframes is not None:
         raise UsageError("--fps and --nframes both given: choose one")
     if opts.start is not None and opts.end is not None and opts.start >= opts.end:

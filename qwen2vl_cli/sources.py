@@ -10,6 +10,7 @@ import binascii
 import io
 import os
 import re
+import shlex
 import shutil
 import sys
 import tempfile
@@ -101,6 +102,8 @@ class SourceResolver:
 
     def _local(self, label: str, path: Path) -> Source:
         if not path.exists():
+            if " " in label.strip() and "/" not in label and os.sep not in label:
+                raise MediaError(label, f"no such file; a question goes after -p, as in -p {shlex.quote(label)}")
             raise MediaError(label, "no such file")
         if path.is_dir():
             raise MediaError(label, "is a directory: give the files in it instead (for example DIR/*.jpg)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -133,6 +134,29 @@ class GenerationOptions:
     repetition_penalty: float | None = None
     seed: int | None = None
     repeat_guard: bool = True  # stop a generation caught in a loop
+
+
+def check_generation(gen: GenerationOptions) -> GenerationOptions:
+    """The generation settings' own ranges, before any model loads (the CLI and the server both pass here)."""
+    from qwen2vl_cli.errors import UsageError
+
+    def number(value, integer: bool = False) -> bool:
+        kinds = (int,) if integer else (int, float)
+        return isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
+
+    checks = [
+        ("max-new-tokens", gen.max_new_tokens, True, lambda v: v >= 1, "must be 1 or more"),
+        ("min-new-tokens", gen.min_new_tokens, True, lambda v: v >= 0, "must be 0 or more"),
+        ("temperature", gen.temperature, False, lambda v: v >= 0, "must be 0 (greedy) or more"),
+        ("top-p", gen.top_p, False, lambda v: 0 < v <= 1, "must be above 0 and at most 1"),
+        ("top-k", gen.top_k, True, lambda v: v >= 0, "must be 0 (off) or more"),
+        ("repetition-penalty", gen.repetition_penalty, False, lambda v: v > 0, "must be above 0 (1 is no penalty)"),
+        ("seed", gen.seed, True, lambda v: 0 <= v < 2**63, "must be a whole number from 0 to 2^63-1"),
+    ]
+    for name, value, integer, ok, rule in checks:
+        if value is not None and not (number(value, integer) and ok(value)):
+            raise UsageError(f"--{name} {f'{value:g}' if isinstance(value, float) else value}: {rule}")
+    return gen
 
 
 @dataclass(frozen=True)

@@ -43,9 +43,15 @@ def _open(src: Source):
     # file); 19 removed the keyword and always decodes leniently.
     lenient = {"metadata_errors": "ignore"} if hasattr(av.container.Container, "metadata_errors") else {}
     try:
-        return av.open(target, mode="r", **lenient)
+        container = av.open(target, mode="r", **lenient)
     except av.FFmpegError as e:
         raise MediaError(src.label, f"not an image or a video that qvl can read ({one_line(e)})") from None
+    names = container.format.name.split(",")
+    if "image2" in names or any(n.endswith("_pipe") for n in names):
+        # FFmpeg's still-image readers (image2 goes by the file name): Pillow could not read it, so it is no image.
+        container.close()
+        raise MediaError(src.label, "not an image or a video that qvl can read")
+    return container
 
 
 def _fraction(value) -> Fraction | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,11 +68,32 @@ def test_batched_equals_unbatched_under_greedy(qvl, tiny_model, media_dir):
     assert [o["prompt_tokens"] for o in one] == [o["prompt_tokens"] for o in many]
 
 
-def test_text_format_escapes_newlines(qvl, tiny_model, media_dir):
-    r = qvl("describe", "--each", media_dir / "square.png", "--model", tiny_model, *FAST, "--format", "text")
-    [line] = r.stdout.splitlines()
+def test_text_format_escapes_both_columns_and_says_failures_on_stderr(qvl, tiny_model, media_dir, tmp_path):
+    odd = tmp_path / "tab\there\nnewline.png"
+    shutil.copy(media_dir / "square.png", odd)
+    r = qvl("describe", "--each", odd, media_dir / "notes.txt", "--model", tiny_model, *FAST, "--format", "text")
+    assert r.exit_code == 1
+    [line] = r.stdout.splitlines()  # the failure is no caption
     source, text = line.split("\t")
-    assert source == str(media_dir / "square.png") and "\n" not in text and text
+    assert source == str(odd).replace("\t", "\\t").replace("\n", "\\n") and text
+    assert f"qvl: error: {media_dir / 'notes.txt'}: not an image or a video" in r.stderr
+
+
+def test_resume_never_truncates_a_file_it_did_not_write(qvl, tiny_model, media_dir, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\nsecond line\n")
+    r = qvl("describe", "--each", media_dir / "square.png", "--model", tiny_model, *FAST, "--resume", notes)
+    assert r.exit_code == 2 and "line 1 is not a JSON record" in r.stderr
+    assert notes.read_text() == "my notes\nsecond line\n"
+    r = qvl("describe", "--each", media_dir / "square.png", "--model", tiny_model, "--resume", notes, "--format", "text")
+    assert r.exit_code == 2 and "drop --format text" in r.stderr
+
+
+def test_an_empty_source_list_is_an_error(qvl, tiny_model, tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_text("# nothing yet\n\n")
+    r = qvl("describe", "--from", listing, "--model", tiny_model, *FAST)
+    assert r.exit_code == 2 and f"--from {listing}: no sources in it" in r.stderr
 
 
 def test_video_each(qvl, tiny_model, media_dir):

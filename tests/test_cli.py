@@ -174,9 +174,14 @@ def test_inspect_model_summary(qvl, tiny_model):
         (["describe", "{m}/photo.png", "--attn", "flash_attention_2"], 2, "use --attn sdpa"),
         (["describe", "{m}/photo.png", "--bogus"], 2, "No such option"),
         (["describe", "{m}/photo.png", "--max-new-tokens", "0"], 2, "--max-new-tokens"),
-        (["describe", "{m}/photo.png", "--model", "{m}/no-model-here"], 2, "no such directory"),
-        (["describe", "{m}/photo.png", "--model", "{m}/folder"], 2, "no config.json"),
+        (["describe", "{m}/photo.png", "--model", "{m}/no-model-here"], 1, "no such directory"),
+        (["describe", "{m}/photo.png", "--model", "{m}/folder"], 1, "no config.json"),
         (["inspect"], 2, "give MEDIA"),
+        (["describe", "{m}/photo.png", "--repetition-penalty", "0"], 2, "--repetition-penalty 0: must be above 0"),
+        (["video", "{m}/clip.mp4", "--fps=-1"], 2, "--fps -1: must be above 0"),
+        (["video", "{m}/anim.gif", "--first-frame"], 2, "--first-frame reads this animated GIF as a still image"),
+        (["describe", "{m}/photo.png", "What colour is the car?"], 2, "no such file; a question goes after -p, as in -p 'What colour is the car?'"),
+        (["describe", "--each"], 2, "--each needs inputs"),
     ],
 )
 def test_user_errors_are_one_line_with_stable_codes(qvl, tiny_model, media_dir, args, code, message):
@@ -370,3 +375,18 @@ def test_hints_keep_their_extras(qvl, tiny_model, media_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "openai", None)
     r = qvl("describe", media_dir / "square.png", "--endpoint", "http://127.0.0.1:9/v1")
     assert r.exit_code == 2 and r.stderr.endswith("pip install 'qwen2vl-cli[endpoint]'\n")
+
+
+def test_the_bytes_decide_not_the_name(qvl, media_dir, tmp_path):
+    for name in ("x.jpg", "x.png", "x.mp4"):
+        shutil.copy(media_dir / "notes.txt", tmp_path / name)
+        r = qvl("inspect", tmp_path / name)
+        assert r.exit_code == 2 and r.stderr.startswith(f"qvl: error: {tmp_path / name}: not an image or a video that qvl can read")
+
+
+def test_help_shows_no_type_after_flags_and_completion_is_on(qvl):
+    r = qvl("describe", "--help")
+    assert r.exit_code == 0 and "--json" in r.stdout and "<bool>" not in r.stdout
+    assert "Send Authorization" in r.stdout and "Require Authorization" not in r.stdout
+    r = qvl("--help")
+    assert "--install-completion" in r.stdout
