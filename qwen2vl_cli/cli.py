@@ -413,6 +413,9 @@ _command(
 )
 
 
+_LIMITS = O.SERVE_LIMITS_PANEL
+
+
 @app.command(cls=QvlCommand)
 def serve(
     model: O.Model = C.DEFAULT_MODEL,
@@ -424,6 +427,16 @@ def serve(
     api_key: O.ServeApiKey = None,
     batch_size: O.BatchSize = None,
     queue_size: Annotated[int, typer.Option(min=1, help="Requests that may wait; beyond that: 503.", rich_help_panel=O.SERVE_PANEL)] = 64,
+    allowed_hosts: Annotated[Optional[list[str]], typer.Option("--allowed-hosts", metavar="NAME", help="Host names clients may use besides the listening address (repeatable; guards against DNS rebinding).", rich_help_panel=O.SERVE_PANEL)] = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens one request may ask for; more is a 400.", rich_help_panel=_LIMITS)] = 4096,
+    max_body: Annotated[str, typer.Option(metavar="SIZE", help="Largest request body (413 beyond it), e.g. 64M.", rich_help_panel=_LIMITS)] = "64M",
+    max_media: Annotated[int, typer.Option(min=1, help="Most images and videos in one request.", rich_help_panel=_LIMITS)] = 16,
+    max_visual_tokens: Annotated[int, typer.Option(min=1, help="Visual tokens of one request, all media together: qvl sizes them to fit.", rich_help_panel=_LIMITS)] = 16384,
+    max_source_pixels: Annotated[int, typer.Option(min=1, help="Largest image or video frame as stored (width x height).", rich_help_panel=_LIMITS)] = 50_000_000,
+    max_download: Annotated[str, typer.Option(metavar="SIZE", help="Most bytes fetched from one media URL.", rich_help_panel=_LIMITS)] = "256M",
+    fetch_timeout: Annotated[float, typer.Option(min=1.0, metavar="SECONDS", help="Time for one media URL, from connecting to the last byte.", rich_help_panel=_LIMITS)] = 60.0,
+    allow_urls_to: Annotated[Optional[list[str]], typer.Option("--allow-urls-to", metavar="CIDR", help="Let media URLs reach this network too (repeatable), e.g. 10.0.0.0/8. Default: public addresses only.", rich_help_panel=_LIMITS)] = None,
+    allow_private_urls: Annotated[bool, typer.Option("--allow-private-urls", help="Let media URLs reach any address, loopback and private networks included.", rich_help_panel=_LIMITS)] = False,
     quiet: O.Quiet = False,
 ) -> None:
     """An OpenAI-compatible server: POST /v1/chat/completions (image_url, video_url, stream), GET /v1/models."""
@@ -432,14 +445,28 @@ def serve(
     if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
         raise UsageError("qvl serve needs its extra: pip install 'qwen2vl-cli[serve]'")
     from qwen2vl_cli.render import Reporter
-    from qwen2vl_cli.serve import serve as run_server  # imports fastapi
+    from qwen2vl_cli.serve import Limits, serve as run_server  # imports fastapi
+    from qwen2vl_cli.sources import parse_size
+
+    limits = Limits(
+        max_tokens=max_tokens,
+        max_body_bytes=parse_size(max_body, "--max-body"),
+        max_media=max_media,
+        max_visual_tokens=max_visual_tokens,
+        max_source_pixels=max_source_pixels,
+        max_download=parse_size(max_download),
+        fetch_deadline_s=fetch_timeout,
+        allowed_networks=tuple(allow_urls_to or ()),
+        allow_private_urls=allow_private_urls,
+    )
     reporter = Reporter(quiet=quiet, stream=False)
 
     def announce(url: str) -> None:
         reporter.stop()
         reporter.console.print(f"qvl: serving {model} on {url} (Ctrl-C to stop)")
 
-    run_server(_runtime_options(model, device, dtype, attn), host, port, api_key, batch_size, queue_size, reporter, announce)
+    run_server(_runtime_options(model, device, dtype, attn), host, port, api_key, batch_size, queue_size, reporter, announce,
+               limits, tuple(allowed_hosts or ()))
 
 
 def main() -> None:

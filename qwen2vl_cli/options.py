@@ -96,6 +96,7 @@ Resume = Annotated[Optional[str], typer.Option(metavar="FILE", help="Continue FI
 BatchSize = Annotated[Optional[int], typer.Option(min=1, help="Inputs generated together (left-padded). Default: 8 on CUDA, 4 on MPS, 1 on CPU.", rich_help_panel=EACH_PANEL)]
 
 SERVE_PANEL = "Server"
+SERVE_LIMITS_PANEL = "What one request may cost"
 ENDPOINT_PANEL = "Remote engine"
 Endpoint = Annotated[Optional[str], typer.Option(envvar="QVL_ENDPOINT", metavar="URL", help="Send the requests to an OpenAI-compatible server (qvl serve, vLLM, SGLang), e.g. http://127.0.0.1:8000/v1.", rich_help_panel=ENDPOINT_PANEL)]
 PassUrls = Annotated[bool, typer.Option("--pass-urls", help="Send http(s) media URLs as they are instead of as data: URLs.", rich_help_panel=ENDPOINT_PANEL)]

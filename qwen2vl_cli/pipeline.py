@@ -219,10 +219,26 @@ class Prepared:
 
 
 class Session:
-    """A model loaded once and kept for many requests (`--each`)."""
+    """A model loaded once and kept for many requests (`--each`, `qvl serve`).
 
-    def __init__(self, runtime: RuntimeOptions, hooks: Hooks):
+    A server bounds each request: `fetch` holds SourceResolver settings for URLs (its address
+    policy and time limits), `max_source_pixels` refuses media stored larger than that before any
+    pixel is decoded, and `max_visual_tokens` sizes a request that would cost more down to it.
+    """
+
+    def __init__(
+        self,
+        runtime: RuntimeOptions,
+        hooks: Hooks,
+        fetch: dict | None = None,
+        max_source_pixels: int | None = None,
+        max_visual_tokens: int | None = None,
+    ):
         from qwen2vl_cli.runner import Runner
+
+        self.fetch = fetch or {}
+        self.max_source_pixels = max_source_pixels
+        self.max_visual_tokens = max_visual_tokens
 
         hooks.stage(f"Finding {runtime.model}")
         model_dir = locate_model(runtime.model)
@@ -234,9 +250,16 @@ class Session:
 
     def _decode(self, sources: tuple[str, ...], opts: MediaOptions, require_video: bool = False):
         opts = replace(opts, cpu_budget=self.runner.device == "cpu")
-        with SourceResolver(max_bytes=opts.max_download) as resolver:
+        with SourceResolver(max_bytes=opts.max_download, **self.fetch) as resolver:
             probed = probe_all(resolver, sources, opts, require_video)
-            return decode_all(probed, plan_all(probed, self.spec, opts), opts)
+            for p in probed:
+                if self.max_source_pixels is not None and p.info.width * p.info.height > self.max_source_pixels:
+                    raise MediaError(p.source.label, f"is {p.info.width}x{p.info.height}: over the {self.max_source_pixels:,} pixels allowed here")
+            plans = plan_all(probed, self.spec, opts)
+            cap = self.max_visual_tokens
+            if cap is not None and sum(p.visual_tokens for p in plans) > cap:
+                plans = plan_all(probed, self.spec, replace(opts, max_visual_tokens=min(cap, opts.max_visual_tokens or cap)))
+            return decode_all(probed, plans, opts)
 
     def prepare(self, source: str, opts: MediaOptions, gen: GenerationOptions, require_video: bool = False) -> Prepared:
         """Everything before the model for one source; safe to run on a worker thread."""

@@ -148,7 +148,10 @@ class Runner:
             return_tensors="pt",
         )
 
-    def generate(self, inputs, gen: GenerationOptions, on_text: Callable[[str], None] | None = None) -> Generation:
+    def generate(
+        self, inputs, gen: GenerationOptions, on_text: Callable[[str], None] | None = None, cancel: threading.Event | None = None
+    ) -> Generation:
+        """One prompt, streamed to `on_text`; setting `cancel` stops it at the next token."""
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
@@ -159,7 +162,7 @@ class Runner:
         ids = inputs["input_ids"]
         visual_tokens = int(((ids == config.image_token_id) | (ids == config.video_token_id)).sum())
 
-        stop = threading.Event()
+        stop = cancel if cancel is not None else threading.Event()
         token_times: list[float] = []
 
         class _Streamer(TextIteratorStreamer):
@@ -217,10 +220,18 @@ class Runner:
         new = outcome["sequences"][0, prompt_tokens:]
         return self._generation(new, prompt_tokens, visual_tokens, ttft, rate, guard.stopped_at.get(0))
 
-    def generate_batch(self, texts: list[str], media: list[list[Loaded]], gen: GenerationOptions) -> list[Generation]:
-        """Several prompts in one left-padded batch; greedy results equal one-by-one generation."""
+    def generate_batch(
+        self, texts: list[str], media: list[list[Loaded]], gen: GenerationOptions, cancels: list[threading.Event] | None = None
+    ) -> list[Generation]:
+        """Several prompts in one left-padded batch; greedy results equal one-by-one generation.
+        Setting a row's event in `cancels` ends that row at the next token."""
         import torch
+        from transformers import StoppingCriteria
         from transformers.generation.streamers import BaseStreamer
+
+        class _Cancelled(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.tensor([c.is_set() for c in cancels], dtype=torch.bool, device=input_ids.device)
 
         token_times: list[float] = []
 
@@ -247,7 +258,7 @@ class Runner:
                 **inputs,
                 max_new_tokens=gen.max_new_tokens,
                 streamer=_Clock(),
-                stopping_criteria=[guard] if gen.repeat_guard else None,
+                stopping_criteria=([guard] if gen.repeat_guard else []) + ([_Cancelled()] if cancels else []) or None,
                 **sampling_kwargs(gen),
             )
         if self.device == "cuda":

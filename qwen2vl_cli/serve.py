@@ -1,29 +1,39 @@
 """`qvl serve`: an OpenAI-compatible chat-completions server over the transformers runner.
 
-Requests are prepared as they arrive (media fetched, checked and decoded on a thread pool), so a
-bad image is a 400 at once. Prepared requests wait in a bounded queue (full: 503); one worker
-thread owns the model and takes what is waiting, up to the batch size, as one batch of requests
-with the same sampling settings. A streaming request is generated alone, token by token.
-This module needs the `serve` extra (FastAPI, uvicorn); the CLI imports it only for `qvl serve`.
+A server is a security boundary. Every request is bounded before work starts: its body size
+(from Content-Length, then while reading), its fields (types and ranges; 400 naming the field),
+its tokens, media count and visual tokens, its URLs (public addresses only, see urlpolicy.py,
+with size and time limits). Media are fetched and decoded on a small pool of its own, so slow
+sources cannot take the threads others need. Prepared requests wait in a bounded queue (full:
+503 with Retry-After, decided before any stream starts); one worker thread owns the model and
+takes what is waiting, up to the batch size, as one batch of requests with the same sampling
+settings (a streaming request runs alone). A client that goes away stops its row at the next
+token. This module needs the `serve` extra (FastAPI, uvicorn); the CLI imports it only for
+`qvl serve`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
+import math
+import os
 import queue
+import sys
 import threading
 import time
 import uuid
-from concurrent.futures import Future
-from dataclasses import dataclass, field, fields
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
+from dataclasses import dataclass, field, fields, replace
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import ClientDisconnect
 
+from qwen2vl_cli.config import debug_enabled
 from qwen2vl_cli.errors import QvlError, UsageError, describe_exception, error_type
 from qwen2vl_cli.pipeline import Hooks, Prepared, Session, is_out_of_memory
 from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions, check_generation
@@ -31,84 +41,151 @@ from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions, c
 # The per-request sizing options, under vLLM's name for them.
 MM_KWARGS = {f.name for f in fields(MediaOptions)} - {"cpu_budget", "resize", "max_download"}
 URL_SCHEMES = ("http://", "https://", "data:")
+DEFAULT_MAX_TOKENS = 512  # when a request gives none
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may cost; each is a `qvl serve` option."""
+
+    max_tokens: int = 4096  # per request; more is a 400
+    max_body_bytes: int = 64 * 1024**2
+    max_media: int = 16  # image and video parts per request
+    max_visual_tokens: int = 16384  # all media of a request together (qvl picks the sizes under it)
+    max_source_pixels: int = 50_000_000  # width x height of an image or video as stored
+    max_download: int = 256 * 1024**2  # per URL
+    fetch_deadline_s: float = 60.0  # per URL, from connecting to the last byte
+    media_workers: int = max(2, min(8, os.cpu_count() or 2))
+    allowed_networks: tuple[str, ...] = ()  # CIDRs that URLs may reach besides public addresses
+    allow_private_urls: bool = False
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, kind: str, message: str):
+    def __init__(self, status: int, kind: str, message: str, param: str | None = None, code: str | None = None, headers: dict | None = None):
         super().__init__(message)
-        self.status, self.kind, self.message = status, kind, message
+        self.status, self.kind, self.message, self.param, self.code, self.headers = status, kind, message, param, code, headers
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": None, "code": None}}
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
-def to_chat(messages) -> tuple[list[dict], list[str]]:
+def invalid(message: str, param: str | None = None) -> ApiError:
+    return ApiError(400, "invalid_request_error", message, param)
+
+
+def to_chat(messages, max_media: int) -> tuple[list[dict], list[str]]:
     """OpenAI messages to Qwen2-VL chat messages; media parts become placeholders, in order."""
     if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "invalid_request_error", "messages must be a non-empty list")
+        raise invalid("messages must be a non-empty list", "messages")
     chat, urls = [], []
     for message in messages:
         if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
-            raise ApiError(400, "invalid_request_error", "each message needs a role of system, user or assistant")
+            raise invalid("each message needs a role of system, user or assistant", "messages")
         content = message.get("content")
         if isinstance(content, str):
             chat.append({"role": message["role"], "content": content})
             continue
         if not isinstance(content, list):
-            raise ApiError(400, "invalid_request_error", "content must be a string or a list of parts")
+            raise invalid("content must be a string or a list of parts", "messages")
         parts = []
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text":
-                parts.append({"type": "text", "text": str(part.get("text", ""))})
+                if not isinstance(part.get("text", ""), str):
+                    raise invalid("a text part's text must be a string", "messages")
+                parts.append({"type": "text", "text": part.get("text", "")})
             elif kind in ("image_url", "video_url"):
                 url = (part.get(kind) or {}).get("url") if isinstance(part.get(kind), dict) else part.get(kind)
                 if not isinstance(url, str) or not url.startswith(URL_SCHEMES):
-                    raise ApiError(400, "invalid_request_error", f"{kind}: give an http(s):// or data: URL")
+                    raise invalid(f"{kind}: give an http(s):// or data: URL", "messages")
                 parts.append({"type": "media"})  # image or video: decided by the bytes
                 urls.append(url)
             else:
-                raise ApiError(400, "invalid_request_error", f"unsupported content part type {kind!r}")
+                raise invalid(f"unsupported content part type {str(kind)[:40]!r}", "messages")
         chat.append({"role": message["role"], "content": parts})
+    if len(urls) > max_media:
+        raise invalid(f"{len(urls)} images and videos in one request; this server takes at most {max_media}", "messages")
     return chat, urls
 
 
-def media_options(kwargs) -> MediaOptions:
-    if kwargs is None:
-        return MediaOptions()
+def media_options(kwargs, limits: Limits) -> MediaOptions:
+    """The request's sizing options, held to the server's visual-token budget and download limit."""
     from qwen2vl_cli.sizing import check_options
 
+    if kwargs is None:
+        kwargs = {}
     unknown = set(kwargs) - MM_KWARGS if isinstance(kwargs, dict) else {"?"}
     if unknown:
-        raise ApiError(400, "invalid_request_error", f"mm_processor_kwargs: unknown {sorted(unknown)}; known: {sorted(MM_KWARGS)}")
+        raise invalid(f"mm_processor_kwargs: unknown {sorted(map(str, unknown))[:8]}; known: {sorted(MM_KWARGS)}", "mm_processor_kwargs")
     try:
-        return check_options(MediaOptions(**kwargs))
-    except UsageError as e:
-        raise ApiError(400, "invalid_request_error", f"mm_processor_kwargs: {str(e).lstrip('-')}") from None
+        opts = check_options(MediaOptions(**kwargs))
+    except (UsageError, TypeError) as e:
+        raise invalid(f"mm_processor_kwargs: {str(e).lstrip('-')}", "mm_processor_kwargs") from None
+    budget = opts.max_visual_tokens
+    if budget is not None and budget > limits.max_visual_tokens:
+        raise invalid(f"mm_processor_kwargs: max_visual_tokens {budget} is over this server's {limits.max_visual_tokens}", "mm_processor_kwargs")
+    return replace(opts, max_download=limits.max_download)  # the session holds every request to max_visual_tokens
 
 
-def generation_options(body: dict) -> GenerationOptions:
-    def number(name, kind=float):
-        value = body.get(name)
-        if value is not None and not isinstance(value, (int, float)):
-            raise ApiError(400, "invalid_request_error", f"{name} must be a number")
-        return kind(value) if value is not None else None
+def _whole(value, name: str) -> int | None:
+    """An integer field: JSON integers (and floats with no fraction); not booleans, not NaN or infinity."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not (math.isfinite(value) and value.is_integer())):
+        raise invalid(f"{name} must be a whole number", name)
+    return int(value)
 
-    max_tokens = number("max_completion_tokens", int) or number("max_tokens", int) or 512
-    temperature = number("temperature")
+
+def _real(value, name: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise invalid(f"{name} must be a finite number", name)
+    return float(value)
+
+
+def generation_options(body: dict, limits: Limits) -> GenerationOptions:
+    given = [n for n in ("max_completion_tokens", "max_tokens") if body.get(n) is not None]
+    max_tokens = _whole(body.get(given[0]), given[0]) if given else DEFAULT_MAX_TOKENS
+    if not 1 <= max_tokens <= limits.max_tokens:
+        raise invalid(f"{given[0]} {max_tokens}: must be from 1 to {limits.max_tokens} on this server", given[0])
+    temperature = _real(body.get("temperature"), "temperature")
     gen = GenerationOptions(
         max_new_tokens=max_tokens,
-        min_new_tokens=number("min_tokens", int),
+        min_new_tokens=_whole(body.get("min_tokens"), "min_tokens"),
         temperature=temperature if temperature is not None else 0.0,  # greedy, as the CLI
-        top_p=number("top_p"),
-        top_k=number("top_k", int),
-        repetition_penalty=number("repetition_penalty"),
-        seed=number("seed", int),
+        top_p=_real(body.get("top_p"), "top_p"),
+        top_k=_whole(body.get("top_k"), "top_k"),
+        repetition_penalty=_real(body.get("repetition_penalty"), "repetition_penalty"),
+        seed=_whole(body.get("seed"), "seed"),
     )
     try:
         return check_generation(gen)
     except UsageError as e:
-        raise ApiError(400, "invalid_request_error", str(e).lstrip("-")) from None
+        name = str(e).lstrip("-").split(" ", 1)[0]
+        raise invalid(str(e).lstrip("-"), name.replace("-", "_")) from None
+
+
+def check_request(body: dict, model_name: str) -> tuple[bool, bool]:
+    """The fields qvl does not act on beyond a check; returns (stream, include_usage)."""
+    model = body.get("model")
+    if model is not None and model != model_name:
+        raise ApiError(404, "invalid_request_error", f"the model {str(model)[:200]!r} does not exist; this server serves {model_name!r}",
+                       "model", "model_not_found")
+    if body.get("n") not in (None, 1):
+        raise invalid("n: this server gives one choice per request (n 1)", "n")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise invalid("stream must be true or false", "stream")
+    options = body.get("stream_options")
+    if options is not None and not (isinstance(options, dict) and isinstance(options.get("include_usage", False), bool)):
+        raise invalid("stream_options must be an object such as {\"include_usage\": true}", "stream_options")
+    if options is not None and not stream:
+        raise invalid("stream_options needs stream true", "stream_options")
+    return stream, bool((options or {}).get("include_usage"))
 
 
 @dataclass
@@ -118,6 +195,22 @@ class Job:
     stream: bool
     future: Future = field(default_factory=Future)
     on_text: object = None  # streaming: called with each chunk from the worker thread
+    cancel: threading.Event = field(default_factory=threading.Event)  # the client went away
+
+
+def _settle(future: Future, result=None, error: BaseException | None = None) -> None:
+    """Hand a result over; a future that is already settled or cancelled is left as it is."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass
+
+
+class Cancelled(Exception):
+    """The client went away before its request ran."""
 
 
 class Engine:
@@ -132,25 +225,36 @@ class Engine:
         try:
             self.jobs.put_nowait(job)
         except queue.Full:
-            raise ApiError(503, "server_overloaded", f"{self.jobs.maxsize} requests are waiting: retry later") from None
+            raise ApiError(503, "server_overloaded", f"{self.jobs.maxsize} requests are waiting: retry later",
+                           headers={"Retry-After": "1"}) from None
         return job.future
 
-    def _work(self) -> None:
+    def _next(self, block: bool) -> Job | None:
+        """The next job whose client is still there."""
         while True:
-            job = self.jobs.get()
-            if job.stream:
-                self._run([job])
-                continue
-            batch, later = [job], []
-            while len(batch) < self.batch_size:
-                try:
-                    other = self.jobs.get_nowait()
-                except queue.Empty:
-                    break
-                (batch if not other.stream and other.gen == job.gen else later).append(other)
-            self._run(batch)
-            for other in later:  # back in line; they keep their place ahead of new arrivals
-                self._run([other])
+            try:
+                job = self.jobs.get(block=block)
+            except queue.Empty:
+                return None
+            if not job.cancel.is_set():
+                return job
+            _settle(job.future, error=Cancelled())
+
+    def _work(self) -> None:
+        while True:  # nothing a request does may end this thread
+            try:
+                job = self._next(block=True)
+                if job.stream:
+                    self._run([job])
+                    continue
+                batch, later = [job], []
+                while len(batch) < self.batch_size and (other := self._next(block=False)) is not None:
+                    (batch if not other.stream and other.gen == job.gen else later).append(other)
+                self._run(batch)
+                for other in later:  # back in line; they keep their place ahead of new arrivals
+                    self._run([other])
+            except BaseException as e:  # noqa: BLE001 - log and serve the next request
+                _log_bug("the engine loop", e)
 
     def _run(self, batch: list[Job]) -> None:
         runner = self.session.runner
@@ -158,15 +262,26 @@ class Engine:
             if batch[0].stream:
                 job = batch[0]
                 inputs = runner.inputs(job.prepared.text, list(job.prepared.loaded))
-                gens = [runner.generate(inputs, job.gen, on_text=job.on_text)]
+                gens = [runner.generate(inputs, job.gen, on_text=job.on_text, cancel=job.cancel)]
             else:
-                gens = runner.generate_batch([j.prepared.text for j in batch], [list(j.prepared.loaded) for j in batch], batch[0].gen)
+                gens = runner.generate_batch([j.prepared.text for j in batch], [list(j.prepared.loaded) for j in batch], batch[0].gen,
+                                             cancels=[j.cancel for j in batch])
         except Exception as e:  # every request of the batch gets the error
             for job in batch:
-                job.future.set_exception(e)
+                _settle(job.future, error=e)
             return
         for job, gen in zip(batch, gens):
-            job.future.set_result(gen)
+            _settle(job.future, gen)
+
+
+def _log_bug(where: str, e: BaseException) -> None:
+    """A 500 is a bug: one line on the server's stderr, the traceback with QVL_DEBUG=1."""
+    if debug_enabled():
+        import traceback
+
+        traceback.print_exception(e)
+    message = " ".join(str(e).split())[:300]
+    print(f"qvl serve: error in {where}: {type(e).__name__}: {message}", file=sys.stderr, flush=True)
 
 
 def completion_body(request_id: str, model: str, gen, created: int, prepared: Prepared) -> dict:
@@ -194,28 +309,75 @@ def _usage(gen) -> dict:
     return {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.generated_tokens, "total_tokens": gen.prompt_tokens + gen.generated_tokens}
 
 
-def create_app(session: Session, model_name: str, api_key: str | None = None, batch_size: int = 8, queue_size: int = 64):
-    app = FastAPI(title="qvl", docs_url=None, redoc_url=None)
+async def read_json(request: Request, limit: int) -> dict:
+    """The body as a JSON object: application/json only, at most `limit` bytes (413 before reading more)."""
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        # Also what keeps web pages out: a cross-site form or text/plain post cannot set this type without a preflight.
+        raise ApiError(415, "invalid_request_error", "send the body as JSON with Content-Type: application/json")
+    declared = request.headers.get("content-length")
+    too_large = ApiError(413, "invalid_request_error", f"the request body is over this server's {limit:,} bytes (--max-body)")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks))
+    except (ValueError, RecursionError):
+        raise invalid("the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise invalid("the request body must be a JSON object")
+    return body
+
+
+def allowed_hosts(host: str, extra: tuple[str, ...]) -> list[str]:
+    """Host headers the server answers: its own address and names for it (a DNS-rebinding guard)."""
+    if host in ("0.0.0.0", "::", ""):
+        return ["*"]  # listening on every address: reached by whatever name the network gives it
+    names = {host, f"[{host}]"} if ":" in host else {host}
+    if host.startswith("127.") or host in ("::1", "localhost"):
+        names |= {"localhost", "127.0.0.1", "[::1]"}
+    return sorted(names | set(extra))
+
+
+def create_app(session: Session, model_name: str, api_key: str | None = None, batch_size: int = 8, queue_size: int = 64,
+               limits: Limits = Limits(), hosts: list[str] | None = None):
+    app = FastAPI(title="qvl", docs_url=None, redoc_url=None, openapi_url=None)
     engine = Engine(session, batch_size, queue_size)
+    media_pool = ThreadPoolExecutor(max_workers=limits.media_workers, thread_name_prefix="qvl-media")
     started = int(time.time())
+    expected_key = f"Bearer {api_key}".encode() if api_key else None
 
     @app.exception_handler(ApiError)
     async def api_error(request, exc: ApiError):
-        return JSONResponse(exc.body(), status_code=exc.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request, exc):
-        return JSONResponse(ApiError(400, "invalid_request_error", "the request body is not valid JSON").body(), status_code=400)
+        return exc.response()
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):
-        return JSONResponse(ApiError(exc.status_code, "invalid_request_error", str(exc.detail)).body(), status_code=exc.status_code)
+        return ApiError(exc.status_code, "invalid_request_error", str(exc.detail)).response()
+
+    @app.exception_handler(ClientDisconnect)
+    async def gone(request, exc):  # the client hung up while sending: nobody to answer
+        return JSONResponse({}, status_code=400)
+
+    @app.exception_handler(Exception)
+    async def bug(request, exc: Exception):
+        _log_bug(request.url.path, exc)
+        return ApiError(500, "server_error", "internal error in qvl serve (its log has the details)").response()
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
-        if api_key and request.headers.get("authorization") != f"Bearer {api_key}":
-            return JSONResponse(ApiError(401, "authentication_error", "missing or wrong API key (Authorization: Bearer KEY)").body(), status_code=401)
+        given = request.headers.get("authorization", "").encode()
+        if expected_key is not None and not hmac.compare_digest(given, expected_key):
+            return ApiError(401, "authentication_error", "missing or wrong API key (Authorization: Bearer KEY)").response()
         return await call_next(request)
+
+    if hosts is not None and hosts != ["*"]:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)  # outermost: checked first
 
     @app.get("/v1/models")
     async def models():
@@ -223,46 +385,60 @@ def create_app(session: Session, model_name: str, api_key: str | None = None, ba
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        body = await read_json(request, limits.max_body_bytes)
+        stream, include_usage = check_request(body, model_name)
+        chat, urls = to_chat(body.get("messages"), limits.max_media)
+        gen = generation_options(body, limits)
+        opts = media_options(body.get("mm_processor_kwargs"), limits)
         try:
-            body = await request.json()
-        except ValueError:
-            raise ApiError(400, "invalid_request_error", "the request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "invalid_request_error", "the request body must be a JSON object")
-        chat, urls = to_chat(body.get("messages"))
-        gen = generation_options(body)
-        try:
-            prepared = await run_in_threadpool(session.prepare_chat, chat, urls, media_options(body.get("mm_processor_kwargs")), gen)
+            prepared = await asyncio.wrap_future(media_pool.submit(session.prepare_chat, chat, urls, opts, gen))
         except QvlError as e:
-            raise ApiError(400, "invalid_request_error", describe_exception(e)[0]) from None
+            raise invalid(describe_exception(e)[0], "messages") from None
         request_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
-        model = body.get("model") or model_name
-        if not body.get("stream"):
-            future = engine.submit(Job(prepared, gen, stream=False))
-            try:
-                result = await asyncio.wrap_future(future)
-            except Exception as e:
-                raise _runtime_error(e) from None
-            return completion_body(request_id, model, result, created, prepared)
-        return StreamingResponse(_stream(engine, prepared, gen, request_id, model, created, body), media_type="text/event-stream")
+        if not stream:
+            job = Job(prepared, gen, stream=False)
+            result = await _answer(request, job, engine.submit(job))
+            return completion_body(request_id, model_name, result, created, prepared)
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue = asyncio.Queue()
+        job = Job(prepared, gen, stream=True, on_text=lambda text: loop.call_soon_threadsafe(chunks.put_nowait, text))
+        future = engine.submit(job)  # a full queue is a 503 here, before any header of the stream
+        future.add_done_callback(lambda f: loop.call_soon_threadsafe(chunks.put_nowait, None))
+        events = _stream(job, chunks, request_id, model_name, created, prepared, include_usage)
+        return StreamingResponse(events, media_type="text/event-stream")
 
     return app
 
 
+async def _answer(request: Request, job: Job, future: Future):
+    """Wait for a job; a client that disconnects meanwhile cancels it."""
+    waiting = asyncio.wrap_future(future)
+    while True:
+        done, _ = await asyncio.wait({waiting}, timeout=0.5)
+        if done:
+            break
+        if await request.is_disconnected():
+            job.cancel.set()
+            waiting.cancel()
+            raise ClientDisconnect()
+    try:
+        return waiting.result()
+    except Exception as e:
+        raise _runtime_error(e) from None
+
+
 def _runtime_error(e: BaseException) -> ApiError:
     message, _ = describe_exception(e)
-    status = 400 if isinstance(e, UsageError) else 507 if is_out_of_memory(e) else 500
-    return ApiError(status, error_type(e), message)
+    if isinstance(e, UsageError):
+        return invalid(message)
+    if is_out_of_memory(e):
+        return ApiError(507, error_type(e), message)
+    _log_bug("generation", e)
+    return ApiError(500, "server_error", "internal error in qvl serve (its log has the details)")
 
 
-async def _stream(engine: Engine, prepared, gen, request_id, model, created, body):
-    loop = asyncio.get_running_loop()
-    chunks: asyncio.Queue = asyncio.Queue()
-    job = Job(prepared, gen, stream=True, on_text=lambda text: loop.call_soon_threadsafe(chunks.put_nowait, text))
-    future = engine.submit(job)
-    future.add_done_callback(lambda f: loop.call_soon_threadsafe(chunks.put_nowait, None))
-
+async def _stream(job: Job, chunks: asyncio.Queue, request_id, model, created, prepared, include_usage: bool):
     def event(delta: dict, finish=None, usage=None) -> str:
         chunk = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
                  "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
@@ -272,28 +448,39 @@ async def _stream(engine: Engine, prepared, gen, request_id, model, created, bod
             chunk["qvl"] = _extension(prepared)
         return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
-    yield event({"role": "assistant", "content": ""})
-    while (text := await chunks.get()) is not None:
-        yield event({"content": text})
-    if future.exception() is not None:
-        error = _runtime_error(future.exception())
-        yield f"data: {json.dumps(error.body())}\n\n"
-    else:
-        result = future.result()
-        include_usage = (body.get("stream_options") or {}).get("include_usage")
-        yield event({}, _finish(result), _usage(result) if include_usage else None)
-    yield "data: [DONE]\n\n"
+    try:
+        yield event({"role": "assistant", "content": ""})
+        while (text := await chunks.get()) is not None:
+            yield event({"content": text})
+        if job.future.exception() is not None:
+            yield f"data: {json.dumps(_runtime_error(job.future.exception()).body())}\n\n"
+        else:
+            result = job.future.result()
+            yield event({}, _finish(result), _usage(result) if include_usage else None)
+        yield "data: [DONE]\n\n"
+    finally:  # the client went away (the generator is closed) or the answer is complete
+        job.cancel.set()
 
 
-def serve(runtime: RuntimeOptions, host: str, port: int, api_key: str | None, batch_size: int | None, queue_size: int, hooks: Hooks, announce) -> None:
+def serve(runtime: RuntimeOptions, host: str, port: int, api_key: str | None, batch_size: int | None, queue_size: int,
+          hooks: Hooks, announce, limits: Limits = Limits(), extra_hosts: tuple[str, ...] = ()) -> None:
     import socket
 
     import uvicorn
 
     from qwen2vl_cli.batch import default_batch_size
+    from qwen2vl_cli.urlpolicy import UrlPolicy
 
-    session = Session(runtime, hooks)
-    app = create_app(session, runtime.model, api_key, batch_size or default_batch_size(session.runner.device), queue_size)
+    try:
+        policy = UrlPolicy.parse(limits.allowed_networks, limits.allow_private_urls)
+    except ValueError as e:
+        raise UsageError(f"--allow-urls-to: {e}; give networks such as 10.0.0.0/8 or 192.168.1.20") from None
+    deadline = limits.fetch_deadline_s
+    # Reads time out well inside the deadline, so a server that drips bytes is cut off near it.
+    fetch = {"policy": policy, "deadline_s": deadline, "timeout": (min(10.0, deadline), min(10.0, deadline / 4))}
+    session = Session(runtime, hooks, fetch=fetch, max_source_pixels=limits.max_source_pixels, max_visual_tokens=limits.max_visual_tokens)
+    app = create_app(session, runtime.model, api_key, batch_size or default_batch_size(session.runner.device), queue_size, limits,
+                     allowed_hosts(host, extra_hosts))
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:

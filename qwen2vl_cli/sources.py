@@ -17,11 +17,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import unquote, urlparse
 
 from qwen2vl_cli import config as C
 from qwen2vl_cli.errors import MediaError, UsageError
+
+if TYPE_CHECKING:
+    from qwen2vl_cli.urlpolicy import UrlPolicy
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
 _CHUNK = 1 << 20
@@ -57,7 +60,10 @@ class SourceResolver:
         max_bytes: int = C.MAX_DOWNLOAD_BYTES,
         timeout: tuple[float, float] = (C.CONNECT_TIMEOUT_S, C.READ_TIMEOUT_S),
         deadline_s: float = C.DOWNLOAD_DEADLINE_S,
+        policy: UrlPolicy | None = None,
     ):
+        """`policy`: which addresses URLs may reach (a server's); None fetches what the user names."""
+        self._policy = policy
         self._stdin = stdin
         self._stdin_used = False
         self._max_bytes = max_bytes
@@ -160,12 +166,19 @@ class SourceResolver:
 
     def _download(self, url: str) -> Source:
         import requests
+        import urllib3
+
+        from qwen2vl_cli.urlpolicy import RefusedAddress
 
         label = _short(url)
         suffix = Path(urlparse(url).path).suffix[:10]
         path = self._tempfile(suffix)
-        session = requests.Session()
+        session = self._policy.session() if self._policy is not None else requests.Session()
         session.max_redirects = C.MAX_REDIRECTS
+        unreachable = "could not connect: check the URL and your network"
+        if self._policy is not None:  # one answer for refused and unreachable: no probing the server's network
+            unreachable = "cannot fetch it: the host is unreachable or not a public address"
+        started = time.monotonic()
         try:
             with session.get(url, stream=True, timeout=self._timeout) as resp:
                 if resp.status_code >= 400:
@@ -174,9 +187,9 @@ class SourceResolver:
                 if declared and declared.isdigit() and int(declared) > self._max_bytes:
                     raise MediaError(label, f"is {format_size(int(declared))}, over the {format_size(self._max_bytes)} download limit (--max-download)")
                 total = 0
-                started = time.monotonic()
                 with open(path, "wb") as out:
-                    for chunk in resp.iter_content(_CHUNK):
+                    # read1 returns whatever has arrived, so a server that drips bytes meets the deadline too.
+                    while chunk := resp.raw.read1(_CHUNK, decode_content=True):
                         total += len(chunk)
                         if total > self._max_bytes:
                             raise MediaError(label, f"download exceeds the {format_size(self._max_bytes)} limit (--max-download)")
@@ -184,14 +197,20 @@ class SourceResolver:
                             raise MediaError(label, f"download took longer than {self._deadline_s:g} s")
                         out.write(chunk)
         except requests.exceptions.ConnectTimeout:
+            if self._policy is not None:
+                raise MediaError(label, unreachable) from None
             raise MediaError(label, f"timed out connecting after {self._timeout[0]:g} s") from None
         except requests.exceptions.ReadTimeout:
             raise MediaError(label, f"server sent nothing for {self._timeout[1]:g} s") from None
-        except requests.exceptions.ChunkedEncodingError:
+        except urllib3.exceptions.ReadTimeoutError:  # from read1 in the body
+            raise MediaError(label, f"server sent nothing for {self._timeout[1]:g} s") from None
+        except (requests.exceptions.ChunkedEncodingError, urllib3.exceptions.ProtocolError):
             raise MediaError(label, "the server closed the connection before the end of the file") from None
+        except urllib3.exceptions.DecodeError:
+            raise MediaError(label, "the server sent a body that does not decompress") from None
         except requests.exceptions.ConnectionError as e:
-            if "timed out" not in str(e).lower():  # a stall in the body arrives wrapped like this
-                raise MediaError(label, "could not connect: check the URL and your network") from None
+            if "timed out" not in str(e).lower() or isinstance(e, RefusedAddress):  # a stall in the body arrives wrapped like this
+                raise MediaError(label, unreachable) from None
             raise MediaError(label, f"server sent nothing for {self._timeout[1]:g} s") from None
         except requests.exceptions.TooManyRedirects:
             raise MediaError(label, f"more than {C.MAX_REDIRECTS} redirects") from None
@@ -213,9 +232,9 @@ def format_size(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, option: str = "--max-download") -> int:
     """'500M', '2G', '100k' or plain bytes."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)i?[bB]?\s*", text)
     if not match:
-        raise UsageError(f"--max-download {text}: give a size such as 500M or 2G")
+        raise UsageError(f"{option} {text}: give a size such as 500M or 2G")
     return int(float(match.group(1)) * 1024 ** " KMG".index(match.group(2).upper() or " "))

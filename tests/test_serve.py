@@ -82,21 +82,21 @@ def test_openai_client_models_and_completions(client, media_dir, tiny_model):
         {"type": "video_url", "video_url": {"url": data_url(media_dir / "clip.mp4", "video/mp4")}},
         {"type": "text", "text": "Compare them."},
     ]
-    done = client.chat.completions.create(model="m", messages=[{"role": "user", "content": content}], max_tokens=10)
+    done = client.chat.completions.create(model=str(tiny_model), messages=[{"role": "user", "content": content}], max_tokens=10)
     assert done.choices[0].message.role == "assistant" and done.choices[0].finish_reason in ("stop", "length")
     assert done.usage.prompt_tokens > 64 and done.usage.completion_tokens == len(done.choices[0].message.content) or done.usage.completion_tokens > 0
-    chunks = list(client.chat.completions.create(model="m", messages=[{"role": "user", "content": content}], max_tokens=10,
+    chunks = list(client.chat.completions.create(model=str(tiny_model), messages=[{"role": "user", "content": content}], max_tokens=10,
                                                  stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == done.choices[0].message.content
     assert chunks[-1].usage.completion_tokens == done.usage.completion_tokens
 
 
-def test_mm_processor_kwargs_set_the_sizes(client, media_dir):
+def test_mm_processor_kwargs_set_the_sizes(client, media_dir, tiny_model):
     content = [{"type": "image_url", "image_url": {"url": data_url(media_dir / "photo.png", "image/png")}}, {"type": "text", "text": "?"}]
-    small = client.chat.completions.create(model="m", messages=[{"role": "user", "content": content}], max_tokens=2,
+    small = client.chat.completions.create(model=str(tiny_model), messages=[{"role": "user", "content": content}], max_tokens=2,
                                            extra_body={"mm_processor_kwargs": {"max_pixels": 28 * 28 * 16}})
-    large = client.chat.completions.create(model="m", messages=[{"role": "user", "content": content}], max_tokens=2,
+    large = client.chat.completions.create(model=str(tiny_model), messages=[{"role": "user", "content": content}], max_tokens=2,
                                            extra_body={"mm_processor_kwargs": {"max_pixels": 12845056}})
     sizes = [r.model_extra["qvl"]["inputs"][0] for r in (small, large)]
     assert [(s["resized_width"], s["resized_height"], s["visual_tokens"]) for s in sizes] == [(112, 84, 12), (392, 308, 154)]
