@@ -19,15 +19,15 @@ import hmac
 import json
 import math
 import os
-import queue
 import sys
 import threading
 import time
 import uuid
+from collections import deque
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
@@ -214,31 +214,41 @@ class Cancelled(Exception):
 
 
 class Engine:
-    """The model's one worker thread and its bounded queue."""
+    """The model's one worker thread and its bounded line of waiting jobs.
+
+    Jobs whose client went away leave the line at once: they hold no place against new arrivals.
+    """
 
     def __init__(self, session: Session, batch_size: int, queue_size: int):
-        self.session, self.batch_size = session, batch_size
-        self.jobs: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
+        self.session, self.batch_size, self.queue_size = session, batch_size, queue_size
+        self._line: deque[Job] = deque()
+        self._changed = threading.Condition()
         threading.Thread(target=self._work, name="qvl-engine", daemon=True).start()
 
+    def _drop_cancelled(self) -> None:  # holding self._changed
+        for job in [j for j in self._line if j.cancel.is_set()]:
+            self._line.remove(job)
+            _settle(job.future, error=Cancelled())
+
     def submit(self, job: Job) -> Future:
-        try:
-            self.jobs.put_nowait(job)
-        except queue.Full:
-            raise ApiError(503, "server_overloaded", f"{self.jobs.maxsize} requests are waiting: retry later",
-                           headers={"Retry-After": "1"}) from None
+        with self._changed:
+            self._drop_cancelled()
+            if len(self._line) >= self.queue_size:
+                raise ApiError(503, "server_overloaded", f"{self.queue_size} requests are waiting: retry later", headers={"Retry-After": "1"})
+            self._line.append(job)
+            self._changed.notify()
         return job.future
 
     def _next(self, block: bool) -> Job | None:
         """The next job whose client is still there."""
-        while True:
-            try:
-                job = self.jobs.get(block=block)
-            except queue.Empty:
-                return None
-            if not job.cancel.is_set():
-                return job
-            _settle(job.future, error=Cancelled())
+        with self._changed:
+            while True:
+                self._drop_cancelled()
+                if self._line:
+                    return self._line.popleft()
+                if not block:
+                    return None
+                self._changed.wait()
 
     def _work(self) -> None:
         while True:  # nothing a request does may end this thread
@@ -346,11 +356,18 @@ def allowed_hosts(host: str, extra: tuple[str, ...]) -> list[str]:
 
 def create_app(session: Session, model_name: str, api_key: str | None = None, batch_size: int = 8, queue_size: int = 64,
                limits: Limits = Limits(), hosts: list[str] | None = None):
-    app = FastAPI(title="qvl", docs_url=None, redoc_url=None, openapi_url=None)
+    expected_key = f"Bearer {api_key}".encode() if api_key else None
+
+    def authenticate(request: Request) -> None:
+        # A dependency rather than an HTTP middleware: those hide a client's disconnect from the route.
+        given = request.headers.get("authorization", "").encode()
+        if expected_key is not None and not hmac.compare_digest(given, expected_key):
+            raise ApiError(401, "authentication_error", "missing or wrong API key (Authorization: Bearer KEY)")
+
+    app = FastAPI(title="qvl", docs_url=None, redoc_url=None, openapi_url=None, dependencies=[Depends(authenticate)])
     engine = Engine(session, batch_size, queue_size)
     media_pool = ThreadPoolExecutor(max_workers=limits.media_workers, thread_name_prefix="qvl-media")
     started = int(time.time())
-    expected_key = f"Bearer {api_key}".encode() if api_key else None
 
     @app.exception_handler(ApiError)
     async def api_error(request, exc: ApiError):
@@ -369,15 +386,8 @@ def create_app(session: Session, model_name: str, api_key: str | None = None, ba
         _log_bug(request.url.path, exc)
         return ApiError(500, "server_error", "internal error in qvl serve (its log has the details)").response()
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        given = request.headers.get("authorization", "").encode()
-        if expected_key is not None and not hmac.compare_digest(given, expected_key):
-            return ApiError(401, "authentication_error", "missing or wrong API key (Authorization: Bearer KEY)").response()
-        return await call_next(request)
-
     if hosts is not None and hosts != ["*"]:
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)  # outermost: checked first
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)
 
     @app.get("/v1/models")
     async def models():
