@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
-from qwen2vl_cli.errors import UsageError, describe_exception, error_type
+from qwen2vl_cli.errors import QvlError, UsageError, describe_exception, error_type
 from qwen2vl_cli.types import GenerationOptions, MediaOptions, Result, RuntimeOptions
 
 
@@ -90,6 +90,7 @@ class RecordFile:
     """JSON Lines on disk: append-only, flushed and synced per record, resumable after a kill."""
 
     def __init__(self, path: str, resume: bool):
+        self.option = "--resume" if resume else "--output"
         self.path = Path(path).expanduser()
         self.done: set[tuple[str, str]] = set()
         if self.path.exists() and not resume:
@@ -97,6 +98,7 @@ class RecordFile:
         if self.path.exists():
             self._read_and_repair()
         self._file = open(self.path, "a", encoding="utf-8")
+        self._broken = False
 
     def _read_and_repair(self) -> None:
         good_end = 0
@@ -117,12 +119,24 @@ class RecordFile:
                 f.truncate(good_end)
 
     def write(self, line: str) -> None:
-        self._file.write(line + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        try:
+            self._file.write(line + "\n")
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as e:  # a full disk or a quota: the records before this one are on disk
+            self._broken = True
+            raise self._error(e) from None
+
+    def _error(self, e: OSError) -> QvlError:
+        return QvlError(f"{self.option} {self.path}: cannot write ({e.strerror or e}); the records before this one are kept, "
+                        f"and --resume {self.path} carries on once there is room")
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()  # closes the file even when its last flush fails
+        except OSError as e:
+            if not self._broken:  # else already said, by write()
+                raise self._error(e) from None
 
 
 @dataclass
@@ -248,18 +262,18 @@ def run_each(
                     tally.skipped += 1
                     emitter.emit(index, None)
                 elif error is not None:
-                    tally.failed += 1
                     emitter.emit(index, record_for(index, source, key, None, error))
+                    tally.failed += 1
                 else:
                     batch.append((index, source, prepared))
                 on_progress()
             if batch:
                 for (index, source, _), result, error in _generate(session, batch, gen):
+                    emitter.emit(index, record_for(index, source, key, result, error))  # counted once it is out
                     if error is None:
                         tally.done += 1
                     else:
                         tally.failed += 1
-                    emitter.emit(index, record_for(index, source, key, result, error))
                     on_progress()
     finally:
         stop.set()
@@ -301,7 +315,12 @@ def sink_for(output: RecordFile | None, stdout: TextIO) -> Callable[[str], None]
         return output.write
 
     def write(line: str) -> None:
-        stdout.write(line + "\n")
-        stdout.flush()
+        try:
+            stdout.write(line + "\n")
+            stdout.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise QvlError(f"cannot write the records to stdout ({e.strerror or e})") from None
 
     return write

@@ -199,6 +199,20 @@ def video_pixel_limits(nframes: int, spec: VisionSpec, opts: MediaOptions) -> tu
     return min_p, max_p
 
 
+def _frames_within(budget: int, n: int, info: MediaInfo, spec: VisionSpec, opts: MediaOptions) -> int:
+    """The most frames, up to `n`, whose tokens fit `budget`: every frame keeps its minimum size
+    (rounded up to whole patches), so a long clip fits only by taking fewer frames."""
+    f = spec.factor
+    while n > C.FRAME_FACTOR:
+        min_p, max_p = video_pixel_limits(n, spec, opts)
+        rh, rw = smart_resize(info.height, info.width, f, min_p, max_p)
+        tokens = _tokens(spec, rh, rw, frames=n)[1]
+        if tokens <= budget:
+            break
+        n = max(C.FRAME_FACTOR, min(n - C.FRAME_FACTOR, floor_by_factor(n * budget // tokens, C.FRAME_FACTOR)))
+    return n
+
+
 def plan_video(source: str, info: MediaInfo, spec: VisionSpec, opts: MediaOptions, notes: tuple[str, ...] = ()) -> MediaPlan:
     total, fps = info.frames or 0, info.fps or 0.0
     if total <= 0:
@@ -206,6 +220,11 @@ def plan_video(source: str, info: MediaInfo, spec: VisionSpec, opts: MediaOption
     try:
         first, last = frame_range(total, fps, opts.start, opts.end)
         n, count_notes = frame_count(opts, last - first + 1, fps)
+        if opts.cpu_budget and not opts.pixel_limits_given and opts.resize is None:
+            wanted, n = n, _frames_within(C.CPU_VIDEO_TOTAL_TOKENS, n, info, spec, opts)
+            if n < wanted:
+                count_notes.append(f"on CPU a video is kept within {C.CPU_VIDEO_TOTAL_TOKENS} tokens: {n} of {wanted} frames "
+                                   "(--total-pixels or --max-pixels lifts it)")
         indices = linspace_indices(first, last, n)
         if opts.seek == "keyframe" and not info.animated:
             if info.keyframes:

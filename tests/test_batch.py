@@ -222,3 +222,22 @@ def test_records_reach_redirected_stdout_while_a_progress_bar_runs_on_a_terminal
     assert [Path(o["source"]).name for o in records(out.read_text())] == names
     terminal = screen.decode(errors="replace")
     assert "3 done, 0 failed" in terminal and '"request_key"' not in terminal
+
+
+def test_a_write_failure_names_the_file_and_the_summary_counts_what_is_on_disk(tiny_model, media_dir, tmp_path):
+    """A full disk, made by a file size limit (Python ignores SIGXFSZ, so the write fails with EFBIG)."""
+    import resource
+
+    out = tmp_path / "captions.jsonl"
+    names = ["square.png", "photo.png", "photo.jpg", "transparent.png"]
+    cmd = [sys.executable, "-m", "qwen2vl_cli", "describe", "--each", *[str(media_dir / n) for n in names],
+           "--model", str(tiny_model), *FAST, "--output", str(out)]
+
+    def small_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1500, 1500))  # two records of about 650 bytes fit
+
+    r = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=small_disk, timeout=300)
+    written = records(out.read_text()) if out.read_text().endswith("\n") else records(out.read_text().rsplit("\n", 1)[0])
+    assert r.returncode == 1 and 1 <= len(written) < len(names)
+    assert f"qvl: error: --output {out}: cannot write (File too large)" in r.stderr and "Traceback" not in r.stderr
+    assert f"{len(written)} done, 0 failed" in r.stderr

@@ -233,3 +233,18 @@ def test_resize_keeps_the_aspect_ratio_within_rounding(w, h, max_tokens):
     # Each side moves by at most half a 28-pixel step of rounding (plus the scale): the ratio of
     # the result stays within that error of the original.
     assert abs(rw / rh - w / h) <= (w / h) * (28 / rh + 28 / rw)
+
+
+@pytest.mark.parametrize(
+    "info",
+    [
+        MediaInfo("video", 1280, 720, "mp4", frames=18000, fps=30.0, duration_s=600.0),  # a 10 min clip
+        MediaInfo("video", 160, 120, "GIF", animated=True, frames=10000, fps=50.0, duration_s=200.0,
+                  frame_times_s=tuple(i * 0.02 for i in range(10000))),  # a 270 KB GIF of 10000 frames
+    ],
+)
+def test_the_cpu_video_cap_holds_for_long_clips_and_gifs(info):
+    capped = sizing.plan("v", info, SPEC, MediaOptions(cpu_budget=True))
+    assert capped.visual_tokens <= 2048 and any("within 2048 tokens" in n for n in capped.notes)
+    lifted = sizing.plan("v", info, SPEC, MediaOptions(cpu_budget=True, total_pixels=20_000_000))
+    assert lifted.visual_tokens > 2048 and not any("within 2048 tokens" in n for n in lifted.notes)
