@@ -248,9 +248,13 @@ class Session:
         hooks.stage(f"Loading {runtime.model} ({self.runner.device}, {self.runner.dtype}, {self.runner.attn})")
         self.runner.load_model(model_dir)
 
-    def _decode(self, sources: tuple[str, ...], opts: MediaOptions, require_video: bool = False):
+    def resolver(self, opts: MediaOptions) -> SourceResolver:
+        return SourceResolver(max_bytes=opts.max_download, **self.fetch)
+
+    def _decode(self, sources: tuple[str, ...], opts: MediaOptions, require_video: bool = False, resolver: SourceResolver | None = None):
+        """Plans and pixels; `resolver` (closed here) may hold sources fetched ahead."""
         opts = replace(opts, cpu_budget=self.runner.device == "cpu")
-        with SourceResolver(max_bytes=opts.max_download, **self.fetch) as resolver:
+        with resolver or self.resolver(opts) as resolver:
             probed = probe_all(resolver, sources, opts, require_video)
             for p in probed:
                 if self.max_source_pixels is not None and p.info.width * p.info.height > self.max_source_pixels:
@@ -266,9 +270,11 @@ class Session:
         plans, loaded = self._decode((source,), opts, require_video)
         return Prepared(tuple(plans), tuple(loaded), self.runner.prompt_text(build_messages(plans, gen)))
 
-    def prepare_chat(self, chat: list[dict], urls: list[str], opts: MediaOptions, gen: GenerationOptions) -> Prepared:
+    def prepare_chat(
+        self, chat: list[dict], urls: list[str], opts: MediaOptions, gen: GenerationOptions, resolver: SourceResolver | None = None
+    ) -> Prepared:
         """A whole conversation whose media parts are `{"type": "media"}` placeholders for `urls`, in order."""
-        plans, loaded = self._decode(tuple(urls), opts)
+        plans, loaded = self._decode(tuple(urls), opts, resolver=resolver)
         kinds = iter([p.kind for p in plans])
         typed = [
             m if isinstance(m["content"], str)

@@ -55,7 +55,8 @@ class Limits:
     max_source_pixels: int = 50_000_000  # width x height of an image or video as stored
     max_download: int = 256 * 1024**2  # per URL
     fetch_deadline_s: float = 60.0  # per URL, from connecting to the last byte
-    media_workers: int = max(2, min(8, os.cpu_count() or 2))
+    media_workers: int = max(2, min(8, os.cpu_count() or 2))  # decoding at once: bounds the pixels in memory
+    fetch_workers: int = 32  # downloads at once (each bounded by max_download and fetch_deadline_s)
     allowed_networks: tuple[str, ...] = ()  # CIDRs that URLs may reach besides public addresses
     allow_private_urls: bool = False
 
@@ -367,6 +368,7 @@ def create_app(session: Session, model_name: str, api_key: str | None = None, ba
     app = FastAPI(title="qvl", docs_url=None, redoc_url=None, openapi_url=None, dependencies=[Depends(authenticate)])
     engine = Engine(session, batch_size, queue_size)
     media_pool = ThreadPoolExecutor(max_workers=limits.media_workers, thread_name_prefix="qvl-media")
+    fetch_pool = ThreadPoolExecutor(max_workers=limits.fetch_workers, thread_name_prefix="qvl-fetch")
     started = int(time.time())
 
     @app.exception_handler(ApiError)
@@ -400,10 +402,19 @@ def create_app(session: Session, model_name: str, api_key: str | None = None, ba
         chat, urls = to_chat(body.get("messages"), limits.max_media)
         gen = generation_options(body, limits)
         opts = media_options(body.get("mm_processor_kwargs"), limits)
+        resolver = session.resolver(opts)
         try:
-            prepared = await asyncio.wrap_future(media_pool.submit(session.prepare_chat, chat, urls, opts, gen))
+            # Downloads wait on the network on threads of their own; decoding takes the small pool.
+            fetched = await asyncio.gather(*(asyncio.wrap_future(fetch_pool.submit(resolver.fetch, u)) for u in dict.fromkeys(urls)),
+                                           return_exceptions=True)
+            for outcome in fetched:  # every fetch has ended (each is bounded): the first failure answers
+                if isinstance(outcome, BaseException):
+                    raise outcome
+            prepared = await asyncio.wrap_future(media_pool.submit(session.prepare_chat, chat, urls, opts, gen, resolver))
         except QvlError as e:
             raise invalid(describe_exception(e)[0], "messages") from None
+        finally:
+            resolver.close()
         request_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         if not stream:

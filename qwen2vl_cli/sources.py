@@ -14,6 +14,7 @@ import shlex
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,8 @@ class SourceResolver:
         self._timeout = timeout
         self._deadline_s = deadline_s
         self._tmp: str | None = None
+        self._lock = threading.Lock()
+        self._fetched: dict[str, Source] = {}
 
     def __enter__(self) -> SourceResolver:
         return self
@@ -83,13 +86,23 @@ class SourceResolver:
             self._tmp = None
 
     def _tempfile(self, suffix: str) -> Path:
-        if self._tmp is None:
-            self._tmp = tempfile.mkdtemp(prefix="qvl-")
+        with self._lock:
+            if self._tmp is None:
+                self._tmp = tempfile.mkdtemp(prefix="qvl-")
         fd, name = tempfile.mkstemp(dir=self._tmp, suffix=suffix)
         os.close(fd)
         return Path(name)
 
+    def fetch(self, text: str) -> None:
+        """Resolve ahead (a server fetches a request's URLs at once, on threads of their own);
+        `resolve` then returns the result without another download."""
+        source = self.resolve(text)
+        with self._lock:
+            self._fetched[text] = source
+
     def resolve(self, text: str) -> Source:
+        if text in self._fetched:
+            return self._fetched[text]
         if text == "-":
             return self._from_stdin()
         match = _SCHEME.match(text)

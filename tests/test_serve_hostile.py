@@ -129,6 +129,24 @@ def test_slow_and_silent_media_sources_meet_the_fetch_deadline(url, public):
         assert r.status_code == 400 and message in error(r), r.text
 
 
+def test_slow_sources_do_not_hold_up_other_requests(url, public, media_dir):
+    finished: list[str] = []
+
+    def slow(_):
+        ask(url, image(f"{public}/drip"))  # each is cut off at the 3 s fetch deadline
+        finished.append("slow")
+
+    with ThreadPoolExecutor(12) as pool:
+        drips = [pool.submit(slow, i) for i in range(12)]
+        time.sleep(0.5)
+        data = "data:image/png;base64," + base64.b64encode((media_dir / "square.png").read_bytes()).decode()
+        assert ask(url, image(data)).status_code == 200
+        finished.append("normal")
+        for d in drips:
+            d.result(timeout=HANG_S)
+    assert finished.index("normal") == 0  # answered while every slow source was still being waited on
+
+
 @pytest.mark.parametrize(
     "fields,param",
     [
