@@ -1,0 +1,124 @@
+"""`qvl serve` under load: N requests from C clients at once, half of them streaming.
+
+Measures what the hardening costs: the same load against this tree's server and, with --against
+REV, against an earlier commit's server (checked out into a temporary worktree), one after the
+other on this machine. Each server runs the tiny model on the CPU, greedy, fixed token counts.
+
+Usage: python bench/serve_load.py [--requests 200] [--clients 16] [--tokens 16] [--against REV]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT))
+
+from results import machine, write_section  # noqa: E402
+from throughput import model_dir  # noqa: E402
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def run(tree: Path, model: str, requests_n: int, clients: int, tokens: int) -> dict:
+    import requests
+
+    env = {**os.environ, "PYTHONPATH": str(tree), "QVL_DEVICE": "cpu"}
+    server = subprocess.Popen([sys.executable, "-m", "qwen2vl_cli", "serve", "--model", model, "--port", "0", "--dtype", "float32"],
+                              stderr=subprocess.PIPE, text=True, env=env, cwd=tree)
+    try:
+        line = ""
+        while "serving" not in line:
+            line = server.stderr.readline()
+            if not line and server.poll() is not None:
+                raise RuntimeError("the server did not start")
+        url = line.split(" on ")[1].split()[0] + "/chat/completions"
+        image = "data:image/jpeg;base64," + base64.b64encode((ROOT / "samples" / "photo.jpg").read_bytes()).decode()
+        rss_before = rss_mb(server.pid)
+
+        def one(i: int) -> tuple[bool, float]:
+            body = {"model": model, "max_tokens": tokens, "min_tokens": tokens, "stream": i % 2 == 1,
+                    "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                                              {"type": "text", "text": "Describe this image."}]}]}
+            start = time.perf_counter()
+            with requests.post(url, json=body, stream=body["stream"], timeout=300) as r:
+                content = r.content
+                ok = r.status_code == 200 and (b"[DONE]" in content if body["stream"] else b'"choices"' in content)
+            return ok, time.perf_counter() - start
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            outcomes = list(pool.map(one, range(requests_n)))
+        wall = time.perf_counter() - start
+        latencies = sorted(t for _, t in outcomes)
+        return {
+            "ok": sum(ok for ok, _ in outcomes),
+            "p50": statistics.median(latencies),
+            "p99": latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))],
+            "rps": requests_n / wall,
+            "rss": (rss_before, rss_mb(server.pid)),
+        }
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--against", metavar="REV", help="also measure the server of this commit")
+    args = parser.parse_args()
+    model = str(model_dir("tiny"))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        trees = [("this tree", ROOT)]
+        if args.against:
+            old = Path(tmp) / "old"
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old), args.against], check=True, capture_output=True)
+            trees.insert(0, (args.against, old))
+        try:
+            for name, tree in trees:
+                rows.append((name, run(tree, model, args.requests, args.clients, args.tokens)))
+                print(name, rows[-1], flush=True)
+        finally:
+            if args.against:
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(Path(tmp) / "old")], capture_output=True)
+    base = rows[0][1]
+    lines = [
+        "## Server under load (`bench/serve_load.py`)",
+        "",
+        f"Machine: {machine()}, device cpu. Command: `python bench/serve_load.py --requests {args.requests} --clients {args.clients} "
+        f"--tokens {args.tokens}{f' --against {args.against}' if args.against else ''}`.",
+        f"Tiny model, float32, one 1280x720 JPEG per request as a data: URL, {args.tokens} new tokens, half the requests streaming,"
+        f" {args.clients} clients at once; the servers ran one after the other.",
+        "",
+        "| server | OK | p50 | p99 | requests/s | server RSS before → after | p99 vs first row |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows:
+        lines.append(f"| {name} | {r['ok']}/{args.requests} | {r['p50']:.2f} s | {r['p99']:.2f} s | {r['rps']:.1f} | "
+                     f"{r['rss'][0]:.0f} → {r['rss'][1]:.0f} MB | {r['p99'] / base['p99']:.2f}x |")
+    write_section("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
