@@ -413,7 +413,6 @@ _command(
 )
 
 
-_LIMITS = O.SERVE_LIMITS_PANEL
 
 
 @app.command(cls=QvlCommand)
@@ -428,15 +427,15 @@ def serve(
     batch_size: O.BatchSize = None,
     queue_size: Annotated[int, typer.Option(min=1, help="Requests that may wait; beyond that: 503.", rich_help_panel=O.SERVE_PANEL)] = 64,
     allowed_hosts: Annotated[Optional[list[str]], typer.Option("--allowed-hosts", metavar="NAME", help="Host names clients may use besides the listening address (repeatable; guards against DNS rebinding).", rich_help_panel=O.SERVE_PANEL)] = None,
-    max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens one request may ask for; more is a 400.", rich_help_panel=_LIMITS)] = 4096,
-    max_body: Annotated[str, typer.Option(metavar="SIZE", help="Largest request body (413 beyond it), e.g. 64M.", rich_help_panel=_LIMITS)] = "64M",
-    max_media: Annotated[int, typer.Option(min=1, help="Most images and videos in one request.", rich_help_panel=_LIMITS)] = 16,
-    max_visual_tokens: Annotated[int, typer.Option(min=1, help="Visual tokens of one request, all media together: qvl sizes them to fit.", rich_help_panel=_LIMITS)] = 16384,
-    max_source_pixels: Annotated[int, typer.Option(min=1, help="Largest image or video frame as stored (width x height).", rich_help_panel=_LIMITS)] = 50_000_000,
-    max_download: Annotated[str, typer.Option(metavar="SIZE", help="Most bytes fetched from one media URL.", rich_help_panel=_LIMITS)] = "256M",
-    fetch_timeout: Annotated[float, typer.Option(min=1.0, metavar="SECONDS", help="Time for one media URL, from connecting to the last byte.", rich_help_panel=_LIMITS)] = 60.0,
-    allow_urls_to: Annotated[Optional[list[str]], typer.Option("--allow-urls-to", metavar="CIDR", help="Let media URLs reach this network too (repeatable), e.g. 10.0.0.0/8. Default: public addresses only.", rich_help_panel=_LIMITS)] = None,
-    allow_private_urls: Annotated[bool, typer.Option("--allow-private-urls", help="Let media URLs reach any address, loopback and private networks included.", rich_help_panel=_LIMITS)] = False,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens one request may ask for; more is a 400.", rich_help_panel=O.SERVE_LIMITS_PANEL)] = 4096,
+    max_body: Annotated[str, typer.Option(metavar="SIZE", help="Largest request body (413 beyond it), e.g. 64M.", rich_help_panel=O.SERVE_LIMITS_PANEL)] = "64M",
+    max_media: Annotated[int, typer.Option(min=1, help="Most images and videos in one request.", rich_help_panel=O.SERVE_LIMITS_PANEL)] = 16,
+    max_visual_tokens: Annotated[int, typer.Option(min=1, help="Visual tokens of one request, all media together: qvl sizes them to fit.", rich_help_panel=O.SERVE_LIMITS_PANEL)] = 16384,
+    max_source_pixels: Annotated[int, typer.Option(min=1, help="Largest image or video frame as stored (width x height).", rich_help_panel=O.SERVE_LIMITS_PANEL)] = 50_000_000,
+    max_download: Annotated[str, typer.Option(metavar="SIZE", help="Most bytes fetched from one media URL.", rich_help_panel=O.SERVE_LIMITS_PANEL)] = "256M",
+    fetch_timeout: Annotated[float, typer.Option(min=1.0, metavar="SECONDS", help="Time for one media URL, from connecting to the last byte.", rich_help_panel=O.SERVE_LIMITS_PANEL)] = 60.0,
+    allow_urls_to: Annotated[Optional[list[str]], typer.Option("--allow-urls-to", metavar="CIDR", help="Let media URLs reach this network too (repeatable), e.g. 10.0.0.0/8. Default: public addresses only.", rich_help_panel=O.SERVE_LIMITS_PANEL)] = None,
+    allow_private_urls: Annotated[bool, typer.Option("--allow-private-urls", help="Let media URLs reach any address, loopback and private networks included.", rich_help_panel=O.SERVE_LIMITS_PANEL)] = False,
     quiet: O.Quiet = False,
 ) -> None:
     """An OpenAI-compatible server: POST /v1/chat/completions (image_url, video_url, stream), GET /v1/models."""
