@@ -169,10 +169,14 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
-def _runtime_options(model: O.Model = C.DEFAULT_MODEL, device: O.Device = "auto", dtype: O.Dtype = "auto", attn: O.Attn = "auto") -> RuntimeOptions:
-    from qwen2vl_cli.devices import ATTNS, DEVICES, DTYPES
+def _runtime_options(
+    model: O.Model = C.DEFAULT_MODEL, device: O.Device = "auto", dtype: O.Dtype = "auto", attn: O.Attn = "auto", engine: O.Engine = "auto"
+) -> RuntimeOptions:
+    from qwen2vl_cli.devices import ATTNS, DEVICES, DTYPES, ENGINES
 
-    return RuntimeOptions(model, _choice("device", device, DEVICES), _choice("dtype", dtype, DTYPES), _choice("attn", attn, ATTNS))
+    return RuntimeOptions(
+        model, _choice("device", device, DEVICES), _choice("dtype", dtype, DTYPES), _choice("attn", attn, ATTNS), _choice("engine", engine, ENGINES)
+    )
 
 
 def _output_options(json_out: O.Json = False, quiet: O.Quiet = False) -> tuple[bool, bool]:
@@ -421,6 +425,7 @@ def serve(
     device: O.Device = "auto",
     dtype: O.Dtype = "auto",
     attn: O.Attn = "auto",
+    engine: O.Engine = "auto",
     host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 opens it to the network.", rich_help_panel=O.SERVE_PANEL)] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one; the address is printed).", rich_help_panel=O.SERVE_PANEL)] = 8000,
     api_key: O.ServeApiKey = None,
@@ -464,7 +469,7 @@ def serve(
         reporter.stop()
         reporter.console.print(f"qvl: serving {model} on {url} (Ctrl-C to stop)")
 
-    run_server(_runtime_options(model, device, dtype, attn), host, port, api_key, batch_size, queue_size, reporter, announce,
+    run_server(_runtime_options(model, device, dtype, attn, engine), host, port, api_key, batch_size, queue_size, reporter, announce,
                limits, tuple(allowed_hosts or ()))
 
 

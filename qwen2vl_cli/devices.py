@@ -10,6 +10,7 @@ from qwen2vl_cli.errors import UsageError
 DEVICES = ("auto", "cuda", "cpu", "mps")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 ATTNS = ("auto", "flash_attention_2", "sdpa", "eager")
+ENGINES = ("auto", "static", "hf")
 FLASH_HINT = "pip install 'qwen2vl-cli[flash]'"
 
 
@@ -109,3 +110,13 @@ def usable_attn(device: str, dtype: str, caps: Capabilities) -> list[str]:
     if flash_problem(device, dtype, caps) is None:
         names.insert(0, "flash_attention_2")
     return names
+
+
+def choose_engine(requested: str, attn: str) -> str:
+    """static: qvl's loop over a static cache (decode.py); hf: transformers' generate, the reference.
+    The static loop builds its own attention masks, which flash_attention_2 does not take."""
+    if requested == "auto":
+        return "hf" if attn == "flash_attention_2" else "static"
+    if requested == "static" and attn == "flash_attention_2":
+        raise UsageError("--engine static runs with --attn sdpa or eager; with flash_attention_2 use --engine hf")
+    return requested

@@ -38,6 +38,14 @@ Attn = Annotated[
         rich_help_panel=RUN_PANEL,
     ),
 ]
+Engine = Annotated[
+    str,
+    typer.Option(
+        envvar="QVL_ENGINE",
+        help="auto | static | hf. static: qvl's decode loop over a static KV cache, reading tokens back a chunk at a time; hf: transformers' generate (the reference). auto: static, or hf with flash_attention_2.",
+        rich_help_panel=RUN_PANEL,
+    ),
+]
 
 Prompt = Annotated[Optional[str], typer.Option("--prompt", "-p", help="The question. Default: \"Describe this image.\" (or video, or these images).", rich_help_panel=GEN_PANEL)]
 System = Annotated[Optional[str], typer.Option(help="System message. Default: the chat template's \"You are a helpful assistant.\"", rich_help_panel=GEN_PANEL)]

@@ -67,6 +67,44 @@ class RepetitionGuard:
         return done
 
 
+class LoopFinder:
+    """RepetitionGuard's rule over tokens read back from the device: the first generated length at
+    which the guard would have stopped the row (the engine checks once a chunk, then trims there)."""
+
+    def __init__(self):
+        self.checked: dict[int, int] = {}  # row -> lengths already seen clean
+
+    def __call__(self, row: int, tokens: list[int]) -> int | None:
+        g = RepetitionGuard
+        for length in range(max(self.checked.get(row, 0) + 1, g.MIN_SPAN), len(tokens) + 1):
+            for n in range(1, g.MAX_PERIOD + 1):
+                span = max(g.MIN_SPAN, g.REPEATS * n)
+                if span > length:
+                    break
+                if all(tokens[i] == tokens[i - n] for i in range(length - 1, length - span + n - 1, -1)):
+                    return length
+        self.checked[row] = len(tokens)
+        return None
+
+
+class TextStream:
+    """Text of a growing token list, handed on as it becomes final (a character cut between two
+    tokens waits for the next)."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None] | None):
+        self.tokenizer, self.on_text = tokenizer, on_text
+        self.sent = ""
+
+    def update(self, tokens: list[int], final: bool = False) -> None:
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        if not final:
+            text = text.rstrip("\ufffd")
+        if text.startswith(self.sent) and len(text) > len(self.sent):
+            chunk, self.sent = text[len(self.sent) :], text
+            if self.on_text is not None:
+                self.on_text(chunk)
+
+
 def peak_memory_bytes(device: str) -> int:
     if device == "cuda":
         import torch
@@ -83,6 +121,7 @@ class Runner:
         self.device = devices.choose_device(runtime.device, self.caps)
         self.dtype = devices.choose_dtype(runtime.dtype, self.device, self.caps)
         self.attn = devices.choose_attn(runtime.attn, self.device, self.dtype, self.caps)
+        self.engine = devices.choose_engine(runtime.engine, self.attn)
         self.model = None
         self.processor = None
         self.load_s = 0.0
@@ -151,7 +190,76 @@ class Runner:
     def generate(
         self, inputs, gen: GenerationOptions, on_text: Callable[[str], None] | None = None, cancel: threading.Event | None = None
     ) -> Generation:
-        """One prompt, streamed to `on_text`; setting `cancel` stops it at the next token."""
+        """One prompt, streamed to `on_text`; setting `cancel` stops it within a chunk of tokens."""
+        if self.engine == "hf":
+            return self._generate_hf(inputs, gen, on_text, cancel)
+        stream = TextStream(self.processor.tokenizer, on_text)
+
+        def on_tokens(rows: list[list[int]], looped: list[int | None]) -> None:
+            stream.update(rows[0][: self._end(rows[0], looped[0])])
+
+        inputs = inputs.to(self.model.device)
+        try:
+            [generation] = self._generate_engine(inputs, gen, on_tokens, [cancel or threading.Event()])
+        except KeyboardInterrupt:
+            raise GenerationInterrupted(stream.sent) from None
+        stream.update(list(generation.tokens), final=True)
+        return generation
+
+    def generate_batch(
+        self, texts: list[str], media: list[list[Loaded]], gen: GenerationOptions, cancels: list[threading.Event] | None = None
+    ) -> list[Generation]:
+        """Several prompts in one left-padded batch; greedy results equal one-by-one generation.
+        Setting a row's event in `cancels` ends that row within a chunk of tokens."""
+        inputs = self.inputs(texts, [m for items in media for m in items])
+        if self.engine == "hf":
+            return self._generate_batch_hf(inputs, len(texts), gen, cancels)
+        return self._generate_engine(inputs.to(self.model.device), gen, None, cancels or [threading.Event() for _ in texts])
+
+    def _eos_ids(self) -> list[int]:
+        eos = self.model.generation_config.eos_token_id
+        return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+    def _end(self, tokens: list[int], looped: int | None) -> int:
+        """How much of a row is answer so far: up to its end-of-sequence token or where it looped."""
+        eos = set(self._eos_ids())
+        end = next((i + 1 for i, t in enumerate(tokens) if t in eos), len(tokens))
+        return min(end, looped) if looped is not None else end
+
+    def _generate_engine(self, inputs, gen: GenerationOptions, on_tokens, cancels: list[threading.Event]) -> list[Generation]:
+        """decode.py's loop over a static cache, then one Generation per row."""
+        from qwen2vl_cli import decode
+
+        config = self.model.generation_config
+        penalty = gen.repetition_penalty if gen.repetition_penalty is not None else config.repetition_penalty
+        sampling = decode.Sampling(
+            temperature=gen.temperature,
+            top_p=gen.top_p,
+            top_k=gen.top_k,
+            repetition_penalty=penalty,
+            min_new_tokens=min(gen.min_new_tokens or 0, gen.max_new_tokens),
+            seed=gen.seed,
+        )
+        eos = self._eos_ids()
+        pad = config.pad_token_id if config.pad_token_id is not None else eos[0]
+        out = decode.generate(
+            self.model, dict(inputs), gen.max_new_tokens, sampling, eos, pad, self.attn,
+            on_tokens=on_tokens, guard=LoopFinder() if gen.repeat_guard else None, cancels=cancels,
+        )
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+        config_ids = self.model.config
+        generations = []
+        for row, tokens in enumerate(out.tokens):
+            ids = inputs["input_ids"][row][inputs["attention_mask"][row].bool()]
+            visual = int(((ids == config_ids.image_token_id) | (ids == config_ids.video_token_id)).sum())
+            generations.append(self._generation(tokens, int(ids.shape[0]), visual, out.ttft_s, out.decode_tokens_per_s, out.looped_at[row]))
+        return generations
+
+    def _generate_hf(self, inputs, gen: GenerationOptions, on_text, cancel) -> Generation:
+        """transformers' `generate` (--engine hf): the reference, streamed from a worker thread."""
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
@@ -220,11 +328,7 @@ class Runner:
         new = outcome["sequences"][0, prompt_tokens:]
         return self._generation(new, prompt_tokens, visual_tokens, ttft, rate, guard.stopped_at.get(0))
 
-    def generate_batch(
-        self, texts: list[str], media: list[list[Loaded]], gen: GenerationOptions, cancels: list[threading.Event] | None = None
-    ) -> list[Generation]:
-        """Several prompts in one left-padded batch; greedy results equal one-by-one generation.
-        Setting a row's event in `cancels` ends that row at the next token."""
+    def _generate_batch_hf(self, inputs, rows: int, gen: GenerationOptions, cancels: list[threading.Event] | None) -> list[Generation]:
         import torch
         from transformers import StoppingCriteria
         from transformers.generation.streamers import BaseStreamer
@@ -247,7 +351,7 @@ class Runner:
             def end(self):
                 pass
 
-        inputs = self.inputs(texts, [m for items in media for m in items]).to(self.model.device)
+        inputs = inputs.to(self.model.device)
         width = int(inputs["input_ids"].shape[1])
         guard = RepetitionGuard(width)
         start = time.perf_counter()
@@ -266,7 +370,7 @@ class Runner:
         ttft, rate = _timings(start, token_times)
         config = self.model.config
         out = []
-        for row in range(len(texts)):
+        for row in range(rows):
             ids = inputs["input_ids"][row][inputs["attention_mask"][row].bool()]
             visual = int(((ids == config.image_token_id) | (ids == config.video_token_id)).sum())
             out.append(self._generation(sequences[row, width:], int(ids.shape[0]), visual, ttft, rate, guard.stopped_at.get(row)))

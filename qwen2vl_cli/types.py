@@ -165,6 +165,7 @@ class RuntimeOptions:
     device: str = "auto"
     dtype: str = "auto"
     attn: str = "auto"
+    engine: str = "auto"  # the decode loop: decode.py's over a static cache, or transformers' generate
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,215 @@
+"""The decode engine: prefill through the transformers model, then one loop over a static KV cache.
+
+Read top to bottom, as gpt-fast's generate.py: `prefill` runs the whole model once (vision
+tower, M-RoPE positions, the prompt into the cache) and gives the first logits; `decode_one_token`
+is one step for every row (embed, the language model over the cache, the head); `choose` picks
+the next tokens on the device (repetition penalty, minimum length, then greedy or sampled);
+`generate` loops, and the host reads the new tokens only every `chunk` steps: to stream them, to
+see which rows ended, and to run the repetition guard, never once a token.
+
+Rows are independent: a row that ended keeps stepping on padding until the batch ends, as in
+transformers' `generate`, whose greedy tokens this loop reproduces (tests/test_decode.py).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen; the same fields and order as transformers' processors."""
+
+    temperature: float = 0.0  # 0: greedy
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    min_new_tokens: int = 0
+    seed: int | None = None
+
+
+@dataclass
+class Decoded:
+    """The raw outcome of one batch: every row's new tokens, and where each row's end was seen."""
+
+    tokens: list[list[int]]
+    ended_at: list[int | None]  # tokens up to and including the end-of-sequence token
+    looped_at: list[int | None]  # where the repetition guard stopped the row
+    ttft_s: float | None
+    decode_tokens_per_s: float | None
+    steps: int = 0
+
+
+@dataclass
+class _Rows:
+    """What the loop keeps on the device for every row."""
+
+    attend: torch.Tensor  # (B, L) bool: the cache positions each row may attend to
+    text_position: torch.Tensor  # (B,) the next token's text position (padding not counted)
+    rope_deltas: torch.Tensor  # (B, 1) M-RoPE offset of text after the media
+    seen: torch.Tensor | None  # (B, V + 1) bool: tokens in the row so far, for the repetition penalty
+    ended: torch.Tensor  # (B,) bool
+    step: torch.Tensor  # () long: tokens generated so far
+    out: torch.Tensor  # (B, max_new_tokens) long
+
+
+def static_cache(model, length: int):
+    from transformers import StaticCache
+
+    return StaticCache(config=model.config, max_cache_len=length)
+
+
+def prefill(model, inputs: dict, cache) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole model over the prompt; the cache holds it afterwards.
+
+    Returns the last logits (B, V) and each row's M-RoPE offset for the text that follows. The
+    positions are transformers' `generate`'s: text positions skip the left padding, and media
+    get their 3D positions from the model's own `get_rope_index`.
+    """
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    grids = {k: inputs[k] for k in ("image_grid_thw", "video_grid_thw") if inputs.get(k) is not None}
+    if grids and inputs.get("mm_token_type_ids") is not None:
+        spatial, deltas = model.model.get_rope_index(ids, mm_token_type_ids=inputs["mm_token_type_ids"], attention_mask=mask, **grids)
+    else:
+        spatial, deltas = text[None].expand(3, -1, -1), torch.zeros((ids.shape[0], 1), dtype=torch.long, device=ids.device)
+    positions = torch.cat([text[None], spatial.to(text.device)], dim=0)  # the text row first, as `generate` passes them
+    out = model(**inputs, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1, :].float(), deltas.to(ids.device)
+
+
+def _mask(attend: torch.Tensor, attn: str, dtype: torch.dtype) -> torch.Tensor:
+    """The step's attention mask in the form the attention implementation takes."""
+    mask = attend[:, None, None, :]
+    if attn == "sdpa":
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+def decode_one_token(model, rows: _Rows, tokens: torch.Tensor, cache, attn: str) -> torch.Tensor:
+    """One token for every row: (B,) tokens in, (B, V) float32 logits out. Writes the cache in place."""
+    position = cache.layers[0].cumulative_length  # where this token goes in every row's cache
+    rows.attend.index_fill_(1, position.view(1), True)
+    text = model.model.language_model
+    embeds = text.embed_tokens(tokens[:, None])
+    mrope = (rows.text_position[:, None] + rows.rope_deltas)[None].expand(3, -1, -1)  # text: all three sections equal
+    mask = _mask(rows.attend, attn, embeds.dtype)
+    hidden = text(inputs_embeds=embeds, position_ids=mrope, attention_mask={"full_attention": mask}, cache=cache, use_cache=True)
+    rows.text_position += 1
+    return model.lm_head(hidden.last_hidden_state[:, -1, :]).float()
+
+
+def choose(logits: torch.Tensor, rows: _Rows, sampling: Sampling, eos: torch.Tensor, generator, index: int) -> torch.Tensor:
+    """Token `index` (0-based) of every row, on the device."""
+    if rows.seen is not None:  # transformers' RepetitionPenaltyLogitsProcessor, as a mask
+        p = sampling.repetition_penalty
+        penalized = torch.where(logits < 0, logits * p, logits / p)
+        logits = torch.where(rows.seen[:, : logits.shape[-1]], penalized, logits)
+    if index < sampling.min_new_tokens:  # no end before the minimum
+        logits = logits.index_fill(1, eos, float("-inf"))
+    if sampling.temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / sampling.temperature
+    if sampling.top_k:
+        kth = torch.topk(logits, min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p is not None and sampling.top_p < 1.0:
+        ordered, order = torch.sort(logits, descending=False)
+        drop = ordered.softmax(dim=-1).cumsum(dim=-1) <= (1 - sampling.top_p)
+        drop[:, -1] = False  # keep at least one
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+
+
+def _advance(rows: _Rows, chosen: torch.Tensor, eos: torch.Tensor, pad: int) -> torch.Tensor:
+    """Record the chosen tokens; a row that ended gets padding from then on."""
+    chosen = torch.where(rows.ended, torch.full_like(chosen, pad), chosen)
+    rows.out.index_copy_(1, rows.step.view(1), chosen[:, None])
+    rows.ended |= torch.isin(chosen, eos)
+    if rows.seen is not None:
+        rows.seen.scatter_(1, chosen[:, None], True)
+    rows.step += 1
+    return chosen
+
+
+def generate(
+    model,
+    inputs: dict,
+    max_new_tokens: int,
+    sampling: Sampling,
+    eos_ids: list[int],
+    pad_id: int,
+    attn: str,
+    chunk: int = 8,
+    on_tokens: Callable[[list[list[int]], list[int | None]], None] | None = None,
+    guard: Callable[[int, list[int]], int | None] | None = None,
+    cancels: list[threading.Event] | None = None,
+) -> Decoded:
+    """Generate for a left-padded batch. Every `chunk` steps the host reads the new tokens:
+    `guard(row, tokens)` says where a row loops (it is stopped there), `on_tokens(rows, looped)`
+    sees every row's tokens so far, and a row whose event in `cancels` is set is stopped."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    batch, width = ids.shape
+    device = ids.device
+    cache = static_cache(model, width + max_new_tokens)
+    eos = torch.tensor(eos_ids, device=device)
+    generator = None
+    if sampling.temperature > 0 and sampling.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    elif sampling.seed is not None:
+        torch.manual_seed(sampling.seed)
+    seen = None
+    if sampling.repetition_penalty is not None and sampling.repetition_penalty != 1.0:
+        vocab = model.lm_head.out_features
+        seen = torch.zeros((batch, vocab + 1), dtype=torch.bool, device=device)
+        seen.scatter_(1, ids.clamp(max=vocab), True)
+
+    start = time.perf_counter()
+    with torch.inference_mode():
+        logits, deltas = prefill(model, inputs, cache)
+        rows = _Rows(
+            attend=torch.cat([mask.bool(), torch.zeros((batch, max_new_tokens), dtype=torch.bool, device=device)], dim=1),
+            text_position=mask.long().sum(dim=1),
+            rope_deltas=deltas,
+            seen=seen,
+            ended=torch.zeros(batch, dtype=torch.bool, device=device),
+            step=torch.zeros((), dtype=torch.long, device=device),
+            out=torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device),
+        )
+        tokens = _advance(rows, choose(logits, rows, sampling, eos, generator, 0), eos, pad_id)
+        host: list[list[int]] = [[] for _ in range(batch)]
+        looped: list[int | None] = [None] * batch
+        ttft = first_at = last_at = None
+        done = 1
+        while True:
+            if done % chunk == 0 or done == max_new_tokens or done == 1:
+                new = rows.out[:, len(host[0]) : done].tolist()  # the one read from the device per chunk
+                now = time.perf_counter()
+                if ttft is None:
+                    ttft, first_at = now - start, now
+                last_at = now
+                for row, extra in zip(host, new):
+                    row.extend(extra)
+                stop_rows = [r for r in range(batch) if cancels is not None and cancels[r].is_set()]
+                if guard is not None:
+                    for r in range(batch):
+                        if looped[r] is None and (at := guard(r, host[r])) is not None:
+                            looped[r] = at
+                            stop_rows.append(r)
+                if stop_rows:
+                    rows.ended[stop_rows] = True
+                if on_tokens is not None:
+                    on_tokens(host, looped)
+                if done == max_new_tokens or bool(rows.ended.all()):
+                    break
+            logits = decode_one_token(model, rows, tokens, cache, attn)
+            tokens = _advance(rows, choose(logits, rows, sampling, eos, generator, done), eos, pad_id)
+            done += 1
+    ended_at = [next((i + 1 for i, t in enumerate(row) if t in eos_ids), None) for row in host]
+    rate = (done - 1) / (last_at - first_at) if done > 1 and last_at > first_at else None
+    return Decoded(host, ended_at, looped, ttft, rate, done)
