@@ -40,6 +40,7 @@ class Decoded:
     tokens: list[list[int]]
     ended_at: list[int | None]  # tokens up to and including the end-of-sequence token
     looped_at: list[int | None]  # where the repetition guard stopped the row
+    cancelled_at: list[int | None]  # tokens the row had when its client went away
     ttft_s: float | None
     decode_tokens_per_s: float | None
     steps: int = 0
@@ -184,6 +185,7 @@ def generate(
         tokens = _advance(rows, choose(logits, rows, sampling, eos, generator, 0), eos, pad_id)
         host: list[list[int]] = [[] for _ in range(batch)]
         looped: list[int | None] = [None] * batch
+        cancelled: list[int | None] = [None] * batch
         ttft = first_at = last_at = None
         done = 1
         while True:
@@ -195,7 +197,11 @@ def generate(
                 last_at = now
                 for row, extra in zip(host, new):
                     row.extend(extra)
-                stop_rows = [r for r in range(batch) if cancels is not None and cancels[r].is_set()]
+                stop_rows = []
+                for r in range(batch):
+                    if cancels is not None and cancelled[r] is None and cancels[r].is_set():
+                        cancelled[r] = len(host[r])
+                        stop_rows.append(r)
                 if guard is not None:
                     for r in range(batch):
                         if looped[r] is None and (at := guard(r, host[r])) is not None:
@@ -212,4 +218,4 @@ def generate(
             done += 1
     ended_at = [next((i + 1 for i, t in enumerate(row) if t in eos_ids), None) for row in host]
     rate = (done - 1) / (last_at - first_at) if done > 1 and last_at > first_at else None
-    return Decoded(host, ended_at, looped, ttft, rate, done)
+    return Decoded(host, ended_at, looped, cancelled, ttft, rate, done)

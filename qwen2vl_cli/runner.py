@@ -253,6 +253,7 @@ class Runner:
         config_ids = self.model.config
         generations = []
         for row, tokens in enumerate(out.tokens):
+            tokens = tokens[: out.cancelled_at[row]]  # a row whose client left ends where it was stopped
             ids = inputs["input_ids"][row][inputs["attention_mask"][row].bool()]
             visual = int(((ids == config_ids.image_token_id) | (ids == config_ids.video_token_id)).sum())
             generations.append(self._generation(tokens, int(ids.shape[0]), visual, out.ttft_s, out.decode_tokens_per_s, out.looped_at[row]))

@@ -1,0 +1,135 @@
+"""The decode engine (decode.py) against transformers' `generate` on the tiny model, in float32 on the CPU."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwen2vl_cli.devices import Capabilities
+from qwen2vl_cli.pipeline import Session
+from qwen2vl_cli.runner import LoopFinder, RepetitionGuard
+from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions
+
+
+SAMPLES = Path(__file__).parent.parent / "samples"
+
+
+class Quiet:
+    def stage(self, text):
+        pass
+
+
+@pytest.fixture(scope="module")
+def sessions(tiny_model):
+    """The same model loaded twice: one per engine."""
+    return {engine: Session(RuntimeOptions(str(tiny_model), device="cpu", dtype="float32", engine=engine), Quiet())
+            for engine in ("static", "hf")}
+
+
+def prepared(session, media_dir, names, gen):
+    return [session.prepare(str(media_dir / n), MediaOptions(), gen) for n in names]
+
+
+def both(sessions, media_dir, names, gen, **kwargs):
+    out = {}
+    for engine, session in sessions.items():
+        batch = prepared(session, media_dir, names, gen)
+        out[engine] = session.runner.generate_batch([p.text for p in batch], [list(p.loaded) for p in batch], gen, **kwargs)
+    return out
+
+
+@pytest.mark.parametrize(
+    "names",
+    [["square.png"], ["anim.gif"], ["clip.mp4"], ["photo.png", "square.png", "clip.mp4", "anim.gif"]],
+    ids=["image", "gif", "video", "left-padded batch"],
+)
+def test_greedy_tokens_equal_transformers_generate(sessions, media_dir, names):
+    gen = GenerationOptions(max_new_tokens=40)
+    out = both(sessions, media_dir, names, gen)
+    assert [g.tokens for g in out["static"]] == [g.tokens for g in out["hf"]]
+    assert [g.finish_reason for g in out["static"]] == [g.finish_reason for g in out["hf"]]
+    assert [g.prompt_tokens for g in out["static"]] == [g.prompt_tokens for g in out["hf"]]
+
+
+def test_several_media_in_one_prompt_and_the_repetition_penalty(sessions, media_dir):
+    gen = GenerationOptions(max_new_tokens=30, repetition_penalty=1.3, min_new_tokens=20)
+    results = {}
+    for engine, session in sessions.items():
+        media = [session.prepare(str(media_dir / n), MediaOptions(), gen) for n in ("square.png", "clip.mp4")]
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "video"}, {"type": "text", "text": "Compare."}]}]
+        runner = session.runner
+        inputs = runner.inputs(runner.prompt_text(messages), [m for p in media for m in p.loaded])
+        results[engine] = runner.generate(inputs, gen)
+    assert results["static"].tokens == results["hf"].tokens and results["static"].generated_tokens >= 20
+
+
+def test_sampling_with_a_seed_repeats(sessions, media_dir):
+    gen = GenerationOptions(max_new_tokens=24, temperature=0.9, top_p=0.8, top_k=50, seed=7)
+    first = both({"static": sessions["static"]}, media_dir, ["square.png", "photo.png"], gen)["static"]
+    again = both({"static": sessions["static"]}, media_dir, ["square.png", "photo.png"], gen)["static"]
+    other = both({"static": sessions["static"]}, media_dir, ["square.png", "photo.png"], replace(gen, seed=8))["static"]
+    assert [g.tokens for g in first] == [g.tokens for g in again]
+    assert [g.tokens for g in first] != [g.tokens for g in other]
+
+
+def test_an_end_inside_a_chunk_is_trimmed_exactly(sessions):
+    """The sample GIF's answer ends on its own after 37 tokens, mid-chunk: nothing after it is kept."""
+    gen = GenerationOptions(max_new_tokens=60)
+    out = both(sessions, SAMPLES, ["bounce.gif"], gen)
+    static, hf = out["static"][0], out["hf"][0]
+    assert static.finish_reason == "stop" and static.generated_tokens % 8 != 0
+    assert static.tokens == hf.tokens and static.text == hf.text
+
+
+def test_streamed_text_is_the_answer(sessions, media_dir):
+    runner = sessions["static"].runner
+    gen = GenerationOptions(max_new_tokens=50)
+    [p] = prepared(sessions["static"], media_dir, ["photo.jpg"], gen)
+    chunks: list[str] = []
+    result = runner.generate(runner.inputs(p.text, list(p.loaded)), gen, on_text=chunks.append)
+    assert len(chunks) > 1 and "".join(chunks) == result.text
+
+
+def test_a_cancelled_row_stops_within_a_chunk_and_the_others_go_on(sessions, media_dir):
+    runner = sessions["static"].runner
+    gen = GenerationOptions(max_new_tokens=64, min_new_tokens=64)
+    batch = prepared(sessions["static"], media_dir, ["square.png", "photo.png"], gen)
+    cancels = [threading.Event(), threading.Event()]
+    cancels[0].set()
+    out = runner.generate_batch([p.text for p in batch], [list(p.loaded) for p in batch], gen, cancels=cancels)
+    assert out[0].generated_tokens <= 8 and out[1].generated_tokens == 64  # stopped at the first read, the other went on
+    assert out[1].tokens == both({"static": sessions["static"]}, media_dir, ["square.png", "photo.png"], gen)["static"][1].tokens
+
+
+@pytest.mark.parametrize("tokens", [[5] * 60, [1, 2, 3] * 30, list(range(40)) + [7, 8] * 30, list(range(100))])
+def test_loop_finder_stops_where_the_per_step_guard_does(tokens):
+    """The guard as transformers runs it (once per token) and as the engine runs it (once a chunk) agree."""
+    prompt = [0, 0, 0]
+    guard = RepetitionGuard(len(prompt))
+    per_step = None
+    for length in range(1, len(tokens) + 1):
+        ids = torch.tensor([prompt + tokens[:length]])
+        if bool(guard(ids, None)[0]):
+            per_step = length
+            break
+    finder = LoopFinder()
+    chunked = None
+    for end in range(8, len(tokens) + 8, 8):
+        if (chunked := finder(0, tokens[:end])) is not None:
+            break
+    assert chunked == per_step
+
+
+def test_engine_rules():
+    from qwen2vl_cli.devices import choose_engine
+    from qwen2vl_cli.errors import UsageError
+
+    assert choose_engine("auto", "sdpa") == "static" and choose_engine("auto", "eager") == "static"
+    assert choose_engine("auto", "flash_attention_2") == "hf" and choose_engine("hf", "sdpa") == "hf"
+    with pytest.raises(UsageError, match="--engine hf"):
+        choose_engine("static", "flash_attention_2")
+    assert Capabilities().cuda is False  # the rules need no GPU
