@@ -1,0 +1,175 @@
+"""Decode speed: transformers' `generate` (the reference recipe's loop) against qvl's engine.
+
+One model in memory, shared by every path; greedy, a fixed number of new tokens. For each path:
+decode tokens/s at batch 1, the same as a share of the memory-bandwidth limit measured in the
+same run (bytes of the language model's weights read per token, over a device copy's bandwidth),
+time to first token, peak memory; then images/s at batch 1 and batch 8.
+
+Models: `tiny` (the test model, a CPU smoke run of a few seconds), `2b` and `7b` (Qwen2-VL's
+shapes with random weights, built straight on the device: on CUDA, seconds).
+
+Usage: python bench/decode.py [--model tiny|2b|7b] [--device cpu|cuda] [--tokens 256] [--images 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+from results import machine, write_section  # noqa: E402
+from throughput import make_images, model_dir  # noqa: E402
+
+# Text-model shapes of the real checkpoints (their config.json); the vision tower is the same for both.
+SHAPES = {
+    "2b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+               num_key_value_heads=2, tie=True),
+    "7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, tie=False),
+}
+
+
+def build(name: str, device: str, dtype):
+    """The model: the tiny one from disk, or random weights of a real shape made on the device."""
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    tiny = model_dir("tiny")
+    if name == "tiny":
+        return Qwen2VLForConditionalGeneration.from_pretrained(tiny, dtype=dtype).to(device).eval()
+    shape = dict(SHAPES[name])
+    config = Qwen2VLConfig.from_pretrained(tiny)  # the tiny tokenizer's special-token ids
+    text = config.text_config
+    config.tie_word_embeddings = shape.pop("tie")
+    for key, value in shape.items():
+        setattr(text, key, value)
+    text.rope_parameters["mrope_section"] = [16, 24, 24]
+    text.layer_types = ["full_attention"] * text.num_hidden_layers
+    vision = config.vision_config
+    vision.depth, vision.embed_dim, vision.num_heads, vision.mlp_ratio, vision.hidden_size = 32, 1280, 16, 4, text.hidden_size
+    with torch.device(device):
+        model = Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype)
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.generation_config.pad_token_id = config.pad_token_id
+    return model.eval()
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes per second of a large device-to-device copy (read + write), best of five."""
+    import torch
+
+    x = torch.empty(1 << 28, dtype=torch.uint8, device=device)  # 256 MiB
+    y = torch.empty_like(x)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        start = time.perf_counter()
+        y.copy_(x)
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * x.numel() / best
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def text_weight_bytes(model) -> int:
+    """What one decode step reads at least: the language model and the head (tied: counted once)."""
+    seen, total = set(), 0
+    for module in (model.model.language_model, model.lm_head):
+        for p in module.parameters():
+            if p.data_ptr() not in seen:
+                seen.add(p.data_ptr())
+                total += p.numel() * p.element_size()
+    return total
+
+
+def main() -> None:
+    import torch
+
+    from qwen2vl_cli.pipeline import Session
+    from qwen2vl_cli.runner import peak_memory_bytes
+    from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("tiny", "2b", "7b"), default="tiny")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--images", type=int, default=8)
+    args = parser.parse_args()
+    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    model = build(args.model, args.device, dtype)
+    bandwidth = copy_bandwidth(args.device)
+    limit = bandwidth / text_weight_bytes(model)
+
+    class Quiet:
+        def stage(self, text):
+            pass
+
+    sessions = {}
+    for engine in ("hf", "static"):  # the tiny model's processor (its tokenizer ids are the model's), then the model
+        sessions[engine] = Session(RuntimeOptions(str(model_dir("tiny")), device=args.device, dtype=str(dtype).split(".")[1],
+                                                  attn="sdpa", engine=engine), Quiet())
+        sessions[engine].runner.model = model
+    runners = {engine: s.runner for engine, s in sessions.items()}
+    session = sessions["static"]
+    gen = GenerationOptions(max_new_tokens=args.tokens, min_new_tokens=args.tokens, repeat_guard=False)
+    media = MediaOptions(max_pixels=12845056)  # the reference budget: a 1280x720 photo is 1196 tokens
+    photo = session.prepare(str(ROOT / "samples" / "photo.jpg"), media, gen)
+    images = [session.prepare(p, media, gen) for p in make_images(args.images)]
+
+    rows = []
+    for engine, runner in runners.items():
+        inputs = runner.inputs(photo.text, list(photo.loaded))
+        runner.generate(inputs, GenerationOptions(max_new_tokens=8, min_new_tokens=8, repeat_guard=False))  # warm-up
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        one = runner.generate(inputs, gen)
+        sync(args.device)
+        wall = time.perf_counter() - start
+        rates = {}
+        for batch in (1, 8):
+            start = time.perf_counter()
+            for i in range(0, len(images), batch):
+                part = images[i : i + batch]
+                runner.generate_batch([p.text for p in part], [list(p.loaded) for p in part], gen)
+            sync(args.device)
+            rates[batch] = len(images) / (time.perf_counter() - start)
+        rows.append((engine, one, wall, rates, peak_memory_bytes(args.device)))
+        print(engine, one.decode_tokens_per_s, one.ttft_s, rates, flush=True)
+
+    base = rows[0][1].decode_tokens_per_s
+    card = torch.cuda.get_device_name(0) if args.device == "cuda" else "none (CPU)"
+    lines = [
+        f"## Decode, {args.model} on {args.device} (`bench/decode.py`)",
+        "",
+        f"Machine: {machine()}, card: {card}. Command: `python bench/decode.py --model {args.model} --device {args.device} "
+        f"--tokens {args.tokens} --images {args.images}`.",
+        f"{str(dtype).split('.')[1]}, sdpa, greedy, {args.tokens} new tokens; batch 1 on a 1280x720 photo ({photo.plans[0].visual_tokens} "
+        f"visual tokens); images/s on {args.images} JPEGs. Limit: {bandwidth / 1e9:.0f} GB/s copy bandwidth over "
+        f"{text_weight_bytes(model) / 1e6:.1f} MB of text weights read per token = {limit:.0f} tok/s.",
+        "",
+        "| engine | tok/s, batch 1 | of the limit | vs hf | first token | whole answer | images/s, batch 1 | images/s, batch 8 | peak memory |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for engine, one, wall, rates, peak in rows:
+        rate = one.decode_tokens_per_s or 0.0
+        lines.append(f"| {engine} | {rate:.1f} | {rate / limit:.1%} | {rate / base:.2f}x | {one.ttft_s * 1000:.0f} ms | {wall:.2f} s | "
+                     f"{rates[1]:.2f} | {rates[8]:.2f} | {peak / 1024**3:.2f} GiB |")
+    write_section("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
