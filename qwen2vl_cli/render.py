@@ -78,7 +78,7 @@ def summary_line(r: Result) -> Text:
         f"first token {_fmt_s(r.ttft_s)}",
         f"{r.decode_tokens_per_s:.1f} tok/s" if r.decode_tokens_per_s else "- tok/s",
         f"peak {format_size(r.peak_memory_bytes)}",
-        f"{r.device} {r.dtype} {r.attn}",
+        f"{r.device} {r.dtype} {r.attn} {r.engine}" if r.engine != "-" else f"{r.device}",
     ]
     return Text(" · ".join(parts), style="dim")
 

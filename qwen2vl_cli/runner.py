@@ -1,4 +1,5 @@
-"""Load Qwen2-VL with transformers, build processor inputs, and generate with streaming.
+"""Load Qwen2-VL with transformers, build processor inputs, and generate with streaming:
+through decode.py's engine, or transformers' `generate` (--engine hf).
 
 The runner never prints: text goes to the `on_text` callback, numbers come back in the result.
 """

@@ -184,6 +184,7 @@ class Result:
     peak_memory_bytes: int
     finish_reason: Literal["stop", "length", "repetition"]
     inputs: tuple[MediaPlan, ...] = field(default_factory=tuple)
+    engine: str = "-"  # the decode loop that ran: static or hf ("-" for a remote engine)
 
     def to_dict(self) -> dict:
         return {
@@ -192,6 +193,7 @@ class Result:
             "device": self.device,
             "dtype": self.dtype,
             "attn": self.attn,
+            "engine": self.engine,
             "prompt_tokens": self.prompt_tokens,
             "visual_tokens": self.visual_tokens,
             "generated_tokens": self.generated_tokens,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 JSON_KEYS = {
-    "text", "model", "device", "dtype", "attn", "prompt_tokens", "visual_tokens", "generated_tokens",
+    "text", "model", "device", "dtype", "attn", "engine", "prompt_tokens", "visual_tokens", "generated_tokens",
     "load_s", "ttft_s", "decode_tokens_per_s", "peak_memory_bytes", "finish_reason", "inputs",
 }
 IMAGE_KEYS = {"source", "kind", "width", "height", "resized_width", "resized_height", "grid_thw", "visual_tokens"}
@@ -40,7 +40,7 @@ def test_describe_streams_text_to_stdout_and_diagnostics_to_stderr(qvl, tiny_mod
 def test_json_schema_and_numbers(qvl, tiny_model, media_dir):
     out = describe_json(qvl, tiny_model, media_dir / "square.png")
     assert set(out) == JSON_KEYS
-    assert out["device"] == "cpu" and out["dtype"] == "float32" and out["attn"] == "sdpa"
+    assert out["device"] == "cpu" and out["dtype"] == "float32" and out["attn"] == "sdpa" and out["engine"] == "static"
     assert out["visual_tokens"] == 64 and out["generated_tokens"] == 8 and out["finish_reason"] == "length"
     assert out["prompt_tokens"] > 66 and out["peak_memory_bytes"] > 0 and out["load_s"] > 0
     [inp] = out["inputs"]
