@@ -284,9 +284,16 @@ class Session:
         ]
         return Prepared(tuple(plans), tuple(loaded), self.runner.prompt_text(typed))
 
-    def generate(self, batch: list[Prepared], gen: GenerationOptions) -> list[Result]:
+    def generate(self, batch: list[Prepared], gen: GenerationOptions, on_text=None, cancels=None) -> list[Result]:
+        """One batch through the model. `on_text` streams the answer of a batch of one; setting a
+        row's event in `cancels` stops that row (its client went away)."""
         from qwen2vl_cli.runner import peak_memory_bytes
 
-        gens = self.runner.generate_batch([p.text for p in batch], [list(p.loaded) for p in batch], gen)
+        if on_text is not None:
+            [one] = batch
+            inputs = self.runner.inputs(one.text, list(one.loaded))
+            gens = [self.runner.generate(inputs, gen, on_text=on_text, cancel=cancels[0] if cancels else None)]
+        else:
+            gens = self.runner.generate_batch([p.text for p in batch], [list(p.loaded) for p in batch], gen, cancels=cancels)
         peak = peak_memory_bytes(self.runner.device)
         return [make_result(self.runner, g, p.plans, peak) for p, g in zip(batch, gens)]

@@ -1,4 +1,4 @@
-"""`qvl serve`: an OpenAI-compatible chat-completions server over the transformers runner.
+"""`qvl serve`: an OpenAI-compatible chat-completions server over a Session (the model loaded once).
 
 A server is a security boundary. Every request is bounded before work starts: its body size
 (from Content-Length, then while reading), its fields (types and ranges; 400 naming the field),
@@ -36,7 +36,7 @@ from starlette.requests import ClientDisconnect
 from qwen2vl_cli.config import debug_enabled
 from qwen2vl_cli.errors import QvlError, UsageError, describe_exception, error_type
 from qwen2vl_cli.pipeline import Hooks, Prepared, Session, is_out_of_memory
-from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions, check_generation
+from qwen2vl_cli.types import GenerationOptions, MediaOptions, Result, RuntimeOptions, check_generation
 
 # The per-request sizing options, under vLLM's name for them.
 MM_KWARGS = {f.name for f in fields(MediaOptions)} - {"cpu_budget", "resize", "max_download"}
@@ -268,21 +268,15 @@ class Engine:
                 _log_bug("the engine loop", e)
 
     def _run(self, batch: list[Job]) -> None:
-        runner = self.session.runner
         try:
-            if batch[0].stream:
-                job = batch[0]
-                inputs = runner.inputs(job.prepared.text, list(job.prepared.loaded))
-                gens = [runner.generate(inputs, job.gen, on_text=job.on_text, cancel=job.cancel)]
-            else:
-                gens = runner.generate_batch([j.prepared.text for j in batch], [list(j.prepared.loaded) for j in batch], batch[0].gen,
-                                             cancels=[j.cancel for j in batch])
+            results = self.session.generate([j.prepared for j in batch], batch[0].gen, on_text=batch[0].on_text if batch[0].stream else None,
+                                            cancels=[j.cancel for j in batch])
         except Exception as e:  # every request of the batch gets the error
             for job in batch:
                 _settle(job.future, error=e)
             return
-        for job, gen in zip(batch, gens):
-            _settle(job.future, gen)
+        for job, result in zip(batch, results):
+            _settle(job.future, result)
 
 
 def _log_bug(where: str, e: BaseException) -> None:
@@ -295,14 +289,14 @@ def _log_bug(where: str, e: BaseException) -> None:
     print(f"qvl serve: error in {where}: {type(e).__name__}: {message}", file=sys.stderr, flush=True)
 
 
-def completion_body(request_id: str, model: str, gen, created: int, prepared: Prepared) -> dict:
+def completion_body(request_id: str, model: str, result: Result, created: int, prepared: Prepared) -> dict:
     return {
         "id": request_id,
         "object": "chat.completion",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": gen.text}, "finish_reason": _finish(gen)}],
-        "usage": _usage(gen),
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text}, "finish_reason": _finish(result)}],
+        "usage": _usage(result),
         "qvl": _extension(prepared),
     }
 
@@ -312,12 +306,13 @@ def _extension(prepared: Prepared) -> dict:
     return {"inputs": [p.to_dict() for p in prepared.plans]}
 
 
-def _finish(gen) -> str:
-    return "length" if gen.finish_reason == "length" else "stop"  # a stopped loop is a stop to OpenAI clients
+def _finish(result: Result) -> str:
+    return "length" if result.finish_reason == "length" else "stop"  # a stopped loop is a stop to OpenAI clients
 
 
-def _usage(gen) -> dict:
-    return {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.generated_tokens, "total_tokens": gen.prompt_tokens + gen.generated_tokens}
+def _usage(result: Result) -> dict:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.generated_tokens,
+            "total_tokens": result.prompt_tokens + result.generated_tokens}
 
 
 async def read_json(request: Request, limit: int) -> dict:
