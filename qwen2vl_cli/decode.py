@@ -59,6 +59,23 @@ class _Rows:
     out: torch.Tensor  # (B, max_new_tokens) long
 
 
+def unsupported(model) -> str | None:
+    """Why this loop cannot drive `model` with the installed transformers, or None when it can.
+    It relies on the cache argument being called `cache` and on static cache layers that count
+    their own length (transformers 5.2x); elsewhere the runner falls back to `generate`."""
+    import inspect
+
+    from transformers.cache_utils import StaticLayer
+
+    if not hasattr(model, "model") or not hasattr(model.model, "language_model") or not hasattr(model.model, "get_rope_index"):
+        return f"{type(model).__name__} is not a Qwen2-VL model"
+    if "cache" not in inspect.signature(model.model.language_model.forward).parameters:
+        return "this transformers release passes the KV cache under another name"
+    if not hasattr(StaticLayer(max_cache_len=1), "cumulative_length"):
+        return "this transformers release's static cache does not count its own length"
+    return None
+
+
 def static_cache(model, length: int):
     from transformers import StaticCache
 

@@ -161,6 +161,16 @@ class Runner:
         if self.device == "cuda":
             torch.cuda.synchronize()
         self.load_s = time.perf_counter() - start
+        self._check_engine()
+
+    def _check_engine(self) -> None:
+        """The static loop needs transformers' current cache API; without it, auto means hf."""
+        from qwen2vl_cli import decode
+
+        if self.engine == "static" and (reason := decode.unsupported(self.model)):
+            if self.runtime.engine != "auto":
+                raise ModelError(f"--engine static: {reason}; use --engine hf")
+            self.engine = "hf"
 
     def vision_spec(self) -> VisionSpec:
         ip = self.processor.image_processor

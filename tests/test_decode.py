@@ -133,3 +133,22 @@ def test_engine_rules():
     with pytest.raises(UsageError, match="--engine hf"):
         choose_engine("static", "flash_attention_2")
     assert Capabilities().cuda is False  # the rules need no GPU
+
+
+def test_a_transformers_the_loop_cannot_drive_falls_back_to_generate(qvl, tiny_model, media_dir, monkeypatch):
+    from qwen2vl_cli import decode
+
+    assert decode.unsupported(sessions_model(tiny_model)) is None  # the installed transformers is driven by the loop
+    monkeypatch.setattr(decode, "unsupported", lambda model: "this transformers release passes the KV cache under another name")
+    args = ("describe", media_dir / "square.png", "--model", tiny_model, "--max-new-tokens", "4", "--dtype", "float32")
+    r = qvl(*args, "--json")
+    assert r.exit_code == 0 and '"engine": "hf"' in r.stdout
+    r = qvl(*args, "--engine", "static")
+    assert r.exit_code == 1 and r.stderr.endswith("qvl: error: --engine static: this transformers release passes the KV cache under "
+                                                  "another name; use --engine hf\n")
+
+
+def sessions_model(tiny_model):
+    from transformers import Qwen2VLForConditionalGeneration
+
+    return Qwen2VLForConditionalGeneration.from_pretrained(tiny_model)
