@@ -44,6 +44,7 @@ class Decoded:
     ttft_s: float | None
     decode_tokens_per_s: float | None
     steps: int = 0
+    graph: bool = False  # the steps were replayed from a CUDA graph
 
 
 @dataclass
@@ -122,6 +123,42 @@ def decode_one_token(model, rows: _Rows, tokens: torch.Tensor, cache, attn: str)
     return model.lm_head(hidden.last_hidden_state[:, -1, :]).float()
 
 
+class GraphedStep:
+    """`decode_one_token` captured once in a CUDA graph and replayed: one launch a step instead of
+    one per kernel. The graph reads its tokens from a fixed buffer and leaves the logits in a fixed
+    one; the state a step changes (cache, lengths, mask, positions) lives in tensors that never move.
+    """
+
+    def __init__(self, model, rows: _Rows, tokens: torch.Tensor, cache, attn: str):
+        self.tokens = tokens.clone()
+        saved = (rows.attend.clone(), rows.text_position.clone(), [layer.cumulative_length.clone() for layer in cache.layers])
+
+        def restore() -> None:  # a warm-up step changes the state: put it back
+            rows.attend.copy_(saved[0])
+            rows.text_position.copy_(saved[1])
+            for layer, length in zip(cache.layers, saved[2]):
+                layer.cumulative_length.copy_(length)
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        try:
+            with torch.cuda.stream(side):  # warm-up outside the graph: kernels chosen, workspaces allocated
+                for _ in range(2):
+                    decode_one_token(model, rows, self.tokens, cache, attn)
+                    restore()
+        finally:
+            restore()
+            torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):  # recorded, not run: the state is as before
+            self.logits = decode_one_token(model, rows, self.tokens, cache, attn)
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens)
+        self.graph.replay()
+        return self.logits
+
+
 def choose(logits: torch.Tensor, rows: _Rows, sampling: Sampling, eos: torch.Tensor, generator, index: int) -> torch.Tensor:
     """Token `index` (0-based) of every row, on the device."""
     if rows.seen is not None:  # transformers' RepetitionPenaltyLogitsProcessor, as a mask
@@ -167,10 +204,12 @@ def generate(
     on_tokens: Callable[[list[list[int]], list[int | None]], None] | None = None,
     guard: Callable[[int, list[int]], int | None] | None = None,
     cancels: list[threading.Event] | None = None,
+    graph: bool = False,
 ) -> Decoded:
     """Generate for a left-padded batch. Every `chunk` steps the host reads the new tokens:
     `guard(row, tokens)` says where a row loops (it is stopped there), `on_tokens(rows, looped)`
-    sees every row's tokens so far, and a row whose event in `cancels` is set is stopped."""
+    sees every row's tokens so far, and a row whose event in `cancels` is set is stopped.
+    `graph`: on CUDA, replay the step as a CUDA graph (Decoded.graph says whether it was)."""
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     batch, width = ids.shape
     device = ids.device
@@ -200,6 +239,15 @@ def generate(
             out=torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device),
         )
         tokens = _advance(rows, choose(logits, rows, sampling, eos, generator, 0), eos, pad_id)
+        def step(t: torch.Tensor) -> torch.Tensor:
+            return decode_one_token(model, rows, t, cache, attn)
+
+        graphed = graph and device.type == "cuda" and max_new_tokens > 1
+        if graphed:
+            try:
+                step = GraphedStep(model, rows, tokens, cache, attn)
+            except Exception:  # something in the step cannot be captured: run it eagerly
+                graphed = False
         host: list[list[int]] = [[] for _ in range(batch)]
         looped: list[int | None] = [None] * batch
         cancelled: list[int | None] = [None] * batch
@@ -230,9 +278,9 @@ def generate(
                     on_tokens(host, looped)
                 if done == max_new_tokens or bool(rows.ended.all()):
                     break
-            logits = decode_one_token(model, rows, tokens, cache, attn)
+            logits = step(tokens)
             tokens = _advance(rows, choose(logits, rows, sampling, eos, generator, done), eos, pad_id)
             done += 1
     ended_at = [next((i + 1 for i, t in enumerate(row) if t in eos_ids), None) for row in host]
     rate = (done - 1) / (last_at - first_at) if done > 1 and last_at > first_at else None
-    return Decoded(host, ended_at, looped, cancelled, ttft, rate, done)
+    return Decoded(host, ended_at, looped, cancelled, ttft, rate, done, graphed)

@@ -42,7 +42,7 @@ Engine = Annotated[
     str,
     typer.Option(
         envvar="QVL_ENGINE",
-        help="auto | static | hf. static: qvl's decode loop over a static KV cache, reading tokens back a chunk at a time; hf: transformers' generate (the reference). auto: static, or hf with flash_attention_2.",
+        help="auto | static | graph | hf. static: qvl's decode loop over a static KV cache, reading tokens back a chunk at a time; graph: the same with its step replayed as a CUDA graph (CUDA only); hf: transformers' generate (the reference). auto: static, or hf with flash_attention_2.",
         rich_help_panel=RUN_PANEL,
     ),
 ]

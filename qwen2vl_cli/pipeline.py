@@ -123,7 +123,7 @@ def make_result(runner, gen, plans, peak_memory: int) -> Result:
         peak_memory_bytes=peak_memory,
         finish_reason=gen.finish_reason,
         inputs=tuple(plans),
-        engine=runner.engine,
+        engine=gen.engine,
     )
 
 

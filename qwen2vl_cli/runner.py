@@ -10,7 +10,7 @@ import resource
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -32,6 +32,7 @@ class Generation:
     ttft_s: float | None
     decode_tokens_per_s: float | None
     finish_reason: str  # stop | length | repetition
+    engine: str = "hf"  # the loop that ran: hf, static, or graph
 
 
 class RepetitionGuard:
@@ -122,7 +123,7 @@ class Runner:
         self.device = devices.choose_device(runtime.device, self.caps)
         self.dtype = devices.choose_dtype(runtime.dtype, self.device, self.caps)
         self.attn = devices.choose_attn(runtime.attn, self.device, self.dtype, self.caps)
-        self.engine = devices.choose_engine(runtime.engine, self.attn)
+        self.engine = devices.choose_engine(runtime.engine, self.attn, self.device)
         self.model = None
         self.processor = None
         self.load_s = 0.0
@@ -167,9 +168,9 @@ class Runner:
         """The static loop needs transformers' current cache API; without it, auto means hf."""
         from qwen2vl_cli import decode
 
-        if self.engine == "static" and (reason := decode.unsupported(self.model)):
+        if self.engine in ("static", "graph") and (reason := decode.unsupported(self.model)):
             if self.runtime.engine != "auto":
-                raise ModelError(f"--engine static: {reason}; use --engine hf")
+                raise ModelError(f"--engine {self.engine}: {reason}; use --engine hf")
             self.engine = "hf"
 
     def vision_spec(self) -> VisionSpec:
@@ -255,8 +256,9 @@ class Runner:
         pad = config.pad_token_id if config.pad_token_id is not None else eos[0]
         out = decode.generate(
             self.model, dict(inputs), gen.max_new_tokens, sampling, eos, pad, self.attn,
-            on_tokens=on_tokens, guard=LoopFinder() if gen.repeat_guard else None, cancels=cancels,
+            on_tokens=on_tokens, guard=LoopFinder() if gen.repeat_guard else None, cancels=cancels, graph=self.engine == "graph",
         )
+        engine = "graph" if out.graph else "static"  # a step that could not be captured ran eagerly
         if self.device == "cuda":
             import torch
 
@@ -267,7 +269,8 @@ class Runner:
             tokens = tokens[: out.cancelled_at[row]]  # a row whose client left ends where it was stopped
             ids = inputs["input_ids"][row][inputs["attention_mask"][row].bool()]
             visual = int(((ids == config_ids.image_token_id) | (ids == config_ids.video_token_id)).sum())
-            generations.append(self._generation(tokens, int(ids.shape[0]), visual, out.ttft_s, out.decode_tokens_per_s, out.looped_at[row]))
+            generation = self._generation(tokens, int(ids.shape[0]), visual, out.ttft_s, out.decode_tokens_per_s, out.looped_at[row])
+            generations.append(replace(generation, engine=engine))
         return generations
 
     def _generate_hf(self, inputs, gen: GenerationOptions, on_text, cancel) -> Generation:

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwen2vl_cli.devices import Capabilities
 from qwen2vl_cli.pipeline import Session
 from qwen2vl_cli.runner import LoopFinder, RepetitionGuard
 from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions
@@ -132,7 +131,25 @@ def test_engine_rules():
     assert choose_engine("auto", "flash_attention_2") == "hf" and choose_engine("hf", "sdpa") == "hf"
     with pytest.raises(UsageError, match="--engine hf"):
         choose_engine("static", "flash_attention_2")
-    assert Capabilities().cuda is False  # the rules need no GPU
+    assert choose_engine("graph", "sdpa", "cuda") == "graph"
+    with pytest.raises(UsageError, match="needs --device cuda"):
+        choose_engine("graph", "sdpa", "cpu")
+
+
+def _cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")
+def test_the_graphed_step_gives_the_eager_steps_tokens_on_cuda(tiny_model, media_dir):
+    gen = GenerationOptions(max_new_tokens=48)
+    out = {}
+    for engine in ("static", "graph"):
+        session = Session(RuntimeOptions(str(tiny_model), device="cuda", dtype="float32", attn="sdpa", engine=engine), Quiet())
+        batch = prepared(session, media_dir, ["square.png", "photo.png", "clip.mp4"], gen)
+        out[engine] = session.runner.generate_batch([p.text for p in batch], [list(p.loaded) for p in batch], gen)
+    assert all(g.engine == "graph" for g in out["graph"]), "the step was not captured"
+    assert [g.tokens for g in out["graph"]] == [g.tokens for g in out["static"]]
 
 
 def test_a_transformers_the_loop_cannot_drive_falls_back_to_generate(qvl, tiny_model, media_dir, monkeypatch):
