@@ -97,7 +97,7 @@ def text_weight_bytes(model) -> int:
 def main() -> None:
     import torch
 
-    from qwen2vl_cli.pipeline import Session
+    from qwen2vl_cli.backend import LocalBackend
     from qwen2vl_cli.runner import peak_memory_bytes
     from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions
 
@@ -118,15 +118,15 @@ def main() -> None:
 
     sessions = {}
     for engine in ("hf", "static"):  # the tiny model's processor (its tokenizer ids are the model's), then the model
-        sessions[engine] = Session(RuntimeOptions(str(model_dir("tiny")), device=args.device, dtype=str(dtype).split(".")[1],
+        sessions[engine] = LocalBackend(RuntimeOptions(str(model_dir("tiny")), device=args.device, dtype=str(dtype).split(".")[1],
                                                   attn="sdpa", engine=engine), Quiet())
         sessions[engine].runner.model = model
     runners = {engine: s.runner for engine, s in sessions.items()}
     session = sessions["static"]
     gen = GenerationOptions(max_new_tokens=args.tokens, min_new_tokens=args.tokens, repeat_guard=False)
     media = MediaOptions(max_pixels=12845056)  # the reference budget: a 1280x720 photo is 1196 tokens
-    photo = session.prepare(str(ROOT / "samples" / "photo.jpg"), media, gen)
-    images = [session.prepare(p, media, gen) for p in make_images(args.images)]
+    photo = session.prepare((str(ROOT / "samples" / "photo.jpg"),), media, gen)
+    images = [session.prepare((p,), media, gen) for p in make_images(args.images)]
 
     rows = []
     for engine, runner in runners.items():

@@ -41,9 +41,9 @@ def main() -> None:
     parser.add_argument("--model", choices=("tiny", "2b"), default="tiny")
     args = parser.parse_args()
 
-    from qwen2vl_cli.endpoint import EachAdapter, EndpointOptions, EndpointSession
-    from qwen2vl_cli.pipeline import Session
-    from qwen2vl_cli.types import MediaOptions, RuntimeOptions
+    from qwen2vl_cli.endpoint import EndpointBackend, EndpointOptions
+    from qwen2vl_cli.backend import LocalBackend
+    from qwen2vl_cli.types import RuntimeOptions
 
     class Quiet:
         def stage(self, text):
@@ -60,13 +60,13 @@ def main() -> None:
             if not line and server.poll() is not None:
                 raise RuntimeError("qvl serve did not start")
         url = line.split(" on ")[1].split()[0]
-        local = Session(RuntimeOptions(model, device="cpu", dtype="bfloat16"), Quiet())
+        local = LocalBackend(RuntimeOptions(model, device="cpu", dtype="bfloat16"), Quiet())
         each(local, images[:2], 2, 1)  # warm-up
         local_rate = each(local, images, args.tokens, 1)
         del local
         remote = {}
         for concurrency in (1, 4):
-            session = EachAdapter(EndpointSession(EndpointOptions(url, concurrency=concurrency), model), MediaOptions())
+            session = EndpointBackend(EndpointOptions(url, concurrency=concurrency), model)
             each(session, images[:2], 2, concurrency)
             remote[concurrency] = each(session, images, args.tokens, concurrency)
     finally:

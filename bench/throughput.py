@@ -135,7 +135,7 @@ def run_qvl(session, images: list[str], tokens: int, batch_size: int) -> tuple[f
 def measure(name: str, args) -> dict:
     from transformers import AutoProcessor
 
-    from qwen2vl_cli.pipeline import Session
+    from qwen2vl_cli.backend import LocalBackend
     from qwen2vl_cli.types import RuntimeOptions
 
     class Quiet:
@@ -144,7 +144,7 @@ def measure(name: str, args) -> dict:
 
     path = model_dir(name)
     images = make_images(args.images)
-    session = Session(RuntimeOptions(str(path), device=args.device, dtype=args.dtype), Quiet())
+    session = LocalBackend(RuntimeOptions(str(path), device=args.device, dtype=args.dtype), Quiet())
     reference_processor = AutoProcessor.from_pretrained(path)
     run_qvl(session, images[:2], 2, 2)  # warm-up: first-call costs out of every timing
     a = run_reference(session.runner.model, reference_processor, images, args.tokens)

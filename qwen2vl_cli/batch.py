@@ -16,10 +16,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import BinaryIO, TextIO
+from typing import TYPE_CHECKING, BinaryIO, TextIO
 
 from qwen2vl_cli.errors import QvlError, UsageError, describe_exception, error_type
 from qwen2vl_cli.types import GenerationOptions, MediaOptions, Result, RuntimeOptions
+
+if TYPE_CHECKING:
+    from qwen2vl_cli.backend import Backend
 
 
 @dataclass(frozen=True)
@@ -211,7 +214,7 @@ _END = object()
 
 def run_each(
     sources: Iterator[str],
-    session,
+    backend: Backend,
     media: MediaOptions,
     gen: GenerationOptions,
     key: str,
@@ -235,7 +238,7 @@ def run_each(
                     item = (index, source, None, None)
                 else:
                     try:
-                        item = (index, source, session.prepare(source, media, gen, require_video), None)
+                        item = (index, source, backend.prepare((source,), media, gen, require_video), None)
                     except Exception as e:  # one bad input is one error record
                         item = (index, source, None, e)
                 _put(ahead, item, stop)
@@ -268,7 +271,7 @@ def run_each(
                     batch.append((index, source, prepared))
                 on_progress()
             if batch:
-                for (index, source, _), result, error in _generate(session, batch, gen):
+                for (index, source, _), result, error in _generate(backend, batch, gen):
                     emitter.emit(index, record_for(index, source, key, result, error))  # counted once it is out
                     if error is None:
                         tally.done += 1
@@ -279,10 +282,10 @@ def run_each(
         stop.set()
 
 
-def _generate(session, batch, gen):
+def _generate(backend: Backend, batch, gen):
     """Results for a batch; when the batch fails as a whole, each input is tried alone."""
     try:
-        results = session.generate([p for _, _, p in batch], gen)
+        results = backend.generate([p for _, _, p in batch], gen)
         return [(item, r, None) for item, r in zip(batch, results)]
     except Exception as e:
         if len(batch) == 1:
@@ -290,7 +293,7 @@ def _generate(session, batch, gen):
     out = []
     for item in batch:
         try:
-            out.append((item, session.generate([item[2]], gen)[0], None))
+            out.append((item, backend.generate([item[2]], gen)[0], None))
         except Exception as e:
             out.append((item, None, e))
     return out

@@ -304,7 +304,6 @@ def _answer(sources: list[str] | None, require_video: bool, options: dict) -> No
 def _answer_each(request, each, quiet: bool, endpoint=None) -> None:
     """`--each`: one record per input, the model loaded once (or a remote engine, --concurrency at a time)."""
     from qwen2vl_cli import batch
-    from qwen2vl_cli.pipeline import Session
     from qwen2vl_cli.render import BatchProgress, Reporter, print_error
 
     if not request.sources and each.from_file is None:
@@ -328,21 +327,23 @@ def _answer_each(request, each, quiet: bool, endpoint=None) -> None:
         reporter = Reporter(quiet=quiet, stream=False)
         try:
             if endpoint is not None:
-                from qwen2vl_cli.endpoint import EachAdapter, EndpointSession
+                from qwen2vl_cli.endpoint import EndpointBackend
 
-                session = EachAdapter(EndpointSession(endpoint, request.runtime.model), request.media)
+                backend = EndpointBackend(endpoint, request.runtime.model)
             else:
-                session = Session(request.runtime, reporter)
+                from qwen2vl_cli.backend import LocalBackend
+
+                backend = LocalBackend(request.runtime, reporter)
         finally:
             reporter.stop()
         progress = BatchProgress(quiet, total=batch.count_sources(request.sources, each.from_file, each.null))
         batch.run_each(
             sources,
-            session,
+            backend,
             request.media,
             request.generation,
             key=batch.request_key(request.media, request.generation, request.runtime),
-            batch_size=endpoint.concurrency if endpoint else each.batch_size or batch.default_batch_size(session.runner.device),
+            batch_size=endpoint.concurrency if endpoint else each.batch_size or batch.default_batch_size(backend.device),
             emitter=emitter,
             tally=tally,
             done=records.done if records is not None and each.resume else frozenset(),

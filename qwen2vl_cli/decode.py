@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -239,9 +240,7 @@ def generate(
             out=torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device),
         )
         tokens = _advance(rows, choose(logits, rows, sampling, eos, generator, 0), eos, pad_id)
-        def step(t: torch.Tensor) -> torch.Tensor:
-            return decode_one_token(model, rows, t, cache, attn)
-
+        step: Callable[[torch.Tensor], torch.Tensor] = partial(decode_one_token, model, rows, cache=cache, attn=attn)
         graphed = graph and device.type == "cuda" and max_new_tokens > 1
         if graphed:
             try:

@@ -38,6 +38,7 @@ class EndpointOptions:
 class RemoteRequest:
     plans: tuple[MediaPlan, ...]
     messages: list
+    opts: MediaOptions  # the sizing options, sent on as mm_processor_kwargs
 
 
 def _data_url(src: Source, info_format: str, kind: str) -> str:
@@ -53,8 +54,10 @@ def mm_kwargs(opts: MediaOptions) -> dict:
     return {k: v for k, v in asdict(opts).items() if k not in skip and v != getattr(default, k)}
 
 
-class EndpointSession:
-    """The `Session` interface (prepare, generate) over HTTP, for single runs and `--each`."""
+class EndpointBackend:
+    """The Backend (backend.py) over HTTP, for single runs and `--each`."""
+
+    device = "endpoint"
 
     def __init__(self, options: EndpointOptions, model: str):
         try:
@@ -66,10 +69,8 @@ class EndpointSession:
         # Sizes are planned with the model's settings when they are on this machine, for the diagnostics.
         self.spec: VisionSpec = vision_spec(model) or VisionSpec()
 
-    def prepare(self, source: str, opts: MediaOptions, gen: GenerationOptions, require_video: bool = False) -> RemoteRequest:
-        return self.prepare_many((source,), opts, gen, require_video)
-
-    def prepare_many(self, sources: tuple[str, ...], opts: MediaOptions, gen: GenerationOptions, require_video: bool = False) -> RemoteRequest:
+    def prepare(self, sources: tuple[str, ...], opts: MediaOptions, gen: GenerationOptions, require_video: bool = False) -> RemoteRequest:
+        """Media resolved and checked here (a bad file never leaves the machine), as parts of one message."""
         with SourceResolver(max_bytes=opts.max_download) as resolver:
             probed = probe_all(resolver, sources, opts, require_video)
             plans = plan_all(probed, self.spec, opts)
@@ -80,12 +81,12 @@ class EndpointSession:
                 parts.append({"type": kind, kind: {"url": text if passed else _data_url(p.source, p.info.format, plan.kind)}})
         parts.append({"type": "text", "text": gen.prompt if gen.prompt is not None else default_prompt(plans)})
         messages = ([{"role": "system", "content": gen.system}] if gen.system is not None else []) + [{"role": "user", "content": parts}]
-        return RemoteRequest(tuple(plans), messages)
+        return RemoteRequest(tuple(plans), messages, opts)
 
-    def complete(self, request: RemoteRequest, gen: GenerationOptions, opts: MediaOptions, on_text=None) -> Result:
+    def complete(self, request: RemoteRequest, gen: GenerationOptions, on_text=None) -> Result:
         import openai
 
-        extra = {"mm_processor_kwargs": mm_kwargs(opts)} if mm_kwargs(opts) else {}
+        extra = {"mm_processor_kwargs": mm_kwargs(request.opts)} if mm_kwargs(request.opts) else {}
         for name in ("top_k", "repetition_penalty"):
             if getattr(gen, name) is not None:
                 extra[name] = getattr(gen, name)
@@ -150,25 +151,13 @@ class EndpointSession:
             inputs=plans,
         )
 
-    def generate_all(self, batch: list[RemoteRequest], gen: GenerationOptions, opts: MediaOptions) -> list[Result]:
-        """A batch of `--each` requests, all in flight at once (the batch size is --concurrency)."""
+    def generate(self, batch: list[RemoteRequest], gen: GenerationOptions, on_text=None, cancels=None) -> list[Result]:
+        """A batch of requests, all in flight at once (with `--each`, the batch size is --concurrency);
+        `on_text` streams a batch of one. A cancelled row is not sent."""
         if len(batch) == 1:
-            return [self.complete(batch[0], gen, opts)]
+            return [self.complete(batch[0], gen, on_text)]
         with ThreadPoolExecutor(max_workers=len(batch)) as pool:
-            return list(pool.map(lambda r: self.complete(r, gen, opts), batch))
-
-
-class EachAdapter:
-    """What `batch.run_each` calls: prepare one source, generate a batch."""
-
-    def __init__(self, session: EndpointSession, opts: MediaOptions):
-        self.session, self.opts = session, opts
-
-    def prepare(self, source, opts, gen, require_video=False):
-        return self.session.prepare(source, opts, gen, require_video)
-
-    def generate(self, batch, gen):
-        return self.session.generate_all(batch, gen, self.opts)
+            return list(pool.map(lambda r: self.complete(r, gen), batch))
 
 
 def _server_message(e) -> str:
@@ -182,10 +171,10 @@ def _server_message(e) -> str:
 
 def run(sources: tuple[str, ...], opts: MediaOptions, gen: GenerationOptions, model: str, options: EndpointOptions,
         hooks: Hooks, require_video: bool = False) -> Result:
-    session = EndpointSession(options, model)
+    backend = EndpointBackend(options, model)
     hooks.stage("Reading media")
-    request = session.prepare_many(sources, replace(opts, cpu_budget=False), gen, require_video)
+    request = backend.prepare(sources, replace(opts, cpu_budget=False), gen, require_video)
     hooks.stage(f"Waiting for {options.url}")
-    result = session.complete(request, gen, opts, on_text=hooks.text)
+    [result] = backend.generate([request], gen, on_text=hooks.text)
     hooks.inputs(list(result.inputs))  # the sizes the server used, when it says
     return result

@@ -7,33 +7,18 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
-
+from dataclasses import replace
 
 from qwen2vl_cli import config as C
 from qwen2vl_cli.errors import MediaError, one_line
 from qwen2vl_cli.sources import Source
-from qwen2vl_cli.types import MediaInfo, MediaOptions, MediaPlan
-
-if TYPE_CHECKING:
-    import numpy as np
+from qwen2vl_cli.types import Loaded, MediaInfo, MediaOptions, MediaPlan
 
 # Formats Pillow can hold as motion; multi-page TIFF and ICO are pages, not frames.
 _ANIMATED_FORMATS = {"GIF", "PNG", "WEBP", "FLI"}
 # Pillow identifies these but cannot decode them; they are videos.
 _VIDEO_FORMATS = {"MPEG"}
 _ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
-
-
-@dataclass(frozen=True)
-class Loaded:
-    """Pixels ready for the processor: one RGB image, or uint8 frames (T, H, W, 3) with their times."""
-
-    image: object | None = None  # PIL.Image.Image
-    frames: np.ndarray | None = None
-    frame_times_s: tuple[float, ...] | None = None
-    notes: tuple[str, ...] = ()
 
 
 def _pil():

@@ -17,9 +17,8 @@ from typing import Callable
 from qwen2vl_cli import devices
 from qwen2vl_cli.config import debug_enabled
 from qwen2vl_cli.errors import GenerationInterrupted, ModelError, one_line
-from qwen2vl_cli.media import Loaded
 from qwen2vl_cli.modelinfo import vision_spec_from_dict
-from qwen2vl_cli.types import GenerationOptions, RuntimeOptions, VisionSpec
+from qwen2vl_cli.types import GenerationOptions, Loaded, RuntimeOptions, VisionSpec
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""`qvl serve`: an OpenAI-compatible chat-completions server over a Session (the model loaded once).
+"""`qvl serve`: an OpenAI-compatible chat-completions server over the local backend (the model loaded once).
 
 A server is a security boundary. Every request is bounded before work starts: its body size
 (from Content-Length, then while reading), its fields (types and ranges; 400 naming the field),
@@ -35,8 +35,9 @@ from starlette.requests import ClientDisconnect
 
 from qwen2vl_cli.config import debug_enabled
 from qwen2vl_cli.errors import QvlError, UsageError, describe_exception, error_type
-from qwen2vl_cli.pipeline import Hooks, Prepared, Session, is_out_of_memory
-from qwen2vl_cli.types import GenerationOptions, MediaOptions, Result, RuntimeOptions, check_generation
+from qwen2vl_cli.backend import LocalBackend
+from qwen2vl_cli.pipeline import Hooks, is_out_of_memory
+from qwen2vl_cli.types import GenerationOptions, MediaOptions, Prepared, Result, RuntimeOptions, check_generation
 
 # The per-request sizing options, under vLLM's name for them.
 MM_KWARGS = {f.name for f in fields(MediaOptions)} - {"cpu_budget", "resize", "max_download"}
@@ -220,7 +221,7 @@ class Engine:
     Jobs whose client went away leave the line at once: they hold no place against new arrivals.
     """
 
-    def __init__(self, session: Session, batch_size: int, queue_size: int):
+    def __init__(self, session: LocalBackend, batch_size: int, queue_size: int):
         self.session, self.batch_size, self.queue_size = session, batch_size, queue_size
         self._line: deque[Job] = deque()
         self._changed = threading.Condition()
@@ -350,7 +351,7 @@ def allowed_hosts(host: str, extra: tuple[str, ...]) -> list[str]:
     return sorted(names | set(extra))
 
 
-def create_app(session: Session, model_name: str, api_key: str | None = None, batch_size: int = 8, queue_size: int = 64,
+def create_app(session: LocalBackend, model_name: str, api_key: str | None = None, batch_size: int = 8, queue_size: int = 64,
                limits: Limits = Limits(), hosts: list[str] | None = None):
     expected_key = f"Bearer {api_key}".encode() if api_key else None
 
@@ -494,7 +495,7 @@ def serve(runtime: RuntimeOptions, host: str, port: int, api_key: str | None, ba
     deadline = limits.fetch_deadline_s
     # Reads time out well inside the deadline, so a server that drips bytes is cut off near it.
     fetch = {"policy": policy, "deadline_s": deadline, "timeout": (min(10.0, deadline), min(10.0, deadline / 4))}
-    session = Session(runtime, hooks, fetch=fetch, max_source_pixels=limits.max_source_pixels, max_visual_tokens=limits.max_visual_tokens)
+    session = LocalBackend(runtime, hooks, fetch=fetch, max_source_pixels=limits.max_source_pixels, max_visual_tokens=limits.max_visual_tokens)
     app = create_app(session, runtime.model, api_key, batch_size or default_batch_size(session.runner.device), queue_size, limits,
                      allowed_hosts(host, extra_hosts))
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 Kind = Literal["image", "video"]
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -208,3 +211,22 @@ class Result:
 
 def _round(x: float | None, digits: int = 4) -> float | None:
     return None if x is None else round(float(x), digits)
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """Pixels ready for the processor: one RGB image, or uint8 frames (T, H, W, 3) with their times."""
+
+    image: object | None = None  # PIL.Image.Image
+    frames: np.ndarray | None = None
+    frame_times_s: tuple[float, ...] | None = None
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request ready for a local model: its plans, its pixels and the prompt text."""
+
+    plans: tuple[MediaPlan, ...]
+    loaded: tuple[Loaded, ...]
+    text: str

@@ -15,9 +15,8 @@ from fractions import Fraction
 
 
 from qwen2vl_cli.errors import InternalError, MediaError, one_line
-from qwen2vl_cli.media import Loaded
 from qwen2vl_cli.sources import Source
-from qwen2vl_cli.types import MediaInfo, MediaPlan
+from qwen2vl_cli.types import Loaded, MediaInfo, MediaPlan
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwen2vl_cli.pipeline import Session
+from qwen2vl_cli.backend import LocalBackend
 from qwen2vl_cli.runner import LoopFinder, RepetitionGuard
 from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions
 
@@ -25,12 +25,12 @@ class Quiet:
 @pytest.fixture(scope="module")
 def sessions(tiny_model):
     """The same model loaded twice: one per engine."""
-    return {engine: Session(RuntimeOptions(str(tiny_model), device="cpu", dtype="float32", engine=engine), Quiet())
+    return {engine: LocalBackend(RuntimeOptions(str(tiny_model), device="cpu", dtype="float32", engine=engine), Quiet())
             for engine in ("static", "hf")}
 
 
 def prepared(session, media_dir, names, gen):
-    return [session.prepare(str(media_dir / n), MediaOptions(), gen) for n in names]
+    return [session.prepare((str(media_dir / n),), MediaOptions(), gen) for n in names]
 
 
 def both(sessions, media_dir, names, gen, **kwargs):
@@ -58,7 +58,7 @@ def test_several_media_in_one_prompt_and_the_repetition_penalty(sessions, media_
     gen = GenerationOptions(max_new_tokens=30, repetition_penalty=1.3, min_new_tokens=20)
     results = {}
     for engine, session in sessions.items():
-        media = [session.prepare(str(media_dir / n), MediaOptions(), gen) for n in ("square.png", "clip.mp4")]
+        media = [session.prepare((str(media_dir / n),), MediaOptions(), gen) for n in ("square.png", "clip.mp4")]
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "video"}, {"type": "text", "text": "Compare."}]}]
         runner = session.runner
         inputs = runner.inputs(runner.prompt_text(messages), [m for p in media for m in p.loaded])
@@ -145,7 +145,7 @@ def test_the_graphed_step_gives_the_eager_steps_tokens_on_cuda(tiny_model, media
     gen = GenerationOptions(max_new_tokens=48)
     out = {}
     for engine in ("static", "graph"):
-        session = Session(RuntimeOptions(str(tiny_model), device="cuda", dtype="float32", attn="sdpa", engine=engine), Quiet())
+        session = LocalBackend(RuntimeOptions(str(tiny_model), device="cuda", dtype="float32", attn="sdpa", engine=engine), Quiet())
         batch = prepared(session, media_dir, ["square.png", "photo.png", "clip.mp4"], gen)
         out[engine] = session.runner.generate_batch([p.text for p in batch], [list(p.loaded) for p in batch], gen)
     assert all(g.engine == "graph" for g in out["graph"]), "the step was not captured"

@@ -10,8 +10,6 @@ import base64
 import http.server
 import json
 import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -106,12 +104,12 @@ def test_media_urls_cannot_reach_the_servers_own_network(url, http_server, publi
     port = http_server.rsplit(":", 1)[1]
     refused = [
         f"{http_server}/photo.png",  # an open port on loopback
-        f"http://127.0.0.1:9/photo.png",  # a closed one: the same answer, so no port scanning
+        "http://127.0.0.1:9/photo.png",  # a closed one: the same answer, so no port scanning
         f"http://localhost:{port}/photo.png",
         f"http://[::ffff:127.0.0.1]:{port}/photo.png",
         f"http://0x7f000001:{port}/photo.png",
         f"http://2130706433:{port}/photo.png",
-        f"http://169.254.169.254/latest/meta-data/",
+        "http://169.254.169.254/latest/meta-data/",
         f"{public}/inward",  # allowed host, redirected to loopback: checked again at every hop
     ]
     messages = set()
@@ -264,9 +262,13 @@ def test_overload_is_a_503_before_a_stream_starts(url):
     holder.start()
     time.sleep(1.0)  # lets it reach the model; the count below does not depend on it
 
+    answered = threading.Barrier(8)
+
     def streamed(_):  # an admitted stream waits behind the holder: its headers are all this reads
         with requests.post(url, json={**_long(url, stream=True), "max_tokens": 4, "min_tokens": 4}, stream=True, timeout=HANG_S) as r:
-            return r.status_code, r.headers.get("retry-after"), r.content if r.status_code != 200 else b""
+            body = r.content if r.status_code != 200 else b""
+            answered.wait(timeout=HANG_S)  # an admitted client stays until all are answered, keeping its place
+            return r.status_code, r.headers.get("retry-after"), body
 
     try:
         with ThreadPoolExecutor(8) as pool:
@@ -291,7 +293,7 @@ def test_the_server_logged_no_traceback(hostile_server, url):
 
 
 def test_the_engine_thread_survives_cancelled_futures(tiny_model, media_dir):
-    from qwen2vl_cli.pipeline import Session
+    from qwen2vl_cli.backend import LocalBackend
     from qwen2vl_cli.serve import Engine, Job
     from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions
 
@@ -299,10 +301,10 @@ def test_the_engine_thread_survives_cancelled_futures(tiny_model, media_dir):
         def stage(self, text):
             pass
 
-    session = Session(RuntimeOptions(str(tiny_model), device="cpu", dtype="float32"), Quiet())
+    session = LocalBackend(RuntimeOptions(str(tiny_model), device="cpu", dtype="float32"), Quiet())
     engine = Engine(session, batch_size=1, queue_size=8)
     gen = GenerationOptions(max_new_tokens=3)
-    prepared = session.prepare(str(media_dir / "square.png"), MediaOptions(), gen)
+    prepared = session.prepare((str(media_dir / "square.png"),), MediaOptions(), gen)
     doomed = [Job(prepared, gen, stream=False) for _ in range(3)]
     for job in doomed:
         engine.submit(job)

@@ -1,0 +1,117 @@
+"""One seam for generation: `describe`, `video`, `--each` and `serve` talk to a Backend.
+
+A backend prepares a request (sources in, whatever its engine takes out) and generates a batch of
+prepared requests, streaming the answer of a batch of one; the callers only schedule. The local
+backend keeps a model loaded here; the endpoint backend (endpoint.py) sends the same requests to
+an OpenAI-compatible server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from threading import Event
+from typing import Protocol
+
+from qwen2vl_cli.errors import MediaError
+from qwen2vl_cli.messages import build_messages
+from qwen2vl_cli.modelinfo import locate_model
+from qwen2vl_cli.pipeline import Hooks, decode_all, make_result, plan_all, probe_all
+from qwen2vl_cli.sources import SourceResolver
+from qwen2vl_cli.types import GenerationOptions, MediaOptions, Prepared, Result, RuntimeOptions
+
+
+class Backend(Protocol):
+    device: str  # where it generates ("endpoint" for a remote one): the default batch size follows it
+
+    def prepare(self, sources: tuple[str, ...], opts: MediaOptions, gen: GenerationOptions, require_video: bool = False):
+        """One request, checked and ready; safe to call from a worker thread."""
+
+    def generate(
+        self, batch: list, gen: GenerationOptions, on_text: Callable[[str], None] | None = None, cancels: list[Event] | None = None
+    ) -> list[Result]:
+        """Results in the batch's order; `on_text` streams a batch of one; `cancels` stops rows."""
+
+
+class LocalBackend:
+    """A model loaded once, here, and kept for many requests (`--each`, `qvl serve`).
+
+    A server bounds each request: `fetch` holds SourceResolver settings for URLs (its address
+    policy and time limits), `max_source_pixels` refuses media stored larger than that before any
+    pixel is decoded, and `max_visual_tokens` sizes a request that would cost more down to it.
+    """
+
+    def __init__(
+        self,
+        runtime: RuntimeOptions,
+        hooks: Hooks,
+        fetch: dict | None = None,
+        max_source_pixels: int | None = None,
+        max_visual_tokens: int | None = None,
+    ):
+        from qwen2vl_cli.runner import Runner
+
+        self.fetch = fetch or {}
+        self.max_source_pixels = max_source_pixels
+        self.max_visual_tokens = max_visual_tokens
+
+        hooks.stage(f"Finding {runtime.model}")
+        model_dir = locate_model(runtime.model)
+        self.runner = Runner(runtime)
+        self.runner.load_processor(model_dir)
+        self.spec = self.runner.vision_spec()
+        hooks.stage(f"Loading {runtime.model} ({self.runner.device}, {self.runner.dtype}, {self.runner.attn})")
+        self.runner.load_model(model_dir)
+
+    def resolver(self, opts: MediaOptions) -> SourceResolver:
+        return SourceResolver(max_bytes=opts.max_download, **self.fetch)
+
+    def _decode(self, sources: tuple[str, ...], opts: MediaOptions, require_video: bool = False, resolver: SourceResolver | None = None):
+        """Plans and pixels; `resolver` (closed here) may hold sources fetched ahead."""
+        opts = replace(opts, cpu_budget=self.runner.device == "cpu")
+        with resolver or self.resolver(opts) as resolver:
+            probed = probe_all(resolver, sources, opts, require_video)
+            for p in probed:
+                if self.max_source_pixels is not None and p.info.width * p.info.height > self.max_source_pixels:
+                    raise MediaError(p.source.label, f"is {p.info.width}x{p.info.height}: over the {self.max_source_pixels:,} pixels allowed here")
+            plans = plan_all(probed, self.spec, opts)
+            cap = self.max_visual_tokens
+            if cap is not None and sum(p.visual_tokens for p in plans) > cap:
+                plans = plan_all(probed, self.spec, replace(opts, max_visual_tokens=min(cap, opts.max_visual_tokens or cap)))
+            return decode_all(probed, plans, opts)
+
+    @property
+    def device(self) -> str:
+        return self.runner.device
+
+    def prepare(self, sources: tuple[str, ...], opts: MediaOptions, gen: GenerationOptions, require_video: bool = False) -> Prepared:
+        """Everything before the model for one request (its media in one prompt); safe on a worker thread."""
+        plans, loaded = self._decode(tuple(sources), opts, require_video)
+        return Prepared(tuple(plans), tuple(loaded), self.runner.prompt_text(build_messages(plans, gen)))
+
+    def prepare_chat(
+        self, chat: list[dict], urls: list[str], opts: MediaOptions, gen: GenerationOptions, resolver: SourceResolver | None = None
+    ) -> Prepared:
+        """A whole conversation whose media parts are `{"type": "media"}` placeholders for `urls`, in order."""
+        plans, loaded = self._decode(tuple(urls), opts, resolver=resolver)
+        kinds = iter([p.kind for p in plans])
+        typed = [
+            m if isinstance(m["content"], str)
+            else {**m, "content": [{"type": next(kinds)} if part["type"] == "media" else part for part in m["content"]]}
+            for m in chat
+        ]
+        return Prepared(tuple(plans), tuple(loaded), self.runner.prompt_text(typed))
+
+    def generate(self, batch: list[Prepared], gen: GenerationOptions, on_text=None, cancels=None) -> list[Result]:
+        """One batch through the model. `on_text` streams the answer of a batch of one; setting a
+        row's event in `cancels` stops that row (its client went away)."""
+        from qwen2vl_cli.runner import peak_memory_bytes
+
+        if on_text is not None:
+            [one] = batch
+            inputs = self.runner.inputs(one.text, list(one.loaded))
+            gens = [self.runner.generate(inputs, gen, on_text=on_text, cancel=cancels[0] if cancels else None)]
+        else:
+            gens = self.runner.generate_batch([p.text for p in batch], [list(p.loaded) for p in batch], gen, cancels=cancels)
+        peak = peak_memory_bytes(self.runner.device)
+        return [make_result(self.runner, g, p.plans, peak) for p, g in zip(batch, gens)]
