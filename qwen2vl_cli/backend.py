@@ -9,16 +9,17 @@ an OpenAI-compatible server.
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from threading import Event
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
-from qwen2vl_cli.errors import MediaError
+from qwen2vl_cli.errors import MediaError, QvlError
 from qwen2vl_cli.messages import build_messages
 from qwen2vl_cli.modelinfo import locate_model
-from qwen2vl_cli.pipeline import Hooks, decode_all, make_result, plan_all, probe_all
+from qwen2vl_cli.pipeline import Hooks, Probed, cpu_budget_note, decode_all, is_out_of_memory, make_result, plan_all, probe_all
 from qwen2vl_cli.sources import SourceResolver
-from qwen2vl_cli.types import GenerationOptions, MediaOptions, Prepared, Result, RuntimeOptions
+from qwen2vl_cli.types import GenerationOptions, MediaOptions, Prepared, Request, Result, RuntimeOptions
 
 
 class Backend(Protocol):
@@ -48,37 +49,76 @@ class LocalBackend:
         fetch: dict | None = None,
         max_source_pixels: int | None = None,
         max_visual_tokens: int | None = None,
+        background: bool = False,
     ):
+        """`background`: the weights load on a thread while the caller decodes its media (PyAV and
+        Pillow release the GIL); the first `generate` waits for them."""
         from qwen2vl_cli.runner import Runner
 
         self.fetch = fetch or {}
         self.max_source_pixels = max_source_pixels
         self.max_visual_tokens = max_visual_tokens
+        self._hooks = hooks
 
         hooks.stage(f"Finding {runtime.model}")
         model_dir = locate_model(runtime.model)
         self.runner = Runner(runtime)
         self.runner.load_processor(model_dir)
         self.spec = self.runner.vision_spec()
-        hooks.stage(f"Loading {runtime.model} ({self.runner.device}, {self.runner.dtype}, {self.runner.attn})")
-        self.runner.load_model(model_dir)
+        self._loading = None
+        if background:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qvl-load")
+            self._loading = self._pool.submit(self.runner.load_model, model_dir)
+        else:
+            hooks.stage(self._loading_text())
+            self.runner.load_model(model_dir)
+
+    def _loading_text(self) -> str:
+        r = self.runner
+        return f"Loading {r.runtime.model} ({r.device}, {r.dtype}, {r.attn})"
+
+    def _ready(self) -> None:
+        """The weights, once loaded in the background (their load error, if any, surfaces here)."""
+        if self._loading is not None:
+            if not self._loading.done():
+                self._hooks.stage(self._loading_text())
+            try:
+                self._loading.result()
+            finally:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+            self._loading = None
+
+    def close(self) -> None:
+        """Stop waiting for weights nobody will use (an error before the first generate)."""
+        if self._loading is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
     def resolver(self, opts: MediaOptions) -> SourceResolver:
         return SourceResolver(max_bytes=opts.max_download, **self.fetch)
 
+    def sized(self, opts: MediaOptions) -> MediaOptions:
+        """The options as this device takes them (smaller defaults on a CPU)."""
+        return replace(opts, cpu_budget=self.runner.device == "cpu")
+
     def _decode(self, sources: tuple[str, ...], opts: MediaOptions, require_video: bool = False, resolver: SourceResolver | None = None):
         """Plans and pixels; `resolver` (closed here) may hold sources fetched ahead."""
-        opts = replace(opts, cpu_budget=self.runner.device == "cpu")
         with resolver or self.resolver(opts) as resolver:
-            probed = probe_all(resolver, sources, opts, require_video)
-            for p in probed:
-                if self.max_source_pixels is not None and p.info.width * p.info.height > self.max_source_pixels:
-                    raise MediaError(p.source.label, f"is {p.info.width}x{p.info.height}: over the {self.max_source_pixels:,} pixels allowed here")
-            plans = plan_all(probed, self.spec, opts)
-            cap = self.max_visual_tokens
-            if cap is not None and sum(p.visual_tokens for p in plans) > cap:
-                plans = plan_all(probed, self.spec, replace(opts, max_visual_tokens=min(cap, opts.max_visual_tokens or cap)))
-            return decode_all(probed, plans, opts)
+            return self.decode_probed(probe_all(resolver, sources, opts, require_video), opts)
+
+    def decode_probed(self, probed: list[Probed], opts: MediaOptions):
+        """Plans and pixels of media already probed, within this backend's limits."""
+        opts = self.sized(opts)
+        for p in probed:
+            if self.max_source_pixels is not None and p.info.width * p.info.height > self.max_source_pixels:
+                raise MediaError(p.source.label, f"is {p.info.width}x{p.info.height}: over the {self.max_source_pixels:,} pixels allowed here")
+        plans = plan_all(probed, self.spec, opts)
+        cap = self.max_visual_tokens
+        if cap is not None and sum(p.visual_tokens for p in plans) > cap:
+            plans = plan_all(probed, self.spec, replace(opts, max_visual_tokens=min(cap, opts.max_visual_tokens or cap)))
+        return decode_all(probed, plans, opts)
+
+    def prompt(self, plans, gen: GenerationOptions) -> str:
+        return self.runner.prompt_text(build_messages(plans, gen))
 
     @property
     def device(self) -> str:
@@ -87,7 +127,7 @@ class LocalBackend:
     def prepare(self, sources: tuple[str, ...], opts: MediaOptions, gen: GenerationOptions, require_video: bool = False) -> Prepared:
         """Everything before the model for one request (its media in one prompt); safe on a worker thread."""
         plans, loaded = self._decode(tuple(sources), opts, require_video)
-        return Prepared(tuple(plans), tuple(loaded), self.runner.prompt_text(build_messages(plans, gen)))
+        return Prepared(tuple(plans), tuple(loaded), self.prompt(plans, gen))
 
     def prepare_chat(
         self, chat: list[dict], urls: list[str], opts: MediaOptions, gen: GenerationOptions, resolver: SourceResolver | None = None
@@ -107,6 +147,7 @@ class LocalBackend:
         row's event in `cancels` stops that row (its client went away)."""
         from qwen2vl_cli.runner import peak_memory_bytes
 
+        self._ready()
         if on_text is not None:
             [one] = batch
             inputs = self.runner.inputs(one.text, list(one.loaded))
@@ -115,3 +156,68 @@ class LocalBackend:
             gens = self.runner.generate_batch([p.text for p in batch], [list(p.loaded) for p in batch], gen, cancels=cancels)
         peak = peak_memory_bytes(self.runner.device)
         return [make_result(self.runner, g, p.plans, peak) for p, g in zip(batch, gens)]
+
+
+def run(request: Request, hooks: Hooks, stdin: BinaryIO | None = None) -> Result:
+    """`describe` and `video` on this machine: a batch of one through the local backend.
+
+    The media are probed before the model is looked for (a bad file fails before any download),
+    and decoded while the weights load. Out of memory before the first token (vision tower,
+    prefill): once more at half the visual tokens, saying so.
+    """
+    with SourceResolver(stdin=stdin, max_bytes=request.media.max_download) as resolver:
+        hooks.stage("Reading media")
+        probed = probe_all(resolver, request.sources, request.media, request.require_video)
+        backend = LocalBackend(request.runtime, hooks, background=True)
+        try:
+            hooks.stage("Decoding media")
+            plans, loaded = backend.decode_probed(probed, request.media)
+            hooks.inputs(plans)
+            if note := cpu_budget_note(probed, plans, backend.spec, backend.sized(request.media)):
+                hooks.note(note)
+            return _generate_or_shrink(backend, probed, plans, loaded, request, hooks)
+        finally:
+            backend.close()
+
+
+def _generate_or_shrink(backend: LocalBackend, probed, plans, loaded, request: Request, hooks: Hooks) -> Result:
+    streamed: list[str] = []
+
+    def on_text(chunk: str) -> None:
+        streamed.append(chunk)
+        hooks.text(chunk)
+
+    def attempt(plans, loaded) -> Result:
+        prepared = Prepared(tuple(plans), tuple(loaded), backend.prompt(plans, request.generation))
+        hooks.stage("Encoding media and reading the prompt")
+        return backend.generate([prepared], request.generation, on_text=on_text)[0]
+
+    try:
+        return attempt(plans, loaded)
+    except Exception as e:
+        if not is_out_of_memory(e) or streamed:
+            raise
+    total = sum(p.visual_tokens for p in plans)
+    half = max(1, total // 2)
+    hooks.note(f"out of memory with {total} visual tokens: trying again with --max-visual-tokens {half}")
+    del loaded
+    _free_memory(backend.device)
+    plans, loaded = backend.decode_probed(probed, replace(request.media, max_visual_tokens=half))
+    try:
+        return attempt(plans, loaded)
+    except Exception as e:
+        if not is_out_of_memory(e) or streamed:
+            raise
+    raise QvlError(
+        f"out of memory even with {half} visual tokens: try --max-visual-tokens {max(1, half // 2)}, or a smaller --max-new-tokens"
+    )
+
+
+def _free_memory(device: str) -> None:
+    import gc
+
+    gc.collect()
+    if device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()

@@ -263,8 +263,9 @@ def _argument(name: str, annotation, default=_inspect.Parameter.empty) -> _inspe
 
 def _answer(sources: list[str] | None, require_video: bool, options: dict) -> None:
     """The body of `describe` and `video`: build the request, run it, render."""
-    from qwen2vl_cli.pipeline import Request, run
+    from qwen2vl_cli.backend import run
     from qwen2vl_cli.render import Reporter, print_json
+    from qwen2vl_cli.types import Request
 
     json_out, quiet = _take(_output_options, options)
     each = _take(_each_options, options)

@@ -1,38 +1,18 @@
-"""One request from sources to result: resolve, probe, plan, decode, load the model, generate.
+"""The stages of a request before and after the model: resolve, probe, plan, decode; the result.
 
-Shared by the commands; it reports progress through `Hooks` and never prints.
+Shared by the commands and the backends; it reports progress through `Hooks` and never prints.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import BinaryIO, Protocol
 
 from qwen2vl_cli import media
-from qwen2vl_cli.errors import MediaError, QvlError, UsageError
-from qwen2vl_cli.messages import build_messages
-from qwen2vl_cli.modelinfo import locate_model
+from qwen2vl_cli.errors import MediaError, UsageError
 from qwen2vl_cli.sizing import SizingError, fit_budget, plan
 from qwen2vl_cli.sources import Source, SourceResolver
-from qwen2vl_cli.types import (
-    GenerationOptions,
-    MediaInfo,
-    MediaOptions,
-    MediaPlan,
-    Result,
-    RuntimeOptions,
-    VisionSpec,
-)
-
-
-@dataclass(frozen=True)
-class Request:
-    sources: tuple[str, ...]
-    media: MediaOptions
-    generation: GenerationOptions
-    runtime: RuntimeOptions
-    require_video: bool = False
+from qwen2vl_cli.types import MediaInfo, MediaOptions, MediaPlan, Result, VisionSpec
 
 
 class Hooks(Protocol):
@@ -129,82 +109,3 @@ def make_result(runner, gen, plans, peak_memory: int) -> Result:
 
 def is_out_of_memory(exc: BaseException) -> bool:
     return type(exc).__name__ == "OutOfMemoryError" or isinstance(exc, MemoryError)
-
-
-def _free_memory(device: str) -> None:
-    import gc
-
-    gc.collect()
-    if device == "cuda":
-        import torch
-
-        torch.cuda.empty_cache()
-
-
-def _generate(runner, plans, loaded, generation: GenerationOptions, hooks: Hooks, on_text):
-    inputs = runner.inputs(runner.prompt_text(build_messages(plans, generation)), loaded)
-    hooks.stage("Encoding media and reading the prompt")
-    return runner.generate(inputs, generation, on_text=on_text)
-
-
-def _generate_or_shrink(runner, probed, spec, opts, plans, loaded, generation, hooks):
-    """Generate; out of memory before the first token (vision tower, prefill): once more at half
-    the visual tokens, saying so. Returns the generation and the plans it used."""
-    streamed: list[str] = []
-
-    def on_text(chunk: str) -> None:
-        streamed.append(chunk)
-        hooks.text(chunk)
-
-    try:
-        return _generate(runner, plans, loaded, generation, hooks, on_text), plans
-    except Exception as e:
-        if not is_out_of_memory(e) or streamed:
-            raise
-    total = sum(p.visual_tokens for p in plans)
-    half = max(1, total // 2)
-    hooks.note(f"out of memory with {total} visual tokens: trying again with --max-visual-tokens {half}")
-    del loaded
-    _free_memory(runner.device)
-    plans, loaded = decode_all(probed, plan_all(probed, spec, replace(opts, max_visual_tokens=half)), opts)
-    try:
-        return _generate(runner, plans, loaded, generation, hooks, on_text), plans
-    except Exception as e:
-        if not is_out_of_memory(e) or streamed:
-            raise
-    raise QvlError(
-        f"out of memory even with {half} visual tokens: try --max-visual-tokens {max(1, half // 2)}, or a smaller --max-new-tokens"
-    )
-
-
-def run(request: Request, hooks: Hooks, stdin: BinaryIO | None = None) -> Result:
-    from qwen2vl_cli.runner import Runner, peak_memory_bytes
-
-    with SourceResolver(stdin=stdin, max_bytes=request.media.max_download) as resolver:
-        hooks.stage("Reading media")
-        probed = probe_all(resolver, request.sources, request.media, request.require_video)
-        hooks.stage(f"Finding {request.runtime.model}")
-        model_dir = locate_model(request.runtime.model)
-        runner = Runner(request.runtime)
-        opts = replace(request.media, cpu_budget=runner.device == "cpu")
-        runner.load_processor(model_dir)
-        spec = runner.vision_spec()
-        plans = plan_all(probed, spec, opts)
-        # The model loads on a worker thread while this one decodes the media: decoding (PyAV, Pillow)
-        # releases the GIL, and a bad input still fails at once instead of after the load.
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qvl-load")
-        try:
-            model_loading = pool.submit(runner.load_model, model_dir)
-            hooks.stage("Decoding media")
-            plans, loaded = decode_all(probed, plans, opts)
-            hooks.inputs(plans)
-            note = cpu_budget_note(probed, plans, spec, opts)
-            if note:
-                hooks.note(note)
-            hooks.stage(f"Loading {request.runtime.model} ({runner.device}, {runner.dtype}, {runner.attn})")
-            model_loading.result()
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
-
-        gen, plans = _generate_or_shrink(runner, probed, spec, opts, plans, loaded, request.generation, hooks)
-        return make_result(runner, gen, plans, peak_memory_bytes(runner.device))

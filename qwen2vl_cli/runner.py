@@ -158,6 +158,10 @@ class Runner:
             ).eval()
         except (OSError, ValueError, KeyError) as e:
             raise ModelError(f"cannot load model {self.runtime.model}: {one_line(e)}") from None
+        except Exception as e:
+            if type(e).__name__ != "SafetensorError":  # a truncated or corrupt weights file
+                raise
+            raise ModelError(f"cannot load model {self.runtime.model}: its weights are damaged ({one_line(e)}); download them again") from None
         if self.device == "cuda":
             torch.cuda.synchronize()
         self.load_s = time.perf_counter() - start

@@ -230,3 +230,14 @@ class Prepared:
     plans: tuple[MediaPlan, ...]
     loaded: tuple[Loaded, ...]
     text: str
+
+
+@dataclass(frozen=True)
+class Request:
+    """What `describe` and `video` were asked: sources in one prompt, and every option."""
+
+    sources: tuple[str, ...]
+    media: MediaOptions
+    generation: GenerationOptions
+    runtime: RuntimeOptions
+    require_video: bool = False

@@ -328,11 +328,11 @@ def test_out_of_memory_before_the_first_token_retries_at_half_the_budget(qvl, ti
     real = Runner.generate
     calls = []
 
-    def flaky(self, inputs, gen, on_text=None):  # the error a GPU raises in the vision tower
+    def flaky(self, inputs, gen, on_text=None, **kwargs):  # the error a GPU raises in the vision tower
         calls.append(int(inputs["image_grid_thw"].prod(dim=1).sum()) // 4)
         if len(calls) == 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return real(self, inputs, gen, on_text)
+        return real(self, inputs, gen, on_text, **kwargs)
 
     monkeypatch.setattr(Runner, "generate", flaky)
     r = qvl("describe", media_dir / "photo.png", "--model", tiny_model, *FAST, "--json")
@@ -340,7 +340,7 @@ def test_out_of_memory_before_the_first_token_retries_at_half_the_budget(qvl, ti
     assert calls == [154, json.loads(r.stdout)["visual_tokens"]] and calls[1] <= 77
     assert "out of memory with 154 visual tokens: trying again with --max-visual-tokens 77" in r.stderr
 
-    def always(self, inputs, gen, on_text=None):
+    def always(self, inputs, gen, on_text=None, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(Runner, "generate", always)
@@ -390,3 +390,12 @@ def test_help_shows_no_type_after_flags_and_completion_is_on(qvl):
     assert "Send Authorization" in r.stdout and "Require Authorization" not in r.stdout
     r = qvl("--help")
     assert "--install-completion" in r.stdout
+
+
+def test_damaged_weights_are_a_model_error(qvl, tiny_model, media_dir, tmp_path):
+    damaged = tmp_path / "model"
+    shutil.copytree(tiny_model, damaged)
+    (damaged / "model.safetensors").write_bytes(b"not safetensors at all")
+    r = qvl("describe", media_dir / "square.png", "--model", damaged, "-q")
+    assert r.exit_code == 1 and r.stdout == ""
+    assert r.stderr.startswith(f"qvl: error: cannot load model {damaged}: its weights are damaged") and r.stderr.count("\n") == 1
