@@ -35,7 +35,8 @@ class Backend(Protocol):
 
 
 class LocalBackend:
-    """A model loaded once, here, and kept for many requests (`--each`, `qvl serve`).
+    """A model loaded here, once: `describe` and `video` run a batch of one through it, `--each`
+    and `qvl serve` many.
 
     A server bounds each request: `fetch` holds SourceResolver settings for URLs (its address
     policy and time limits), `max_source_pixels` refuses media stored larger than that before any
