@@ -148,8 +148,8 @@ class GraphedStep:
                     decode_one_token(model, rows, self.tokens, cache, attn)
                     restore()
         finally:
+            torch.cuda.current_stream().wait_stream(side)  # the warm-up's writes land before the last restore
             restore()
-            torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):  # recorded, not run: the state is as before
             self.logits = decode_one_token(model, rows, self.tokens, cache, attn)
