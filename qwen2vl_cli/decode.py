@@ -63,19 +63,25 @@ class _Rows:
 
 def unsupported(model) -> str | None:
     """Why this loop cannot drive `model` with the installed transformers, or None when it can.
-    It relies on the cache argument being called `cache` and on static cache layers that count
-    their own length (transformers 5.2x); elsewhere the runner falls back to `generate`."""
-    import inspect
-
+    It relies on static cache layers that count their own length (transformers 5.2x); elsewhere
+    the runner falls back to `generate`."""
     from transformers.cache_utils import StaticLayer
 
     if not hasattr(model, "model") or not hasattr(model.model, "language_model") or not hasattr(model.model, "get_rope_index"):
         return f"{type(model).__name__} is not a Qwen2-VL model"
-    if "cache" not in inspect.signature(model.model.language_model.forward).parameters:
-        return "this transformers release passes the KV cache under another name"
+    if _cache_argument(model) is None:
+        return "this transformers release takes the KV cache under a name qvl does not know"
     if not hasattr(StaticLayer(max_cache_len=1), "cumulative_length"):
         return "this transformers release's static cache does not count its own length"
     return None
+
+
+def _cache_argument(model) -> str | None:
+    """What the language model calls its KV cache: `cache` from transformers 5.2x, `past_key_values` before."""
+    import inspect
+
+    names = inspect.signature(model.model.language_model.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in names), None)
 
 
 def static_cache(model, length: int):
@@ -99,7 +105,7 @@ def prefill(model, inputs: dict, cache) -> tuple[torch.Tensor, torch.Tensor]:
     else:
         spatial, deltas = text[None].expand(3, -1, -1), torch.zeros((ids.shape[0], 1), dtype=torch.long, device=ids.device)
     positions = torch.cat([text[None], spatial.to(text.device)], dim=0)  # the text row first, as `generate` passes them
-    out = model(**inputs, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+    out = model(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1, **{_cache_argument(model): cache})
     return out.logits[:, -1, :].float(), deltas.to(ids.device)
 
 
@@ -119,7 +125,8 @@ def decode_one_token(model, rows: _Rows, tokens: torch.Tensor, cache, attn: str)
     embeds = text.embed_tokens(tokens[:, None])
     mrope = (rows.text_position[:, None] + rows.rope_deltas)[None].expand(3, -1, -1)  # text: all three sections equal
     mask = _mask(rows.attend, attn, embeds.dtype)
-    hidden = text(inputs_embeds=embeds, position_ids=mrope, attention_mask={"full_attention": mask}, cache=cache, use_cache=True)
+    hidden = text(inputs_embeds=embeds, position_ids=mrope, attention_mask={"full_attention": mask}, use_cache=True,
+                  **{_cache_argument(model): cache})
     rows.text_position += 1
     return model.lm_head(hidden.last_hidden_state[:, -1, :]).float()
 

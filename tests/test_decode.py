@@ -156,13 +156,13 @@ def test_a_transformers_the_loop_cannot_drive_falls_back_to_generate(qvl, tiny_m
     from qwen2vl_cli import decode
 
     assert decode.unsupported(sessions_model(tiny_model)) is None  # the installed transformers is driven by the loop
-    monkeypatch.setattr(decode, "unsupported", lambda model: "this transformers release passes the KV cache under another name")
+    monkeypatch.setattr(decode, "unsupported", lambda model: "this transformers release takes the KV cache under a name qvl does not know")
     args = ("describe", media_dir / "square.png", "--model", tiny_model, "--max-new-tokens", "4", "--dtype", "float32")
     r = qvl(*args, "--json")
     assert r.exit_code == 0 and '"engine": "hf"' in r.stdout
     r = qvl(*args, "--engine", "static")
-    assert r.exit_code == 1 and r.stderr.endswith("qvl: error: --engine static: this transformers release passes the KV cache under "
-                                                  "another name; use --engine hf\n")
+    assert r.exit_code == 1 and r.stderr.endswith("qvl: error: --engine static: this transformers release takes the KV cache under "
+                                                  "a name qvl does not know; use --engine hf\n")
 
 
 def sessions_model(tiny_model):
