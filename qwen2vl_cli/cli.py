@@ -6,6 +6,7 @@ No torch import here: `qvl --help` and `qvl inspect` start fast.
 from __future__ import annotations
 
 import inspect as _inspect
+import itertools
 import os
 import re
 import sys
@@ -309,6 +310,11 @@ def _answer_each(request, each, quiet: bool, endpoint=None) -> None:
 
     if not request.sources and each.from_file is None:
         raise UsageError("--each needs inputs: give MEDIA, or --from FILE (- for stdin) with one source per line")
+    sources = batch.iter_sources(request.sources, each.from_file, each.null)
+    first = next(sources, None)  # an empty list is said before any file is made or model loaded
+    if first is None:
+        raise UsageError(f"--from {each.from_file}: no sources in it (one per line; blank lines and # comments are skipped)")
+    sources = itertools.chain([first], sources)
     records = batch.RecordFile(each.resume or each.output, resume=each.resume is not None) if (each.resume or each.output) else None
     progress = None
 
@@ -324,7 +330,6 @@ def _answer_each(request, each, quiet: bool, endpoint=None) -> None:
     emitter = batch.Emitter(batch.sink_for(records, sys.stdout), each.format, each.ordered, failed)
     tally = batch.Tally()
     try:
-        sources = batch.iter_sources(request.sources, each.from_file, each.null)
         reporter = Reporter(quiet=quiet, stream=False)
         try:
             if endpoint is not None:
@@ -356,8 +361,6 @@ def _answer_each(request, each, quiet: bool, endpoint=None) -> None:
             progress.close(tally)
         if records is not None:
             records.close()
-    if tally.done + tally.failed + tally.skipped == 0:
-        raise UsageError(f"--from {each.from_file}: no sources in it (one per line; blank lines and # comments are skipped)")
     if tally.failed:
         raise typer.Exit(1)
 
