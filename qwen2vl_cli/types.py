@@ -144,8 +144,9 @@ def check_generation(gen: GenerationOptions) -> GenerationOptions:
     from qwen2vl_cli.errors import UsageError
 
     def number(value, integer: bool = False) -> bool:
-        kinds = (int,) if integer else (int, float)
-        return isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
+        if isinstance(value, bool) or not isinstance(value, (int,) if integer else (int, float)):
+            return False
+        return isinstance(value, int) or math.isfinite(value)  # an int of any size is finite (and too big for a float)
 
     checks = [
         ("max-new-tokens", gen.max_new_tokens, True, lambda v: v >= 1, "must be 1 or more"),
@@ -187,7 +188,7 @@ class Result:
     peak_memory_bytes: int
     finish_reason: Literal["stop", "length", "repetition"]
     inputs: tuple[MediaPlan, ...] = field(default_factory=tuple)
-    engine: str = "-"  # the decode loop that ran: static or hf ("-" for a remote engine)
+    engine: str = "-"  # the decode loop that ran: static, graph or hf ("-" for a remote engine)
 
     def to_dict(self) -> dict:
         return {

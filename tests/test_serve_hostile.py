@@ -157,6 +157,8 @@ def test_slow_sources_do_not_hold_up_other_requests(url, public, media_dir):
         ({"top_k": -3}, "top_k"),
         ({"repetition_penalty": -1}, "repetition_penalty"),
         ({"seed": 2**70}, "seed"),
+        ({"seed": 10**400}, "seed"),  # too large even to turn into a float
+        ({"top_k": -(10**400)}, "top_k"),
         ({"n": 2}, "n"),
         ({"stream": "yes"}, "stream"),
         ({"stream": True, "stream_options": "x"}, "stream_options"),
