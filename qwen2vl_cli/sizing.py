@@ -20,17 +20,22 @@ class SizingError(UsageError):
     pass
 
 
+# Far beyond any real pixel count, frame count or time, and small enough for float arithmetic.
+MAX_OPTION = 10**15
+
+
 def check_options(opts: MediaOptions) -> MediaOptions:
     """The options' own consistency (the CLI and the server's mm_processor_kwargs both pass here)."""
     if opts.fps is not None:
         number = isinstance(opts.fps, (int, float)) and not isinstance(opts.fps, bool)
-        if not (number and opts.fps > 0):
-            raise UsageError(f"--fps {f'{opts.fps:g}' if number else opts.fps}: must be above 0 (frames sampled per second)")
+        if not (number and 0 < opts.fps <= MAX_OPTION):
+            raise UsageError(f"--fps {f'{opts.fps:g}' if number else opts.fps}: must be a finite number above 0 (frames sampled per second)")
     numbers = ("min_pixels", "max_pixels", "total_pixels", "nframes", "min_frames", "max_frames", "start", "end", "max_visual_tokens")
     for name in numbers:
         value = getattr(opts, name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
-            raise UsageError(f"--{name.replace('_', '-')} {value}: must be a number of 0 or more")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_OPTION):
+            shown = str(value) if len(str(value)) <= 20 else str(value)[:17] + "..."
+            raise UsageError(f"--{name.replace('_', '-')} {shown}: must be a number from 0 to {MAX_OPTION:.0e}")
     if opts.seek not in ("exact", "keyframe"):
         raise UsageError(f"--seek {opts.seek}: choose one of exact, keyframe")
     if opts.fps is not None and opts.nframes is not None:

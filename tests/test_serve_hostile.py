@@ -163,6 +163,8 @@ def test_slow_sources_do_not_hold_up_other_requests(url, public, media_dir):
         ({"stream": "yes"}, "stream"),
         ({"stream": True, "stream_options": "x"}, "stream_options"),
         ({"mm_processor_kwargs": {"fps": -1}}, "mm_processor_kwargs"),
+        ({"mm_processor_kwargs": {"min_pixels": 10**400}}, "mm_processor_kwargs"),  # beyond float arithmetic
+        ({"mm_processor_kwargs": {"total_pixels": 10**400}}, "mm_processor_kwargs"),
         ({"mm_processor_kwargs": {"max_visual_tokens": 10**9}}, "mm_processor_kwargs"),
     ],
 )
