@@ -68,7 +68,7 @@ def unsupported(model) -> str | None:
     from transformers.cache_utils import StaticLayer
 
     if not hasattr(model, "model") or not hasattr(model.model, "language_model") or not hasattr(model.model, "get_rope_index"):
-        return f"{type(model).__name__} is not a Qwen2-VL model"
+        return f"{type(model).__name__} is not a Qwen vision-language model qvl knows"
     if _cache_argument(model) is None:
         return "this transformers release takes the KV cache under a name qvl does not know"
     if not hasattr(StaticLayer(max_cache_len=1), "cumulative_length"):
@@ -101,6 +101,8 @@ def prefill(model, inputs: dict, cache) -> tuple[torch.Tensor, torch.Tensor]:
     text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
     grids = {k: inputs[k] for k in ("image_grid_thw", "video_grid_thw") if inputs.get(k) is not None}
     if grids and inputs.get("mm_token_type_ids") is not None:
+        if inputs.get("second_per_grid_ts") is not None:  # Qwen2.5-VL: frames placed in absolute time
+            grids["second_per_grid_ts"] = inputs["second_per_grid_ts"]
         spatial, deltas = model.model.get_rope_index(ids, mm_token_type_ids=inputs["mm_token_type_ids"], attention_mask=mask, **grids)
     else:
         spatial, deltas = text[None].expand(3, -1, -1), torch.zeros((ids.shape[0], 1), dtype=torch.long, device=ids.device)
@@ -125,7 +127,8 @@ def decode_one_token(model, rows: _Rows, tokens: torch.Tensor, cache, attn: str)
     embeds = text.embed_tokens(tokens[:, None])
     mrope = (rows.text_position[:, None] + rows.rope_deltas)[None].expand(3, -1, -1)  # text: all three sections equal
     mask = _mask(rows.attend, attn, embeds.dtype)
-    hidden = text(inputs_embeds=embeds, position_ids=mrope, attention_mask={"full_attention": mask}, use_cache=True,
+    # A 4D mask is taken as given by every family's text model (Qwen3-VL's takes no per-layer-type dict).
+    hidden = text(inputs_embeds=embeds, position_ids=mrope, attention_mask=mask, use_cache=True,
                   **{_cache_argument(model): cache})
     rows.text_position += 1
     return model.lm_head(hidden.last_hidden_state[:, -1, :]).float()

@@ -151,6 +151,14 @@ def to_rgb(img):
 
 
 def load(src: Source, info: MediaInfo, plan: MediaPlan, keyframes_only: bool = False) -> Loaded:
+    loaded = _load(src, info, plan, keyframes_only)
+    if plan.kind != "video":
+        return loaded
+    metadata = {"fps": plan.native_fps, "frames_indices": list(plan.frame_indices or ()), "total_num_frames": plan.span_frames}
+    return replace(loaded, video_metadata=metadata)
+
+
+def _load(src: Source, info: MediaInfo, plan: MediaPlan, keyframes_only: bool) -> Loaded:
     if plan.kind == "video" and not info.animated:
         from qwen2vl_cli.video import read_frames
 

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from qwen2vl_cli.errors import ModelError
+from qwen2vl_cli.families import QWEN2_VL, Family, family_of_config
 from qwen2vl_cli.types import VisionSpec
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -71,15 +72,17 @@ def model_file(model: str, filename: str) -> Path | None:
     return Path(cached) if isinstance(cached, str) else None
 
 
-def vision_spec_from_dict(d: dict) -> VisionSpec:
+def vision_spec_from_dict(d: dict, family: Family = QWEN2_VL) -> VisionSpec:
+    """The image processor's settings over the family's defaults."""
     size = d.get("size") or {}
-    default = VisionSpec()
+    default = family.spec
     return VisionSpec(
         patch_size=int(d.get("patch_size", default.patch_size)),
         merge_size=int(d.get("merge_size", default.merge_size)),
         temporal_patch_size=int(d.get("temporal_patch_size", default.temporal_patch_size)),
         min_pixels=int(d.get("min_pixels") or size.get("shortest_edge") or default.min_pixels),
         max_pixels=int(d.get("max_pixels") or size.get("longest_edge") or default.max_pixels),
+        time_stamps=family.time_stamps,
     )
 
 
@@ -98,11 +101,33 @@ def read_processor_settings(model: str) -> dict | None:
 
 
 def vision_spec(model: str | None) -> VisionSpec | None:
-    """The model's sizing settings when its files are at hand, else None."""
+    """The model's sizing settings when its files are at hand, else None (Qwen2-VL's without a model)."""
     if model is None:
         return VisionSpec()
     settings = read_processor_settings(model)
-    return vision_spec_from_dict(settings) if settings is not None else None
+    if settings is None:
+        return None
+    return vision_spec_from_dict(settings, model_family(model))
+
+
+def model_family(model: str) -> Family:
+    """The family its config.json names; Qwen2-VL when the config is not at hand (inspect's sizes only)."""
+    config = read_config(model)
+    return QWEN2_VL if config is None else family_of_config(config, model)
+
+
+def stamp_counter(model: str | None):
+    """Counts tokens with the model's own tokenizer.json (the tokenizers library: no torch), or None."""
+    file = model_file(model, "tokenizer.json") if model is not None else None
+    if file is None:
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.from_file(str(file))
+    except Exception:  # an unreadable tokenizer only costs the exact count: the Qwen rule stands in
+        return None
+    return lambda text: len(tokenizer.encode(text, add_special_tokens=False).ids)
 
 
 def read_config(model: str) -> dict | None:
@@ -118,14 +143,16 @@ def read_config(model: str) -> dict | None:
 def parameter_counts(model: str) -> dict[str, int]:
     """Parameters per part, counted on the meta device: no weights are read or allocated."""
     import torch
-    from transformers import AutoConfig, Qwen2VLForConditionalGeneration
+    import transformers
+    from transformers import AutoConfig
 
     config_file = model_file(model, "config.json")
     if config_file is None:
         raise ModelError(f"--model {model}: not on this machine: run `hf download {model}` or pass a model directory")
+    family = model_family(model)
     config = AutoConfig.from_pretrained(str(config_file.parent), local_files_only=True)
     with torch.device("meta"):
-        net = Qwen2VLForConditionalGeneration._from_config(config)
+        net = getattr(transformers, family.model_class)._from_config(config)
     visual = net.model.visual
     merger = sum(p.numel() for p in visual.merger.parameters())
     vision = sum(p.numel() for p in visual.parameters()) - merger

@@ -1,4 +1,4 @@
-"""Load Qwen2-VL with transformers, build processor inputs, and generate with streaming:
+"""Load a Qwen2-VL, Qwen2.5-VL or Qwen3-VL with transformers, build processor inputs, and generate with streaming:
 through decode.py's engine, or transformers' `generate` (--engine hf).
 
 The runner never prints: text goes to the `on_text` callback, numbers come back in the result.
@@ -17,7 +17,8 @@ from typing import Callable
 from qwen2vl_cli import devices
 from qwen2vl_cli.config import debug_enabled
 from qwen2vl_cli.errors import GenerationInterrupted, ModelError, one_line
-from qwen2vl_cli.modelinfo import vision_spec_from_dict
+from qwen2vl_cli.families import QWEN2_VL, Family, family_of_config
+from qwen2vl_cli.modelinfo import read_config, vision_spec_from_dict
 from qwen2vl_cli.types import GenerationOptions, Loaded, RuntimeOptions, VisionSpec
 
 
@@ -125,13 +126,15 @@ class Runner:
         self.engine = devices.choose_engine(runtime.engine, self.attn, self.device)
         self.model = None
         self.processor = None
+        self.family: Family = QWEN2_VL
         self.load_s = 0.0
 
     def load_processor(self, model_dir: Path) -> None:
-        """The tokenizer and image/video processors: fast, and they decide the sizes."""
+        """The family (from config.json), the tokenizer and image/video processors: fast, and they decide the sizes."""
         import transformers
         from transformers import AutoProcessor
 
+        self.family = family_of_config(read_config(str(model_dir)), self.runtime.model)
         if not debug_enabled():
             transformers.logging.set_verbosity_error()
             transformers.logging.disable_progress_bar()
@@ -144,13 +147,13 @@ class Runner:
 
     def load_model(self, model_dir: Path) -> None:
         import torch
-        from transformers import Qwen2VLForConditionalGeneration
+        import transformers
 
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         try:
-            self.model = Qwen2VLForConditionalGeneration.from_pretrained(
+            self.model = getattr(transformers, self.family.model_class).from_pretrained(
                 model_dir,
                 dtype=getattr(torch, self.dtype),
                 attn_implementation=self.attn,
@@ -180,8 +183,12 @@ class Runner:
         ip = self.processor.image_processor
         size = ip.size if isinstance(ip.size, dict) else dict(ip.size)
         return vision_spec_from_dict(
-            {"patch_size": ip.patch_size, "merge_size": ip.merge_size, "temporal_patch_size": ip.temporal_patch_size, "size": size}
+            {"patch_size": ip.patch_size, "merge_size": ip.merge_size, "temporal_patch_size": ip.temporal_patch_size, "size": size},
+            self.family,
         )
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def prompt_text(self, messages: list[dict]) -> str:
         return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -190,14 +197,19 @@ class Runner:
         """Processor inputs for one or more prompts (media in prompt order), already at their planned size."""
         import torch
 
+        from transformers.video_utils import VideoMetadata
+
         images = [m.image for m in media if m.image is not None]
         videos = [torch.from_numpy(m.frames).permute(0, 3, 1, 2) for m in media if m.frames is not None]
+        videos_kwargs: dict = {"do_resize": False}
+        if videos and self.family.video_metadata:
+            videos_kwargs.update(do_sample_frames=False, video_metadata=[VideoMetadata(**m.video_metadata) for m in media if m.frames is not None])
         return self.processor(
             text=[texts] if isinstance(texts, str) else texts,
             images=images or None,
             videos=videos or None,
             images_kwargs={"do_resize": False},
-            videos_kwargs={"do_resize": False},
+            videos_kwargs=videos_kwargs,
             padding=True,
             return_tensors="pt",
         )
@@ -441,13 +453,14 @@ class ChunkedVideoProcessor:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def __call__(self, videos, do_resize: bool = True, **kwargs):
+    def __call__(self, videos, do_resize: bool = True, video_metadata=None, return_metadata: bool = False, **kwargs):
         import torch
         from transformers import BatchFeature
+        from transformers.video_utils import make_batched_metadata
 
         p = self.inner
-        if do_resize or not (p.do_rescale and p.do_normalize):
-            return p(videos, do_resize=do_resize, **kwargs)  # not the path qvl feeds: the processor's own
+        if do_resize or not (p.do_rescale and p.do_normalize):  # not the path qvl feeds: the processor's own
+            return p(videos, do_resize=do_resize, video_metadata=video_metadata, return_metadata=return_metadata, **kwargs)
         tp, ps, m = p.temporal_patch_size, p.patch_size, p.merge_size
         # The processor's fused rescale-and-normalize constants, computed the way it computes them.
         mean = (torch.tensor(p.image_mean) * (1.0 / p.rescale_factor))[:, None]
@@ -474,7 +487,10 @@ class ChunkedVideoProcessor:
                 if not direct:
                     out[offset : offset + rows] = target
                 offset += rows
-        return BatchFeature(data={"pixel_values_videos": out, "video_grid_thw": torch.tensor(grids, dtype=torch.long)})
+        data = {"pixel_values_videos": out, "video_grid_thw": torch.tensor(grids, dtype=torch.long)}
+        if return_metadata:  # Qwen2.5-VL and Qwen3-VL read the frames' times from it
+            data["video_metadata"] = make_batched_metadata(videos, video_metadata)
+        return BatchFeature(data=data)
 
 
 def sampling_kwargs(gen: GenerationOptions) -> dict:

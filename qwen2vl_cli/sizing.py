@@ -12,6 +12,7 @@ import struct
 from dataclasses import replace
 
 from qwen2vl_cli import config as C
+from qwen2vl_cli import families
 from qwen2vl_cli.errors import MediaError, UsageError
 from qwen2vl_cli.types import MediaInfo, MediaOptions, MediaPlan, VisionSpec
 
@@ -253,6 +254,7 @@ def plan_video(source: str, info: MediaInfo, spec: VisionSpec, opts: MediaOption
     else:
         times = tuple(info.start_s + i / fps for i in indices)
     grid, tokens = _tokens(spec, rh, rw, frames=n)
+    stamps = families.time_stamps(indices, fps, spec.temporal_patch_size) if spec.time_stamps else None
     return MediaPlan(
         source,
         "video",
@@ -268,6 +270,9 @@ def plan_video(source: str, info: MediaInfo, spec: VisionSpec, opts: MediaOption
         frame_indices=indices,
         frame_times_s=times,
         sample_fps=n / max(last - first + 1, 1e-6) * fps,
+        span_frames=last - first + 1,
+        time_stamps_s=stamps,
+        stamp_tokens=families.stamp_tokens(stamps) if stamps else 0,
         notes=tuple(notes) + tuple(count_notes),
     )
 

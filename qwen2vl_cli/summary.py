@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from qwen2vl_cli import devices
 from qwen2vl_cli.errors import UsageError
+from qwen2vl_cli.families import family_of_config
 from qwen2vl_cli.modelinfo import parameter_counts, read_config, read_processor_settings, vision_spec_from_dict
 
 
@@ -22,22 +23,30 @@ def summarize(model: str) -> dict[str, dict]:
         )
     text = config.get("text_config") or config
     vision = config.get("vision_config") or {}
+    family = family_of_config(config, model)
     settings = read_processor_settings(model) or {}
-    spec = vision_spec_from_dict(settings)
+    spec = vision_spec_from_dict(settings, family)
+    # Qwen2-VL's tower names its width embed_dim and its output hidden_size; later towers say
+    # hidden_size and out_hidden_size.
+    qwen2 = "embed_dim" in vision
+    width = vision.get("embed_dim") if qwen2 else vision.get("hidden_size")
+    mlp = (vision.get("mlp_ratio") or 0) * (width or 0) if qwen2 else vision.get("intermediate_size")
     counts = parameter_counts(model)
     caps = devices.detect()
     device = devices.choose_device("auto", caps)
     dtype = devices.choose_dtype("auto", device, caps)
     return {
         f"{model}": {
+            "family": f"{family.name} ({config.get('model_type')})",
             "architecture": ", ".join(config.get("architectures") or [config.get("model_type", "?")]),
+            "grounding coordinates": "0..1000 of the image" if family.coordinates == "relative1000" else "pixels of the resized input",
         },
         "Vision tower": {
             "blocks": vision.get("depth"),
-            "embed dim": vision.get("embed_dim"),
+            "width": width,
             "heads": vision.get("num_heads"),
-            "MLP ratio": vision.get("mlp_ratio"),
-            "output (merger) size": vision.get("hidden_size"),
+            "MLP size": int(mlp) if mlp else None,
+            "output (merger) size": vision.get("hidden_size") if qwen2 else vision.get("out_hidden_size"),
             "patch / merge / temporal patch": f"{spec.patch_size} / {spec.merge_size} / {spec.temporal_patch_size}",
         },
         "Language model": {

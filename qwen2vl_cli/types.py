@@ -21,6 +21,7 @@ class VisionSpec:
     temporal_patch_size: int = 2
     min_pixels: int = 3136
     max_pixels: int = 12845056
+    time_stamps: bool = False  # Qwen3-VL: "<t seconds>" and its own markers before each temporal patch
 
     @property
     def factor(self) -> int:
@@ -89,18 +90,25 @@ class MediaPlan:
     frame_indices: tuple[int, ...] | None = None
     frame_times_s: tuple[float, ...] | None = None
     sample_fps: float | None = None
+    span_frames: int | None = None  # frames from the first to the last one the sampling could pick
+    time_stamps_s: tuple[float, ...] | None = None  # Qwen3-VL: the seconds written before each temporal patch
+    stamp_tokens: int = 0  # the tokens those time stamps take
     notes: tuple[str, ...] = ()
 
     @classmethod
     def from_dict(cls, d: dict) -> MediaPlan:
         """The inverse of to_dict (for plans that come back from a qvl server)."""
-        tuples = {"grid_thw", "frame_indices", "frame_times_s"}
+        tuples = {"grid_thw", "frame_indices", "frame_times_s", "time_stamps_s"}
         names = {f for f in cls.__dataclass_fields__} - {"notes"}
         return cls(**{k: tuple(v) if k in tuples and v is not None else v for k, v in d.items() if k in names})
 
     @property
     def tokens_with_markers(self) -> int:
-        return self.visual_tokens + 2  # <|vision_start|> and <|vision_end|>
+        """The input's tokens in the prompt: <|vision_start|> and <|vision_end|> around it, and with
+        time stamps, a stamp and another pair of markers around each temporal patch."""
+        if self.time_stamps_s is None:
+            return self.visual_tokens + 2
+        return self.visual_tokens + 2 + 2 * len(self.time_stamps_s) + self.stamp_tokens
 
     def to_dict(self) -> dict:
         out = {
@@ -112,6 +120,7 @@ class MediaPlan:
             "resized_height": self.resized_height,
             "grid_thw": list(self.grid_thw),
             "visual_tokens": self.visual_tokens,
+            "tokens_with_markers": self.tokens_with_markers,
         }
         if self.kind == "video":
             out.update(
@@ -122,6 +131,9 @@ class MediaPlan:
                 frame_times_s=[_round(t) for t in self.frame_times_s or ()],
                 sample_fps=_round(self.sample_fps),
             )
+            if self.time_stamps_s is not None:
+                out["time_stamps_s"] = [_round(t) for t in self.time_stamps_s]
+                out["stamp_tokens"] = self.stamp_tokens
         return out
 
 
@@ -222,6 +234,9 @@ class Loaded:
     frames: np.ndarray | None = None
     frame_times_s: tuple[float, ...] | None = None
     notes: tuple[str, ...] = ()
+    # Videos: what the processor's VideoMetadata holds (frame indices, the clip's frame rate, the
+    # frames the sampling spanned), which places frames in time for Qwen2.5-VL and Qwen3-VL.
+    video_metadata: dict | None = None
 
 
 @dataclass(frozen=True)
