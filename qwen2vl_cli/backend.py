@@ -112,10 +112,11 @@ class LocalBackend:
         for p in probed:
             if self.max_source_pixels is not None and p.info.width * p.info.height > self.max_source_pixels:
                 raise MediaError(p.source.label, f"is {p.info.width}x{p.info.height}: over the {self.max_source_pixels:,} pixels allowed here")
-        plans = plan_all(probed, self.spec, opts)
+        count = self.runner.count_tokens
+        plans = plan_all(probed, self.spec, opts, count)
         cap = self.max_visual_tokens
         if cap is not None and sum(p.visual_tokens for p in plans) > cap:
-            plans = plan_all(probed, self.spec, replace(opts, max_visual_tokens=min(cap, opts.max_visual_tokens or cap)))
+            plans = plan_all(probed, self.spec, replace(opts, max_visual_tokens=min(cap, opts.max_visual_tokens or cap)), count)
         return decode_all(probed, plans, opts)
 
     def prompt(self, plans, gen: GenerationOptions) -> str:

@@ -368,7 +368,7 @@ def _answer_each(request, each, quiet: bool, endpoint=None) -> None:
 def _inspect_body(media: list[str] | None, options: dict) -> None:
     """Sizes, frames and token counts from headers and the model's settings; or a model summary."""
     from qwen2vl_cli import render
-    from qwen2vl_cli.modelinfo import vision_spec
+    from qwen2vl_cli.modelinfo import stamp_counter, vision_spec
     from qwen2vl_cli.pipeline import inspect as inspect_media
 
     model, device, json_out = _take(_inspect_options, options)
@@ -385,7 +385,7 @@ def _inspect_body(media: list[str] | None, options: dict) -> None:
     if spec is None:
         render.stderr_console().print(render.styled("note:", "yellow", f"{model} is not on this machine: using Qwen2-VL's default sizes"))
         spec = vision_spec(None)
-    plans = inspect_media(tuple(media), spec, replace(opts, cpu_budget=resolved == "cpu"))
+    plans = inspect_media(tuple(media), spec, replace(opts, cpu_budget=resolved == "cpu"), count=stamp_counter(model) if spec.time_stamps else None)
     render.Reporter().inputs(plans, lines=False)
     if json_out:
         for p in plans:

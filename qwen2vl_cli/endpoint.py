@@ -14,7 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 
-from qwen2vl_cli.errors import MediaError, QvlError, UsageError
+from qwen2vl_cli.errors import MediaError, ModelError, QvlError, UsageError
 from qwen2vl_cli.messages import default_prompt
 from qwen2vl_cli.modelinfo import vision_spec
 from qwen2vl_cli.pipeline import Hooks, probe_all, plan_all
@@ -67,7 +67,11 @@ class EndpointBackend:
         self.options, self.model = options, model
         self.client = OpenAI(base_url=options.url, api_key=options.api_key or "none", max_retries=MAX_RETRIES)
         # Sizes are planned with the model's settings when they are on this machine, for the diagnostics.
-        self.spec: VisionSpec = vision_spec(model) or VisionSpec()
+        # A remote server may serve a model qvl cannot run here: then Qwen2-VL's sizes stand in.
+        try:
+            self.spec: VisionSpec = vision_spec(model) or VisionSpec()
+        except ModelError:
+            self.spec = VisionSpec()
 
     def prepare(self, sources: tuple[str, ...], opts: MediaOptions, gen: GenerationOptions, require_video: bool = False) -> RemoteRequest:
         """Media resolved and checked here (a bad file never leaves the machine), as parts of one message."""

@@ -5,11 +5,13 @@ Shared by the commands and the backends; it reports progress through `Hooks` and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import BinaryIO, Protocol
 
 from qwen2vl_cli import media
 from qwen2vl_cli.errors import MediaError, UsageError
+from qwen2vl_cli.families import stamp_tokens
 from qwen2vl_cli.sizing import SizingError, fit_budget, plan
 from qwen2vl_cli.sources import Source, SourceResolver
 from qwen2vl_cli.types import MediaInfo, MediaOptions, MediaPlan, Result, VisionSpec
@@ -44,15 +46,20 @@ def probe_all(resolver: SourceResolver, texts: tuple[str, ...], opts: MediaOptio
     return out
 
 
-def plan_all(probed: list[Probed], spec: VisionSpec, opts: MediaOptions) -> list[MediaPlan]:
-    """One plan per input; under --max-visual-tokens the first plan's notes say what was cut."""
+def plan_all(probed: list[Probed], spec: VisionSpec, opts: MediaOptions, count: Callable[[str], int] | None = None) -> list[MediaPlan]:
+    """One plan per input; under --max-visual-tokens the first plan's notes say what was cut.
+    `count` (the model's tokenizer) counts the tokens of Qwen3-VL's time stamps exactly."""
     if opts.max_visual_tokens is None:
-        return [plan(p.source.label, p.info, spec, opts, p.notes) for p in probed]
-    try:
-        plans, note = fit_budget([(p.source.label, p.info, p.notes) for p in probed], spec, opts, opts.max_visual_tokens)
-    except SizingError as e:
-        raise UsageError(str(e)) from None
-    return [replace(plans[0], notes=plans[0].notes + (note,))] + plans[1:]
+        plans = [plan(p.source.label, p.info, spec, opts, p.notes) for p in probed]
+    else:
+        try:
+            plans, note = fit_budget([(p.source.label, p.info, p.notes) for p in probed], spec, opts, opts.max_visual_tokens)
+        except SizingError as e:
+            raise UsageError(str(e)) from None
+        plans = [replace(plans[0], notes=plans[0].notes + (note,))] + plans[1:]
+    if count is None:
+        return plans
+    return [replace(p, stamp_tokens=stamp_tokens(p.time_stamps_s, count)) if p.time_stamps_s else p for p in plans]
 
 
 def cpu_budget_note(probed: list[Probed], plans: list[MediaPlan], spec: VisionSpec, opts: MediaOptions) -> str | None:
@@ -70,10 +77,12 @@ def cpu_budget_note(probed: list[Probed], plans: list[MediaPlan], spec: VisionSp
     )
 
 
-def inspect(texts: tuple[str, ...], spec: VisionSpec, opts: MediaOptions, stdin: BinaryIO | None = None) -> list[MediaPlan]:
+def inspect(
+    texts: tuple[str, ...], spec: VisionSpec, opts: MediaOptions, stdin: BinaryIO | None = None, count: Callable[[str], int] | None = None
+) -> list[MediaPlan]:
     """Plans for `qvl inspect`: headers and container metadata only, no pixels, no torch."""
     with SourceResolver(stdin=stdin, max_bytes=opts.max_download) as resolver:
-        return plan_all(probe_all(resolver, texts, opts), spec, opts)
+        return plan_all(probe_all(resolver, texts, opts), spec, opts, count)
 
 
 def decode_all(probed: list[Probed], plans: list[MediaPlan], opts: MediaOptions) -> tuple[list[MediaPlan], list[media.Loaded]]:

@@ -50,8 +50,8 @@ def _fmt_s(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f} s"
 
 
-def frame_times(times: Sequence[float], limit: int = 8) -> str:
-    shown = [f"{t:.2f}" for t in times]
+def frame_times(times: Sequence[float], limit: int = 8, digits: int = 2) -> str:
+    shown = [f"{t:.{digits}f}" for t in times]
     if len(shown) > limit:
         shown = shown[: limit - 2] + ["…", shown[-1]]
     return ", ".join(shown) + " s"
@@ -229,6 +229,7 @@ def inspect_table(plans: Sequence[MediaPlan]) -> None:
             out.print(
                 f"{p.source}: {_fmt_s(p.duration_s)}, {p.native_fps:.3g} fps, {p.frames} frames → "
                 f"{len(indices)} frames at {p.sample_fps:.3g} fps; indices {shown}; times {frame_times(p.frame_times_s or ())}"
+                + (f"; time stamps in the prompt {frame_times(p.time_stamps_s, digits=1)} ({p.stamp_tokens} tokens)" if p.time_stamps_s else "")
             )
     if len(plans) > 1:
         total = sum(p.tokens_with_markers for p in plans)

@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny Qwen2-VL, generated media, a local HTTP server and a CLI runner."""
+"""Shared fixtures: the tiny Qwen2-VL (and one of each family), generated media, a local HTTP server and a CLI runner."""
 
 from __future__ import annotations
 
@@ -38,6 +38,21 @@ def tiny_model(tmp_path_factory) -> Path:
     from tests.tiny_model import build
 
     return build(tmp_path_factory.mktemp("tiny-qwen2vl"))
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory):
+    """A tiny model of each family, built on first use: `family_models("qwen3_vl")`."""
+    from tests.tiny_model import build
+
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = build(tmp_path_factory.mktemp(f"tiny-{family}"), family)
+        return built[family]
+
+    return get
 
 
 @pytest.fixture(scope="session")
