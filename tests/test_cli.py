@@ -15,7 +15,7 @@ JSON_KEYS = {
     "text", "model", "device", "dtype", "attn", "engine", "prompt_tokens", "visual_tokens", "generated_tokens",
     "load_s", "ttft_s", "decode_tokens_per_s", "peak_memory_bytes", "finish_reason", "inputs",
 }
-IMAGE_KEYS = {"source", "kind", "width", "height", "resized_width", "resized_height", "grid_thw", "visual_tokens"}
+IMAGE_KEYS = {"source", "kind", "width", "height", "resized_width", "resized_height", "grid_thw", "visual_tokens", "tokens_with_markers"}
 VIDEO_KEYS = IMAGE_KEYS | {"duration_s", "native_fps", "frames", "frame_indices", "frame_times_s", "sample_fps"}
 FAST = ("--max-new-tokens", "8", "--dtype", "float32")
 
@@ -105,7 +105,7 @@ def test_inspect_json_lines(qvl, media_dir):
     image, video = [json.loads(line) for line in r.stdout.splitlines()]
     assert image == {
         "source": str(media_dir / "square.png"), "kind": "image", "width": 224, "height": 224,
-        "resized_width": 224, "resized_height": 224, "grid_thw": [1, 16, 16], "visual_tokens": 64,
+        "resized_width": 224, "resized_height": 224, "grid_thw": [1, 16, 16], "visual_tokens": 64, "tokens_with_markers": 66,
     }
     assert set(video) == VIDEO_KEYS and video["frame_indices"] == [0, 18, 36, 53, 71, 89]
 
