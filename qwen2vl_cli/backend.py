@@ -14,10 +14,11 @@ from dataclasses import replace
 from threading import Event
 from typing import BinaryIO, Protocol
 
+from qwen2vl_cli import grounding
 from qwen2vl_cli.errors import MediaError, QvlError
 from qwen2vl_cli.messages import build_messages
 from qwen2vl_cli.modelinfo import locate_model
-from qwen2vl_cli.pipeline import Hooks, Probed, cpu_budget_note, decode_all, is_out_of_memory, make_result, plan_all, probe_all
+from qwen2vl_cli.pipeline import Hooks, Probed, check_boxes, cpu_budget_note, decode_all, is_out_of_memory, make_result, plan_all, probe_all
 from qwen2vl_cli.sources import SourceResolver
 from qwen2vl_cli.types import GenerationOptions, MediaOptions, Prepared, Request, Result, RuntimeOptions
 
@@ -120,6 +121,10 @@ class LocalBackend:
         return decode_all(probed, plans, opts)
 
     def prompt(self, plans, gen: GenerationOptions) -> str:
+        """The prompt text; with --boxes, the family's own grounding request for one image."""
+        if gen.boxes is not None:
+            check_boxes([(p.source, p.kind) for p in plans], gen)
+            gen = replace(gen, prompt=grounding.prompt(self.runner.family, gen.boxes))
         return self.runner.prompt_text(build_messages(plans, gen))
 
     @property
@@ -157,7 +162,7 @@ class LocalBackend:
         else:
             gens = self.runner.generate_batch([p.text for p in batch], [list(p.loaded) for p in batch], gen, cancels=cancels)
         peak = peak_memory_bytes(self.runner.device)
-        return [make_result(self.runner, g, p.plans, peak) for p, g in zip(batch, gens)]
+        return [make_result(self.runner, g, p.plans, peak, gen) for p, g in zip(batch, gens)]
 
 
 def run(request: Request, hooks: Hooks, stdin: BinaryIO | None = None) -> Result:
@@ -170,6 +175,7 @@ def run(request: Request, hooks: Hooks, stdin: BinaryIO | None = None) -> Result
     with SourceResolver(stdin=stdin, max_bytes=request.media.max_download) as resolver:
         hooks.stage("Reading media")
         probed = probe_all(resolver, request.sources, request.media, request.require_video)
+        check_boxes([(p.source.label, p.info.kind) for p in probed], request.generation)
         backend = LocalBackend(request.runtime, hooks, background=True)
         try:
             hooks.stage("Decoding media")
@@ -177,7 +183,10 @@ def run(request: Request, hooks: Hooks, stdin: BinaryIO | None = None) -> Result
             hooks.inputs(plans)
             if note := cpu_budget_note(probed, plans, backend.spec, backend.sized(request.media)):
                 hooks.note(note)
-            return _generate_or_shrink(backend, probed, plans, loaded, request, hooks)
+            result = _generate_or_shrink(backend, probed, plans, loaded, request, hooks)
+            if request.draw is not None:
+                grounding.save_drawing(probed[0].source, result.boxes or (), request.draw)
+            return result
         finally:
             backend.close()
 

@@ -180,6 +180,18 @@ def _runtime_options(
     )
 
 
+def _grounding_options(boxes: O.Boxes = None, draw: O.Draw = None) -> tuple[str | None, str | None]:
+    if draw is not None and boxes is None:
+        raise UsageError("--draw shows what --boxes found: add --boxes WHAT")
+    if boxes is not None and not boxes.strip():
+        raise UsageError("--boxes needs what to find, e.g. --boxes 'the red car'")
+    if draw is not None:
+        from qwen2vl_cli.grounding import drawing_format
+
+        drawing_format(draw)  # a name Pillow cannot write, or a file already there, fails before the model loads
+    return boxes, draw
+
+
 def _output_options(json_out: O.Json = False, quiet: O.Quiet = False) -> tuple[bool, bool]:
     return json_out, quiet
 
@@ -271,12 +283,21 @@ def _answer(sources: list[str] | None, require_video: bool, options: dict) -> No
     json_out, quiet = _take(_output_options, options)
     each = _take(_each_options, options)
     endpoint = _take(_endpoint_options, options)
+    boxes, draw = _take(_grounding_options, options) if "boxes" in options else (None, None)
+    generation = _take(_generation_options, options)
+    if boxes is not None:
+        if generation.prompt is not None:
+            raise UsageError("--boxes asks with the model's own grounding prompt: drop --prompt")
+        if draw is not None and each is not None:
+            raise UsageError("--draw writes one picture: drop it with --each (the records carry the boxes)")
+        generation = replace(generation, boxes=boxes.strip())
     request = Request(
         sources=tuple(sources or ()),
         media=_take(_sizing_options, options),
-        generation=_take(_generation_options, options),
+        generation=generation,
         runtime=_take(_runtime_options, options),
         require_video=require_video,
+        draw=draw,
     )
     if each is not None:
         return _answer_each(request, each, quiet, endpoint)
@@ -284,12 +305,13 @@ def _answer(sources: list[str] | None, require_video: bool, options: dict) -> No
         raise UsageError("give MEDIA to describe (or --each --from FILE)")
     if require_video and len(request.sources) > 1:
         raise UsageError("qvl video takes one CLIP; add --each for one answer per clip")
-    reporter = Reporter(quiet=quiet, stream=not json_out)
+    reporter = Reporter(quiet=quiet, stream=not json_out and boxes is None)
     try:
         if endpoint is not None:
             from qwen2vl_cli import endpoint as remote
 
-            result = remote.run(request.sources, request.media, request.generation, request.runtime.model, endpoint, reporter, require_video)
+            result = remote.run(request.sources, request.media, request.generation, request.runtime.model, endpoint, reporter, require_video,
+                                request.draw)
         else:
             result = run(request, reporter)
     except GenerationInterrupted:
@@ -298,6 +320,8 @@ def _answer(sources: list[str] | None, require_video: bool, options: dict) -> No
     finally:
         reporter.stop()
     reporter.end_text()
+    if result.boxes is not None:
+        reporter.boxes(result, draw, listed=not json_out)
     reporter.summary(result)
     if json_out:
         print_json(result.to_dict())
@@ -401,7 +425,7 @@ _MEDIA_HELP = "Image, animated image or video: path, http(s):// URL, file:// URI
 _command(
     "describe",
     _argument("media", Annotated[Optional[list[str]], typer.Argument(metavar="MEDIA", help=_MEDIA_HELP + " Several go into one prompt, in order (with --each: one answer each).", show_default=False)], None),
-    _ANSWER_GROUPS,
+    _ANSWER_GROUPS + [_grounding_options],
     lambda media, options: _answer(media, False, options),
     "Describe images, animated images or videos with Qwen2-VL; the answer streams to stdout.",
 )

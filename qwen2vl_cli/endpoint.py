@@ -15,9 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 
 from qwen2vl_cli.errors import MediaError, ModelError, QvlError, UsageError
+from qwen2vl_cli import grounding
+from qwen2vl_cli.families import Family, family_for
 from qwen2vl_cli.messages import default_prompt
-from qwen2vl_cli.modelinfo import vision_spec
-from qwen2vl_cli.pipeline import Hooks, probe_all, plan_all
+from qwen2vl_cli.modelinfo import read_config, vision_spec
+from qwen2vl_cli.pipeline import Hooks, check_boxes, probe_all, plan_all
 from qwen2vl_cli.runner import peak_memory_bytes
 from qwen2vl_cli.sources import Source, SourceResolver
 from qwen2vl_cli.types import GenerationOptions, MediaOptions, MediaPlan, Result, VisionSpec
@@ -72,18 +74,45 @@ class EndpointBackend:
             self.spec: VisionSpec = vision_spec(model) or VisionSpec()
         except ModelError:
             self.spec = VisionSpec()
+        self._family: Family | None = None
+
+    def family(self) -> Family:
+        """The served model's family, for --boxes: from its config.json on this machine, else from
+        what a qvl server says in /v1/models."""
+        if self._family is not None:
+            return self._family
+        config = read_config(self.model)
+        model_type = config.get("model_type") if config else None
+        if model_type is None:
+            try:
+                served = [m.model_extra or {} for m in self.client.models.list() if m.id == self.model]
+            except Exception:  # noqa: BLE001 - any failure here means the same: the family is unknown
+                served = []
+            model_type = next((m["qvl"].get("model_type") for m in served if isinstance(m.get("qvl"), dict)), None)
+        if model_type is None:
+            raise UsageError(
+                f"--boxes with --endpoint: qvl cannot tell how {self.model} writes boxes; put its config.json on this "
+                f"machine (`hf download {self.model}`, or --model DIR), or serve it with qvl serve"
+            )
+        self._family = family_for(model_type, self.model)
+        return self._family
 
     def prepare(self, sources: tuple[str, ...], opts: MediaOptions, gen: GenerationOptions, require_video: bool = False) -> RemoteRequest:
         """Media resolved and checked here (a bad file never leaves the machine), as parts of one message."""
         with SourceResolver(max_bytes=opts.max_download) as resolver:
             probed = probe_all(resolver, sources, opts, require_video)
+            check_boxes([(p.source.label, p.info.kind) for p in probed], gen)
             plans = plan_all(probed, self.spec, opts)
             parts = []
             for text, p, plan in zip(sources, probed, plans):
                 kind = "video_url" if plan.kind == "video" else "image_url"
                 passed = self.options.pass_urls and text.startswith(("http://", "https://"))
                 parts.append({"type": kind, kind: {"url": text if passed else _data_url(p.source, p.info.format, plan.kind)}})
-        parts.append({"type": "text", "text": gen.prompt if gen.prompt is not None else default_prompt(plans)})
+        if gen.boxes is not None:
+            text = grounding.prompt(self.family(), gen.boxes)
+        else:
+            text = gen.prompt if gen.prompt is not None else default_prompt(plans)
+        parts.append({"type": "text", "text": text})
         messages = ([{"role": "system", "content": gen.system}] if gen.system is not None else []) + [{"role": "user", "content": parts}]
         return RemoteRequest(tuple(plans), messages, opts)
 
@@ -138,8 +167,10 @@ class EndpointBackend:
         if served and len(served.get("inputs", ())) == len(plans):
             plans = tuple(replace(MediaPlan.from_dict(d), source=p.source) for d, p in zip(served["inputs"], plans))
         rate = (completion - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else None
+        text = "".join(parts)
+        found = grounding.read(self.family(), text, plans[0], gen.boxes) if gen.boxes is not None else None
         return Result(
-            text="".join(parts),
+            text=text,
             model=self.model,
             device="endpoint",
             dtype="-",
@@ -153,6 +184,8 @@ class EndpointBackend:
             peak_memory_bytes=peak_memory_bytes("cpu"),
             finish_reason=finish if finish in ("stop", "length") else "stop",
             inputs=plans,
+            boxes=found.boxes if found else None,
+            box_problems=found.problems if found else (),
         )
 
     def generate(self, batch: list[RemoteRequest], gen: GenerationOptions, on_text=None, cancels=None) -> list[Result]:
@@ -174,11 +207,17 @@ def _server_message(e) -> str:
 
 
 def run(sources: tuple[str, ...], opts: MediaOptions, gen: GenerationOptions, model: str, options: EndpointOptions,
-        hooks: Hooks, require_video: bool = False) -> Result:
+        hooks: Hooks, require_video: bool = False, draw: str | None = None) -> Result:
+    """One request to the endpoint; `draw`: the boxes drawn on the picture, read again from its source."""
+    if draw is not None and sources == ("-",):
+        raise UsageError("--draw with --endpoint reads the picture again: give a file or URL, not stdin")
     backend = EndpointBackend(options, model)
     hooks.stage("Reading media")
     request = backend.prepare(sources, replace(opts, cpu_budget=False), gen, require_video)
     hooks.stage(f"Waiting for {options.url}")
     [result] = backend.generate([request], gen, on_text=hooks.text)
     hooks.inputs(list(result.inputs))  # the sizes the server used, when it says
+    if draw is not None:
+        with SourceResolver(max_bytes=opts.max_download) as resolver:
+            grounding.save_drawing(resolver.resolve(sources[0]), result.boxes or (), draw)
     return result

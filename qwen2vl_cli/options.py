@@ -13,6 +13,7 @@ VIDEO_PANEL = "Video frames"
 GEN_PANEL = "Generation"
 RUN_PANEL = "Model and device"
 OUT_PANEL = "Output"
+GROUND_PANEL = "Grounding"
 
 Model = Annotated[
     str,
@@ -111,3 +112,16 @@ PassUrls = Annotated[bool, typer.Option("--pass-urls", help="Send http(s) media 
 Concurrency = Annotated[int, typer.Option(min=1, help="Requests in flight with --each --endpoint.", rich_help_panel=ENDPOINT_PANEL)]
 ApiKey = Annotated[Optional[str], typer.Option(envvar="QVL_API_KEY", help="Send Authorization: Bearer KEY to the endpoint.", rich_help_panel=ENDPOINT_PANEL)]
 ServeApiKey = Annotated[Optional[str], typer.Option("--api-key", envvar="QVL_API_KEY", help="Require Authorization: Bearer KEY from clients.", rich_help_panel=SERVE_PANEL)]
+
+Boxes = Annotated[
+    Optional[str],
+    typer.Option(
+        metavar="WHAT",
+        help="Find WHAT in one image with the model's own grounding prompt; boxes come back in the image's pixels (stdout; --json: \"boxes\").",
+        rich_help_panel=GROUND_PANEL,
+    ),
+]
+Draw = Annotated[
+    Optional[str],
+    typer.Option(metavar="FILE", help="With --boxes: write the picture with the boxes drawn to this new .png/.jpg/.webp file.", rich_help_panel=GROUND_PANEL),
+]

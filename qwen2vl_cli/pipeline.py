@@ -9,12 +9,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import BinaryIO, Protocol
 
-from qwen2vl_cli import media
+from qwen2vl_cli import grounding, media
 from qwen2vl_cli.errors import MediaError, UsageError
 from qwen2vl_cli.families import stamp_tokens
 from qwen2vl_cli.sizing import SizingError, fit_budget, plan
 from qwen2vl_cli.sources import Source, SourceResolver
-from qwen2vl_cli.types import MediaInfo, MediaOptions, MediaPlan, Result, VisionSpec
+from qwen2vl_cli.types import GenerationOptions, MediaInfo, MediaOptions, MediaPlan, Result, VisionSpec
 
 
 class Hooks(Protocol):
@@ -95,8 +95,10 @@ def decode_all(probed: list[Probed], plans: list[MediaPlan], opts: MediaOptions)
     return plans, loaded
 
 
-def make_result(runner, gen, plans, peak_memory: int) -> Result:
-    """The result of one request: the generation's text and counts, the runner's settings, the plans."""
+def make_result(runner, gen, plans, peak_memory: int, options: GenerationOptions | None = None) -> Result:
+    """The result of one request: the generation's text and counts, the runner's settings, the
+    plans, and with --boxes the boxes read from the answer."""
+    found = grounding.read(runner.family, gen.text, plans[0], options.boxes) if options is not None and options.boxes else None
     return Result(
         text=gen.text,
         model=runner.runtime.model,
@@ -113,7 +115,20 @@ def make_result(runner, gen, plans, peak_memory: int) -> Result:
         finish_reason=gen.finish_reason,
         inputs=tuple(plans),
         engine=gen.engine,
+        boxes=found.boxes if found else None,
+        box_problems=found.problems if found else (),
     )
+
+
+def check_boxes(inputs: list[tuple[str, str]], gen: GenerationOptions) -> None:
+    """--boxes reads the coordinates of one picture: one still image per request. `inputs`: (source, kind)."""
+    if gen.boxes is None:
+        return
+    if len(inputs) != 1:
+        raise UsageError(f"--boxes finds things in one image, not {len(inputs)} inputs: give one (--each for one answer each)")
+    source, kind = inputs[0]
+    if kind != "image":
+        raise MediaError(source, "is a video or animation: --boxes finds things in a still image (--first-frame reads an animation's first frame)")
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -150,6 +150,23 @@ class Reporter:
             sys.stdout.write("\n")
             sys.stdout.flush()
 
+    def boxes(self, result: Result, drawn: str | None, listed: bool = True) -> None:
+        """--boxes: one line per box on stdout (label, then x1 y1 x2 y2 in the image's pixels, tab
+        separated; a point is x y), what could not be read on stderr."""
+        self.stop()
+        if listed:  # plain lines for scripts (Rich would turn the tabs into spaces)
+            for b in result.boxes or ():
+                numbers = b["box"] if "box" in b else b["point"]
+                sys.stdout.write("\t".join([" ".join(b["label"].split())] + [f"{v:g}" for v in numbers]) + "\n")
+            sys.stdout.flush()
+        for problem in result.box_problems:
+            self.note(f"left out of the boxes: {problem}")
+        if not result.boxes and not result.box_problems:
+            answer = " ".join(result.text.split())
+            self.note(f"no boxes in the answer: {answer[:200] + ('…' if len(answer) > 200 else '')}")
+        if drawn is not None and not self.quiet:
+            self.console.print(f"qvl: drew {len(result.boxes or ())} box{'es' if len(result.boxes or ()) != 1 else ''} on {drawn}", markup=False)
+
     def summary(self, result: Result) -> None:
         self.stop()
         if self.quiet:

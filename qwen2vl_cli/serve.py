@@ -389,7 +389,9 @@ def create_app(session: LocalBackend, model_name: str, api_key: str | None = Non
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": started, "owned_by": "qvl"}]}
+        # model_type tells qvl clients the family (its grounding prompt and coordinates); others ignore it.
+        family = {"model_type": session.runner.family.model_types[0]}
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": started, "owned_by": "qvl", "qvl": family}]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):

@@ -149,6 +149,7 @@ class GenerationOptions:
     repetition_penalty: float | None = None
     seed: int | None = None
     repeat_guard: bool = True  # stop a generation caught in a loop
+    boxes: str | None = None  # grounding: what to find; the family's own prompt asks for it
 
 
 def check_generation(gen: GenerationOptions) -> GenerationOptions:
@@ -201,6 +202,8 @@ class Result:
     finish_reason: Literal["stop", "length", "repetition"]
     inputs: tuple[MediaPlan, ...] = field(default_factory=tuple)
     engine: str = "-"  # the decode loop that ran: static, graph or hf ("-" for a remote engine)
+    boxes: tuple[dict, ...] | None = None  # --boxes: found in the answer, in the original image's pixels
+    box_problems: tuple[str, ...] = ()  # --boxes: what the answer held that could not be read as a box
 
     def to_dict(self) -> dict:
         return {
@@ -219,7 +222,7 @@ class Result:
             "peak_memory_bytes": self.peak_memory_bytes,
             "finish_reason": self.finish_reason,
             "inputs": [p.to_dict() for p in self.inputs],
-        }
+        } | ({"boxes": list(self.boxes), "box_problems": list(self.box_problems)} if self.boxes is not None else {})
 
 
 def _round(x: float | None, digits: int = 4) -> float | None:
@@ -257,3 +260,4 @@ class Request:
     generation: GenerationOptions
     runtime: RuntimeOptions
     require_video: bool = False
+    draw: str | None = None  # --draw: write the picture with the boxes found here

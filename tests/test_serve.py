@@ -77,6 +77,7 @@ def test_endpoint_gives_the_local_answer(qvl, tiny_model, media_dir, server, nam
 def test_openai_client_models_and_completions(client, media_dir, tiny_model):
     models = client.models.list()
     assert [m.id for m in models.data] == [str(tiny_model)]
+    assert models.data[0].model_extra["qvl"] == {"model_type": "qwen2_vl"}  # the family, for qvl clients' --boxes
     content = [
         {"type": "image_url", "image_url": {"url": data_url(media_dir / "square.png", "image/png")}},
         {"type": "video_url", "video_url": {"url": data_url(media_dir / "clip.mp4", "video/mp4")}},
