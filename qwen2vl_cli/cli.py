@@ -78,7 +78,7 @@ class QvlGroup(TyperGroup):
 app = typer.Typer(
     cls=QvlGroup,
     name="qvl",
-    help="Describe images, animated GIFs and videos with Qwen2-VL. The answer goes to stdout, diagnostics to stderr.",
+    help="Describe images, animated GIFs and videos with Qwen2-VL, Qwen2.5-VL or Qwen3-VL. The answer goes to stdout, diagnostics to stderr.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -427,14 +427,14 @@ _command(
     _argument("media", Annotated[Optional[list[str]], typer.Argument(metavar="MEDIA", help=_MEDIA_HELP + " Several go into one prompt, in order (with --each: one answer each).", show_default=False)], None),
     _ANSWER_GROUPS + [_grounding_options],
     lambda media, options: _answer(media, False, options),
-    "Describe images, animated images or videos with Qwen2-VL; the answer streams to stdout.",
+    "Describe images, animated images or videos; the answer streams to stdout. --boxes finds things in an image.",
 )
 _command(
     "video",
     _argument("clip", Annotated[Optional[list[str]], typer.Argument(metavar="CLIP", help="Video or animated image: path, http(s):// URL, file:// URI, or - for stdin (several with --each).", show_default=False)], None),
     _ANSWER_GROUPS,
     lambda clip, options: _answer(clip, True, options),
-    "Describe a video clip, sampled with Qwen2-VL's frame rules (2 frames per second by default).",
+    "Describe a video clip, sampled with the Qwen frame rules (2 frames per second by default).",
 )
 _command(
     "inspect",

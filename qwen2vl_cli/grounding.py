@@ -171,11 +171,13 @@ def draw(image, boxes: tuple[dict, ...]):
             r = width * 3
             pen.ellipse((x - r, y - r, x + r, y + r), outline=colour, width=width)
             anchor = (x + r, y - r)
-        left, top, right, bottom = pen.textbbox(anchor, b["label"], font=font, anchor="lb")
-        if top < 0:  # no room above the box: label inside it
-            left, top, right, bottom = pen.textbbox((anchor[0], anchor[1]), b["label"], font=font, anchor="lt")
-        pen.rectangle((left - 2, top - 2, right + 2, bottom + 2), fill=colour)
-        pen.text((left, top), b["label"], fill="white", font=font)
+        place = "ld"  # the label sits on the box's top edge, or inside the box where there is no room above
+        left, top, right, bottom = pen.textbbox(anchor, b["label"], font=font, anchor=place)
+        if top - 3 < 0:
+            place = "la"
+            left, top, right, bottom = pen.textbbox(anchor, b["label"], font=font, anchor=place)
+        pen.rectangle((left - 3, top - 3, right + 3, bottom + 3), fill=colour)
+        pen.text(anchor, b["label"], fill="white", font=font, anchor=place)
     return out
 
 

@@ -1,4 +1,4 @@
-"""Build the Qwen2-VL chat messages for one request: media in order, then the prompt."""
+"""Build the chat messages for one request: media in order, then the prompt."""
 
 from __future__ import annotations
 

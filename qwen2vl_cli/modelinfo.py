@@ -25,7 +25,7 @@ def locate_model(model: str) -> Path:
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelError(f"--model {model}: the directory has no config.json; give a Qwen2-VL model directory")
+            raise ModelError(f"--model {model}: the directory has no config.json; give a Qwen2-VL, Qwen2.5-VL or Qwen3-VL model directory")
         return path
     if path.exists():
         raise ModelError(f"--model {model}: is a file; give a model directory or a hub id such as Qwen/Qwen2-VL-2B-Instruct")

@@ -49,17 +49,17 @@ Engine = Annotated[
 ]
 
 Prompt = Annotated[Optional[str], typer.Option("--prompt", "-p", help="The question. Default: \"Describe this image.\" (or video, or these images).", rich_help_panel=GEN_PANEL)]
-System = Annotated[Optional[str], typer.Option(help="System message. Default: the chat template's \"You are a helpful assistant.\"", rich_help_panel=GEN_PANEL)]
+System = Annotated[Optional[str], typer.Option(help="System message. Default: the chat template's (Qwen2-VL, Qwen2.5-VL: \"You are a helpful assistant.\"; Qwen3-VL: none).", rich_help_panel=GEN_PANEL)]
 MaxNewTokens = Annotated[int, typer.Option(min=1, help="Most tokens to generate.", rich_help_panel=GEN_PANEL)]
 MinNewTokens = Annotated[Optional[int], typer.Option(min=0, help="Generate at least this many tokens, even past the end (for benchmarks).", rich_help_panel=GEN_PANEL)]
 Temperature = Annotated[float, typer.Option(min=0.0, help="0 = greedy (deterministic); above 0 samples.", rich_help_panel=GEN_PANEL)]
 TopP = Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Nucleus sampling (with --temperature > 0).", rich_help_panel=GEN_PANEL)]
 TopK = Annotated[Optional[int], typer.Option(min=0, help="Top-k sampling (with --temperature > 0).", rich_help_panel=GEN_PANEL)]
-RepetitionPenalty = Annotated[Optional[float], typer.Option(help="Default: the model's generation_config (1.05 for Qwen2-VL-Instruct).", rich_help_panel=GEN_PANEL)]
+RepetitionPenalty = Annotated[Optional[float], typer.Option(help="Default: the model's generation_config (1.05 for Qwen2-VL-Instruct, none for Qwen3-VL).", rich_help_panel=GEN_PANEL)]
 RepeatGuard = Annotated[bool, typer.Option("--repeat-guard/--no-repeat-guard", help="Stop when the answer loops on one short phrase (finish_reason \"repetition\").", rich_help_panel=GEN_PANEL)]
 Seed = Annotated[Optional[int], typer.Option(help="Random seed for sampling.", rich_help_panel=GEN_PANEL)]
 
-MinPixels = Annotated[Optional[int], typer.Option(min=1, help="Least pixels per image or frame (default: the model's, 3136).", rich_help_panel=MEDIA_PANEL)]
+MinPixels = Annotated[Optional[int], typer.Option(min=1, help="Least pixels per image or frame (images: the model's setting, 3136 for Qwen2-VL and Qwen2.5-VL, 65536 for Qwen3-VL; frames: 128 tokens' worth).", rich_help_panel=MEDIA_PANEL)]
 MaxPixels = Annotated[
     Optional[int],
     typer.Option(
@@ -73,7 +73,7 @@ MaxVisualTokens = Annotated[
     typer.Option(min=1, help="One budget for all images and frames of a request: qvl picks the sizes (and frame counts) and says what it chose.", rich_help_panel=MEDIA_PANEL),
 ]
 MaxDownload = Annotated[str, typer.Option(metavar="SIZE", help="Most bytes read from a URL or stdin, e.g. 500M.", rich_help_panel=MEDIA_PANEL)]
-Resize = Annotated[Optional[str], typer.Option(metavar="WxH", help="Exact size, each side rounded to a multiple of 28.", rich_help_panel=MEDIA_PANEL)]
+Resize = Annotated[Optional[str], typer.Option(metavar="WxH", help="Exact size, each side rounded to a multiple of 28 (32 for Qwen3-VL).", rich_help_panel=MEDIA_PANEL)]
 FirstFrame = Annotated[bool, typer.Option("--first-frame", help="Read animated GIF/WebP/APNG as a still (their first frame).", rich_help_panel=MEDIA_PANEL)]
 
 Fps = Annotated[Optional[float], typer.Option(help="Frames sampled per second (default 2.0).", rich_help_panel=VIDEO_PANEL)]

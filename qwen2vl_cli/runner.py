@@ -435,7 +435,7 @@ def _timings(start: float, token_times: list[float]) -> tuple[float | None, floa
 
 
 class ChunkedVideoProcessor:
-    """Qwen2-VL's video processor, done a few frames at a time straight into one preallocated tensor.
+    """The family's video processor, done a few frames at a time straight into one preallocated tensor.
 
     Run on a whole clip, the processor converts every frame to float32, normalizes, then copies it
     all again to patchify and again to concatenate: three full-size float copies. Here each chunk

@@ -79,7 +79,7 @@ def invalid(message: str, param: str | None = None) -> ApiError:
 
 
 def to_chat(messages, max_media: int) -> tuple[list[dict], list[str]]:
-    """OpenAI messages to Qwen2-VL chat messages; media parts become placeholders, in order."""
+    """OpenAI messages to the model's chat messages; media parts become placeholders, in order."""
     if not isinstance(messages, list) or not messages:
         raise invalid("messages must be a non-empty list", "messages")
     chat, urls = [], []

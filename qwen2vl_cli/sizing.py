@@ -74,7 +74,7 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: float, max_pi
     if ratio > C.MAX_ASPECT_RATIO:
         raise SizingError(
             f"aspect ratio {ratio:.0f}:1 ({width}x{height}) is above the {C.MAX_ASPECT_RATIO}:1 "
-            "that Qwen2-VL accepts: crop it or split it into parts"
+            "that Qwen VL models accept: crop it or split it into parts"
         )
     h_bar = max(factor, round_by_factor(height, factor))
     w_bar = max(factor, round_by_factor(width, factor))

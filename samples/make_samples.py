@@ -1,4 +1,5 @@
-"""Make the sample media in this folder: a photo-like JPEG, an animated GIF and a short MP4.
+"""Make the sample media in this folder: a photo-like JPEG, an animated GIF, a short MP4, and the
+README's grounding picture (the photo with boxes qvl read from an answer in Qwen3-VL's format).
 
 Usage: python samples/make_samples.py [OUT_DIR]   (default: the folder of this script)
 """
@@ -68,13 +69,29 @@ def write_clip(path: Path, seconds: float = 4.0, fps: int = 30, size: tuple[int,
             container.mux(packet)
 
 
+# An answer in Qwen3-VL's grounding format (JSON, 0..1000 grid) for the boat and the sun of the photo.
+GROUNDING_ANSWER = '```json\n[{"bbox_2d": [234, 778, 328, 833], "label": "boat"}, {"bbox_2d": [703, 167, 797, 333], "label": "sun"}]\n```'
+
+
+def grounding_picture(photo: Image.Image) -> Image.Image:
+    """What `qvl describe photo.jpg --boxes ... --draw` writes for GROUNDING_ANSWER."""
+    from qwen2vl_cli import grounding
+    from qwen2vl_cli.families import QWEN3_VL
+    from qwen2vl_cli.types import MediaPlan
+
+    plan = MediaPlan("photo.jpg", "image", photo.width, photo.height, 1280, 704, (1, 44, 80), 880)
+    return grounding.draw(photo, grounding.read(QWEN3_VL, GROUNDING_ANSWER, plan, "boat").boxes)
+
+
 def main(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     landscape().save(out / "photo.jpg", quality=85)
+    with Image.open(out / "photo.jpg") as photo:
+        grounding_picture(photo).save(out / "grounding.jpg", quality=85)
     frames = bouncing_ball()
     frames[0].save(out / "bounce.gif", save_all=True, append_images=frames[1:], duration=80, loop=0)
     write_clip(out / "clip.mp4")
-    for name in ("photo.jpg", "bounce.gif", "clip.mp4"):
+    for name in ("photo.jpg", "grounding.jpg", "bounce.gif", "clip.mp4"):
         print(out / name, (out / name).stat().st_size, "bytes")
 
 
