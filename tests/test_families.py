@@ -151,6 +151,7 @@ def test_animated_gif_is_a_video_of_the_family(fam, media_dir):
     frames = torch.from_numpy(loaded.frames).permute(0, 3, 1, 2)
     ref = reference(fam, [{"type": "video", "video": str(path)}], "Describe this video.", videos=[frames], metadata=[meta])
     same_inputs(inputs, ref)
+    assert plan.tokens_with_markers == int(ref["input_ids"].shape[1]) - _prompt_without_media(fam)
     gen = fam.runner.generate(inputs, GenerationOptions(max_new_tokens=12))
     assert list(gen.tokens) == greedy(fam, ref, 12)
 
@@ -247,3 +248,24 @@ def test_stamp_tokens_are_counted_with_the_model_tokenizer(family_models):
     expected = sum(len(tokenizer(f"<{t:.1f} seconds>", add_special_tokens=False)["input_ids"]) for t in stamps)
     assert stamp_tokens(stamps, stamp_counter(str(path))) == expected
     assert expected != stamp_tokens(stamps)  # the tiny tokenizer is not Qwen's: the file decides
+
+
+def test_serve_runs_a_qwen3_vl_video_as_the_cli_does(family_models, qvl, media_dir):
+    """`qvl serve` and `--endpoint` with Qwen3-VL: the time-stamped video prompt, the family in
+    /v1/models, and the server's answer equal to the local one."""
+    from tests.test_serve import start_server
+
+    model = str(family_models("qwen3_vl"))
+    args = (str(media_dir / "clip.webm"), "--model", model, "--max-new-tokens", "10", "--dtype", "float32", "--json")
+    local = qvl("describe", *args)
+    assert local.exit_code == 0, local.stderr
+    proc, url = start_server(model)
+    try:
+        remote = qvl("describe", *args, "--endpoint", url)
+        assert remote.exit_code == 0, remote.stderr
+        here, there = json.loads(local.stdout), json.loads(remote.stdout)
+        assert there["text"] == here["text"] and there["prompt_tokens"] == here["prompt_tokens"]
+        assert there["inputs"][0]["time_stamps_s"] == here["inputs"][0]["time_stamps_s"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
