@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from qwen2vl_cli.families import Family
 from qwen2vl_cli.types import MediaPlan
 
-_QWEN2_BOX = re.compile(r"\(\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*\)\s*,\s*\(\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*\)")
+_NUMBER = r"(-?\d+(?:\.\d+)?)"
+_QWEN2_BOX = re.compile(rf"\(\s*{_NUMBER}\s*,\s*{_NUMBER}\s*\)\s*,\s*\(\s*{_NUMBER}\s*,\s*{_NUMBER}\s*\)")
 _REF = re.compile(r"<\|object_ref_start\|>(.*?)<\|object_ref_end\|>", re.S)
 _MARKERS = re.compile(r"<\|(?:box_start|box_end|quad_start|quad_end)\|>")
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)(?:```|$)", re.S)
@@ -27,9 +28,6 @@ _FENCE = re.compile(r"```(?:json)?\s*(.*?)(?:```|$)", re.S)
 class Found:
     boxes: tuple[dict, ...]  # {"label", "box": [x1, y1, x2, y2]} and/or "point": [x, y], original pixels
     problems: tuple[str, ...]  # what was left out, and why
-
-    def to_dict(self) -> dict:
-        return {"boxes": list(self.boxes), "box_problems": list(self.problems)}
 
 
 def prompt(family: Family, target: str) -> str:
@@ -126,11 +124,11 @@ def _read_qwen2(answer: str) -> tuple[list[dict], list[str]]:
 
 def _to_original(values, family: Family, plan: MediaPlan, n: int, label: str) -> list[float]:
     """Model coordinates -> original pixels; a value off the family's grid is an error."""
-    what = "box" if len(values) == 4 else "point"
     if not isinstance(values, list) or len(values) not in (2, 4) or not all(
         isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values
     ):
         raise ValueError(f"item {n} ({_short(label)}): {_short(json.dumps(values))} is not 2 or 4 numbers")
+    what = "box" if len(values) == 4 else "point"
     if family.coordinates == "relative1000":
         grid_w, grid_h, grid = 1000.0, 1000.0, "the 0..1000 grid"
     else:
@@ -195,6 +193,8 @@ def drawing_format(path: str) -> str:
         raise UsageError(f"--draw {path}: name it .png, .jpg or .webp (the extension decides the format)")
     if Path(path).exists():
         raise UsageError(f"--draw {path}: the file exists; choose a new name")
+    if not Path(path).parent.is_dir():
+        raise UsageError(f"--draw {path}: no such directory")
     return fmt
 
 

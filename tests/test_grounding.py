@@ -63,6 +63,8 @@ def test_qwen3_vl_json_boxes_and_points_on_a_0_to_1000_grid(family):
     (QWEN3_VL, '[{"bbox_2d": ["a", 2, 3, 4]}]', 0, "not 2 or 4 numbers"),
     (QWEN3_VL, '[{"bbox_2d": [NaN, 2, 3, 4]}]', 0, "not 2 or 4 numbers"),
     (QWEN3_VL, '[{"label": "x"}]', 0, "neither bbox_2d nor point_2d"),
+    (QWEN3_VL, '[{"bbox_2d": 5, "label": "x"}, {"bbox_2d": null}]', 0, "5 is not 2 or 4 numbers"),
+    (QWEN3_VL, '[{"bbox_2d": [1, 2, 3, 4]}, 7]', 1, "item 2 is not an object"),
     (QWEN3_VL, '```json\n[{"bbox_2d": [1, 2, 3, 4], "label": "a"}, {"bbox_2d": [5, 6', 1, "ends mid-item"),
     (QWEN2_5_VL, '[{"bbox_2d": [0, 0, 1009, 10], "label": "x"}]', 0, "outside the 1008x308 input"),
     (QWEN2_VL, "the car(100,200),(300,400)(500,60", 1, "ends mid-box"),
@@ -71,7 +73,17 @@ def test_qwen3_vl_json_boxes_and_points_on_a_0_to_1000_grid(family):
 def test_what_cannot_be_read_is_reported_not_guessed(family, answer, boxes, problem):
     found = grounding.read(family, answer, PLAN, "x")
     assert len(found.boxes) == boxes
-    assert len(found.problems) == 1 and problem in found.problems[0]
+    assert found.problems and problem in found.problems[0]
+
+
+@pytest.mark.parametrize("family", [QWEN2_VL, QWEN2_5_VL, QWEN3_VL])
+@pytest.mark.parametrize("answer", ["(.,.),(.,.)", "{", "[", "```json", '[{"bbox_2d": [1e999, 0, 1, 1]}]', "(1,2),(3,", "{}{}[]",
+                                    '{"bbox_2d": [1, 2, 3, 4], "label": 5}', "\x00(1,1),(2,2)"])
+def test_odd_answers_never_raise_and_boxes_stay_in_the_picture(family, answer):
+    found = grounding.read(family, answer, PLAN, "x")
+    for b in found.boxes:
+        numbers = b.get("box", []) + b.get("point", [])
+        assert all(0 <= x <= PLAN.width for x in numbers[0::2]) and all(0 <= y <= PLAN.height for y in numbers[1::2])
 
 
 @pytest.mark.parametrize("family", [QWEN2_VL, QWEN2_5_VL, QWEN3_VL])
