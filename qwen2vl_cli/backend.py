@@ -8,6 +8,7 @@ an OpenAI-compatible server.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -133,21 +134,24 @@ class LocalBackend:
 
     def prepare(self, sources: tuple[str, ...], opts: MediaOptions, gen: GenerationOptions, require_video: bool = False) -> Prepared:
         """Everything before the model for one request (its media in one prompt); safe on a worker thread."""
+        start = time.perf_counter()
         plans, loaded = self._decode(tuple(sources), opts, require_video)
-        return Prepared(tuple(plans), tuple(loaded), self.prompt(plans, gen))
+        return Prepared(tuple(plans), tuple(loaded), self.prompt(plans, gen), time.perf_counter() - start)
 
     def prepare_chat(
         self, chat: list[dict], urls: list[str], opts: MediaOptions, gen: GenerationOptions, resolver: SourceResolver | None = None
     ) -> Prepared:
         """A whole conversation whose media parts are `{"type": "media"}` placeholders for `urls`, in order."""
+        start = time.perf_counter()
         plans, loaded = self._decode(tuple(urls), opts, resolver=resolver)
+        media_s = time.perf_counter() - start
         kinds = iter([p.kind for p in plans])
         typed = [
             m if isinstance(m["content"], str)
             else {**m, "content": [{"type": next(kinds)} if part["type"] == "media" else part for part in m["content"]]}
             for m in chat
         ]
-        return Prepared(tuple(plans), tuple(loaded), self.runner.prompt_text(typed))
+        return Prepared(tuple(plans), tuple(loaded), self.runner.prompt_text(typed), media_s)
 
     def generate(self, batch: list[Prepared], gen: GenerationOptions, on_text=None, cancels=None) -> list[Result]:
         """One batch through the model. `on_text` streams the answer of a batch of one; setting a
@@ -157,12 +161,14 @@ class LocalBackend:
         self._ready()
         if on_text is not None:
             [one] = batch
+            start = time.perf_counter()
             inputs = self.runner.inputs(one.text, list(one.loaded))
-            gens = [self.runner.generate(inputs, gen, on_text=on_text, cancel=cancels[0] if cancels else None)]
+            inputs_s = time.perf_counter() - start
+            gens = [replace(self.runner.generate(inputs, gen, on_text=on_text, cancel=cancels[0] if cancels else None), inputs_s=inputs_s)]
         else:
             gens = self.runner.generate_batch([p.text for p in batch], [list(p.loaded) for p in batch], gen, cancels=cancels)
         peak = peak_memory_bytes(self.runner.device)
-        return [make_result(self.runner, g, p.plans, peak, gen) for p, g in zip(batch, gens)]
+        return [make_result(self.runner, g, p.plans, peak, gen, p.media_s) for p, g in zip(batch, gens)]
 
 
 def run(request: Request, hooks: Hooks, stdin: BinaryIO | None = None) -> Result:
@@ -179,11 +185,13 @@ def run(request: Request, hooks: Hooks, stdin: BinaryIO | None = None) -> Result
         backend = LocalBackend(request.runtime, hooks, background=True)
         try:
             hooks.stage("Decoding media")
+            start = time.perf_counter()
             plans, loaded = backend.decode_probed(probed, request.media)
+            media_s = time.perf_counter() - start
             hooks.inputs(plans)
             if note := cpu_budget_note(probed, plans, backend.spec, backend.sized(request.media)):
                 hooks.note(note)
-            result = _generate_or_shrink(backend, probed, plans, loaded, request, hooks)
+            result = _generate_or_shrink(backend, probed, plans, loaded, request, hooks, media_s)
             if request.draw is not None:
                 grounding.save_drawing(probed[0].source, result.boxes or (), request.draw)
             return result
@@ -191,7 +199,7 @@ def run(request: Request, hooks: Hooks, stdin: BinaryIO | None = None) -> Result
             backend.close()
 
 
-def _generate_or_shrink(backend: LocalBackend, probed, plans, loaded, request: Request, hooks: Hooks) -> Result:
+def _generate_or_shrink(backend: LocalBackend, probed, plans, loaded, request: Request, hooks: Hooks, media_s: float) -> Result:
     streamed: list[str] = []
 
     def on_text(chunk: str) -> None:
@@ -199,7 +207,7 @@ def _generate_or_shrink(backend: LocalBackend, probed, plans, loaded, request: R
         hooks.text(chunk)
 
     def attempt(plans, loaded) -> Result:
-        prepared = Prepared(tuple(plans), tuple(loaded), backend.prompt(plans, request.generation))
+        prepared = Prepared(tuple(plans), tuple(loaded), backend.prompt(plans, request.generation), media_s)
         hooks.stage("Encoding media and reading the prompt")
         return backend.generate([prepared], request.generation, on_text=on_text)[0]
 
@@ -213,7 +221,9 @@ def _generate_or_shrink(backend: LocalBackend, probed, plans, loaded, request: R
     hooks.note(f"out of memory with {total} visual tokens: trying again with --max-visual-tokens {half}")
     del loaded
     _free_memory(backend.device)
+    start = time.perf_counter()
     plans, loaded = backend.decode_probed(probed, replace(request.media, max_visual_tokens=half))
+    media_s = time.perf_counter() - start
     try:
         return attempt(plans, loaded)
     except Exception as e:

@@ -95,9 +95,11 @@ def decode_all(probed: list[Probed], plans: list[MediaPlan], opts: MediaOptions)
     return plans, loaded
 
 
-def make_result(runner, gen, plans, peak_memory: int, options: GenerationOptions | None = None) -> Result:
+def make_result(runner, gen, plans, peak_memory: int, options: GenerationOptions | None = None, media_s: float | None = None) -> Result:
     """The result of one request: the generation's text and counts, the runner's settings, the
-    plans, and with --boxes the boxes read from the answer."""
+    plans, the time to first token in its parts, and with --boxes the boxes read from the answer."""
+    vision = gen.vision_s
+    prefill = max(0.0, gen.ttft_s - (vision or 0.0)) if gen.ttft_s is not None else None
     found = grounding.read(runner.family, gen.text, plans[0], options.boxes) if options is not None and options.boxes else None
     return Result(
         text=gen.text,
@@ -115,6 +117,9 @@ def make_result(runner, gen, plans, peak_memory: int, options: GenerationOptions
         finish_reason=gen.finish_reason,
         inputs=tuple(plans),
         engine=gen.engine,
+        media_s=None if media_s is None else media_s + gen.inputs_s,
+        vision_s=vision,
+        prefill_s=prefill,
         boxes=found.boxes if found else None,
         box_problems=found.problems if found else (),
     )

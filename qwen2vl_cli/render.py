@@ -75,12 +75,13 @@ def summary_line(r: Result) -> Text:
         f"prompt {r.prompt_tokens} tokens ({r.visual_tokens} visual)",
         f"generated {r.generated_tokens} ({r.finish_reason})",
         f"load {_fmt_s(r.load_s)}",
-        f"first token {_fmt_s(r.ttft_s)}",
+        f"media {_fmt_s(r.media_s)}" if r.media_s is not None else None,
+        f"first token {_fmt_s(r.ttft_s)}" + (f" (vision {_fmt_s(r.vision_s)}, prefill {_fmt_s(r.prefill_s)})" if r.vision_s is not None else ""),
         f"{r.decode_tokens_per_s:.1f} tok/s" if r.decode_tokens_per_s else "- tok/s",
         f"peak {format_size(r.peak_memory_bytes)}",
         f"{r.device} {r.dtype} {r.attn} {r.engine}" if r.engine != "-" else f"{r.device}",
     ]
-    return Text(" · ".join(parts), style="dim")
+    return Text(" · ".join(p for p in parts if p is not None), style="dim")
 
 
 def _live(console: Console, renderable):

@@ -33,6 +33,8 @@ class Generation:
     decode_tokens_per_s: float | None
     finish_reason: str  # stop | length | repetition
     engine: str = "hf"  # the loop that ran: hf, static, or graph
+    vision_s: float | None = None  # of the time to first token: the vision tower's part (the rest is prefill)
+    inputs_s: float = 0.0  # building the processor inputs (pixel normalisation, prompt tokens)
 
 
 class RepetitionGuard:
@@ -105,6 +107,52 @@ class TextStream:
             chunk, self.sent = text[len(self.sent) :], text
             if self.on_text is not None:
                 self.on_text(chunk)
+
+
+class VisionClock:
+    """Time spent in the vision tower while it is installed: hooks around `model.model.visual`,
+    timed with CUDA events on a GPU (read once the work is done, so no extra synchronisation) and
+    with the host clock elsewhere."""
+
+    def __init__(self, model):
+        import torch
+
+        self.tower = getattr(getattr(model, "model", None), "visual", None)
+        self.cuda = next(model.parameters()).device.type == "cuda"
+        self.spans: list = []
+        self._event = (lambda: torch.cuda.Event(enable_timing=True)) if self.cuda else None
+        self._handles: list = []
+
+    def __enter__(self) -> VisionClock:
+        if self.tower is not None:
+            self._handles = [self.tower.register_forward_pre_hook(self._start), self.tower.register_forward_hook(self._stop)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _mark(self):
+        if self._event is None:
+            return time.perf_counter()
+        event = self._event()
+        event.record()
+        return event
+
+    def _start(self, module, args) -> None:
+        self.spans.append([self._mark(), None])
+
+    def _stop(self, module, args, output) -> None:
+        self.spans[-1][1] = self._mark()
+
+    def seconds(self) -> float | None:
+        """The tower's time over every call; None when it did not run (a text-only prompt)."""
+        done = [(a, b) for a, b in self.spans if b is not None]
+        if not done:
+            return None
+        if self.cuda:
+            return sum(a.elapsed_time(b) for a, b in done) / 1000
+        return sum(b - a for a, b in done)
 
 
 def peak_memory_bytes(device: str) -> int:
@@ -219,7 +267,9 @@ class Runner:
     ) -> Generation:
         """One prompt, streamed to `on_text`; setting `cancel` stops it within a chunk of tokens."""
         if self.engine == "hf":
-            return self._generate_hf(inputs, gen, on_text, cancel)
+            with VisionClock(self.model) as clock:
+                generation = self._generate_hf(inputs, gen, on_text, cancel)
+            return replace(generation, vision_s=clock.seconds())
         stream = TextStream(self.processor.tokenizer, on_text)
 
         def on_tokens(rows: list[list[int]], looped: list[int | None]) -> None:
@@ -227,21 +277,27 @@ class Runner:
 
         inputs = inputs.to(self.model.device)
         try:
-            [generation] = self._generate_engine(inputs, gen, on_tokens, [cancel or threading.Event()])
+            with VisionClock(self.model) as clock:
+                [generation] = self._generate_engine(inputs, gen, on_tokens, [cancel or threading.Event()])
         except KeyboardInterrupt:
             raise GenerationInterrupted(stream.sent) from None
         stream.update(list(generation.tokens), final=True)
-        return generation
+        return replace(generation, vision_s=clock.seconds())
 
     def generate_batch(
         self, texts: list[str], media: list[list[Loaded]], gen: GenerationOptions, cancels: list[threading.Event] | None = None
     ) -> list[Generation]:
         """Several prompts in one left-padded batch; greedy results equal one-by-one generation.
         Setting a row's event in `cancels` ends that row within a chunk of tokens."""
+        start = time.perf_counter()
         inputs = self.inputs(texts, [m for items in media for m in items])
-        if self.engine == "hf":
-            return self._generate_batch_hf(inputs, len(texts), gen, cancels)
-        return self._generate_engine(inputs.to(self.model.device), gen, None, cancels or [threading.Event() for _ in texts])
+        inputs_s = time.perf_counter() - start
+        with VisionClock(self.model) as clock:
+            if self.engine == "hf":
+                generations = self._generate_batch_hf(inputs, len(texts), gen, cancels)
+            else:
+                generations = self._generate_engine(inputs.to(self.model.device), gen, None, cancels or [threading.Event() for _ in texts])
+        return [replace(g, vision_s=clock.seconds(), inputs_s=inputs_s) for g in generations]
 
     def _eos_ids(self) -> list[int]:
         eos = self.model.generation_config.eos_token_id

@@ -202,6 +202,11 @@ class Result:
     finish_reason: Literal["stop", "length", "repetition"]
     inputs: tuple[MediaPlan, ...] = field(default_factory=tuple)
     engine: str = "-"  # the decode loop that ran: static, graph or hf ("-" for a remote engine)
+    # Before the first token: media (reading, decoding, processor inputs), then within ttft_s the
+    # vision tower and the prefill of the prompt. None where not measured (a remote engine).
+    media_s: float | None = None
+    vision_s: float | None = None
+    prefill_s: float | None = None
     boxes: tuple[dict, ...] | None = None  # --boxes: found in the answer, in the original image's pixels
     box_problems: tuple[str, ...] = ()  # --boxes: what the answer held that could not be read as a box
 
@@ -218,6 +223,9 @@ class Result:
             "generated_tokens": self.generated_tokens,
             "load_s": _round(self.load_s),
             "ttft_s": _round(self.ttft_s),
+            "media_s": _round(self.media_s),
+            "vision_s": _round(self.vision_s),
+            "prefill_s": _round(self.prefill_s),
             "decode_tokens_per_s": _round(self.decode_tokens_per_s),
             "peak_memory_bytes": self.peak_memory_bytes,
             "finish_reason": self.finish_reason,
@@ -249,6 +257,7 @@ class Prepared:
     plans: tuple[MediaPlan, ...]
     loaded: tuple[Loaded, ...]
     text: str
+    media_s: float = 0.0  # reading and decoding its media
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import pytest
 
 JSON_KEYS = {
     "text", "model", "device", "dtype", "attn", "engine", "prompt_tokens", "visual_tokens", "generated_tokens",
-    "load_s", "ttft_s", "decode_tokens_per_s", "peak_memory_bytes", "finish_reason", "inputs",
+    "load_s", "ttft_s", "media_s", "vision_s", "prefill_s", "decode_tokens_per_s", "peak_memory_bytes", "finish_reason", "inputs",
 }
 IMAGE_KEYS = {"source", "kind", "width", "height", "resized_width", "resized_height", "grid_thw", "visual_tokens", "tokens_with_markers"}
 VIDEO_KEYS = IMAGE_KEYS | {"duration_s", "native_fps", "frames", "frame_indices", "frame_times_s", "sample_fps"}
@@ -45,6 +45,18 @@ def test_json_schema_and_numbers(qvl, tiny_model, media_dir):
     assert out["prompt_tokens"] > 66 and out["peak_memory_bytes"] > 0 and out["load_s"] > 0
     [inp] = out["inputs"]
     assert set(inp) == IMAGE_KEYS and inp["grid_thw"] == [1, 16, 16]
+
+
+@pytest.mark.parametrize("engine", ["static", "hf"])
+def test_time_to_first_token_in_its_parts(qvl, tiny_model, media_dir, engine):
+    """Media (decode and processor inputs) before the model; within the time to first token, the
+    vision tower and the prefill, measured apart."""
+    out = describe_json(qvl, tiny_model, media_dir / "clip.mp4", "--engine", engine)
+    assert out["engine"] == engine
+    assert out["media_s"] > 0 and out["vision_s"] > 0 and out["prefill_s"] > 0
+    assert out["vision_s"] + out["prefill_s"] == pytest.approx(out["ttft_s"], abs=2e-4)
+    r = qvl("describe", media_dir / "square.png", "--model", tiny_model, *FAST, "--engine", engine)
+    assert " · media " in r.stderr and "(vision " in r.stderr and ", prefill " in r.stderr
 
 
 def test_quiet_leaves_stderr_empty(qvl, tiny_model, media_dir):
