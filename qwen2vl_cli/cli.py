@@ -320,6 +320,9 @@ def _answer(sources: list[str] | None, require_video: bool, options: dict) -> No
     finally:
         reporter.stop()
     reporter.end_text()
+    if request.runtime.engine in ("compiled", "graph") and endpoint is None and result.engine != request.runtime.engine:
+        reporter.note(f"--engine {request.runtime.engine}: the decode step could not be made here (QVL_DEBUG=1 says why); "
+                      f"it ran as {result.engine}, with the same answer")
     if result.boxes is not None:
         reporter.boxes(result, draw, listed=not json_out)
     reporter.summary(result)

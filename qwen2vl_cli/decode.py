@@ -21,6 +21,8 @@ from functools import partial
 
 import torch
 
+from qwen2vl_cli.config import debug_enabled
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -46,6 +48,8 @@ class Decoded:
     decode_tokens_per_s: float | None
     steps: int = 0
     graph: bool = False  # the steps were replayed from a CUDA graph
+    compiled: bool = False  # the steps ran inductor's code
+    setup_s: float = 0.0  # compiling and capturing the step (not counted in ttft_s)
 
 
 @dataclass
@@ -88,6 +92,39 @@ def static_cache(model, length: int):
     from transformers import StaticCache
 
     return StaticCache(config=model.config, max_cache_len=length)
+
+
+def cache_bucket(length: int) -> int:
+    """A compiled or captured step is specialised to its cache's length: lengths are rounded up
+    (to 1024, 2048, then multiples of 2048) so a few shapes serve every prompt. The rows attend
+    only to the positions they filled."""
+    return 1024 if length <= 1024 else -(-length // 2048) * 2048
+
+
+_COMPILED: dict = {}
+
+
+def use_compile_cache() -> str:
+    """Inductor's on-disk cache under the user's cache directory (unless TORCHINDUCTOR_CACHE_DIR
+    names one): the second run of a shape compiles from it in seconds instead of tens of seconds."""
+    import os
+    from pathlib import Path
+
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(base / "qvl" / "inductor"))
+
+
+def compiled_step() -> Callable:
+    """`decode_one_token` compiled by inductor, one per process: its code is specialised per shape
+    (batch, cache length) and kept in inductor's on-disk cache, so a later run starts warm."""
+    if "step" not in _COMPILED:
+        if not debug_enabled():  # the compiler's own warnings (no CUDA toolkit, recompiles) are not the user's business
+            import logging
+
+            for name in ("torch._dynamo", "torch._inductor", "torch.utils.cpp_extension"):
+                logging.getLogger(name).setLevel(logging.ERROR)
+        _COMPILED["step"] = torch.compile(decode_one_token, dynamic=False, fullgraph=True)
+    return _COMPILED["step"]
 
 
 def prefill(model, inputs: dict, cache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,7 +177,8 @@ class GraphedStep:
     one; the state a step changes (cache, lengths, mask, positions) lives in tensors that never move.
     """
 
-    def __init__(self, model, rows: _Rows, tokens: torch.Tensor, cache, attn: str):
+    def __init__(self, model, rows: _Rows, tokens: torch.Tensor, cache, attn: str, step: Callable = None):
+        step = step or decode_one_token
         self.tokens = tokens.clone()
         saved = (rows.attend.clone(), rows.text_position.clone(), [layer.cumulative_length.clone() for layer in cache.layers])
 
@@ -155,14 +193,14 @@ class GraphedStep:
         try:
             with torch.cuda.stream(side):  # warm-up outside the graph: kernels chosen, workspaces allocated
                 for _ in range(2):
-                    decode_one_token(model, rows, self.tokens, cache, attn)
+                    step(model, rows, self.tokens, cache, attn)
                     restore()
         finally:
             torch.cuda.current_stream().wait_stream(side)  # the warm-up's writes land before the last restore
             restore()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):  # recorded, not run: the state is as before
-            self.logits = decode_one_token(model, rows, self.tokens, cache, attn)
+            self.logits = step(model, rows, self.tokens, cache, attn)
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         self.tokens.copy_(tokens)
@@ -216,15 +254,19 @@ def generate(
     guard: Callable[[int, list[int]], int | None] | None = None,
     cancels: list[threading.Event] | None = None,
     graph: bool = False,
+    compiled: bool = False,
 ) -> Decoded:
     """Generate for a left-padded batch. Every `chunk` steps the host reads the new tokens:
     `guard(row, tokens)` says where a row loops (it is stopped there), `on_tokens(rows, looped)`
     sees every row's tokens so far, and a row whose event in `cancels` is set is stopped.
-    `graph`: on CUDA, replay the step as a CUDA graph (Decoded.graph says whether it was)."""
+    `graph`: on CUDA, replay the step as a CUDA graph (Decoded.graph says whether it was).
+    `compiled`: the step is inductor's (Decoded.compiled says whether it could be)."""
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     batch, width = ids.shape
     device = ids.device
-    cache = static_cache(model, width + max_new_tokens)
+    length = width + max_new_tokens
+    length = cache_bucket(length) if graph or compiled else length
+    cache = static_cache(model, length)
     eos = torch.tensor(eos_ids, device=device)
     generator = None
     if sampling.temperature > 0 and sampling.seed is not None:
@@ -241,7 +283,7 @@ def generate(
     with torch.inference_mode():
         logits, deltas = prefill(model, inputs, cache)
         rows = _Rows(
-            attend=torch.cat([mask.bool(), torch.zeros((batch, max_new_tokens), dtype=torch.bool, device=device)], dim=1),
+            attend=torch.cat([mask.bool(), torch.zeros((batch, length - width), dtype=torch.bool, device=device)], dim=1),
             text_position=mask.long().sum(dim=1),
             rope_deltas=deltas,
             seen=seen,
@@ -250,13 +292,20 @@ def generate(
             out=torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device),
         )
         tokens = _advance(rows, choose(logits, rows, sampling, eos, generator, 0), eos, pad_id)
-        step: Callable[[torch.Tensor], torch.Tensor] = partial(decode_one_token, model, rows, cache=cache, attn=attn)
+        one_token = decode_one_token
+        compiled_wanted = compiled
+        setup_start = time.perf_counter()
+        if compiled and max_new_tokens > 1:
+            one_token, compiled = _compile_or_eager(model, rows, tokens, cache, attn)
+        step: Callable[[torch.Tensor], torch.Tensor] = partial(one_token, model, rows, cache=cache, attn=attn)
         graphed = graph and device.type == "cuda" and max_new_tokens > 1
         if graphed:
             try:
-                step = GraphedStep(model, rows, tokens, cache, attn)
+                step = GraphedStep(model, rows, tokens, cache, attn, one_token)
             except Exception:  # something in the step cannot be captured: run it eagerly
                 graphed = False
+        tried = (compiled_wanted or graph and device.type == "cuda") and max_new_tokens > 1
+        setup = time.perf_counter() - setup_start if tried else 0.0  # spent making the step, even when it failed
         host: list[list[int]] = [[] for _ in range(batch)]
         looped: list[int | None] = [None] * batch
         cancelled: list[int | None] = [None] * batch
@@ -267,7 +316,7 @@ def generate(
                 new = rows.out[:, len(host[0]) : done].tolist()  # the one read from the device per chunk
                 now = time.perf_counter()
                 if ttft is None:
-                    ttft, first_at = now - start, now
+                    ttft, first_at = now - start - setup, now
                 last_at = now
                 for row, extra in zip(host, new):
                     row.extend(extra)
@@ -292,4 +341,25 @@ def generate(
             done += 1
     ended_at = [next((i + 1 for i, t in enumerate(row) if t in eos_ids), None) for row in host]
     rate = (done - 1) / (last_at - first_at) if done > 1 and last_at > first_at else None
-    return Decoded(host, ended_at, looped, cancelled, ttft, rate, done, graphed)
+    return Decoded(host, ended_at, looped, cancelled, ttft, rate, done, graphed, compiled, setup)
+
+
+def _compile_or_eager(model, rows: _Rows, tokens: torch.Tensor, cache, attn: str) -> tuple[Callable, bool]:
+    """The compiled step, compiled now on a dry run whose changes to the state are undone; the
+    eager step where inductor cannot compile it (no C++ compiler for the CPU, an unsupported op)."""
+    saved = (rows.attend.clone(), rows.text_position.clone(), [layer.cumulative_length.clone() for layer in cache.layers])
+    step = compiled_step()
+    try:
+        step(model, rows, tokens.clone(), cache, attn)
+        ok = True
+    except Exception:  # noqa: BLE001 - whatever stops the compiler, the eager step gives the same tokens
+        if debug_enabled():
+            import traceback
+
+            traceback.print_exc()
+        ok = False
+    rows.attend.copy_(saved[0])
+    rows.text_position.copy_(saved[1])
+    for layer, length in zip(cache.layers, saved[2]):
+        layer.cumulative_length.copy_(length)
+    return (step, True) if ok else (decode_one_token, False)

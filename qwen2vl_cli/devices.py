@@ -10,7 +10,7 @@ from qwen2vl_cli.errors import UsageError
 DEVICES = ("auto", "cuda", "cpu", "mps")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 ATTNS = ("auto", "flash_attention_2", "sdpa", "eager")
-ENGINES = ("auto", "static", "graph", "hf")
+ENGINES = ("auto", "static", "compiled", "graph", "hf")
 FLASH_HINT = "pip install 'qwen2vl-cli[flash]'"
 
 
@@ -113,13 +113,16 @@ def usable_attn(device: str, dtype: str, caps: Capabilities) -> list[str]:
 
 
 def choose_engine(requested: str, attn: str, device: str = "cpu") -> str:
-    """static: qvl's loop over a static cache (decode.py); graph: the same, its step replayed as a
-    CUDA graph; hf: transformers' generate, the reference. The loop builds its own attention masks,
-    which flash_attention_2 does not take."""
+    """static: qvl's loop over a static cache (decode.py); compiled: the same, its step compiled by
+    inductor (and on CUDA replayed as a CUDA graph); graph: the eager step replayed as a CUDA graph;
+    hf: transformers' generate, the reference. The loop builds its own attention masks, which
+    flash_attention_2 does not take."""
     if requested == "auto":
         return "hf" if attn == "flash_attention_2" else "static"
-    if requested in ("static", "graph") and attn == "flash_attention_2":
+    if requested in ("static", "compiled", "graph") and attn == "flash_attention_2":
         raise UsageError(f"--engine {requested} runs with --attn sdpa or eager; with flash_attention_2 use --engine hf")
     if requested == "graph" and device != "cuda":
         raise UsageError(f"--engine graph replays CUDA graphs: it needs --device cuda (the device is {device}); use --engine static")
+    if requested == "compiled" and device not in ("cuda", "cpu"):
+        raise UsageError(f"--engine compiled runs on cuda or cpu (the device is {device}); use --engine static")
     return requested

@@ -120,6 +120,7 @@ def make_result(runner, gen, plans, peak_memory: int, options: GenerationOptions
         media_s=None if media_s is None else media_s + gen.inputs_s,
         vision_s=vision,
         prefill_s=prefill,
+        compile_s=gen.compile_s,
         boxes=found.boxes if found else None,
         box_problems=found.problems if found else (),
     )

@@ -77,6 +77,7 @@ def summary_line(r: Result) -> Text:
         f"load {_fmt_s(r.load_s)}",
         f"media {_fmt_s(r.media_s)}" if r.media_s is not None else None,
         f"first token {_fmt_s(r.ttft_s)}" + (f" (vision {_fmt_s(r.vision_s)}, prefill {_fmt_s(r.prefill_s)})" if r.vision_s is not None else ""),
+        f"compile {_fmt_s(r.compile_s)}" if r.compile_s is not None else None,
         f"{r.decode_tokens_per_s:.1f} tok/s" if r.decode_tokens_per_s else "- tok/s",
         f"peak {format_size(r.peak_memory_bytes)}",
         f"{r.device} {r.dtype} {r.attn} {r.engine}" if r.engine != "-" else f"{r.device}",

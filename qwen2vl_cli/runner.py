@@ -35,6 +35,7 @@ class Generation:
     engine: str = "hf"  # the loop that ran: hf, static, or graph
     vision_s: float | None = None  # of the time to first token: the vision tower's part (the rest is prefill)
     inputs_s: float = 0.0  # building the processor inputs (pixel normalisation, prompt tokens)
+    compile_s: float | None = None  # compiling or capturing the decode step (compiled and graph engines)
 
 
 class RepetitionGuard:
@@ -222,7 +223,9 @@ class Runner:
         """The static loop needs transformers' current cache API; without it, auto means hf."""
         from qwen2vl_cli import decode
 
-        if self.engine in ("static", "graph") and (reason := decode.unsupported(self.model)):
+        if self.engine == "compiled":
+            decode.use_compile_cache()
+        if self.engine in ("static", "compiled", "graph") and (reason := decode.unsupported(self.model)):
             if self.runtime.engine != "auto":
                 raise ModelError(f"--engine {self.engine}: {reason}; use --engine hf")
             self.engine = "hf"
@@ -327,9 +330,11 @@ class Runner:
         pad = config.pad_token_id if config.pad_token_id is not None else eos[0]
         out = decode.generate(
             self.model, dict(inputs), gen.max_new_tokens, sampling, eos, pad, self.attn,
-            on_tokens=on_tokens, guard=LoopFinder() if gen.repeat_guard else None, cancels=cancels, graph=self.engine == "graph",
+            on_tokens=on_tokens, guard=LoopFinder() if gen.repeat_guard else None, cancels=cancels,
+            graph=self.engine == "graph" or (self.engine == "compiled" and self.device == "cuda"), compiled=self.engine == "compiled",
         )
-        engine = "graph" if out.graph else "static"  # a step that could not be captured ran eagerly
+        # What ran: a step that could not be compiled or captured ran eagerly ("static").
+        engine = "compiled" if out.compiled else "graph" if out.graph else "static"
         if self.device == "cuda":
             import torch
 
@@ -341,7 +346,7 @@ class Runner:
             ids = inputs["input_ids"][row][inputs["attention_mask"][row].bool()]
             visual = int(((ids == config_ids.image_token_id) | (ids == config_ids.video_token_id)).sum())
             generation = self._generation(tokens, int(ids.shape[0]), visual, out.ttft_s, out.decode_tokens_per_s, out.looped_at[row])
-            generations.append(replace(generation, engine=engine))
+            generations.append(replace(generation, engine=engine, compile_s=out.setup_s if self.engine in ("compiled", "graph") else None))
         return generations
 
     def _generate_hf(self, inputs, gen: GenerationOptions, on_text, cancel) -> Generation:

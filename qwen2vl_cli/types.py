@@ -207,6 +207,7 @@ class Result:
     media_s: float | None = None
     vision_s: float | None = None
     prefill_s: float | None = None
+    compile_s: float | None = None  # the compiled and graph engines: making the step, before decoding
     boxes: tuple[dict, ...] | None = None  # --boxes: found in the answer, in the original image's pixels
     box_problems: tuple[str, ...] = ()  # --boxes: what the answer held that could not be read as a box
 
@@ -226,6 +227,7 @@ class Result:
             "media_s": _round(self.media_s),
             "vision_s": _round(self.vision_s),
             "prefill_s": _round(self.prefill_s),
+            "compile_s": _round(self.compile_s),
             "decode_tokens_per_s": _round(self.decode_tokens_per_s),
             "peak_memory_bytes": self.peak_memory_bytes,
             "finish_reason": self.finish_reason,

@@ -134,6 +134,44 @@ def test_engine_rules():
     assert choose_engine("graph", "sdpa", "cuda") == "graph"
     with pytest.raises(UsageError, match="needs --device cuda"):
         choose_engine("graph", "sdpa", "cpu")
+    assert choose_engine("compiled", "sdpa", "cpu") == "compiled" and choose_engine("compiled", "sdpa", "cuda") == "compiled"
+    with pytest.raises(UsageError, match="runs on cuda or cpu"):
+        choose_engine("compiled", "sdpa", "mps")
+
+
+def _describe(qvl, tiny_model, media_dir, engine: str, env: dict | None = None) -> tuple[dict, str]:
+    """One CLI run in a fresh process (a compiled step is made once per process)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "qwen2vl_cli", "describe", str(media_dir / "photo.png"), str(media_dir / "anim.gif"),
+                        "--model", str(tiny_model), "--max-new-tokens", "40", "--dtype", "float32", "--engine", engine, "--json"],
+                       capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout), r.stderr
+
+
+def test_the_compiled_step_gives_the_eager_steps_tokens(qvl, tiny_model, media_dir, tmp_path):
+    """Inductor's step (float32, CPU) gives the eager step's greedy tokens; compiling is timed apart
+    from the first token and cached on disk (a second run compiles from the cache)."""
+    cache = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    static, _ = _describe(qvl, tiny_model, media_dir, "static")
+    compiled, stderr = _describe(qvl, tiny_model, media_dir, "compiled", cache)
+    assert compiled["engine"] == "compiled" and compiled["text"] == static["text"], stderr
+    assert compiled["generated_tokens"] == static["generated_tokens"] and compiled["compile_s"] > 0 and static["compile_s"] is None
+    assert compiled["ttft_s"] < compiled["compile_s"]
+    assert any((tmp_path / "inductor").rglob("*.py")), "nothing was cached"
+
+
+def test_where_inductor_cannot_compile_the_eager_step_runs(qvl, tiny_model, media_dir, tmp_path):
+    """No C++ compiler for the CPU (a machine without build tools): the same answer from the eager step."""
+    static, _ = _describe(qvl, tiny_model, media_dir, "static")
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "CXX": str(tmp_path / "no-compiler")}
+    fallback, stderr = _describe(qvl, tiny_model, media_dir, "compiled", env)
+    assert fallback["engine"] == "static" and fallback["text"] == static["text"], stderr
+    assert "--engine compiled: the decode step could not be made here" in stderr
 
 
 def _cuda() -> bool:

@@ -252,3 +252,18 @@ def test_cli_draw_never_overwrites(qvl, media_dir, tmp_path):
     r = qvl("describe", str(photo), "--boxes", "x", "--draw", str(photo), "--model", str(tmp_path / "none"))
     assert r.exit_code == 2 and "the file exists" in r.stderr
     assert photo.read_bytes() == before
+
+
+def test_each_record_carries_its_boxes(qvl, family_models, media_dir, grounder):
+    """--each --boxes: one record per image with its boxes; a video among them is that record's
+    error, the others go on."""
+    _Grounder.answer = '[{"bbox_2d": [0, 0, 500, 500], "label": "x"}]'
+    model = str(family_models("qwen3_vl"))
+    r = qvl("describe", "--each", str(media_dir / "photo.png"), str(media_dir / "clip.mp4"), str(media_dir / "square.png"),
+            "--endpoint", grounder, "--model", model, "--boxes", "x")
+    assert r.exit_code == 1
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [rec["index"] for rec in records] == [0, 1, 2]
+    assert records[0]["boxes"] == [{"label": "x", "box": [0.0, 0.0, 200.0, 150.0]}]  # photo.png is 400x300
+    assert records[2]["boxes"] == [{"label": "x", "box": [0.0, 0.0, 112.0, 112.0]}]  # square.png is 224x224
+    assert "--boxes finds things in a still image" in records[1]["error"]["message"]
