@@ -172,12 +172,12 @@ def decode_one_token(model, rows: _Rows, tokens: torch.Tensor, cache, attn: str)
 
 
 class GraphedStep:
-    """`decode_one_token` captured once in a CUDA graph and replayed: one launch a step instead of
+    """The step (eager or compiled) captured once in a CUDA graph and replayed: one launch a step instead of
     one per kernel. The graph reads its tokens from a fixed buffer and leaves the logits in a fixed
     one; the state a step changes (cache, lengths, mask, positions) lives in tensors that never move.
     """
 
-    def __init__(self, model, rows: _Rows, tokens: torch.Tensor, cache, attn: str, step: Callable = None):
+    def __init__(self, model, rows: _Rows, tokens: torch.Tensor, cache, attn: str, step: Callable | None = None):
         step = step or decode_one_token
         self.tokens = tokens.clone()
         saved = (rows.attend.clone(), rows.text_position.clone(), [layer.cumulative_length.clone() for layer in cache.layers])

@@ -110,7 +110,7 @@ CORPUS = [
 NEWER_CORPUS = ["<0.5 seconds> <1.0 seconds> <12.5 seconds>", '[{"bbox_2d": [12, 30, 200, 410], "label": "the red car"}]']
 
 
-def build_tokenizer(extra: list[str] = []):
+def build_tokenizer(extra: tuple[str, ...] = ()):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -122,7 +122,7 @@ def build_tokenizer(extra: list[str] = []):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator((CORPUS + extra) * 20, trainer=trainer)
+    tok.train_from_iterator((CORPUS + list(extra)) * 20, trainer=trainer)
     tok.add_special_tokens(SPECIAL_TOKENS)  # ids follow the regular vocabulary, in Qwen2's order
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -190,7 +190,7 @@ def build(out_dir: str | Path, family: str = "qwen2_vl", seed: int = 0) -> Path:
 
     config_cls, model_cls, processor_cls, video_cls = (getattr(transformers, name) for name in _CLASSES[family])
     out = Path(out_dir)
-    tokenizer = build_tokenizer([] if family == "qwen2_vl" else NEWER_CORPUS)
+    tokenizer = build_tokenizer(() if family == "qwen2_vl" else tuple(NEWER_CORPUS))
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     config = config_cls(
         text_config=_text_config(family, ids, len(tokenizer)),
