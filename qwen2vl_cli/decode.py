@@ -94,6 +94,33 @@ def static_cache(model, length: int):
     return StaticCache(config=model.config, max_cache_len=length)
 
 
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
+
+
+def batch_bucket(rows: int) -> int:
+    """The batch a compiled or captured step runs: the next of 1, 2, 4, 8, 16, 32 (then multiples
+    of 16), so a server's or --each's changing batch sizes reuse a few steps."""
+    return next((b for b in BATCH_BUCKETS if b >= rows), -(-rows // 16) * 16)
+
+
+def _pad_rows(inputs: dict, rows: int, pad_id: int) -> dict:
+    """`inputs` with filler rows up to `rows`: padding that attends only to its last position (a
+    fully masked row would give NaN), text only, so the vision tower never sees them."""
+    ids = inputs["input_ids"]
+    extra = rows - ids.shape[0]
+    if extra <= 0:
+        return inputs
+    out = dict(inputs)
+    out["input_ids"] = torch.cat([ids, ids.new_full((extra, ids.shape[1]), pad_id)])
+    mask = inputs["attention_mask"].new_zeros((extra, ids.shape[1]))
+    mask[:, -1] = 1
+    out["attention_mask"] = torch.cat([inputs["attention_mask"], mask])
+    if inputs.get("mm_token_type_ids") is not None:
+        types = inputs["mm_token_type_ids"]
+        out["mm_token_type_ids"] = torch.cat([types, types.new_zeros((extra, types.shape[1]))])
+    return out
+
+
 def cache_bucket(length: int) -> int:
     """A compiled or captured step is specialised to its cache's length: lengths are rounded up
     (to 1024, 2048, then multiples of 2048) so a few shapes serve every prompt. The rows attend
@@ -261,8 +288,11 @@ def generate(
     sees every row's tokens so far, and a row whose event in `cancels` is set is stopped.
     `graph`: on CUDA, replay the step as a CUDA graph (Decoded.graph says whether it was).
     `compiled`: the step is inductor's (Decoded.compiled says whether it could be)."""
+    batch = inputs["input_ids"].shape[0]  # the caller's rows; a compiled or captured step may run more
+    if graph or compiled:
+        inputs = _pad_rows(inputs, batch_bucket(batch), pad_id)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    batch, width = ids.shape
+    width = ids.shape[1]
     device = ids.device
     length = width + max_new_tokens
     length = cache_bucket(length) if graph or compiled else length
@@ -276,20 +306,21 @@ def generate(
     seen = None
     if sampling.repetition_penalty is not None and sampling.repetition_penalty != 1.0:
         vocab = model.lm_head.out_features
-        seen = torch.zeros((batch, vocab + 1), dtype=torch.bool, device=device)
+        seen = torch.zeros((ids.shape[0], vocab + 1), dtype=torch.bool, device=device)
         seen.scatter_(1, ids.clamp(max=vocab), True)
 
     start = time.perf_counter()
     with torch.inference_mode():
         logits, deltas = prefill(model, inputs, cache)
+        padded = ids.shape[0]
         rows = _Rows(
-            attend=torch.cat([mask.bool(), torch.zeros((batch, length - width), dtype=torch.bool, device=device)], dim=1),
+            attend=torch.cat([mask.bool(), torch.zeros((padded, length - width), dtype=torch.bool, device=device)], dim=1),
             text_position=mask.long().sum(dim=1),
             rope_deltas=deltas,
             seen=seen,
-            ended=torch.zeros(batch, dtype=torch.bool, device=device),
+            ended=torch.arange(padded, device=device) >= batch,  # filler rows are over from the start
             step=torch.zeros((), dtype=torch.long, device=device),
-            out=torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device),
+            out=torch.full((padded, max_new_tokens), pad_id, dtype=torch.long, device=device),
         )
         tokens = _advance(rows, choose(logits, rows, sampling, eos, generator, 0), eos, pad_id)
         one_token = decode_one_token
@@ -313,7 +344,7 @@ def generate(
         done = 1
         while True:
             if done % chunk == 0 or done == max_new_tokens or done == 1:
-                new = rows.out[:, len(host[0]) : done].tolist()  # the one read from the device per chunk
+                new = rows.out[:batch, len(host[0]) : done].tolist()  # the one read from the device per chunk
                 now = time.perf_counter()
                 if ttft is None:
                     ttft, first_at = now - start - setup, now

@@ -165,6 +165,36 @@ def test_the_compiled_step_gives_the_eager_steps_tokens(qvl, tiny_model, media_d
     assert any((tmp_path / "inductor").rglob("*.py")), "nothing was cached"
 
 
+def test_a_batch_runs_in_its_bucket_with_filler_rows(tiny_model, media_dir, tmp_path):
+    """Three requests run as a batch of four for the compiled step (one step serves batches of 3
+    and 4); the filler row changes nothing: the same records as the static loop's batch of three."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from qwen2vl_cli.decode import batch_bucket
+
+    assert [batch_bucket(n) for n in (1, 2, 3, 5, 8, 9, 32, 33, 40)] == [1, 2, 4, 8, 8, 16, 32, 48, 48]
+    from qwen2vl_cli.decode import _pad_rows
+
+    ids = torch.tensor([[0, 5, 6], [7, 8, 9], [0, 0, 4]])
+    padded = _pad_rows({"input_ids": ids, "attention_mask": (ids != 0).long(), "mm_token_type_ids": torch.zeros_like(ids),
+                        "pixel_values": torch.ones(2, 3)}, 4, pad_id=0)
+    assert padded["input_ids"].shape == (4, 3) and torch.equal(padded["input_ids"][:3], ids)
+    assert padded["attention_mask"][3].tolist() == [0, 0, 1]  # attends to one position: no NaN, no media
+    assert padded["mm_token_type_ids"].shape == (4, 3) and padded["pixel_values"].shape == (2, 3)
+    records = {}
+    for engine in ("static", "compiled"):
+        r = subprocess.run([sys.executable, "-m", "qwen2vl_cli", "describe", "--each", *(str(media_dir / n) for n in ("photo.png", "clip.mp4", "square.png")),
+                            "--model", str(tiny_model), "--max-new-tokens", "24", "--dtype", "float32", "--engine", engine, "--batch-size", "3"],
+                           capture_output=True, text=True, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}, timeout=600)
+        assert r.returncode == 0, r.stderr
+        records[engine] = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [r["engine"] for r in records["compiled"]] == ["compiled"] * 3
+    assert [r["text"] for r in records["compiled"]] == [r["text"] for r in records["static"]]
+
+
 def test_where_inductor_cannot_compile_the_eager_step_runs(qvl, tiny_model, media_dir, tmp_path):
     """No C++ compiler for the CPU (a machine without build tools): the same answer from the eager step."""
     static, _ = _describe(qvl, tiny_model, media_dir, "static")
