@@ -248,3 +248,35 @@ def test_the_cpu_video_cap_holds_for_long_clips_and_gifs(info):
     assert capped.visual_tokens <= 2048 and any("within 2048 tokens" in n for n in capped.notes)
     lifted = sizing.plan("v", info, SPEC, MediaOptions(cpu_budget=True, total_pixels=20_000_000))
     assert lifted.visual_tokens > 2048 and not any("within 2048 tokens" in n for n in lifted.notes)
+
+
+QWEN3 = VisionSpec(patch_size=16, min_pixels=65536, max_pixels=16777216, time_stamps=True)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    w=st.integers(1, 8000), h=st.integers(1, 8000), frames=st.integers(1, 40000), fps=st.floats(0.5, 240.0),
+    target=st.one_of(st.none(), st.floats(0.1, 8.0)), cpu=st.booleans(),
+)
+def test_qwen3_video_plans_carry_one_time_stamp_per_temporal_patch(w, h, frames, fps, target, cpu):
+    info = MediaInfo("video", w, h, "mp4", frames=frames, fps=fps, duration_s=frames / fps)
+    try:
+        plan = sizing.plan_video("v", info, QWEN3, MediaOptions(fps=target, cpu_budget=cpu))
+    except MediaError:
+        assert max(w, h) / min(w, h) > 200  # the only way a well-formed clip is refused
+        return
+    assert plan.resized_width % 32 == 0 and plan.resized_height % 32 == 0
+    stamps = plan.time_stamps_s
+    assert len(stamps) == plan.grid_thw[0] == -(-len(plan.frame_indices) // 2)
+    assert list(stamps) == sorted(stamps) and 0 <= stamps[0] and stamps[-1] <= frames / fps
+    assert plan.stamp_tokens == sum(len(f"{t:.1f}".replace(".", "")) + 4 for t in stamps)
+    assert plan.tokens_with_markers == plan.visual_tokens + 2 + 2 * len(stamps) + plan.stamp_tokens
+    if cpu:
+        assert plan.visual_tokens <= 2048
+
+
+@pytest.mark.parametrize("budget", [100000, 3000, 500])
+def test_the_visual_token_budget_holds_for_qwen3_sizes(budget):
+    plans, _ = sizing.fit_budget(BUDGET_ITEMS, QWEN3, MediaOptions(), budget)
+    assert sum(p.visual_tokens for p in plans) <= budget
+    assert all(p.resized_width % 32 == 0 and p.resized_height % 32 == 0 for p in plans)
