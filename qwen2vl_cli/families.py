@@ -7,6 +7,8 @@ engine, batching, serve) is shared. No torch here: `inspect` reads this too.
 
 from __future__ import annotations
 
+import functools
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -85,3 +87,25 @@ def stamp_tokens(stamps: tuple[float, ...], count=None) -> int:
     if count is not None:
         return sum(count(t) for t in texts)
     return sum(sum(c.isdigit() for c in t) + 4 for t in texts)
+
+
+@functools.lru_cache(maxsize=1)
+def stamped_video_keeps_its_markers() -> bool:
+    """Whether the installed transformers keeps the template's <|vision_start|>..<|vision_end|>
+    around a time-stamped video (5.10 and later expand only the <|video_pad|> inside it; earlier
+    releases replace the whole wrapper). Read from the package metadata: no import."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        found = re.match(r"(\d+)\.(\d+)", version("transformers"))
+    except PackageNotFoundError:
+        return True
+    return found is None or (int(found.group(1)), int(found.group(2))) >= (5, 10)
+
+
+def video_marker_tokens(stamps: tuple[float, ...] | None) -> int:
+    """Vision markers a video takes in the prompt besides its visual tokens: the template's pair,
+    and with time stamps a pair around every temporal patch."""
+    if stamps is None:
+        return 2
+    return 2 * len(stamps) + (2 if stamped_video_keeps_its_markers() else 0)

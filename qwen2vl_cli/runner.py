@@ -549,7 +549,7 @@ class ChunkedVideoProcessor:
                     out[offset : offset + rows] = target
                 offset += rows
         data = {"pixel_values_videos": out, "video_grid_thw": torch.tensor(grids, dtype=torch.long)}
-        if return_metadata:  # Qwen2.5-VL and Qwen3-VL read the frames' times from it
+        if return_metadata or video_metadata is not None:  # Qwen2.5-VL and Qwen3-VL read the frames' times from it
             data["video_metadata"] = make_batched_metadata(videos, video_metadata)
         return BatchFeature(data=data)
 

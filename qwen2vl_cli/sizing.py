@@ -273,6 +273,7 @@ def plan_video(source: str, info: MediaInfo, spec: VisionSpec, opts: MediaOption
         span_frames=last - first + 1,
         time_stamps_s=stamps,
         stamp_tokens=families.stamp_tokens(stamps) if stamps else 0,
+        marker_tokens=families.video_marker_tokens(stamps),
         notes=tuple(notes) + tuple(count_notes),
     )
 

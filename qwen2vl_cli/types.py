@@ -93,6 +93,7 @@ class MediaPlan:
     span_frames: int | None = None  # frames from the first to the last one the sampling could pick
     time_stamps_s: tuple[float, ...] | None = None  # Qwen3-VL: the seconds written before each temporal patch
     stamp_tokens: int = 0  # the tokens those time stamps take
+    marker_tokens: int = 2  # <|vision_start|>/<|vision_end|> tokens (with time stamps: a pair per temporal patch)
     notes: tuple[str, ...] = ()
 
     @classmethod
@@ -104,11 +105,9 @@ class MediaPlan:
 
     @property
     def tokens_with_markers(self) -> int:
-        """The input's tokens in the prompt: <|vision_start|> and <|vision_end|> around it, and with
-        time stamps, a stamp and another pair of markers around each temporal patch."""
-        if self.time_stamps_s is None:
-            return self.visual_tokens + 2
-        return self.visual_tokens + 2 + 2 * len(self.time_stamps_s) + self.stamp_tokens
+        """The input's tokens in the prompt: its visual tokens, the vision markers, and with time
+        stamps (Qwen3-VL video) the stamps' tokens."""
+        return self.visual_tokens + self.marker_tokens + self.stamp_tokens
 
     def to_dict(self) -> dict:
         out = {
@@ -134,6 +133,7 @@ class MediaPlan:
             if self.time_stamps_s is not None:
                 out["time_stamps_s"] = [_round(t) for t in self.time_stamps_s]
                 out["stamp_tokens"] = self.stamp_tokens
+                out["marker_tokens"] = self.marker_tokens
         return out
 
 
