@@ -191,6 +191,8 @@ def drawing_format(path: str) -> str:
     fmt = Image.registered_extensions().get(ext)
     if fmt is None or fmt not in Image.SAVE:
         raise UsageError(f"--draw {path}: name it .png, .jpg or .webp (the extension decides the format)")
+    if Path(path).is_dir():
+        raise UsageError(f"--draw {path}: is a directory; give a file name such as {Path(path) / 'boxes.png'}")
     if Path(path).exists():
         raise UsageError(f"--draw {path}: the file exists; choose a new name")
     if not Path(path).parent.is_dir():

@@ -233,13 +233,15 @@ def test_cli_boxes_with_the_local_model(qvl, family_models, media_dir, tmp_path)
     (["anim.gif", "--boxes", "x"], "--first-frame reads an animation's first frame"),
     (["photo.png", "square.png", "--boxes", "x"], "--boxes finds things in one image, not 2 inputs"),
     (["photo.png", "--boxes", "x", "-p", "where?"], "drop --prompt"),
-    (["photo.png", "--draw", "out.png"], "--draw shows what --boxes found"),
+    (["photo.png", "--draw", "out2.png"], "--draw shows what --boxes found"),
     (["photo.png", "--boxes", "x", "--draw", "out.txt"], "name it .png, .jpg or .webp"),
+    (["photo.png", "--boxes", "x", "--draw", "out.png/"], "is a directory"),
     (["photo.png", "--boxes", "  "], "--boxes needs what to find"),
-    (["photo.png", "--boxes", "x", "--draw", "out.png", "--each"], "--draw writes one picture"),
+    (["photo.png", "--boxes", "x", "--draw", "out2.png", "--each"], "--draw writes one picture"),
 ])
 def test_cli_boxes_usage_errors_before_the_model_loads(qvl, media_dir, tmp_path, args, message):
-    args = [str(media_dir / a) if (media_dir / a).exists() else (str(tmp_path / a) if a.startswith("out.") else a) for a in args]
+    (tmp_path / "out.png").mkdir()  # a directory where "out.png/" asks for a file
+    args = [str(media_dir / a) if (media_dir / a).exists() else (str(tmp_path / a) if a.startswith("out") else a) for a in args]
     r = qvl("describe", *args, "--model", str(tmp_path / "no-model-here"))
     assert r.exit_code == 2, r.stderr
     assert message in r.stderr and r.stderr.count("\n") == 1 and r.stdout == ""
