@@ -153,12 +153,20 @@ class LocalBackend:
         ]
         return Prepared(tuple(plans), tuple(loaded), self.runner.prompt_text(typed), media_s)
 
-    def generate(self, batch: list[Prepared], gen: GenerationOptions, on_text=None, cancels=None) -> list[Result]:
-        """One batch through the model. `on_text` streams the answer of a batch of one; setting a
-        row's event in `cancels` stops that row (its client went away)."""
+    @property
+    def streams_batches(self) -> bool:
+        """Whether `generate` streams every row of a batch (`on_texts`), or only a batch of one."""
+        return self.runner.streams_batches
+
+    def generate(self, batch: list[Prepared], gen: GenerationOptions, on_text=None, cancels=None, on_texts=None) -> list[Result]:
+        """One batch through the model. `on_text` streams the answer of a batch of one; `on_texts`
+        (where `streams_batches`) one callback per row, None for a row that is not streamed;
+        setting a row's event in `cancels` stops that row (its client went away)."""
         from qwen2vl_cli.runner import peak_memory_bytes
 
         self._ready()
+        if on_texts is not None and len(batch) == 1:
+            on_text, on_texts = on_texts[0], None
         if on_text is not None:
             [one] = batch
             start = time.perf_counter()
@@ -166,7 +174,7 @@ class LocalBackend:
             inputs_s = time.perf_counter() - start
             gens = [replace(self.runner.generate(inputs, gen, on_text=on_text, cancel=cancels[0] if cancels else None), inputs_s=inputs_s)]
         else:
-            gens = self.runner.generate_batch([p.text for p in batch], [list(p.loaded) for p in batch], gen, cancels=cancels)
+            gens = self.runner.generate_batch([p.text for p in batch], [list(p.loaded) for p in batch], gen, cancels=cancels, on_texts=on_texts)
         peak = peak_memory_bytes(self.runner.device)
         return [make_result(self.runner, g, p.plans, peak, gen, p.media_s) for p, g in zip(batch, gens)]
 

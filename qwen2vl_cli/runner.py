@@ -287,19 +287,37 @@ class Runner:
         stream.update(list(generation.tokens), final=True)
         return replace(generation, vision_s=clock.seconds())
 
+    @property
+    def streams_batches(self) -> bool:
+        """Whether a batch can stream every row's text (qvl's loop can; transformers' streamer takes one row)."""
+        return self.engine != "hf"
+
     def generate_batch(
-        self, texts: list[str], media: list[list[Loaded]], gen: GenerationOptions, cancels: list[threading.Event] | None = None
+        self, texts: list[str], media: list[list[Loaded]], gen: GenerationOptions, cancels: list[threading.Event] | None = None,
+        on_texts: list[Callable[[str], None] | None] | None = None,
     ) -> list[Generation]:
         """Several prompts in one left-padded batch; greedy results equal one-by-one generation.
-        Setting a row's event in `cancels` ends that row within a chunk of tokens."""
+        Setting a row's event in `cancels` ends that row within a chunk of tokens; `on_texts` streams
+        each row's text to its own callback (None: that row is not streamed), where `streams_batches`."""
         start = time.perf_counter()
         inputs = self.inputs(texts, [m for items in media for m in items])
         inputs_s = time.perf_counter() - start
+        streams = [TextStream(self.processor.tokenizer, f) for f in on_texts] if on_texts and any(on_texts) else None
+        if streams is not None and not self.streams_batches:
+            raise ValueError("transformers' generate streams one row at a time: stream a batch of one")
+
+        def on_tokens(rows: list[list[int]], looped: list[int | None]) -> None:
+            for stream, row, loop_at in zip(streams, rows, looped):
+                stream.update(row[: self._end(row, loop_at)])
+
         with VisionClock(self.model) as clock:
             if self.engine == "hf":
                 generations = self._generate_batch_hf(inputs, len(texts), gen, cancels)
             else:
-                generations = self._generate_engine(inputs.to(self.model.device), gen, None, cancels or [threading.Event() for _ in texts])
+                cancels = cancels or [threading.Event() for _ in texts]
+                generations = self._generate_engine(inputs.to(self.model.device), gen, on_tokens if streams else None, cancels)
+        for stream, generation in zip(streams or (), generations):
+            stream.update(list(generation.tokens), final=True)
         return [replace(g, vision_s=clock.seconds(), inputs_s=inputs_s) for g in generations]
 
     def _eos_ids(self) -> list[int]:

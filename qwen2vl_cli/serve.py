@@ -256,22 +256,24 @@ class Engine:
         while True:  # nothing a request does may end this thread
             try:
                 job = self._next(block=True)
-                if job.stream:
+                if job.stream and not self.session.streams_batches:  # transformers' generate streams one row
                     self._run([job])
                     continue
                 batch, later = [job], []
                 while len(batch) < self.batch_size and (other := self._next(block=False)) is not None:
-                    (batch if not other.stream and other.gen == job.gen else later).append(other)
+                    joins = other.gen == job.gen and (not other.stream or self.session.streams_batches)
+                    (batch if joins else later).append(other)
+                if later:  # back at the head of the line, ahead of new arrivals: the next batch takes them
+                    with self._changed:
+                        self._line.extendleft(reversed(later))
                 self._run(batch)
-                for other in later:  # back in line; they keep their place ahead of new arrivals
-                    self._run([other])
             except BaseException as e:  # noqa: BLE001 - log and serve the next request
                 _log_bug("the engine loop", e)
 
     def _run(self, batch: list[Job]) -> None:
         try:
-            results = self.session.generate([j.prepared for j in batch], batch[0].gen, on_text=batch[0].on_text if batch[0].stream else None,
-                                            cancels=[j.cancel for j in batch])
+            results = self.session.generate([j.prepared for j in batch], batch[0].gen, cancels=[j.cancel for j in batch],
+                                            on_texts=[j.on_text if j.stream else None for j in batch])
         except Exception as e:  # every request of the batch gets the error
             for job in batch:
                 _settle(job.future, error=e)

@@ -199,3 +199,47 @@ def test_client_retries_busy_servers(qvl, media_dir):
 def test_unreachable_endpoint_is_one_line(qvl, media_dir):
     r = qvl("describe", media_dir / "square.png", "--endpoint", "http://127.0.0.1:9/v1")
     assert r.exit_code == 1 and "cannot reach --endpoint http://127.0.0.1:9/v1" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_streaming_requests_are_batched_and_each_streams_its_own_answer(tiny_model, media_dir):
+    """Streams that wait while the model is busy run as one batch; every client gets its own text,
+    chunk by chunk, equal to its answer alone. (The engine is driven in-process; its backend's
+    generate is wrapped to record the batches it is given.)"""
+    import threading
+
+    from qwen2vl_cli.backend import LocalBackend
+    from qwen2vl_cli.serve import Engine, Job
+    from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions
+
+    class Quiet:
+        def stage(self, text):
+            pass
+
+    session = LocalBackend(RuntimeOptions(str(tiny_model), device="cpu", dtype="float32"), Quiet())
+    assert session.streams_batches
+    batches: list[list[bool]] = []
+    generate = session.generate
+
+    def recording(batch, gen, **kwargs):
+        batches.append([f is not None for f in kwargs.get("on_texts") or [kwargs.get("on_text")]])
+        return generate(batch, gen, **kwargs)
+
+    session.generate = recording
+    gen = GenerationOptions(max_new_tokens=16)
+    names = ["photo.png", "square.png", "clip.webm", "anim.gif"]
+    prepared = [session.prepare((str(media_dir / n),), MediaOptions(), gen) for n in names]
+    alone = [generate([p], gen)[0].text for p in prepared]
+
+    engine = Engine(session, batch_size=4, queue_size=16)
+    busy = threading.Event()
+    blocker = Job(prepared[0], GenerationOptions(max_new_tokens=64, min_new_tokens=64), stream=True, on_text=lambda t: busy.set())
+    engine.submit(blocker)
+    assert busy.wait(60)  # the engine is generating: what arrives now waits and is batched
+    chunks: list[list[str]] = [[] for _ in names]
+    jobs = [Job(p, gen, stream=True, on_text=chunks[i].append) for i, p in enumerate(prepared)]
+    futures = [engine.submit(job) for job in jobs]
+    results = [f.result(timeout=120) for f in futures]
+    blocker.future.result(timeout=120)
+    assert [True, True, True, True] in batches  # the four streams went through the model together
+    assert [r.text for r in results] == alone
+    assert ["".join(c) for c in chunks] == alone and any(len(c) > 1 for c in chunks)  # streamed as it came, not at the end
