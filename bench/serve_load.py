@@ -1,8 +1,8 @@
 """`qvl serve` under load: N requests from C clients at once, half of them streaming.
 
-Measures what the hardening costs: the same load against this tree's server and, with --against
-REV, against an earlier commit's server (checked out into a temporary worktree), one after the
-other on this machine. Each server runs the tiny model on the CPU, greedy, fixed token counts.
+The same load against this tree's server and, with --against REV, against an earlier commit's
+server (checked out into a temporary worktree), one after the other on this machine: what a
+change costs or buys under concurrent clients. Each server runs the tiny model on the CPU, greedy, fixed token counts.
 
 Usage: python bench/serve_load.py [--requests 200] [--clients 16] [--tokens 16] [--against REV]
 """
