@@ -195,6 +195,49 @@ def test_a_batch_runs_in_its_bucket_with_filler_rows(tiny_model, media_dir, tmp_
     assert [r["text"] for r in records["compiled"]] == [r["text"] for r in records["static"]]
 
 
+def _teacher_forced_logits(session, inputs, tokens: list[int], kind: str) -> torch.Tensor:
+    """The step's logits for `tokens` fed one after another (the same tokens whatever the step
+    picks), from the same prefill: steps compare position by position."""
+    from qwen2vl_cli import decode
+
+    model, attn = session.runner.model, session.runner.attn
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    rows_n, width = ids.shape
+    length = decode.cache_bucket(width + len(tokens) + 1)
+    cache = decode.static_cache(model, length)
+    with torch.inference_mode():
+        _, deltas = decode.prefill(model, dict(inputs), cache)
+        rows = decode._Rows(
+            attend=torch.cat([mask.bool(), torch.zeros((rows_n, length - width), dtype=torch.bool, device=ids.device)], dim=1),
+            text_position=mask.long().sum(dim=1), rope_deltas=deltas, seen=None,
+            ended=torch.zeros(rows_n, dtype=torch.bool, device=ids.device), step=torch.zeros((), dtype=torch.long, device=ids.device),
+            out=torch.zeros((rows_n, len(tokens)), dtype=torch.long, device=ids.device),
+        )
+        first = torch.full((rows_n,), tokens[0], dtype=torch.long, device=ids.device)
+        one = decode.compiled_step() if kind == "compiled" else decode.decode_one_token
+        step = decode.GraphedStep(model, rows, first, cache, attn) if kind == "graph" else (lambda t: one(model, rows, t, cache, attn))
+        return torch.stack([step(torch.full((rows_n,), t, dtype=torch.long, device=ids.device)).clone() for t in tokens])
+
+
+@pytest.mark.parametrize("device,kind", [("cpu", "compiled")] + [("cuda", k) for k in ("graph", "compiled") if torch.cuda.is_available()])
+def test_compiled_and_graphed_steps_give_the_eager_steps_logits(tiny_model, media_dir, tmp_path, monkeypatch, device, kind):
+    """Teacher forcing: from one prefill, the same tokens through the eager step and through the
+    compiled (or graphed) one give the same logits at every position: float32 on the CPU, bf16 on
+    a GPU (within bf16's rounding)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    dtype = "float32" if device == "cpu" else "bfloat16"
+    session = LocalBackend(RuntimeOptions(str(tiny_model), device=device, dtype=dtype, engine="static"), Quiet())
+    gen = GenerationOptions(max_new_tokens=8)
+    batch = prepared(session, media_dir, ["photo.png", "anim.gif", "square.png"], gen)
+    inputs = session.runner.inputs([p.text for p in batch], [m for p in batch for m in p.loaded]).to(device)
+    tokens = session.runner.processor.tokenizer("The quick brown fox jumps over the lazy dog.")["input_ids"][:12]
+    eager = _teacher_forced_logits(session, inputs, tokens, "eager")
+    other = _teacher_forced_logits(session, inputs, tokens, kind)
+    tolerance = 1e-4 if dtype == "float32" else 2e-2
+    assert (other - eager).abs().max().item() <= tolerance * eager.abs().max().item()
+    assert torch.equal(other.argmax(-1), eager.argmax(-1)) or dtype != "float32"
+
+
 def test_where_inductor_cannot_compile_the_eager_step_runs(qvl, tiny_model, media_dir, tmp_path):
     """No C++ compiler for the CPU (a machine without build tools): the same answer from the eager step."""
     static, _ = _describe(qvl, tiny_model, media_dir, "static")
