@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 
 import torch
 
@@ -63,6 +63,7 @@ class _Rows:
     ended: torch.Tensor  # (B,) bool
     step: torch.Tensor  # () long: tokens generated so far
     out: torch.Tensor  # (B, max_new_tokens) long
+    cache_argument: str = "cache"  # the language model's name for its KV cache, read once (not every step)
 
 
 def unsupported(model) -> str | None:
@@ -128,9 +129,6 @@ def cache_bucket(length: int) -> int:
     return 1024 if length <= 1024 else -(-length // 2048) * 2048
 
 
-_COMPILED: dict = {}
-
-
 def use_compile_cache() -> str:
     """Inductor's on-disk cache under the user's cache directory (unless TORCHINDUCTOR_CACHE_DIR
     names one): the second run of a shape compiles from it in seconds instead of tens of seconds."""
@@ -141,17 +139,21 @@ def use_compile_cache() -> str:
     return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(base / "qvl" / "inductor"))
 
 
+@cache
 def compiled_step() -> Callable:
     """`decode_one_token` compiled by inductor, one per process: its code is specialised per shape
-    (batch, cache length) and kept in inductor's on-disk cache, so a later run starts warm."""
-    if "step" not in _COMPILED:
-        if not debug_enabled():  # the compiler's own warnings (no CUDA toolkit, recompiles) are not the user's business
-            import logging
+    (batch bucket x cache length) and kept in inductor's on-disk cache, so a later run starts warm."""
+    import torch._dynamo.config as dynamo
 
-            for name in ("torch._dynamo", "torch._inductor", "torch.utils.cpp_extension"):
-                logging.getLogger(name).setLevel(logging.ERROR)
-        _COMPILED["step"] = torch.compile(decode_one_token, dynamic=False, fullgraph=True)
-    return _COMPILED["step"]
+    if not debug_enabled():  # the compiler's own warnings (no CUDA toolkit, recompiles) are not the user's business
+        import logging
+
+        for name in ("torch._dynamo", "torch._inductor", "torch.utils.cpp_extension"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    # Past dynamo's default of 8 shapes a step would quietly run eagerly; the buckets make a few dozen at most.
+    limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo, limit, max(getattr(dynamo, limit), 64))
+    return torch.compile(decode_one_token, dynamic=False, fullgraph=True)
 
 
 def prefill(model, inputs: dict, cache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,10 +194,23 @@ def decode_one_token(model, rows: _Rows, tokens: torch.Tensor, cache, attn: str)
     mrope = (rows.text_position[:, None] + rows.rope_deltas)[None].expand(3, -1, -1)  # text: all three sections equal
     mask = _mask(rows.attend, attn, embeds.dtype)
     # A 4D mask is taken as given by every family's text model (Qwen3-VL's takes no per-layer-type dict).
-    hidden = text(inputs_embeds=embeds, position_ids=mrope, attention_mask=mask, use_cache=True,
-                  **{_cache_argument(model): cache})
+    hidden = text(inputs_embeds=embeds, position_ids=mrope, attention_mask=mask, use_cache=True, **{rows.cache_argument: cache})
     rows.text_position += 1
     return model.lm_head(hidden.last_hidden_state[:, -1, :]).float()
+
+
+def _restorer(rows: _Rows, cache) -> Callable[[], None]:
+    """A trial step (compiling, capturing) moves the mask, the positions and the cache lengths on:
+    this puts them back. Its keys and values stay in the slot the next real step overwrites."""
+    saved = (rows.attend.clone(), rows.text_position.clone(), [layer.cumulative_length.clone() for layer in cache.layers])
+
+    def restore() -> None:
+        rows.attend.copy_(saved[0])
+        rows.text_position.copy_(saved[1])
+        for layer, length in zip(cache.layers, saved[2]):
+            layer.cumulative_length.copy_(length)
+
+    return restore
 
 
 class GraphedStep:
@@ -207,14 +222,7 @@ class GraphedStep:
     def __init__(self, model, rows: _Rows, tokens: torch.Tensor, cache, attn: str, step: Callable | None = None):
         step = step or decode_one_token
         self.tokens = tokens.clone()
-        saved = (rows.attend.clone(), rows.text_position.clone(), [layer.cumulative_length.clone() for layer in cache.layers])
-
-        def restore() -> None:  # a warm-up step changes the state: put it back
-            rows.attend.copy_(saved[0])
-            rows.text_position.copy_(saved[1])
-            for layer, length in zip(cache.layers, saved[2]):
-                layer.cumulative_length.copy_(length)
-
+        restore = _restorer(rows, cache)  # each warm-up step changes the state
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         try:
@@ -321,22 +329,22 @@ def generate(
             ended=torch.arange(padded, device=device) >= batch,  # filler rows are over from the start
             step=torch.zeros((), dtype=torch.long, device=device),
             out=torch.full((padded, max_new_tokens), pad_id, dtype=torch.long, device=device),
+            cache_argument=_cache_argument(model),
         )
         tokens = _advance(rows, choose(logits, rows, sampling, eos, generator, 0), eos, pad_id)
-        one_token = decode_one_token
-        compiled_wanted = compiled
+        graphed = graph and device.type == "cuda" and max_new_tokens > 1
+        making = graphed or (compiled and max_new_tokens > 1)  # a step to make before decoding (timed apart)
         setup_start = time.perf_counter()
-        if compiled and max_new_tokens > 1:
+        one_token = decode_one_token
+        if compiled and making:
             one_token, compiled = _compile_or_eager(model, rows, tokens, cache, attn)
         step: Callable[[torch.Tensor], torch.Tensor] = partial(one_token, model, rows, cache=cache, attn=attn)
-        graphed = graph and device.type == "cuda" and max_new_tokens > 1
         if graphed:
             try:
                 step = GraphedStep(model, rows, tokens, cache, attn, one_token)
             except Exception:  # something in the step cannot be captured: run it eagerly
                 graphed = False
-        tried = (compiled_wanted or graph and device.type == "cuda") and max_new_tokens > 1
-        setup = time.perf_counter() - setup_start if tried else 0.0  # spent making the step, even when it failed
+        setup = time.perf_counter() - setup_start if making else 0.0  # spent making the step, even when it failed
         host: list[list[int]] = [[] for _ in range(batch)]
         looped: list[int | None] = [None] * batch
         cancelled: list[int | None] = [None] * batch
@@ -378,7 +386,7 @@ def generate(
 def _compile_or_eager(model, rows: _Rows, tokens: torch.Tensor, cache, attn: str) -> tuple[Callable, bool]:
     """The compiled step, compiled now on a dry run whose changes to the state are undone; the
     eager step where inductor cannot compile it (no C++ compiler for the CPU, an unsupported op)."""
-    saved = (rows.attend.clone(), rows.text_position.clone(), [layer.cumulative_length.clone() for layer in cache.layers])
+    restore = _restorer(rows, cache)
     step = compiled_step()
     try:
         step(model, rows, tokens.clone(), cache, attn)
@@ -389,8 +397,5 @@ def _compile_or_eager(model, rows: _Rows, tokens: torch.Tensor, cache, attn: str
 
             traceback.print_exc()
         ok = False
-    rows.attend.copy_(saved[0])
-    rows.text_position.copy_(saved[1])
-    for layer, length in zip(cache.layers, saved[2]):
-        layer.cumulative_length.copy_(length)
+    restore()
     return (step, True) if ok else (decode_one_token, False)

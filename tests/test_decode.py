@@ -211,7 +211,7 @@ def _teacher_forced_logits(session, inputs, tokens: list[int], kind: str) -> tor
             attend=torch.cat([mask.bool(), torch.zeros((rows_n, length - width), dtype=torch.bool, device=ids.device)], dim=1),
             text_position=mask.long().sum(dim=1), rope_deltas=deltas, seen=None,
             ended=torch.zeros(rows_n, dtype=torch.bool, device=ids.device), step=torch.zeros((), dtype=torch.long, device=ids.device),
-            out=torch.zeros((rows_n, len(tokens)), dtype=torch.long, device=ids.device),
+            out=torch.zeros((rows_n, len(tokens)), dtype=torch.long, device=ids.device), cache_argument=decode._cache_argument(model),
         )
         first = torch.full((rows_n,), tokens[0], dtype=torch.long, device=ids.device)
         one = decode.compiled_step() if kind == "compiled" else decode.decode_one_token
