@@ -274,14 +274,10 @@ class Runner:
                 generation = self._generate_hf(inputs, gen, on_text, cancel)
             return replace(generation, vision_s=clock.seconds())
         stream = TextStream(self.processor.tokenizer, on_text)
-
-        def on_tokens(rows: list[list[int]], looped: list[int | None]) -> None:
-            stream.update(rows[0][: self._end(rows[0], looped[0])])
-
         inputs = inputs.to(self.model.device)
         try:
             with VisionClock(self.model) as clock:
-                [generation] = self._generate_engine(inputs, gen, on_tokens, [cancel or threading.Event()])
+                [generation] = self._generate_engine(inputs, gen, self._streaming([stream]), [cancel or threading.Event()])
         except KeyboardInterrupt:
             raise GenerationInterrupted(stream.sent) from None
         stream.update(list(generation.tokens), final=True)
@@ -302,23 +298,29 @@ class Runner:
         start = time.perf_counter()
         inputs = self.inputs(texts, [m for items in media for m in items])
         inputs_s = time.perf_counter() - start
-        streams = [TextStream(self.processor.tokenizer, f) for f in on_texts] if on_texts and any(on_texts) else None
-        if streams is not None and not self.streams_batches:
+        streams = [TextStream(self.processor.tokenizer, f) if f is not None else None for f in on_texts or ()]
+        if any(streams) and not self.streams_batches:
             raise ValueError("transformers' generate streams one row at a time: stream a batch of one")
-
-        def on_tokens(rows: list[list[int]], looped: list[int | None]) -> None:
-            for stream, row, loop_at in zip(streams, rows, looped):
-                stream.update(row[: self._end(row, loop_at)])
-
         with VisionClock(self.model) as clock:
             if self.engine == "hf":
                 generations = self._generate_batch_hf(inputs, len(texts), gen, cancels)
             else:
                 cancels = cancels or [threading.Event() for _ in texts]
-                generations = self._generate_engine(inputs.to(self.model.device), gen, on_tokens if streams else None, cancels)
-        for stream, generation in zip(streams or (), generations):
-            stream.update(list(generation.tokens), final=True)
+                generations = self._generate_engine(inputs.to(self.model.device), gen, self._streaming(streams) if any(streams) else None, cancels)
+        for stream, generation in zip(streams, generations):
+            if stream is not None:
+                stream.update(list(generation.tokens), final=True)
         return [replace(g, vision_s=clock.seconds(), inputs_s=inputs_s) for g in generations]
+
+    def _streaming(self, streams: list[TextStream | None]) -> Callable[[list[list[int]], list[int | None]], None]:
+        """The engine's per-chunk callback: each streamed row's answer so far to its stream."""
+
+        def on_tokens(rows: list[list[int]], looped: list[int | None]) -> None:
+            for stream, row, loop_at in zip(streams, rows, looped):
+                if stream is not None:
+                    stream.update(row[: self._end(row, loop_at)])
+
+        return on_tokens
 
     def _eos_ids(self) -> list[int]:
         eos = self.model.generation_config.eos_token_id
