@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from qwen2vl_cli.errors import ModelError
@@ -44,10 +44,7 @@ QWEN3_VL = Family(
     VisionSpec(patch_size=16, min_pixels=65536, max_pixels=16777216), "relative1000", json_boxes=True,
     time_stamps=True, video_metadata=True,
 )
-QWEN3_VL_MOE = Family(
-    "Qwen3-VL-MoE", ("qwen3_vl_moe",), "Qwen3VLMoeForConditionalGeneration", QWEN3_VL.spec, "relative1000", json_boxes=True,
-    time_stamps=True, video_metadata=True,
-)
+QWEN3_VL_MOE = replace(QWEN3_VL, name="Qwen3-VL-MoE", model_types=("qwen3_vl_moe",), model_class="Qwen3VLMoeForConditionalGeneration")
 FAMILIES = (QWEN2_VL, QWEN2_5_VL, QWEN3_VL, QWEN3_VL_MOE)
 
 

@@ -76,12 +76,13 @@ def _read_json(answer: str) -> tuple[list[dict], list[str]]:
         objects = data if isinstance(data, list) else [data]
     except ValueError:
         objects = []
-        for match in re.finditer(r"\{[^{}]*\}", text[start:]):
+        matches = list(re.finditer(r"\{[^{}]*\}", text[start:]))
+        for match in matches:
             try:
                 objects.append(json.loads(match.group(0)))
             except ValueError:
                 problems.append(f"unreadable item {_short(match.group(0))}")
-        tail = text[start:][max((m.end() for m in re.finditer(r"\{[^{}]*\}", text[start:])), default=0):]
+        tail = text[start:][matches[-1].end() if matches else 0 :]
         if re.search(r"[{\[]\s*\"", tail) or "bbox_2d" in tail or "point_2d" in tail:
             problems.append(f"the answer ends mid-item ({_short(tail.strip())}): raise --max-new-tokens")
     out = []
@@ -117,7 +118,7 @@ def _read_qwen2(answer: str) -> tuple[list[dict], list[str]]:
         position = match.end()
     problems = []
     rest = answer[position:]
-    if re.search(r"\(\s*-?[\d.]+\s*,\s*-?[\d.]*\s*\)?\s*,?\s*\(?[\d.,\s]*$", rest) and "(" in rest:
+    if re.search(r"\(\s*-?\d[\d.,\s()-]*$", rest):  # numbers in brackets that stop before the box is whole
         problems.append(f"the answer ends mid-box ({_short(rest.strip())}): raise --max-new-tokens")
     return out, problems
 

@@ -14,6 +14,7 @@ from PIL import Image
 
 from qwen2vl_cli import decode, media, sizing
 from qwen2vl_cli.devices import Capabilities
+from qwen2vl_cli.errors import ModelError
 from qwen2vl_cli.families import family_for, time_stamps
 from qwen2vl_cli.messages import build_messages
 from qwen2vl_cli.modelinfo import stamp_counter, vision_spec
@@ -231,7 +232,7 @@ def test_the_family_comes_from_config_not_the_name(family_models, tmp_path, qvl,
     assert r.stdout == ""
     assert r.stderr.strip().count("\n") == 0
     assert "'llava'" in r.stderr and "qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe" in r.stderr
-    with pytest.raises(Exception, match="no model_type"):
+    with pytest.raises(ModelError, match="no model_type"):
         family_for(None)
 
 
