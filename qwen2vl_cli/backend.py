@@ -80,7 +80,7 @@ class LocalBackend:
         r = self.runner
         return f"Loading {r.runtime.model} ({r.device}, {r.dtype}, {r.attn})"
 
-    def _ready(self) -> None:
+    def ready(self) -> None:
         """The weights, once loaded in the background (their load error, if any, surfaces here)."""
         if self._loading is not None:
             if not self._loading.done():
@@ -164,7 +164,7 @@ class LocalBackend:
         setting a row's event in `cancels` stops that row (its client went away)."""
         from qwen2vl_cli.runner import peak_memory_bytes
 
-        self._ready()
+        self.ready()
         if on_texts is not None and len(batch) == 1:
             on_text, on_texts = on_texts[0], None
         if on_text is not None:
@@ -216,7 +216,9 @@ def _generate_or_shrink(backend: LocalBackend, probed, plans, loaded, request: R
 
     def attempt(plans, loaded) -> Result:
         prepared = Prepared(tuple(plans), tuple(loaded), backend.prompt(plans, request.generation), media_s)
-        hooks.stage("Encoding media and reading the prompt")
+        backend.ready()  # its own stage while the weights load; then what the model does first
+        compiling = "; compiling the decode step (the first time for this size)" if backend.runner.engine == "compiled" else ""
+        hooks.stage("Encoding media and reading the prompt" + compiling)
         return backend.generate([prepared], request.generation, on_text=on_text)[0]
 
     try:
