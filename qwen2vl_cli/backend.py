@@ -155,17 +155,25 @@ class LocalBackend:
 
     @property
     def streams_batches(self) -> bool:
-        """Whether `generate` streams every row of a batch (`on_texts`), or only a batch of one."""
+        """Whether `generate` streams every row of a batch (`on_texts`) and takes rows that join a
+        running batch (`admit`), or streams only a batch of one."""
         return self.runner.streams_batches
 
-    def generate(self, batch: list[Prepared], gen: GenerationOptions, on_text=None, cancels=None, on_texts=None) -> list[Result]:
+    def generate(self, batch: list[Prepared], gen: GenerationOptions, on_text=None, cancels=None, on_texts=None, admit=None, on_result=None,
+                 capacity: int = 0) -> list[Result]:
         """One batch through the model. `on_text` streams the answer of a batch of one; `on_texts`
         (where `streams_batches`) one callback per row, None for a row that is not streamed;
-        setting a row's event in `cancels` stops that row (its client went away)."""
+        setting a row's event in `cancels` stops that row (its client went away).
+
+        Continuous batching (where `streams_batches`): the batch runs in `capacity` rows, and as rows
+        end, `admit(free, fits)` hands over at most `free` waiting requests, each with `prepared`,
+        `cancel` and `on_text` (None: not streamed), that pass `fits(prepared)`; they join at the
+        next step. `on_result(row, result or exception)` hears of each row as it ends, the batch's
+        first, then the joined ones in the order they were handed over."""
         from qwen2vl_cli.runner import peak_memory_bytes
 
         self.ready()
-        if on_texts is not None and len(batch) == 1:
+        if on_texts is not None and len(batch) == 1 and admit is None:
             on_text, on_texts = on_texts[0], None
         if on_text is not None:
             [one] = batch
@@ -173,8 +181,30 @@ class LocalBackend:
             inputs = self.runner.inputs(one.text, list(one.loaded))
             inputs_s = time.perf_counter() - start
             gens = [replace(self.runner.generate(inputs, gen, on_text=on_text, cancel=cancels[0] if cancels else None), inputs_s=inputs_s)]
-        else:
-            gens = self.runner.generate_batch([p.text for p in batch], [list(p.loaded) for p in batch], gen, cancels=cancels, on_texts=on_texts)
+            peak = peak_memory_bytes(self.runner.device)
+            return [make_result(self.runner, g, p.plans, peak, gen, p.media_s) for p, g in zip(batch, gens)]
+        prepared = list(batch)  # grows as requests join
+
+        def joining(free: int, fits_width) -> list:
+            built: dict[int, object] = {}
+
+            def fits(p: Prepared) -> bool:
+                inputs = built[id(p)] = self.runner.inputs(p.text, list(p.loaded))
+                return fits_width(int(inputs["input_ids"].shape[1]))
+
+            handed = admit(free, fits)
+            prepared.extend(h.prepared for h in handed)
+            return [(built[id(h.prepared)], h.cancel, h.on_text) for h in handed]
+
+        def result(row: int, generation) -> Result | Exception:
+            if isinstance(generation, Exception):
+                return generation
+            p = prepared[row]
+            return make_result(self.runner, generation, p.plans, peak_memory_bytes(self.runner.device), gen, p.media_s)
+
+        on_done = None if on_result is None else (lambda row, generation: on_result(row, result(row, generation)))
+        gens = self.runner.generate_batch([p.text for p in batch], [list(p.loaded) for p in batch], gen, cancels=cancels, on_texts=on_texts,
+                                          admit=joining if admit is not None else None, on_done=on_done, capacity=capacity)
         peak = peak_memory_bytes(self.runner.device)
         return [make_result(self.runner, g, p.plans, peak, gen, p.media_s) for p, g in zip(batch, gens)]
 

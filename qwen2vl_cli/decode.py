@@ -7,8 +7,12 @@ the next tokens on the device (repetition penalty, minimum length, then greedy o
 `generate` loops, and the host reads the new tokens only every `chunk` steps: to stream them, to
 see which rows ended, and to run the repetition guard, never once a token.
 
-Rows are independent: a row that ended keeps stepping on padding until the batch ends, as in
-transformers' `generate`, whose greedy tokens this loop reproduces (tests/test_decode.py).
+Rows are independent: a row that ended keeps stepping on padding until its slot is taken again
+or the batch ends, as in transformers' `generate`, whose greedy tokens this loop reproduces
+(tests/test_decode.py). Every row is handed back as soon as it ends. Requests join a running batch
+(continuous batching) in the slots ended rows leave: each is prefilled alone and its keys and values
+are copied into its slot's first positions; all rows write their next token at one shared position,
+and each row's mask and M-RoPE position keep it to its own tokens, so it gets the tokens it gets alone.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache, partial
 
 import torch
@@ -37,33 +41,67 @@ class Sampling:
 
 
 @dataclass
-class Decoded:
-    """The raw outcome of one batch: every row's new tokens, and where each row's end was seen."""
+class Outcome:
+    """One row's result: its new tokens (padding after an end), and where the end was seen."""
 
-    tokens: list[list[int]]
-    ended_at: list[int | None]  # tokens up to and including the end-of-sequence token
-    looped_at: list[int | None]  # where the repetition guard stopped the row
-    cancelled_at: list[int | None]  # tokens the row had when its client went away
-    ttft_s: float | None
+    tokens: list[int]
+    ended_at: int | None  # tokens up to and including the end-of-sequence token
+    looped_at: int | None  # where the repetition guard stopped the row
+    cancelled_at: int | None  # tokens the row had when its client went away
+    ttft_s: float | None  # from the start of its prefill (for the first rows: less compiling and capturing)
     decode_tokens_per_s: float | None
+
+
+@dataclass
+class Decoded:
+    """The outcome of one run of the loop: the caller's rows, then any that joined, in the order they joined."""
+
+    rows: list[Outcome | Exception]  # a row that could not join has the exception that stopped it
     steps: int = 0
     graph: bool = False  # the steps were replayed from a CUDA graph
     compiled: bool = False  # the steps ran inductor's code
     setup_s: float = 0.0  # compiling and capturing the step (not counted in ttft_s)
 
 
+@dataclass(frozen=True)
+class Joining:
+    """A request that joins a running batch: one prompt's processor inputs (batch of one, on the device)."""
+
+    inputs: dict
+    cancel: threading.Event
+
+
 @dataclass
 class _Rows:
-    """What the loop keeps on the device for every row."""
+    """What the loop keeps on the device for every slot of the batch."""
 
     attend: torch.Tensor  # (B, L) bool: the cache positions each row may attend to
     text_position: torch.Tensor  # (B,) the next token's text position (padding not counted)
     rope_deltas: torch.Tensor  # (B, 1) M-RoPE offset of text after the media
     seen: torch.Tensor | None  # (B, V + 1) bool: tokens in the row so far, for the repetition penalty
     ended: torch.Tensor  # (B,) bool
-    step: torch.Tensor  # () long: tokens generated so far
-    out: torch.Tensor  # (B, max_new_tokens) long
+    step: torch.Tensor  # () long: tokens chosen so far (columns of `out` written)
+    out: torch.Tensor  # (B, steps) long: the token chosen at each step
     cache_argument: str = "cache"  # the language model's name for its KV cache, read once (not every step)
+    start: torch.Tensor | None = None  # (B,) long: the column of `out` with the slot's row's first token
+
+
+@dataclass
+class _Live:
+    """What the host keeps for a row until it ends."""
+
+    index: int  # the caller's rows first, then joined rows in the order they joined
+    slot: int
+    start: int  # the column of `out` with its first token
+    began: float  # when its prefill started
+    cancel: threading.Event | None
+    tokens: list[int] = field(default_factory=list)
+    looped: int | None = None
+    cancelled: int | None = None
+    first_at: float | None = None
+    first_len: int = 0  # tokens it had at its first read
+    last_at: float | None = None
+    ttft: float | None = None
 
 
 def unsupported(model) -> str | None:
@@ -243,14 +281,16 @@ class GraphedStep:
         return self.logits
 
 
-def choose(logits: torch.Tensor, rows: _Rows, sampling: Sampling, eos: torch.Tensor, generator, index: int) -> torch.Tensor:
-    """Token `index` (0-based) of every row, on the device."""
-    if rows.seen is not None:  # transformers' RepetitionPenaltyLogitsProcessor, as a mask
+def choose(logits: torch.Tensor, seen: torch.Tensor | None, young: torch.Tensor | None, sampling: Sampling, eos: torch.Tensor, generator) -> torch.Tensor:
+    """The next token of every row, on the device. `seen`: the rows' tokens so far (repetition
+    penalty); `young`: the rows still short of the minimum length, which may not end yet."""
+    if seen is not None:  # transformers' RepetitionPenaltyLogitsProcessor, as a mask
         p = sampling.repetition_penalty
         penalized = torch.where(logits < 0, logits * p, logits / p)
-        logits = torch.where(rows.seen[:, : logits.shape[-1]], penalized, logits)
-    if index < sampling.min_new_tokens:  # no end before the minimum
-        logits = logits.index_fill(1, eos, float("-inf"))
+        logits = torch.where(seen[:, : logits.shape[-1]], penalized, logits)
+    if young is not None:  # no end before the minimum
+        ends = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device).index_fill_(0, eos, True)
+        logits = logits.masked_fill(young[:, None] & ends, float("-inf"))
     if sampling.temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits / sampling.temperature
@@ -265,15 +305,46 @@ def choose(logits: torch.Tensor, rows: _Rows, sampling: Sampling, eos: torch.Ten
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
 
-def _advance(rows: _Rows, chosen: torch.Tensor, eos: torch.Tensor, pad: int) -> torch.Tensor:
-    """Record the chosen tokens; a row that ended gets padding from then on."""
+def _advance(rows: _Rows, chosen: torch.Tensor, eos: torch.Tensor, pad: int, max_new_tokens: int) -> torch.Tensor:
+    """Record the chosen tokens; a row that ended (its end token, or all its tokens) gets padding from then on."""
     chosen = torch.where(rows.ended, torch.full_like(chosen, pad), chosen)
     rows.out.index_copy_(1, rows.step.view(1), chosen[:, None])
     rows.ended |= torch.isin(chosen, eos)
     if rows.seen is not None:
         rows.seen.scatter_(1, chosen[:, None], True)
     rows.step += 1
+    rows.ended |= rows.step - rows.start >= max_new_tokens
     return chosen
+
+
+def _join(model, rows: _Rows, cache, slot: int, inputs: dict) -> torch.Tensor:
+    """One prompt prefilled alone, then moved into `slot` of the running batch: its keys and values
+    at the slot's first positions (the others' next write is past them), its positions, its mask.
+    Every change is in place, so a captured or compiled step goes on as it was. Returns its last logits."""
+    ids = inputs["input_ids"]
+    width = ids.shape[1]
+    own = static_cache(model, width)
+    logits, deltas = prefill(model, inputs, own)
+    for layer, alone in zip(cache.layers, own.layers):
+        layer.keys[slot, :, :width].copy_(alone.keys[0])
+        layer.values[slot, :, :width].copy_(alone.values[0])
+    rows.attend[slot].fill_(False)
+    rows.attend[slot, :width].fill_(True)
+    rows.text_position[slot] = width
+    rows.rope_deltas[slot] = deltas[0]
+    if rows.seen is not None:
+        rows.seen[slot].fill_(False)
+        rows.seen[slot].scatter_(0, ids[0].clamp(max=rows.seen.shape[1] - 1), True)
+    rows.ended[slot] = False
+    rows.start[slot] = rows.step - 1  # its first token takes the last column written (padding in an ended slot)
+    return logits
+
+
+def can_join(cache) -> bool:
+    """Rows join a running batch where every cache layer is a plain static one (no sliding window)."""
+    from transformers.cache_utils import StaticLayer
+
+    return all(type(layer) is StaticLayer for layer in cache.layers)
 
 
 def generate(
@@ -285,24 +356,38 @@ def generate(
     pad_id: int,
     attn: str,
     chunk: int = 8,
-    on_tokens: Callable[[list[list[int]], list[int | None]], None] | None = None,
+    on_tokens: Callable[[list[tuple[int, list[int], int | None]]], None] | None = None,
     guard: Callable[[int, list[int]], int | None] | None = None,
     cancels: list[threading.Event] | None = None,
     graph: bool = False,
     compiled: bool = False,
+    capacity: int = 0,
+    admit: Callable[[int, Callable[[int], bool]], list[Joining]] | None = None,
+    on_row: Callable[[int, Outcome | Exception], None] | None = None,
+    on_ready: Callable[[bool, bool, float], None] | None = None,
 ) -> Decoded:
     """Generate for a left-padded batch. Every `chunk` steps the host reads the new tokens:
-    `guard(row, tokens)` says where a row loops (it is stopped there), `on_tokens(rows, looped)`
-    sees every row's tokens so far, and a row whose event in `cancels` is set is stopped.
+    `guard(row, tokens)` says where a row loops (it is stopped there), `on_tokens` gets
+    (row, tokens so far, looped at) of every row that moved, and a row whose event in `cancels`
+    is set is stopped. `on_row(row, outcome)` hears of each row as soon as it ends.
     `graph`: on CUDA, replay the step as a CUDA graph (Decoded.graph says whether it was).
-    `compiled`: the step is inductor's (Decoded.compiled says whether it could be)."""
+    `compiled`: the step is inductor's (Decoded.compiled says whether it could be). `on_ready(graph,
+    compiled, seconds)` hears how the step was made before any row ends.
+
+    Continuous batching: with `admit`, the batch has `capacity` slots (filler rows where no
+    request is) and a cache twice the first rows' prompt and answer; at each read, `admit(free,
+    fits)` may hand over up to `free` requests whose prompt width passes `fits`, and each joins
+    at the next step. Joined rows are numbered after the caller's; one that fails to join (out of
+    memory in its prefill) is reported to `on_row` with the exception, and the others go on."""
     batch = inputs["input_ids"].shape[0]  # the caller's rows; a compiled or captured step may run more
+    slots = max(batch, capacity) if admit is not None else batch
     if graph or compiled:
-        inputs = _pad_rows(inputs, batch_bucket(batch), pad_id)
+        slots = batch_bucket(slots)
+    inputs = _pad_rows(inputs, slots, pad_id)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     width = ids.shape[1]
     device = ids.device
-    length = width + max_new_tokens
+    length = (width + max_new_tokens) * (2 if admit is not None else 1)  # room for rows that join, some wider
     length = cache_bucket(length) if graph or compiled else length
     cache = static_cache(model, length)
     eos = torch.tensor(eos_ids, device=device)
@@ -314,24 +399,34 @@ def generate(
     seen = None
     if sampling.repetition_penalty is not None and sampling.repetition_penalty != 1.0:
         vocab = model.lm_head.out_features
-        seen = torch.zeros((ids.shape[0], vocab + 1), dtype=torch.bool, device=device)
+        seen = torch.zeros((slots, vocab + 1), dtype=torch.bool, device=device)
         seen.scatter_(1, ids.clamp(max=vocab), True)
 
+    def young() -> torch.Tensor | None:
+        """The rows that may not end yet, where the minimum length is still in force for any row."""
+        if not sampling.min_new_tokens or all(done - r.start >= sampling.min_new_tokens for r in live):
+            return None
+        return rows.step - rows.start < sampling.min_new_tokens
+
     start = time.perf_counter()
+    live = [_Live(index=r, slot=r, start=0, began=start, cancel=cancels[r] if cancels else None) for r in range(batch)]
+    outcomes: list = [None] * batch  # an Outcome per row once it ends (or the exception that kept it from joining)
+    done = 0
     with torch.inference_mode():
         logits, deltas = prefill(model, inputs, cache)
-        padded = ids.shape[0]
         rows = _Rows(
-            attend=torch.cat([mask.bool(), torch.zeros((padded, length - width), dtype=torch.bool, device=device)], dim=1),
+            attend=torch.cat([mask.bool(), torch.zeros((slots, length - width), dtype=torch.bool, device=device)], dim=1),
             text_position=mask.long().sum(dim=1),
             rope_deltas=deltas,
             seen=seen,
-            ended=torch.arange(padded, device=device) >= batch,  # filler rows are over from the start
+            ended=torch.arange(slots, device=device) >= batch,  # filler rows are over from the start
             step=torch.zeros((), dtype=torch.long, device=device),
-            out=torch.full((padded, max_new_tokens), pad_id, dtype=torch.long, device=device),
+            out=torch.full((slots, length - width + 1), pad_id, dtype=torch.long, device=device),
             cache_argument=_cache_argument(model),
+            start=torch.zeros(slots, dtype=torch.long, device=device),
         )
-        tokens = _advance(rows, choose(logits, rows, sampling, eos, generator, 0), eos, pad_id)
+        tokens = _advance(rows, choose(logits, rows.seen, young(), sampling, eos, generator), eos, pad_id, max_new_tokens)
+        done = 1
         graphed = graph and device.type == "cuda" and max_new_tokens > 1
         making = graphed or (compiled and max_new_tokens > 1)  # a step to make before decoding (timed apart)
         setup_start = time.perf_counter()
@@ -345,42 +440,115 @@ def generate(
             except Exception:  # something in the step cannot be captured: run it eagerly
                 graphed = False
         setup = time.perf_counter() - setup_start if making else 0.0  # spent making the step, even when it failed
-        host: list[list[int]] = [[] for _ in range(batch)]
-        looped: list[int | None] = [None] * batch
-        cancelled: list[int | None] = [None] * batch
-        ttft = first_at = last_at = None
-        done = 1
+        if on_ready is not None:
+            on_ready(graphed, compiled, setup)
+        for r in live:
+            r.began += setup  # the first rows' time to first token leaves the making of the step out
+        free = list(range(batch, slots))
+        position = width  # where the next step writes, in every slot
+        joinable = admit is not None and can_join(cache)
         while True:
-            if done % chunk == 0 or done == max_new_tokens or done == 1:
-                new = rows.out[:batch, len(host[0]) : done].tolist()  # the one read from the device per chunk
-                now = time.perf_counter()
-                if ttft is None:
-                    ttft, first_at = now - start - setup, now
-                last_at = now
-                for row, extra in zip(host, new):
-                    row.extend(extra)
-                stop_rows = []
-                for r in range(batch):
-                    if cancels is not None and cancelled[r] is None and cancels[r].is_set():
-                        cancelled[r] = len(host[r])
-                        stop_rows.append(r)
-                if guard is not None:
-                    for r in range(batch):
-                        if looped[r] is None and (at := guard(r, host[r])) is not None:
-                            looped[r] = at
-                            stop_rows.append(r)
-                if stop_rows:
-                    rows.ended[stop_rows] = True
-                if on_tokens is not None:
-                    on_tokens(host, looped)
-                if done == max_new_tokens or bool(rows.ended.all()):
+            if done % chunk == 0 or done == 1 or any(done == r.start + max_new_tokens for r in live):
+                ended = _read(rows, live, done, guard, on_tokens)
+                for r in [r for r in live if ended[r.slot] or r.looped is not None or r.cancelled is not None]:
+                    live.remove(r)
+                    free.append(r.slot)
+                    outcomes[r.index] = _outcome(r, done, eos_ids, max_new_tokens)
+                    if on_row is not None:
+                        on_row(r.index, outcomes[r.index])
+                if joinable and free and position + max_new_tokens <= length:
+
+                    def fits(w: int) -> bool:
+                        return max(position, w) + max_new_tokens <= length
+
+                    for joining in admit(len(free), fits):
+                        outcomes.append(None)
+                        slot = free.pop()
+                        try:
+                            position, joined = _take(model, rows, cache, slot, joining, fits, position, done, max_new_tokens, sampling, eos, generator)
+                        except Exception as e:  # noqa: BLE001 - this request's failure (out of memory in its prefill), not the batch's
+                            free.append(slot)
+                            outcomes[-1] = e
+                            if on_row is not None:
+                                on_row(len(outcomes) - 1, e)
+                            continue
+                        joined.index = len(outcomes) - 1
+                        tokens[slot] = joined.tokens[0]
+                        live.append(joined)
+                        if on_tokens is not None:
+                            on_tokens([(joined.index, joined.tokens, None)])
+                if not live:
                     break
+            if position >= length:  # every row's room was checked when it started: a bug if reached
+                raise RuntimeError(f"the decode loop ran past its cache ({length} positions)")
             logits = step(tokens)
-            tokens = _advance(rows, choose(logits, rows, sampling, eos, generator, done), eos, pad_id)
+            tokens = _advance(rows, choose(logits, rows.seen, young(), sampling, eos, generator), eos, pad_id, max_new_tokens)
             done += 1
-    ended_at = [next((i + 1 for i, t in enumerate(row) if t in eos_ids), None) for row in host]
-    rate = (done - 1) / (last_at - first_at) if done > 1 and last_at > first_at else None
-    return Decoded(host, ended_at, looped, cancelled, ttft, rate, done, graphed, compiled, setup)
+            position += 1
+    return Decoded(outcomes, done, graphed, compiled, setup)
+
+
+def _read(rows: _Rows, live: list[_Live], done: int, guard, on_tokens) -> list[bool]:
+    """The one read from the device per chunk: each live row's new tokens, and which slots ended.
+    A row whose client went away, or that loops, is stopped here."""
+    low = min((r.start + len(r.tokens) for r in live), default=done)
+    new = rows.out[:, low:done].tolist()
+    ended = rows.ended.tolist()
+    now = time.perf_counter()
+    moved, stop = [], []
+    for r in live:
+        got = new[r.slot][r.start + len(r.tokens) - low :]
+        if got:
+            r.tokens.extend(got)
+            moved.append(r)
+            if r.first_at is None:
+                r.first_at, r.first_len, r.ttft = now, len(r.tokens), now - r.began
+        r.last_at = now
+        if r.cancel is not None and r.cancelled is None and r.cancel.is_set():
+            r.cancelled = len(r.tokens)
+            stop.append(r.slot)
+        if guard is not None and r.looped is None and (at := guard(r.index, r.tokens)) is not None:
+            r.looped = at
+            stop.append(r.slot)
+    if stop:
+        rows.ended[stop] = True
+    if on_tokens is not None and moved:
+        on_tokens([(r.index, r.tokens, r.looped) for r in moved])
+    return ended
+
+
+def _outcome(r: _Live, done: int, eos_ids: list[int], max_new_tokens: int) -> Outcome:
+    tokens = r.tokens[:max_new_tokens]
+    ended_at = next((i + 1 for i, t in enumerate(tokens) if t in eos_ids), None)
+    steps = done - r.start - r.first_len  # steps run from its first read to its last
+    rate = steps / (r.last_at - r.first_at) if steps > 0 and r.first_at is not None and r.last_at > r.first_at else None
+    return Outcome(tokens, ended_at, r.looped, r.cancelled, r.ttft, rate)
+
+
+def _take(model, rows: _Rows, cache, slot: int, joining: Joining, fits, position: int, done: int, max_new_tokens: int, sampling: Sampling, eos,
+          generator):
+    """A request joins the batch in `slot`: room made (the shared write position moves past a prompt
+    wider than it), its prefill, its first token chosen and read. Returns the write position and the row."""
+    width = joining.inputs["input_ids"].shape[0] == 1 and joining.inputs["input_ids"].shape[1]
+    if not width or not fits(width):
+        raise ValueError("a request joins a running batch alone, with room for its answer")
+    if width > position:  # every row's next write goes past its prompt; the gap stays masked
+        for layer in cache.layers:
+            layer.cumulative_length.fill_(width)
+        position = width
+    began = time.perf_counter()
+    logits = _join(model, rows, cache, slot, joining.inputs)
+    young = torch.ones(1, dtype=torch.bool, device=logits.device) if sampling.min_new_tokens else None
+    first = choose(logits, None if rows.seen is None else rows.seen[slot : slot + 1], young, sampling, eos, generator)
+    rows.out[slot, done - 1] = first[0]
+    if rows.seen is not None:
+        rows.seen[slot, first[0]] = True
+    rows.ended[slot] = torch.isin(first, eos)[0] | (max_new_tokens <= 1)
+    value = int(first[0])  # read at once: its time to first token does not wait for the chunk
+    row = _Live(index=-1, slot=slot, start=done - 1, began=began, cancel=joining.cancel, tokens=[value])
+    row.first_at = row.last_at = time.perf_counter()
+    row.first_len, row.ttft = 1, row.first_at - began
+    return position, row
 
 
 def _compile_or_eager(model, rows: _Rows, tokens: torch.Tensor, cache, attn: str) -> tuple[Callable, bool]:

@@ -277,10 +277,9 @@ class Runner:
         inputs = inputs.to(self.model.device)
         try:
             with VisionClock(self.model) as clock:
-                [generation] = self._generate_engine(inputs, gen, self._streaming([stream]), [cancel or threading.Event()])
+                [generation] = self._generate_engine(inputs, gen, [stream], [cancel or threading.Event()])
         except KeyboardInterrupt:
             raise GenerationInterrupted(stream.sent) from None
-        stream.update(list(generation.tokens), final=True)
         return replace(generation, vision_s=clock.seconds())
 
     @property
@@ -290,37 +289,32 @@ class Runner:
 
     def generate_batch(
         self, texts: list[str], media: list[list[Loaded]], gen: GenerationOptions, cancels: list[threading.Event] | None = None,
-        on_texts: list[Callable[[str], None] | None] | None = None,
+        on_texts: list[Callable[[str], None] | None] | None = None, admit=None, on_done=None, capacity: int = 0,
     ) -> list[Generation]:
         """Several prompts in one left-padded batch; greedy results equal one-by-one generation.
         Setting a row's event in `cancels` ends that row within a chunk of tokens; `on_texts` streams
-        each row's text to its own callback (None: that row is not streamed), where `streams_batches`."""
+        each row's text to its own callback (None: that row is not streamed), where `streams_batches`.
+
+        Continuous batching (where `streams_batches`): with `admit(free, fits)`, requests join the
+        running batch of `capacity` rows as others end; it returns (inputs, cancel, on_text) of at
+        most `free` prompts whose width passes `fits`. `on_done(row, generation or exception)` hears
+        of each row as it ends, the joined ones numbered after the batch's."""
         start = time.perf_counter()
         inputs = self.inputs(texts, [m for items in media for m in items])
         inputs_s = time.perf_counter() - start
-        streams = [TextStream(self.processor.tokenizer, f) if f is not None else None for f in on_texts or ()]
-        if any(streams) and not self.streams_batches:
-            raise ValueError("transformers' generate streams one row at a time: stream a batch of one")
+        streams = [TextStream(self.processor.tokenizer, f) if f is not None else None for f in on_texts or [None] * len(texts)]
+        if (any(streams) or admit is not None) and not self.streams_batches:
+            raise ValueError("transformers' generate streams one row at a time and takes no joining rows: stream a batch of one")
         with VisionClock(self.model) as clock:
             if self.engine == "hf":
-                generations = self._generate_batch_hf(inputs, len(texts), gen, cancels)
+                generations = [replace(g, inputs_s=inputs_s) for g in self._generate_batch_hf(inputs, len(texts), gen, cancels)]
+                if on_done is not None:
+                    for row, generation in enumerate(generations):
+                        on_done(row, generation)
             else:
                 cancels = cancels or [threading.Event() for _ in texts]
-                generations = self._generate_engine(inputs.to(self.model.device), gen, self._streaming(streams) if any(streams) else None, cancels)
-        for stream, generation in zip(streams, generations):
-            if stream is not None:
-                stream.update(list(generation.tokens), final=True)
-        return [replace(g, vision_s=clock.seconds(), inputs_s=inputs_s) for g in generations]
-
-    def _streaming(self, streams: list[TextStream | None]) -> Callable[[list[list[int]], list[int | None]], None]:
-        """The engine's per-chunk callback: each streamed row's answer so far to its stream."""
-
-        def on_tokens(rows: list[list[int]], looped: list[int | None]) -> None:
-            for stream, row, loop_at in zip(streams, rows, looped):
-                if stream is not None:
-                    stream.update(row[: self._end(row, loop_at)])
-
-        return on_tokens
+                generations = self._generate_engine(inputs.to(self.model.device), gen, streams, cancels, admit, on_done, capacity, inputs_s)
+        return [replace(g, vision_s=clock.seconds()) for g in generations]
 
     def _eos_ids(self) -> list[int]:
         eos = self.model.generation_config.eos_token_id
@@ -332,8 +326,12 @@ class Runner:
         end = next((i + 1 for i, t in enumerate(tokens) if t in eos), len(tokens))
         return min(end, looped) if looped is not None else end
 
-    def _generate_engine(self, inputs, gen: GenerationOptions, on_tokens, cancels: list[threading.Event]) -> list[Generation]:
-        """decode.py's loop over a static cache, then one Generation per row."""
+    def _generate_engine(
+        self, inputs, gen: GenerationOptions, streams: list, cancels: list[threading.Event], admit=None, on_done=None, capacity: int = 0,
+        inputs_s: float = 0.0,
+    ) -> list[Generation]:
+        """decode.py's loop over a static cache; one Generation per row of `inputs` (and, through
+        `on_done`, one for each row that joined)."""
         from qwen2vl_cli import decode
 
         config = self.model.generation_config
@@ -348,26 +346,65 @@ class Runner:
         )
         eos = self._eos_ids()
         pad = config.pad_token_id if config.pad_token_id is not None else eos[0]
-        out = decode.generate(
+        streams = list(streams)
+        batch = inputs["input_ids"].shape[0]
+        prompts = [self._prompt_counts(inputs, row) for row in range(batch)]  # grows as rows join
+
+        def on_tokens(moved: list[tuple[int, list[int], int | None]]) -> None:
+            for row, tokens, looped in moved:
+                if streams[row] is not None:
+                    streams[row].update(tokens[: self._end(tokens, looped)])
+
+        def joining(free: int, fits) -> list:
+            out = []
+            for row_inputs, cancel, on_text in admit(free, fits):
+                row_inputs = row_inputs.to(self.model.device)
+                prompts.append(self._prompt_counts(row_inputs, 0))
+                streams.append(TextStream(self.processor.tokenizer, on_text) if on_text is not None else None)
+                out.append(decode.Joining(dict(row_inputs), cancel))
+            return out
+
+        made: list = []  # how the step was made, once it is: (graph, compiled, seconds)
+
+        def generation(row: int, outcome: decode.Outcome) -> Generation:
+            tokens = outcome.tokens[: outcome.cancelled_at]  # a row whose client left ends where it was stopped
+            g = self._generation(tokens, *prompts[row], outcome.ttft_s, outcome.decode_tokens_per_s, outcome.looped_at)
+            if streams[row] is not None:
+                streams[row].update(list(g.tokens), final=True)
+            graph, compiled, setup_s = made[0] if made else (False, False, 0.0)
+            return replace(
+                g,
+                engine="compiled" if compiled else "graph" if graph else "static",  # a step that could not be made ran eagerly
+                compile_s=setup_s if self.engine in ("compiled", "graph") else None,
+                inputs_s=inputs_s if row < batch else 0.0,
+            )
+
+        finished: dict[int, Generation] = {}
+
+        def on_row(row: int, outcome) -> None:
+            if not isinstance(outcome, Exception):
+                outcome = finished[row] = generation(row, outcome)
+            if on_done is not None:
+                on_done(row, outcome)
+
+        decode.generate(
             self.model, dict(inputs), gen.max_new_tokens, sampling, eos, pad, self.attn,
-            on_tokens=on_tokens, guard=LoopFinder() if gen.repeat_guard else None, cancels=cancels,
-            graph=self.engine == "graph" or (self.engine == "compiled" and self.device == "cuda"), compiled=self.engine == "compiled",
+            on_tokens=on_tokens if any(streams) or admit is not None else None, guard=LoopFinder() if gen.repeat_guard else None,
+            cancels=cancels, graph=self.engine == "graph" or (self.engine == "compiled" and self.device == "cuda"),
+            compiled=self.engine == "compiled", capacity=capacity, admit=joining if admit is not None else None,
+            on_row=on_row, on_ready=lambda *how: made.append(how),
         )
-        # What ran: a step that could not be compiled or captured ran eagerly ("static").
-        engine = "compiled" if out.compiled else "graph" if out.graph else "static"
         if self.device == "cuda":
             import torch
 
             torch.cuda.synchronize()
-        config_ids = self.model.config
-        generations = []
-        for row, tokens in enumerate(out.tokens):
-            tokens = tokens[: out.cancelled_at[row]]  # a row whose client left ends where it was stopped
-            ids = inputs["input_ids"][row][inputs["attention_mask"][row].bool()]
-            visual = int(((ids == config_ids.image_token_id) | (ids == config_ids.video_token_id)).sum())
-            generation = self._generation(tokens, int(ids.shape[0]), visual, out.ttft_s, out.decode_tokens_per_s, out.looped_at[row])
-            generations.append(replace(generation, engine=engine, compile_s=out.setup_s if self.engine in ("compiled", "graph") else None))
-        return generations
+        return [finished[row] for row in range(batch)]
+
+    def _prompt_counts(self, inputs, row: int) -> tuple[int, int]:
+        """A row's prompt tokens (padding left out) and how many of them are visual."""
+        config = self.model.config
+        ids = inputs["input_ids"][row][inputs["attention_mask"][row].bool()]
+        return int(ids.shape[0]), int(((ids == config.image_token_id) | (ids == config.video_token_id)).sum())
 
     def _generate_hf(self, inputs, gen: GenerationOptions, on_text, cancel) -> Generation:
         """transformers' `generate` (--engine hf): the reference, streamed from a worker thread."""

@@ -7,8 +7,9 @@ with size and time limits). Media are fetched and decoded on a small pool of its
 sources cannot take the threads others need. Prepared requests wait in a bounded queue (full:
 503 with Retry-After, decided before any stream starts); one worker thread owns the model and
 takes what is waiting, up to the batch size, as one batch of requests with the same sampling
-settings (a streaming request runs alone). A client that goes away stops its row at the next
-token. This module needs the `serve` extra (FastAPI, uvicorn); the CLI imports it only for
+settings; requests that arrive while it runs join it as its rows end (continuous batching), and
+each answer goes back as soon as its row ends. A client that goes away stops its row within a
+few tokens. This module needs the `serve` extra (FastAPI, uvicorn); the CLI imports it only for
 `qvl serve`.
 """
 
@@ -271,11 +272,42 @@ class Engine:
                 _log_bug("the engine loop", e)
 
     def _run(self, batch: list[Job]) -> None:
+        """A batch through the model. Where the engine takes joining rows, waiting requests with the
+        same settings join it as its rows end (continuous batching), and each answer is handed over
+        as soon as its row ends."""
+        jobs = list(batch)  # the batch's, then those that joined it
+        gen = batch[0].gen
+        passed_over: set[int] = set()  # too wide for the room left in this batch: they start the next one
+
+        def admit(free: int, fits) -> list[Job]:
+            with self._changed:
+                self._drop_cancelled()
+                taken = [j for j in self._line if j.gen == gen and id(j) not in passed_over][:free]
+                for job in taken:
+                    self._line.remove(job)
+            back = [j for j in taken if not fits(j.prepared)]
+            if back:
+                passed_over.update(map(id, back))
+                with self._changed:
+                    self._line.extendleft(reversed(back))
+            joined = [j for j in taken if j not in back]
+            jobs.extend(joined)
+            return joined
+
+        def on_result(row: int, outcome) -> None:
+            if isinstance(outcome, Exception):
+                _settle(jobs[row].future, error=outcome)
+            else:
+                _settle(jobs[row].future, outcome)
+
+        continuous = self.batch_size > 1 and self.session.streams_batches
         try:
-            results = self.session.generate([j.prepared for j in batch], batch[0].gen, cancels=[j.cancel for j in batch],
-                                            on_texts=[j.on_text if j.stream else None for j in batch])
-        except Exception as e:  # every request of the batch gets the error
-            for job in batch:
+            results = self.session.generate([j.prepared for j in batch], gen, cancels=[j.cancel for j in batch],
+                                            on_texts=[j.on_text if j.stream else None for j in batch],
+                                            admit=admit if continuous else None, on_result=on_result if continuous else None,
+                                            capacity=self.batch_size)
+        except Exception as e:  # every request of the batch, and every one that joined it, gets the error
+            for job in jobs:
                 _settle(job.future, error=e)
             return
         for job, result in zip(batch, results):

@@ -280,3 +280,55 @@ def sessions_model(tiny_model):
     from transformers import Qwen2VLForConditionalGeneration
 
     return Qwen2VLForConditionalGeneration.from_pretrained(tiny_model)
+
+
+def _continuous(session, first, arrivals, gen, capacity):
+    """`first` runs as a batch of `capacity` rows; each arrival is handed over at the first read
+    with a free slot and room (in order). Returns every row's generation by row number, and the
+    number of steps the first row had taken when each arrival joined."""
+    runner = session.runner
+    waiting = list(arrivals)
+    done: dict[int, object] = {}
+    joined_while: list[int] = []
+
+    def admit(free, fits):
+        handed = []
+        while waiting and len(handed) < free:
+            inputs = runner.inputs(waiting[0].text, list(waiting[0].loaded))
+            if not fits(int(inputs["input_ids"].shape[1])):
+                break
+            handed.append((inputs, threading.Event(), None))
+            joined_while.append(len(done))
+            waiting.pop(0)
+        return handed
+
+    out = runner.generate_batch([p.text for p in first], [list(p.loaded) for p in first], gen, admit=admit,
+                                on_done=lambda row, g: done.setdefault(row, g), capacity=capacity)
+    assert not waiting, "an arrival never joined"
+    assert [done[row].tokens for row in range(len(first))] == [g.tokens for g in out]
+    return done, joined_while
+
+
+@pytest.mark.parametrize("gen", [GenerationOptions(max_new_tokens=40), GenerationOptions(max_new_tokens=30, repetition_penalty=1.3, min_new_tokens=12)],
+                         ids=["greedy", "penalty and minimum"])
+@pytest.mark.parametrize("first,arrivals", [(["square.png"], ["photo.png"]), (["clip.mp4"], ["photo.png", "square.png", "anim.gif"])],
+                         ids=["wider than the batch", "into freed slots"])
+def test_requests_that_join_a_running_batch_get_their_answers_alone(sessions, media_dir, gen, first, arrivals):
+    """Continuous batching: rows that join mid-decode get exactly the tokens they get alone, and so
+    do the rows they join: a prompt wider than the running batch's (the shared write position moves
+    on past it), and more arrivals than free slots (they take the slots finished rows leave)."""
+    session = sessions["static"]
+    names = first + arrivals
+    alone = [session.runner.generate_batch([p.text], [list(p.loaded)], gen)[0] for p in prepared(session, media_dir, names, gen)]
+    batch = prepared(session, media_dir, names, gen)
+    done, joined_while = _continuous(session, batch[: len(first)], batch[len(first) :], gen, capacity=2)
+    rows = range(len(names))
+    assert sorted(done) == list(rows)
+    assert [done[row].tokens for row in rows] == [a.tokens for a in alone]
+    assert [done[row].prompt_tokens for row in rows] == [a.prompt_tokens for a in alone]
+    assert joined_while[0] == 0  # the first arrival joined while the first row ran
+    if first == ["square.png"]:
+        assert alone[1].prompt_tokens > alone[0].prompt_tokens  # the photo's prompt is wider than the square's
+    else:
+        assert joined_while[-1] > 0  # the last arrival waited for a slot to free
+    assert all(done[row].ttft_s is not None and done[row].ttft_s > 0 for row in rows)

@@ -243,3 +243,50 @@ def test_streaming_requests_are_batched_and_each_streams_its_own_answer(tiny_mod
     assert [True, True, True, True] in batches  # the four streams went through the model together
     assert [r.text for r in results] == alone
     assert ["".join(c) for c in chunks] == alone and any(len(c) > 1 for c in chunks)  # streamed as it came, not at the end
+
+
+def test_requests_that_arrive_while_a_batch_runs_join_it(tiny_model, media_dir):
+    """Continuous batching in the engine: requests with the running batch's settings that arrive
+    while it decodes join it (no second batch runs), each gets its answer alone, streamed or not,
+    and each answer is handed over when its own row ends: the first request's before the others'."""
+    import threading
+
+    from qwen2vl_cli.backend import LocalBackend
+    from qwen2vl_cli.serve import Engine, Job
+    from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions
+
+    class Quiet:
+        def stage(self, text):
+            pass
+
+    session = LocalBackend(RuntimeOptions(str(tiny_model), device="cpu", dtype="float32"), Quiet())
+    batches: list[int] = []
+    generate = session.generate
+
+    def recording(batch, gen, **kwargs):
+        batches.append(len(batch))
+        return generate(batch, gen, **kwargs)
+
+    session.generate = recording
+    gen = GenerationOptions(max_new_tokens=64, min_new_tokens=64)
+    names = ["square.png", "anim.gif", "square.png", "photo.jpg"]
+    prepared = [session.prepare((str(media_dir / n),), MediaOptions(), gen) for n in names]
+    alone = [generate([p], gen)[0].text for p in prepared]
+
+    engine = Engine(session, batch_size=4, queue_size=16)
+    busy = threading.Event()
+    ended: list[int] = []
+    first = Job(prepared[0], gen, stream=True, on_text=lambda t: busy.set())
+    first.future.add_done_callback(lambda f: ended.append(0))
+    engine.submit(first)
+    assert busy.wait(60)  # the batch is decoding
+    chunks: list[list[str]] = [[] for _ in names[1:]]
+    jobs = [Job(p, gen, stream=i % 2 == 0, on_text=chunks[i].append if i % 2 == 0 else None) for i, p in enumerate(prepared[1:])]
+    for i, job in enumerate(jobs, 1):
+        job.future.add_done_callback(lambda f, i=i: ended.append(i))
+        engine.submit(job)
+    results = [first.future.result(timeout=120)] + [job.future.result(timeout=120) for job in jobs]
+    assert batches == [1], batches  # one batch: the others joined it
+    assert [r.text for r in results] == alone
+    assert ["".join(c) for c in chunks[::2]] == alone[1::2]  # the streamed ones streamed their own text
+    assert ended[0] == 0  # the first row ended first, and its answer went back then
