@@ -4,7 +4,10 @@ The same load against this tree's server and, with --against REV, against an ear
 server (checked out into a temporary worktree), one after the other on this machine: what a
 change costs or buys under concurrent clients. Each server runs the tiny model on the CPU, greedy, fixed token counts.
 
-Usage: python bench/serve_load.py [--requests 200] [--clients 16] [--tokens 16] [--against REV]
+Usage: python bench/serve_load.py [--requests 200] [--clients 16] [--tokens 16] [--batch-size N] [--mixed] [--against REV]
+
+--mixed: requests ask for tokens/2, tokens or 2 x tokens new tokens in turn (clients that differ in
+max_tokens), instead of the same number for all.
 """
 
 from __future__ import annotations
@@ -36,11 +39,16 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def run(tree: Path, model: str, requests_n: int, clients: int, tokens: int) -> dict:
+def lengths(tokens: int, mixed: bool, i: int) -> int:
+    return (max(1, tokens // 2), tokens, 2 * tokens)[i % 3] if mixed else tokens
+
+
+def run(tree: Path, model: str, requests_n: int, clients: int, tokens: int, batch_size: int | None = None, mixed: bool = False) -> dict:
     import requests
 
     env = {**os.environ, "PYTHONPATH": str(tree), "QVL_DEVICE": "cpu"}
-    server = subprocess.Popen([sys.executable, "-m", "qwen2vl_cli", "serve", "--model", model, "--port", "0", "--dtype", "float32"],
+    server = subprocess.Popen([sys.executable, "-m", "qwen2vl_cli", "serve", "--model", model, "--port", "0", "--dtype", "float32",
+                               *(["--batch-size", str(batch_size)] if batch_size else [])],
                               stderr=subprocess.PIPE, text=True, env=env, cwd=tree)
     try:
         line = ""
@@ -53,7 +61,8 @@ def run(tree: Path, model: str, requests_n: int, clients: int, tokens: int) -> d
         rss_before = rss_mb(server.pid)
 
         def one(i: int) -> tuple[bool, float]:
-            body = {"model": model, "max_tokens": tokens, "min_tokens": tokens, "stream": i % 2 == 1,
+            n = lengths(tokens, mixed, i)
+            body = {"model": model, "max_tokens": n, "min_tokens": n, "stream": i % 2 == 1,
                     "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
                                                               {"type": "text", "text": "Describe this image."}]}]}
             start = time.perf_counter()
@@ -84,6 +93,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, help="the servers' --batch-size (default: theirs, 1 on a CPU)")
+    parser.add_argument("--mixed", action="store_true", help="requests differ in max_tokens (tokens/2, tokens, 2 x tokens)")
     parser.add_argument("--against", metavar="REV", help="also measure the server of this commit")
     args = parser.parse_args()
     model = str(model_dir("tiny"))
@@ -96,19 +107,23 @@ def main() -> None:
             trees.insert(0, (args.against, old))
         try:
             for name, tree in trees:
-                rows.append((name, run(tree, model, args.requests, args.clients, args.tokens)))
+                rows.append((name, run(tree, model, args.requests, args.clients, args.tokens, args.batch_size, args.mixed)))
                 print(name, rows[-1], flush=True)
         finally:
             if args.against:
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(Path(tmp) / "old")], capture_output=True)
     base = rows[0][1]
     lines = [
-        "## Server under load (`bench/serve_load.py`)",
+        "## Server under load (`bench/serve_load.py`)" + (f", batch size {args.batch_size}" if args.batch_size else "")
+        + (", mixed lengths" if args.mixed else ""),
         "",
         f"Machine: {machine()}, device cpu. Command: `python bench/serve_load.py --requests {args.requests} --clients {args.clients} "
-        f"--tokens {args.tokens}{f' --against {args.against}' if args.against else ''}`.",
-        f"Tiny model, float32, one 1280x720 JPEG per request as a data: URL, {args.tokens} new tokens, half the requests streaming,"
-        f" {args.clients} clients at once; the servers ran one after the other.",
+        f"--tokens {args.tokens}{f' --batch-size {args.batch_size}' if args.batch_size else ''}{' --mixed' if args.mixed else ''}"
+        f"{f' --against {args.against}' if args.against else ''}`.",
+        f"Tiny model, float32, one 1280x720 JPEG per request as a data: URL, "
+        f"{f'{max(1, args.tokens // 2)}, {args.tokens} or {2 * args.tokens} new tokens in turn' if args.mixed else f'{args.tokens} new tokens'}, "
+        f"half the requests streaming, {args.clients} clients at once, batch size {args.batch_size or 'the default (1 on a CPU)'}; "
+        "the servers ran one after the other.",
         "",
         "| server | OK | p50 | p99 | requests/s | server RSS before → after | p99 vs first row |",
         "|---|---|---|---|---|---|---|",

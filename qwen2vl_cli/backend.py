@@ -160,15 +160,16 @@ class LocalBackend:
         return self.runner.streams_batches
 
     def generate(self, batch: list[Prepared], gen: GenerationOptions, on_text=None, cancels=None, on_texts=None, admit=None, on_result=None,
-                 capacity: int = 0) -> list[Result]:
+                 capacity: int = 0, gens: list[GenerationOptions] | None = None) -> list[Result]:
         """One batch through the model. `on_text` streams the answer of a batch of one; `on_texts`
         (where `streams_batches`) one callback per row, None for a row that is not streamed;
         setting a row's event in `cancels` stops that row (its client went away).
 
         Continuous batching (where `streams_batches`): the batch runs in `capacity` rows, and as rows
         end, `admit(free, fits)` hands over at most `free` waiting requests, each with `prepared`,
-        `cancel` and `on_text` (None: not streamed), that pass `fits(prepared)`; they join at the
-        next step. `on_result(row, result or exception)` hears of each row as it ends, the batch's
+        `gen`, `cancel` and `on_text` (None: not streamed), that pass `fits(request)`; they join at
+        the next step. Rows may differ in length only (`gens`: each row's options, sampling the same
+        as `gen`'s). `on_result(row, result or exception)` hears of each row as it ends, the batch's
         first, then the joined ones in the order they were handed over."""
         from qwen2vl_cli.runner import peak_memory_bytes
 
@@ -184,29 +185,37 @@ class LocalBackend:
             peak = peak_memory_bytes(self.runner.device)
             return [make_result(self.runner, g, p.plans, peak, gen, p.media_s) for p, g in zip(batch, gens)]
         prepared = list(batch)  # grows as requests join
+        options = list(gens or [gen] * len(batch))
 
         def joining(free: int, fits_width) -> list:
             built: dict[int, object] = {}
 
-            def fits(p: Prepared) -> bool:
-                inputs = built[id(p)] = self.runner.inputs(p.text, list(p.loaded))
-                return fits_width(int(inputs["input_ids"].shape[1]))
+            def fits(request) -> bool:
+                inputs = built[id(request)] = self.runner.inputs(request.prepared.text, list(request.prepared.loaded))
+                return fits_width(int(inputs["input_ids"].shape[1]), request.gen.max_new_tokens)
 
             handed = admit(free, fits)
             prepared.extend(h.prepared for h in handed)
-            return [(built[id(h.prepared)], h.cancel, h.on_text) for h in handed]
+            options.extend(h.gen for h in handed)
+            return [(built[id(h)], h.cancel, h.on_text, _length(h.gen)) for h in handed]
 
         def result(row: int, generation) -> Result | Exception:
             if isinstance(generation, Exception):
                 return generation
             p = prepared[row]
-            return make_result(self.runner, generation, p.plans, peak_memory_bytes(self.runner.device), gen, p.media_s)
+            return make_result(self.runner, generation, p.plans, peak_memory_bytes(self.runner.device), options[row], p.media_s)
 
         on_done = None if on_result is None else (lambda row, generation: on_result(row, result(row, generation)))
-        gens = self.runner.generate_batch([p.text for p in batch], [list(p.loaded) for p in batch], gen, cancels=cancels, on_texts=on_texts,
-                                          admit=joining if admit is not None else None, on_done=on_done, capacity=capacity)
+        generations = self.runner.generate_batch([p.text for p in batch], [list(p.loaded) for p in batch], gen, cancels=cancels, on_texts=on_texts,
+                                          admit=joining if admit is not None else None, on_done=on_done, capacity=capacity,
+                                          lengths=[_length(g) for g in gens] if gens is not None else None)
         peak = peak_memory_bytes(self.runner.device)
-        return [make_result(self.runner, g, p.plans, peak, gen, p.media_s) for p, g in zip(batch, gens)]
+        return [make_result(self.runner, g, p.plans, peak, o, p.media_s) for p, g, o in zip(batch, generations, options)]
+
+
+def _length(gen: GenerationOptions) -> tuple[int, int]:
+    """A row's (max_new_tokens, min_new_tokens)."""
+    return gen.max_new_tokens, min(gen.min_new_tokens or 0, gen.max_new_tokens)
 
 
 def run(request: Request, hooks: Hooks, stdin: BinaryIO | None = None) -> Result:

@@ -69,6 +69,8 @@ class Joining:
 
     inputs: dict
     cancel: threading.Event
+    max_new_tokens: int
+    min_new_tokens: int = 0
 
 
 @dataclass
@@ -84,6 +86,8 @@ class _Rows:
     out: torch.Tensor  # (B, steps) long: the token chosen at each step
     cache_argument: str = "cache"  # the language model's name for its KV cache, read once (not every step)
     start: torch.Tensor | None = None  # (B,) long: the column of `out` with the slot's row's first token
+    limit: torch.Tensor | None = None  # (B,) long: the most tokens the slot's row may have
+    minimum: torch.Tensor | None = None  # (B,) long: the fewest tokens before it may end
 
 
 @dataclass
@@ -93,6 +97,8 @@ class _Live:
     index: int  # the caller's rows first, then joined rows in the order they joined
     slot: int
     start: int  # the column of `out` with its first token
+    limit: int  # its max_new_tokens
+    minimum: int  # its min_new_tokens
     began: float  # when its prefill started
     cancel: threading.Event | None
     tokens: list[int] = field(default_factory=list)
@@ -305,7 +311,7 @@ def choose(logits: torch.Tensor, seen: torch.Tensor | None, young: torch.Tensor 
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
 
-def _advance(rows: _Rows, chosen: torch.Tensor, eos: torch.Tensor, pad: int, max_new_tokens: int) -> torch.Tensor:
+def _advance(rows: _Rows, chosen: torch.Tensor, eos: torch.Tensor, pad: int) -> torch.Tensor:
     """Record the chosen tokens; a row that ended (its end token, or all its tokens) gets padding from then on."""
     chosen = torch.where(rows.ended, torch.full_like(chosen, pad), chosen)
     rows.out.index_copy_(1, rows.step.view(1), chosen[:, None])
@@ -313,7 +319,7 @@ def _advance(rows: _Rows, chosen: torch.Tensor, eos: torch.Tensor, pad: int, max
     if rows.seen is not None:
         rows.seen.scatter_(1, chosen[:, None], True)
     rows.step += 1
-    rows.ended |= rows.step - rows.start >= max_new_tokens
+    rows.ended |= rows.step - rows.start >= rows.limit
     return chosen
 
 
@@ -350,7 +356,7 @@ def can_join(cache) -> bool:
 def generate(
     model,
     inputs: dict,
-    max_new_tokens: int,
+    max_new_tokens: int | list[int],  # one for every row, or each row's own
     sampling: Sampling,
     eos_ids: list[int],
     pad_id: int,
@@ -365,6 +371,7 @@ def generate(
     admit: Callable[[int, Callable[[int], bool]], list[Joining]] | None = None,
     on_row: Callable[[int, Outcome | Exception], None] | None = None,
     on_ready: Callable[[bool, bool, float], None] | None = None,
+    min_new_tokens: list[int] | None = None,  # each row's own minimum (else the sampling's for every row)
 ) -> Decoded:
     """Generate for a left-padded batch. Every `chunk` steps the host reads the new tokens:
     `guard(row, tokens)` says where a row loops (it is stopped there), `on_tokens` gets
@@ -387,7 +394,10 @@ def generate(
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     width = ids.shape[1]
     device = ids.device
-    length = (width + max_new_tokens) * (2 if admit is not None else 1)  # room for rows that join, some wider
+    limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * batch
+    minimums = [min(least, limit) for least, limit in zip(min_new_tokens or [sampling.min_new_tokens] * batch, limits)]
+    longest = max(limits)
+    length = (width + longest) * (2 if admit is not None else 1)  # room for rows that join, some wider
     length = cache_bucket(length) if graph or compiled else length
     cache = static_cache(model, length)
     eos = torch.tensor(eos_ids, device=device)
@@ -403,13 +413,14 @@ def generate(
         seen.scatter_(1, ids.clamp(max=vocab), True)
 
     def young() -> torch.Tensor | None:
-        """The rows that may not end yet, where the minimum length is still in force for any row."""
-        if not sampling.min_new_tokens or all(done - r.start >= sampling.min_new_tokens for r in live):
+        """The rows that may not end yet, where a minimum length is still in force for any row."""
+        if all(done - r.start >= r.minimum for r in live):
             return None
-        return rows.step - rows.start < sampling.min_new_tokens
+        return rows.step - rows.start < rows.minimum
 
     start = time.perf_counter()
-    live = [_Live(index=r, slot=r, start=0, began=start, cancel=cancels[r] if cancels else None) for r in range(batch)]
+    live = [_Live(index=r, slot=r, start=0, limit=limits[r], minimum=minimums[r], began=start, cancel=cancels[r] if cancels else None)
+            for r in range(batch)]
     outcomes: list = [None] * batch  # an Outcome per row once it ends (or the exception that kept it from joining)
     done = 0
     with torch.inference_mode():
@@ -424,11 +435,13 @@ def generate(
             out=torch.full((slots, length - width + 1), pad_id, dtype=torch.long, device=device),
             cache_argument=_cache_argument(model),
             start=torch.zeros(slots, dtype=torch.long, device=device),
+            limit=torch.tensor(limits + [1] * (slots - batch), device=device),
+            minimum=torch.tensor(minimums + [0] * (slots - batch), device=device),
         )
-        tokens = _advance(rows, choose(logits, rows.seen, young(), sampling, eos, generator), eos, pad_id, max_new_tokens)
+        tokens = _advance(rows, choose(logits, rows.seen, young(), sampling, eos, generator), eos, pad_id)
         done = 1
-        graphed = graph and device.type == "cuda" and max_new_tokens > 1
-        making = graphed or (compiled and max_new_tokens > 1)  # a step to make before decoding (timed apart)
+        graphed = graph and device.type == "cuda" and (longest > 1 or admit is not None)
+        making = graphed or (compiled and (longest > 1 or admit is not None))  # a step to make before decoding (timed apart)
         setup_start = time.perf_counter()
         one_token = decode_one_token
         if compiled and making:
@@ -448,24 +461,24 @@ def generate(
         position = width  # where the next step writes, in every slot
         joinable = admit is not None and can_join(cache)
         while True:
-            if done % chunk == 0 or done == 1 or any(done == r.start + max_new_tokens for r in live):
+            if done % chunk == 0 or done == 1 or any(done == r.start + r.limit for r in live):
                 ended = _read(rows, live, done, guard, on_tokens)
                 for r in [r for r in live if ended[r.slot] or r.looped is not None or r.cancelled is not None]:
                     live.remove(r)
                     free.append(r.slot)
-                    outcomes[r.index] = _outcome(r, done, eos_ids, max_new_tokens)
+                    outcomes[r.index] = _outcome(r, done, eos_ids)
                     if on_row is not None:
                         on_row(r.index, outcomes[r.index])
-                if joinable and free and position + max_new_tokens <= length:
+                if joinable and free and position < length:
 
-                    def fits(w: int) -> bool:
-                        return max(position, w) + max_new_tokens <= length
+                    def fits(w: int, max_new: int) -> bool:
+                        return max(position, w) + max_new <= length
 
                     for joining in admit(len(free), fits):
                         outcomes.append(None)
                         slot = free.pop()
                         try:
-                            position, joined = _take(model, rows, cache, slot, joining, fits, position, done, max_new_tokens, sampling, eos, generator)
+                            position, joined = _take(model, rows, cache, slot, joining, fits, position, done, sampling, eos, generator)
                         except Exception as e:  # noqa: BLE001 - this request's failure (out of memory in its prefill), not the batch's
                             free.append(slot)
                             outcomes[-1] = e
@@ -482,7 +495,7 @@ def generate(
             if position >= length:  # every row's room was checked when it started: a bug if reached
                 raise RuntimeError(f"the decode loop ran past its cache ({length} positions)")
             logits = step(tokens)
-            tokens = _advance(rows, choose(logits, rows.seen, young(), sampling, eos, generator), eos, pad_id, max_new_tokens)
+            tokens = _advance(rows, choose(logits, rows.seen, young(), sampling, eos, generator), eos, pad_id)
             done += 1
             position += 1
     return Decoded(outcomes, done, graphed, compiled, setup)
@@ -517,20 +530,20 @@ def _read(rows: _Rows, live: list[_Live], done: int, guard, on_tokens) -> list[b
     return ended
 
 
-def _outcome(r: _Live, done: int, eos_ids: list[int], max_new_tokens: int) -> Outcome:
-    tokens = r.tokens[:max_new_tokens]
+def _outcome(r: _Live, done: int, eos_ids: list[int]) -> Outcome:
+    tokens = r.tokens[: r.limit]
     ended_at = next((i + 1 for i, t in enumerate(tokens) if t in eos_ids), None)
     steps = done - r.start - r.first_len  # steps run from its first read to its last
     rate = steps / (r.last_at - r.first_at) if steps > 0 and r.first_at is not None and r.last_at > r.first_at else None
     return Outcome(tokens, ended_at, r.looped, r.cancelled, r.ttft, rate)
 
 
-def _take(model, rows: _Rows, cache, slot: int, joining: Joining, fits, position: int, done: int, max_new_tokens: int, sampling: Sampling, eos,
-          generator):
+def _take(model, rows: _Rows, cache, slot: int, joining: Joining, fits, position: int, done: int, sampling: Sampling, eos, generator):
     """A request joins the batch in `slot`: room made (the shared write position moves past a prompt
     wider than it), its prefill, its first token chosen and read. Returns the write position and the row."""
     width = joining.inputs["input_ids"].shape[0] == 1 and joining.inputs["input_ids"].shape[1]
-    if not width or not fits(width):
+    limit, minimum = joining.max_new_tokens, min(joining.min_new_tokens, joining.max_new_tokens)
+    if not width or limit < 1 or not fits(width, limit):
         raise ValueError("a request joins a running batch alone, with room for its answer")
     if width > position:  # every row's next write goes past its prompt; the gap stays masked
         for layer in cache.layers:
@@ -538,14 +551,15 @@ def _take(model, rows: _Rows, cache, slot: int, joining: Joining, fits, position
         position = width
     began = time.perf_counter()
     logits = _join(model, rows, cache, slot, joining.inputs)
-    young = torch.ones(1, dtype=torch.bool, device=logits.device) if sampling.min_new_tokens else None
+    rows.limit[slot], rows.minimum[slot] = limit, minimum
+    young = torch.ones(1, dtype=torch.bool, device=logits.device) if minimum else None
     first = choose(logits, None if rows.seen is None else rows.seen[slot : slot + 1], young, sampling, eos, generator)
     rows.out[slot, done - 1] = first[0]
     if rows.seen is not None:
         rows.seen[slot, first[0]] = True
-    rows.ended[slot] = torch.isin(first, eos)[0] | (max_new_tokens <= 1)
+    rows.ended[slot] = torch.isin(first, eos)[0] | (limit <= 1)
     value = int(first[0])  # read at once: its time to first token does not wait for the chunk
-    row = _Live(index=-1, slot=slot, start=done - 1, began=began, cancel=joining.cancel, tokens=[value])
+    row = _Live(index=-1, slot=slot, start=done - 1, limit=limit, minimum=minimum, began=began, cancel=joining.cancel, tokens=[value])
     row.first_at = row.last_at = time.perf_counter()
     row.first_len, row.ttft = 1, row.first_at - began
     return position, row

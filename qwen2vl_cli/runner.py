@@ -290,20 +290,23 @@ class Runner:
     def generate_batch(
         self, texts: list[str], media: list[list[Loaded]], gen: GenerationOptions, cancels: list[threading.Event] | None = None,
         on_texts: list[Callable[[str], None] | None] | None = None, admit=None, on_done=None, capacity: int = 0,
+        lengths: list[tuple[int, int]] | None = None,
     ) -> list[Generation]:
         """Several prompts in one left-padded batch; greedy results equal one-by-one generation.
         Setting a row's event in `cancels` ends that row within a chunk of tokens; `on_texts` streams
         each row's text to its own callback (None: that row is not streamed), where `streams_batches`.
 
         Continuous batching (where `streams_batches`): with `admit(free, fits)`, requests join the
-        running batch of `capacity` rows as others end; it returns (inputs, cancel, on_text) of at
-        most `free` prompts whose width passes `fits`. `on_done(row, generation or exception)` hears
-        of each row as it ends, the joined ones numbered after the batch's."""
+        running batch of `capacity` rows as others end; it returns (inputs, cancel, on_text,
+        (max_new_tokens, min_new_tokens)) of at most `free` prompts that pass `fits(width,
+        max_new_tokens)`. `on_done(row, generation or exception)` hears of each row as it ends, the
+        joined ones numbered after the batch's. `lengths`: each row's own (max_new_tokens,
+        min_new_tokens) instead of `gen`'s, where `streams_batches`."""
         start = time.perf_counter()
         inputs = self.inputs(texts, [m for items in media for m in items])
         inputs_s = time.perf_counter() - start
         streams = [TextStream(self.processor.tokenizer, f) if f is not None else None for f in on_texts or [None] * len(texts)]
-        if (any(streams) or admit is not None) and not self.streams_batches:
+        if (any(streams) or admit is not None or lengths is not None) and not self.streams_batches:
             raise ValueError("transformers' generate streams one row at a time and takes no joining rows: stream a batch of one")
         with VisionClock(self.model) as clock:
             if self.engine == "hf":
@@ -313,7 +316,7 @@ class Runner:
                         on_done(row, generation)
             else:
                 cancels = cancels or [threading.Event() for _ in texts]
-                generations = self._generate_engine(inputs.to(self.model.device), gen, streams, cancels, admit, on_done, capacity, inputs_s)
+                generations = self._generate_engine(inputs.to(self.model.device), gen, streams, cancels, admit, on_done, capacity, inputs_s, lengths)
         return [replace(g, vision_s=clock.seconds()) for g in generations]
 
     def _eos_ids(self) -> list[int]:
@@ -328,7 +331,7 @@ class Runner:
 
     def _generate_engine(
         self, inputs, gen: GenerationOptions, streams: list, cancels: list[threading.Event], admit=None, on_done=None, capacity: int = 0,
-        inputs_s: float = 0.0,
+        inputs_s: float = 0.0, lengths: list[tuple[int, int]] | None = None,
     ) -> list[Generation]:
         """decode.py's loop over a static cache; one Generation per row of `inputs` (and, through
         `on_done`, one for each row that joined)."""
@@ -357,11 +360,11 @@ class Runner:
 
         def joining(free: int, fits) -> list:
             out = []
-            for row_inputs, cancel, on_text in admit(free, fits):
+            for row_inputs, cancel, on_text, (most, least) in admit(free, fits):
                 row_inputs = row_inputs.to(self.model.device)
                 prompts.append(self._prompt_counts(row_inputs, 0))
                 streams.append(TextStream(self.processor.tokenizer, on_text) if on_text is not None else None)
-                out.append(decode.Joining(dict(row_inputs), cancel))
+                out.append(decode.Joining(dict(row_inputs), cancel, most, least))
             return out
 
         made: list = []  # how the step was made, once it is: (graph, compiled, seconds)
@@ -388,11 +391,11 @@ class Runner:
                 on_done(row, outcome)
 
         decode.generate(
-            self.model, dict(inputs), gen.max_new_tokens, sampling, eos, pad, self.attn,
+            self.model, dict(inputs), [most for most, _ in lengths] if lengths else gen.max_new_tokens, sampling, eos, pad, self.attn,
             on_tokens=on_tokens if any(streams) or admit is not None else None, guard=LoopFinder() if gen.repeat_guard else None,
             cancels=cancels, graph=self.engine == "graph" or (self.engine == "compiled" and self.device == "cuda"),
             compiled=self.engine == "compiled", capacity=capacity, admit=joining if admit is not None else None,
-            on_row=on_row, on_ready=lambda *how: made.append(how),
+            on_row=on_row, on_ready=lambda *how: made.append(how), min_new_tokens=[least for _, least in lengths] if lengths else None,
         )
         if self.device == "cuda":
             import torch

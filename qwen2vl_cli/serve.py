@@ -262,14 +262,20 @@ class Engine:
                     continue
                 batch, later = [job], []
                 while len(batch) < self.batch_size and (other := self._next(block=False)) is not None:
-                    joins = other.gen == job.gen and (not other.stream or self.session.streams_batches)
-                    (batch if joins else later).append(other)
+                    (batch if self._joins(other, job.gen) else later).append(other)
                 if later:  # back at the head of the line, ahead of new arrivals: the next batch takes them
                     with self._changed:
                         self._line.extendleft(reversed(later))
                 self._run(batch)
             except BaseException as e:  # noqa: BLE001 - log and serve the next request
                 _log_bug("the engine loop", e)
+
+    def _joins(self, job: Job, gen: GenerationOptions) -> bool:
+        """Whether `job` may run in a batch of `gen`'s: the same options, or where qvl's loop runs
+        it (rows with their own lengths, streamed or not), the same sampling."""
+        if not self.session.streams_batches:
+            return job.gen == gen and not job.stream
+        return replace(job.gen, max_new_tokens=1, min_new_tokens=None) == replace(gen, max_new_tokens=1, min_new_tokens=None)
 
     def _run(self, batch: list[Job]) -> None:
         """A batch through the model. Where the engine takes joining rows, waiting requests with the
@@ -282,10 +288,10 @@ class Engine:
         def admit(free: int, fits) -> list[Job]:
             with self._changed:
                 self._drop_cancelled()
-                taken = [j for j in self._line if j.gen == gen and id(j) not in passed_over][:free]
+                taken = [j for j in self._line if self._joins(j, gen) and id(j) not in passed_over][:free]
                 for job in taken:
                     self._line.remove(job)
-            back = [j for j in taken if not fits(j.prepared)]
+            back = [j for j in taken if not fits(j)]
             if back:
                 passed_over.update(map(id, back))
                 with self._changed:
@@ -305,7 +311,7 @@ class Engine:
             results = self.session.generate([j.prepared for j in batch], gen, cancels=[j.cancel for j in batch],
                                             on_texts=[j.on_text if j.stream else None for j in batch],
                                             admit=admit if continuous else None, on_result=on_result if continuous else None,
-                                            capacity=self.batch_size)
+                                            capacity=self.batch_size, gens=[j.gen for j in batch] if continuous else None)
         except Exception as e:  # every request of the batch, and every one that joined it, gets the error
             for job in jobs:
                 _settle(job.future, error=e)

@@ -282,7 +282,7 @@ def sessions_model(tiny_model):
     return Qwen2VLForConditionalGeneration.from_pretrained(tiny_model)
 
 
-def _continuous(session, first, arrivals, gen, capacity):
+def _continuous(session, first, arrivals, gen, capacity, cancelled=()):
     """`first` runs as a batch of `capacity` rows; each arrival is handed over at the first read
     with a free slot and room (in order). Returns every row's generation by row number, and the
     number of steps the first row had taken when each arrival joined."""
@@ -295,9 +295,12 @@ def _continuous(session, first, arrivals, gen, capacity):
         handed = []
         while waiting and len(handed) < free:
             inputs = runner.inputs(waiting[0].text, list(waiting[0].loaded))
-            if not fits(int(inputs["input_ids"].shape[1])):
+            if not fits(int(inputs["input_ids"].shape[1]), gen.max_new_tokens):
                 break
-            handed.append((inputs, threading.Event(), None))
+            cancel = threading.Event()
+            if len(joined_while) in cancelled:  # its client is gone by the time it joins
+                cancel.set()
+            handed.append((inputs, cancel, None, (gen.max_new_tokens, gen.min_new_tokens or 0)))
             joined_while.append(len(done))
             waiting.pop(0)
         return handed
@@ -332,3 +335,28 @@ def test_requests_that_join_a_running_batch_get_their_answers_alone(sessions, me
     else:
         assert joined_while[-1] > 0  # the last arrival waited for a slot to free
     assert all(done[row].ttft_s is not None and done[row].ttft_s > 0 for row in rows)
+
+
+def test_a_joining_row_that_fails_or_is_cancelled_leaves_the_others_alone(sessions, media_dir, monkeypatch):
+    """One arrival's prefill runs out of memory: that request alone gets the error; another's client
+    is gone: it stops within a chunk; the batch's own row and a later arrival get their answers alone."""
+    from qwen2vl_cli import decode
+
+    session = sessions["static"]
+    gen = GenerationOptions(max_new_tokens=40, min_new_tokens=40)
+    names = ["clip.mp4", "photo.png", "anim.gif", "square.png"]
+    alone = [session.runner.generate_batch([p.text], [list(p.loaded)], gen)[0] for p in prepared(session, media_dir, names, gen)]
+    join = decode._join
+    gif_width = alone[2].prompt_tokens
+
+    def failing(model, rows, cache, slot, inputs):
+        if inputs["input_ids"].shape[1] == gif_width:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return join(model, rows, cache, slot, inputs)
+
+    monkeypatch.setattr(decode, "_join", failing)
+    batch = prepared(session, media_dir, names, gen)
+    done, _ = _continuous(session, batch[:1], batch[1:], gen, capacity=2, cancelled={0})
+    assert done[1].generated_tokens <= 9 and done[1].tokens == alone[1].tokens[: done[1].generated_tokens]  # stopped at its first read
+    assert isinstance(done[2], torch.OutOfMemoryError)
+    assert done[0].tokens == alone[0].tokens and done[3].tokens == alone[3].tokens

@@ -202,7 +202,7 @@ def test_unreachable_endpoint_is_one_line(qvl, media_dir):
 
 
 def test_streaming_requests_are_batched_and_each_streams_its_own_answer(tiny_model, media_dir):
-    """Streams that wait while the model is busy run as one batch; every client gets its own text,
+    """Streams that wait while the model is busy with other settings run as one batch; every client gets its own text,
     chunk by chunk, equal to its answer alone. (The engine is driven in-process; its backend's
     generate is wrapped to record the batches it is given.)"""
     import threading
@@ -232,7 +232,9 @@ def test_streaming_requests_are_batched_and_each_streams_its_own_answer(tiny_mod
 
     engine = Engine(session, batch_size=4, queue_size=16)
     busy = threading.Event()
-    blocker = Job(prepared[0], GenerationOptions(max_new_tokens=64, min_new_tokens=64), stream=True, on_text=lambda t: busy.set())
+    # Sampled, so the greedy requests cannot join its batch: they wait for it together.
+    blocker = Job(prepared[0], GenerationOptions(max_new_tokens=64, min_new_tokens=64, temperature=0.7, seed=1), stream=True,
+                  on_text=lambda t: busy.set())
     engine.submit(blocker)
     assert busy.wait(60)  # the engine is generating: what arrives now waits and is batched
     chunks: list[list[str]] = [[] for _ in names]
@@ -246,9 +248,9 @@ def test_streaming_requests_are_batched_and_each_streams_its_own_answer(tiny_mod
 
 
 def test_requests_that_arrive_while_a_batch_runs_join_it(tiny_model, media_dir):
-    """Continuous batching in the engine: requests with the running batch's settings that arrive
-    while it decodes join it (no second batch runs), each gets its answer alone, streamed or not,
-    and each answer is handed over when its own row ends: the first request's before the others'."""
+    """Continuous batching in the engine: requests with the running batch's sampling that arrive
+    while it decodes join it (no second batch runs), whatever their lengths; each gets its answer
+    alone, streamed or not, handed over when its own row ends (the short one first)."""
     import threading
 
     from qwen2vl_cli.backend import LocalBackend
@@ -268,25 +270,27 @@ def test_requests_that_arrive_while_a_batch_runs_join_it(tiny_model, media_dir):
         return generate(batch, gen, **kwargs)
 
     session.generate = recording
-    gen = GenerationOptions(max_new_tokens=64, min_new_tokens=64)
+    long, short = GenerationOptions(max_new_tokens=64, min_new_tokens=64), GenerationOptions(max_new_tokens=12, min_new_tokens=12)
     names = ["square.png", "anim.gif", "square.png", "photo.jpg"]
-    prepared = [session.prepare((str(media_dir / n),), MediaOptions(), gen) for n in names]
-    alone = [generate([p], gen)[0].text for p in prepared]
+    gens = [long, long, short, long]
+    prepared = [session.prepare((str(media_dir / n),), MediaOptions(), long) for n in names]
+    alone = [generate([p], g)[0] for p, g in zip(prepared, gens)]
 
     engine = Engine(session, batch_size=4, queue_size=16)
     busy = threading.Event()
     ended: list[int] = []
-    first = Job(prepared[0], gen, stream=True, on_text=lambda t: busy.set())
-    first.future.add_done_callback(lambda f: ended.append(0))
+    first = Job(prepared[0], long, stream=True, on_text=lambda t: busy.set())
     engine.submit(first)
     assert busy.wait(60)  # the batch is decoding
-    chunks: list[list[str]] = [[] for _ in names[1:]]
-    jobs = [Job(p, gen, stream=i % 2 == 0, on_text=chunks[i].append if i % 2 == 0 else None) for i, p in enumerate(prepared[1:])]
-    for i, job in enumerate(jobs, 1):
+    chunks: list[list[str]] = [[] for _ in names]
+    jobs = [first] + [Job(p, g, stream=i % 2 == 1, on_text=chunks[i].append if i % 2 == 1 else None)
+                      for i, (p, g) in enumerate(zip(prepared, gens)) if i > 0]
+    for i, job in enumerate(jobs[1:], 1):
         job.future.add_done_callback(lambda f, i=i: ended.append(i))
         engine.submit(job)
-    results = [first.future.result(timeout=120)] + [job.future.result(timeout=120) for job in jobs]
+    results = [job.future.result(timeout=120) for job in jobs]
     assert batches == [1], batches  # one batch: the others joined it
-    assert [r.text for r in results] == alone
-    assert ["".join(c) for c in chunks[::2]] == alone[1::2]  # the streamed ones streamed their own text
-    assert ended[0] == 0  # the first row ended first, and its answer went back then
+    assert [r.text for r in results] == [a.text for a in alone]
+    assert [r.generated_tokens for r in results] == [64, 64, 12, 64]
+    assert ["".join(chunks[i]) for i in (1, 3)] == [alone[1].text, alone[3].text]  # the streamed ones streamed their own text
+    assert ended[0] == 2  # the short one joined with the others and its answer went back first
