@@ -133,10 +133,41 @@ def _cache_argument(model) -> str | None:
     return next((name for name in ("cache", "past_key_values") if name in names), None)
 
 
-def static_cache(model, length: int):
-    from transformers import StaticCache
+@cache
+def _window_layer() -> type:
+    """The static cache layer qvl uses, made once (a compiled step is specialised to its class)."""
+    from transformers.cache_utils import StaticLayer
 
-    return StaticCache(config=model.config, max_cache_len=length)
+    class Window(StaticLayer):
+        """A static layer that hands attention its first `visible` positions (all when None): an
+        eager step then reads none of the cache's empty part. Compiled and captured steps need one
+        shape, and see it all."""
+
+        visible: int | None = None
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            keys, values = super().update(key_states, value_states, *args, **kwargs)
+            return (keys, values) if self.visible is None else (keys[:, :, : self.visible], values[:, :, : self.visible])
+
+    return Window
+
+
+def static_cache(model, length: int):
+    """transformers' static cache, its full-attention layers able to show an eager step only the
+    positions written so far (`show`)."""
+    from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer
+
+    cache = StaticCache(config=model.config, max_cache_len=length)
+    window = _window_layer()
+    cache.layers = [window(max_cache_len=length) if type(layer) is StaticLayer else layer for layer in cache.layers]
+    return cache
+
+
+def show(cache, visible: int | None) -> None:
+    """Let attention see the first `visible` positions of every layer (None: all of them)."""
+    for layer in cache.layers:
+        layer.visible = visible
 
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
@@ -229,14 +260,16 @@ def _mask(attend: torch.Tensor, attn: str, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
-def decode_one_token(model, rows: _Rows, tokens: torch.Tensor, cache, attn: str) -> torch.Tensor:
-    """One token for every row: (B,) tokens in, (B, V) float32 logits out. Writes the cache in place."""
+def decode_one_token(model, rows: _Rows, tokens: torch.Tensor, cache, attn: str, visible: int | None = None) -> torch.Tensor:
+    """One token for every row: (B,) tokens in, (B, V) float32 logits out. Writes the cache in place.
+    `visible`: the positions written so far, this token's included (eager steps: the cache's
+    empty part is not read); None for the whole cache (one shape, compiled or captured)."""
     position = cache.layers[0].cumulative_length  # where this token goes in every row's cache
     rows.attend.index_fill_(1, position.view(1), True)
     text = model.model.language_model
     embeds = text.embed_tokens(tokens[:, None])
     mrope = (rows.text_position[:, None] + rows.rope_deltas)[None].expand(3, -1, -1)  # text: all three sections equal
-    mask = _mask(rows.attend, attn, embeds.dtype)
+    mask = _mask(rows.attend if visible is None else rows.attend[:, :visible], attn, embeds.dtype)
     # A 4D mask is taken as given by every family's text model (Qwen3-VL's takes no per-layer-type dict).
     hidden = text(inputs_embeds=embeds, position_ids=mrope, attention_mask=mask, use_cache=True, **{rows.cache_argument: cache})
     rows.text_position += 1
@@ -350,7 +383,7 @@ def can_join(cache) -> bool:
     """Rows join a running batch where every cache layer is a plain static one (no sliding window)."""
     from transformers.cache_utils import StaticLayer
 
-    return all(type(layer) is StaticLayer for layer in cache.layers)
+    return all(isinstance(layer, StaticLayer) and not layer.is_sliding for layer in cache.layers)
 
 
 def generate(
@@ -447,6 +480,15 @@ def generate(
         if compiled and making:
             one_token, compiled = _compile_or_eager(model, rows, tokens, cache, attn)
         step: Callable[[torch.Tensor], torch.Tensor] = partial(one_token, model, rows, cache=cache, attn=attn)
+        if one_token is decode_one_token and not graphed:  # eager: each step reads only the positions written
+
+            def step(tokens: torch.Tensor) -> torch.Tensor:
+                show(cache, position + 1)
+                try:
+                    return decode_one_token(model, rows, tokens, cache, attn, position + 1)
+                finally:
+                    show(cache, None)
+
         if graphed:
             try:
                 step = GraphedStep(model, rows, tokens, cache, attn, one_token)

@@ -222,8 +222,13 @@ class Engine:
     Jobs whose client went away leave the line at once: they hold no place against new arrivals.
     """
 
-    def __init__(self, session: LocalBackend, batch_size: int, queue_size: int):
+    def __init__(self, session: LocalBackend, batch_size: int, queue_size: int, continuous: bool | None = None):
+        """`continuous`: requests join running batches (None: on a GPU, where a decode step costs
+        about the same for one row or many; on a CPU every row costs its share, and fixed batches
+        of equal settings measured faster, bench/RESULTS.md)."""
         self.session, self.batch_size, self.queue_size = session, batch_size, queue_size
+        wanted = session.device != "cpu" if continuous is None else continuous
+        self.continuous = wanted and batch_size > 1 and session.streams_batches
         self._line: deque[Job] = deque()
         self._changed = threading.Condition()
         threading.Thread(target=self._work, name="qvl-engine", daemon=True).start()
@@ -271,34 +276,44 @@ class Engine:
                 _log_bug("the engine loop", e)
 
     def _joins(self, job: Job, gen: GenerationOptions) -> bool:
-        """Whether `job` may run in a batch of `gen`'s: the same options, or where qvl's loop runs
-        it (rows with their own lengths, streamed or not), the same sampling."""
+        """Whether `job` may run in a batch of `gen`'s: the same options (a stream only where the
+        engine streams batches), or with continuous batching, the same sampling (rows keep their own lengths)."""
         if not self.session.streams_batches:
             return job.gen == gen and not job.stream
+        if not self.continuous:
+            return job.gen == gen
         return replace(job.gen, max_new_tokens=1, min_new_tokens=None) == replace(gen, max_new_tokens=1, min_new_tokens=None)
 
     def _run(self, batch: list[Job]) -> None:
         """A batch through the model. Where the engine takes joining rows, waiting requests with the
-        same settings join it as its rows end (continuous batching), and each answer is handed over
-        as soon as its row ends."""
+        same sampling join it as its rows end (continuous batching), in the order they came: once
+        the next in line cannot join, no one else does, so nobody waits behind later arrivals. Each
+        answer is handed over as soon as its row ends."""
         jobs = list(batch)  # the batch's, then those that joined it
         gen = batch[0].gen
-        passed_over: set[int] = set()  # too wide for the room left in this batch: they start the next one
+        closed = False  # the head of the line cannot join: the batch takes no one else, ends, and the head starts the next
 
         def admit(free: int, fits) -> list[Job]:
-            with self._changed:
-                self._drop_cancelled()
-                taken = [j for j in self._line if self._joins(j, gen) and id(j) not in passed_over][:free]
-                for job in taken:
-                    self._line.remove(job)
-            back = [j for j in taken if not fits(j)]
-            if back:
-                passed_over.update(map(id, back))
+            """Waiting requests, first come first served, while the next in line can join."""
+            nonlocal closed
+            taken: list[Job] = []
+            while not closed and len(taken) < free:
                 with self._changed:
-                    self._line.extendleft(reversed(back))
-            joined = [j for j in taken if j not in back]
-            jobs.extend(joined)
-            return joined
+                    self._drop_cancelled()
+                    if not self._line:
+                        break
+                    if not self._joins(self._line[0], gen):
+                        closed = True
+                        break
+                    job = self._line.popleft()
+                if fits(job):  # its processor inputs are made here, outside the lock
+                    taken.append(job)
+                else:  # too long for the room left
+                    with self._changed:
+                        self._line.appendleft(job)
+                    closed = True
+            jobs.extend(taken)
+            return taken
 
         def on_result(row: int, outcome) -> None:
             if isinstance(outcome, Exception):
@@ -306,7 +321,7 @@ class Engine:
             else:
                 _settle(jobs[row].future, outcome)
 
-        continuous = self.batch_size > 1 and self.session.streams_batches
+        continuous = self.continuous
         try:
             results = self.session.generate([j.prepared for j in batch], gen, cancels=[j.cancel for j in batch],
                                             on_texts=[j.on_text if j.stream else None for j in batch],

@@ -360,3 +360,20 @@ def test_a_joining_row_that_fails_or_is_cancelled_leaves_the_others_alone(sessio
     assert done[1].generated_tokens <= 9 and done[1].tokens == alone[1].tokens[: done[1].generated_tokens]  # stopped at its first read
     assert isinstance(done[2], torch.OutOfMemoryError)
     assert done[0].tokens == alone[0].tokens and done[3].tokens == alone[3].tokens
+
+
+def test_the_compiled_step_is_made_once_for_requests_of_one_shape(tiny_model, media_dir, tmp_path, monkeypatch):
+    """Two requests with different prompts in one cache bucket run the same compiled step: nothing
+    about a request (its cache, its rows) makes the compiler start again."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    session = LocalBackend(RuntimeOptions(str(tiny_model), device="cpu", dtype="float32", engine="compiled"), Quiet())
+    gen = GenerationOptions(max_new_tokens=12)
+    made = []
+    for name in ("photo.png", "square.png", "anim.gif"):
+        [p] = prepared(session, media_dir, [name], gen)
+        [g] = session.runner.generate_batch([p.text], [list(p.loaded)], gen)
+        assert g.engine == "compiled"
+        made.append(counters["stats"]["unique_graphs"])
+    assert made[0] >= 1 and made[1] == made[2] == made[0], made

@@ -168,6 +168,29 @@ def test_batched_equals_one_by_one(fam, media_dir):
     assert [b.tokens for b in batched] == alone
 
 
+def test_a_video_that_joins_a_running_batch_answers_as_alone(fam, media_dir):
+    """Continuous batching for every family: a video (Qwen2.5-VL's absolute time positions,
+    Qwen3-VL's time stamps), with an answer length of its own and a prompt wider than the image's,
+    joins a batch decoding an image, and both get their answers alone."""
+    import threading
+
+    gen, short = GenerationOptions(max_new_tokens=96, min_new_tokens=96), GenerationOptions(max_new_tokens=16, min_new_tokens=16)
+    image, plans, image_loaded = ours(fam, [media_dir / "photo.png"], "Describe this image.")
+    video, _, _ = ours(fam, [media_dir / "clip.webm"], "Describe this video.")
+    alone = [fam.runner.generate(image, gen).tokens, fam.runner.generate(video, short).tokens]
+    text = fam.runner.prompt_text(build_messages(plans, GenerationOptions(prompt="Describe this image.")))
+    waiting = [video]
+    done: dict = {}
+
+    def admit(free, fits):
+        if not waiting or not fits(int(waiting[0]["input_ids"].shape[1]), 16):
+            return []
+        return [(waiting.pop(), threading.Event(), None, (16, 16))]
+
+    fam.runner.generate_batch([text], [image_loaded], gen, admit=admit, on_done=done.setdefault, capacity=2)
+    assert sorted(done) == [0, 1] and [done[0].tokens, done[1].tokens] == alone
+
+
 def test_inspect_sizes_equal_the_reference(fam, tmp_path):
     """Images of many shapes: qwen-vl-utils with the model's patch size and pixel bounds gives the grid qvl plans."""
     from qwen_vl_utils import fetch_image

@@ -276,7 +276,7 @@ def test_requests_that_arrive_while_a_batch_runs_join_it(tiny_model, media_dir):
     prepared = [session.prepare((str(media_dir / n),), MediaOptions(), long) for n in names]
     alone = [generate([p], g)[0] for p, g in zip(prepared, gens)]
 
-    engine = Engine(session, batch_size=4, queue_size=16)
+    engine = Engine(session, batch_size=4, queue_size=16, continuous=True)  # the default on a GPU; on a CPU, fixed batches
     busy = threading.Event()
     ended: list[int] = []
     first = Job(prepared[0], long, stream=True, on_text=lambda t: busy.set())
