@@ -4,7 +4,8 @@ The same load against this tree's server and, with --against REV, against an ear
 server (checked out into a temporary worktree), one after the other on this machine: what a
 change costs or buys under concurrent clients. Each server runs the tiny model on the CPU, greedy, fixed token counts.
 
-Usage: python bench/serve_load.py [--requests 200] [--clients 16] [--tokens 16] [--batch-size N] [--mixed] [--against REV]
+Usage: python bench/serve_load.py [--requests 200] [--clients 16] [--tokens 16] [--batch-size N] [--mixed]
+                                  [--batching fixed,continuous] [--against REV]
 
 --mixed: requests ask for tokens/2, tokens or 2 x tokens new tokens in turn (clients that differ in
 max_tokens), instead of the same number for all.
@@ -43,12 +44,13 @@ def lengths(tokens: int, mixed: bool, i: int) -> int:
     return (max(1, tokens // 2), tokens, 2 * tokens)[i % 3] if mixed else tokens
 
 
-def run(tree: Path, model: str, requests_n: int, clients: int, tokens: int, batch_size: int | None = None, mixed: bool = False) -> dict:
+def run(tree: Path, model: str, requests_n: int, clients: int, tokens: int, batch_size: int | None = None, mixed: bool = False,
+        batching: str | None = None) -> dict:
     import requests
 
     env = {**os.environ, "PYTHONPATH": str(tree), "QVL_DEVICE": "cpu"}
     server = subprocess.Popen([sys.executable, "-m", "qwen2vl_cli", "serve", "--model", model, "--port", "0", "--dtype", "float32",
-                               *(["--batch-size", str(batch_size)] if batch_size else [])],
+                               *(["--batch-size", str(batch_size)] if batch_size else []), *(["--batching", batching] if batching else [])],
                               stderr=subprocess.PIPE, text=True, env=env, cwd=tree)
     try:
         line = ""
@@ -95,19 +97,20 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--batch-size", type=int, help="the servers' --batch-size (default: theirs, 1 on a CPU)")
     parser.add_argument("--mixed", action="store_true", help="requests differ in max_tokens (tokens/2, tokens, 2 x tokens)")
+    parser.add_argument("--batching", help="this tree's server once per mode given (comma-separated: fixed, continuous)")
     parser.add_argument("--against", metavar="REV", help="also measure the server of this commit")
     args = parser.parse_args()
     model = str(model_dir("tiny"))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        trees = [("this tree", ROOT)]
+        trees = [(f"this tree, --batching {mode}" if mode else "this tree", ROOT, mode) for mode in (args.batching or "").split(",")]
         if args.against:
             old = Path(tmp) / "old"
             subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old), args.against], check=True, capture_output=True)
-            trees.insert(0, (args.against, old))
+            trees.insert(0, (args.against, old, None))
         try:
-            for name, tree in trees:
-                rows.append((name, run(tree, model, args.requests, args.clients, args.tokens, args.batch_size, args.mixed)))
+            for name, tree, mode in trees:
+                rows.append((name, run(tree, model, args.requests, args.clients, args.tokens, args.batch_size, args.mixed, mode)))
                 print(name, rows[-1], flush=True)
         finally:
             if args.against:
@@ -119,6 +122,7 @@ def main() -> None:
         "",
         f"Machine: {machine()}, device cpu. Command: `python bench/serve_load.py --requests {args.requests} --clients {args.clients} "
         f"--tokens {args.tokens}{f' --batch-size {args.batch_size}' if args.batch_size else ''}{' --mixed' if args.mixed else ''}"
+        f"{f' --batching {args.batching}' if args.batching else ''}"
         f"{f' --against {args.against}' if args.against else ''}`.",
         f"Tiny model, float32, one 1280x720 JPEG per request as a data: URL, "
         f"{f'{max(1, args.tokens // 2)}, {args.tokens} or {2 * args.tokens} new tokens in turn' if args.mixed else f'{args.tokens} new tokens'}, "

@@ -463,6 +463,7 @@ def serve(
     api_key: O.ServeApiKey = None,
     batch_size: O.BatchSize = None,
     queue_size: Annotated[int, typer.Option(min=1, help="Requests that may wait; beyond that: 503.", rich_help_panel=O.SERVE_PANEL)] = 64,
+    batching: Annotated[str, typer.Option(metavar="auto|continuous|fixed", help="continuous: requests join running batches (auto: on a GPU); fixed: a batch runs to its end.", rich_help_panel=O.SERVE_PANEL)] = "auto",
     allowed_hosts: Annotated[Optional[list[str]], typer.Option("--allowed-hosts", metavar="NAME", help="Host names clients may use besides the listening address (repeatable; guards against DNS rebinding).", rich_help_panel=O.SERVE_PANEL)] = None,
     max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens one request may ask for; more is a 400.", rich_help_panel=O.SERVE_LIMITS_PANEL)] = 4096,
     max_body: Annotated[str, typer.Option(metavar="SIZE", help="Largest request body (413 beyond it), e.g. 64M.", rich_help_panel=O.SERVE_LIMITS_PANEL)] = "64M",
@@ -484,6 +485,7 @@ def serve(
     from qwen2vl_cli.serve import Limits, serve as run_server  # imports fastapi
     from qwen2vl_cli.sources import parse_size
 
+    batching = _choice("batching", batching, ("auto", "continuous", "fixed"))
     limits = Limits(
         max_tokens=max_tokens,
         max_body_bytes=parse_size(max_body, "--max-body"),
@@ -502,7 +504,7 @@ def serve(
         reporter.console.print(f"qvl: serving {model} on {url} (Ctrl-C to stop)")
 
     run_server(_runtime_options(model, device, dtype, attn, engine), host, port, api_key, batch_size, queue_size, reporter, announce,
-               limits, tuple(allowed_hosts or ()))
+               limits, tuple(allowed_hosts or ()), None if batching == "auto" else batching == "continuous")
 
 
 def main() -> None:

@@ -407,7 +407,7 @@ def allowed_hosts(host: str, extra: tuple[str, ...]) -> list[str]:
 
 
 def create_app(session: LocalBackend, model_name: str, api_key: str | None = None, batch_size: int = 8, queue_size: int = 64,
-               limits: Limits = Limits(), hosts: list[str] | None = None):
+               limits: Limits = Limits(), hosts: list[str] | None = None, continuous: bool | None = None):
     expected_key = f"Bearer {api_key}".encode() if api_key else None
 
     def authenticate(request: Request) -> None:
@@ -417,7 +417,7 @@ def create_app(session: LocalBackend, model_name: str, api_key: str | None = Non
             raise ApiError(401, "authentication_error", "missing or wrong API key (Authorization: Bearer KEY)")
 
     app = FastAPI(title="qvl", docs_url=None, redoc_url=None, openapi_url=None, dependencies=[Depends(authenticate)])
-    engine = Engine(session, batch_size, queue_size)
+    engine = Engine(session, batch_size, queue_size, continuous)
     media_pool = ThreadPoolExecutor(max_workers=limits.media_workers, thread_name_prefix="qvl-media")
     fetch_pool = ThreadPoolExecutor(max_workers=limits.fetch_workers, thread_name_prefix="qvl-fetch")
     started = int(time.time())
@@ -537,7 +537,7 @@ async def _stream(job: Job, chunks: asyncio.Queue, request_id, model, created, p
 
 
 def serve(runtime: RuntimeOptions, host: str, port: int, api_key: str | None, batch_size: int | None, queue_size: int,
-          hooks: Hooks, announce, limits: Limits = Limits(), extra_hosts: tuple[str, ...] = ()) -> None:
+          hooks: Hooks, announce, limits: Limits = Limits(), extra_hosts: tuple[str, ...] = (), continuous: bool | None = None) -> None:
     import socket
 
     import uvicorn
@@ -553,8 +553,10 @@ def serve(runtime: RuntimeOptions, host: str, port: int, api_key: str | None, ba
     # Reads time out well inside the deadline, so a server that drips bytes is cut off near it.
     fetch = {"policy": policy, "deadline_s": deadline, "timeout": (min(10.0, deadline), min(10.0, deadline / 4))}
     session = LocalBackend(runtime, hooks, fetch=fetch, max_source_pixels=limits.max_source_pixels, max_visual_tokens=limits.max_visual_tokens)
+    if continuous and not session.streams_batches:
+        hooks.note("--batching continuous: transformers' generate (--engine hf) runs fixed batches")
     app = create_app(session, runtime.model, api_key, batch_size or default_batch_size(session.runner.device), queue_size, limits,
-                     allowed_hosts(host, extra_hosts))
+                     allowed_hosts(host, extra_hosts), continuous)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:

@@ -389,6 +389,11 @@ def test_hints_keep_their_extras(qvl, tiny_model, media_dir, monkeypatch):
     assert r.exit_code == 2 and r.stderr.endswith("pip install 'qwen2vl-cli[endpoint]'\n")
 
 
+def test_serve_batching_is_one_of_three(qvl, tiny_model):
+    r = qvl("serve", "--model", tiny_model, "--batching", "rolling")
+    assert r.exit_code == 2 and r.stdout == "" and r.stderr == "qvl: error: --batching rolling: choose one of auto, continuous, fixed\n"
+
+
 def test_the_bytes_decide_not_the_name(qvl, media_dir, tmp_path):
     for name in ("x.jpg", "x.png", "x.mp4"):
         shutil.copy(media_dir / "notes.txt", tmp_path / name)
