@@ -191,7 +191,7 @@ class Runner:
             self.processor = AutoProcessor.from_pretrained(model_dir)
         except (OSError, ValueError, KeyError) as e:
             raise ModelError(f"cannot load the processor of {self.runtime.model}: {one_line(e)}") from None
-        self.processor.video_processor = ChunkedVideoProcessor(self.processor.video_processor, self.dtype)
+        self.processor.video_processor = ChunkedVideoProcessor(self.processor.video_processor, self.dtype, self.device)
         self.processor.tokenizer.padding_side = "left"  # batched generation continues every row at its end
 
     def load_model(self, model_dir: Path) -> None:
@@ -252,6 +252,9 @@ class Runner:
 
         images = [m.image for m in media if m.image is not None]
         videos = [torch.from_numpy(m.frames).permute(0, 3, 1, 2) for m in media if m.frames is not None]
+        images_kwargs: dict = {"do_resize": False}
+        if self.device != "cpu":  # pixels go to the GPU as bytes and are normalised and patched there
+            images_kwargs["device"] = self.device
         videos_kwargs: dict = {"do_resize": False}
         if videos and self.family.video_metadata:
             videos_kwargs.update(do_sample_frames=False, video_metadata=[VideoMetadata(**m.video_metadata) for m in media if m.frames is not None])
@@ -259,7 +262,7 @@ class Runner:
             text=[texts] if isinstance(texts, str) else texts,
             images=images or None,
             videos=videos or None,
-            images_kwargs={"do_resize": False},
+            images_kwargs=images_kwargs,
             videos_kwargs=videos_kwargs,
             padding=True,
             return_tensors="pt",
@@ -563,13 +566,15 @@ class ChunkedVideoProcessor:
     of frames is gathered into patch order and converted in one copy, then normalized in place with
     the processor's own fused mean and std, so the values are bit for bit the processor's.
     `pixel_values_videos` is stored in the model's dtype, which the vision tower casts to anyway.
+    On a GPU (`device`), the frames go there as bytes, a chunk at a time, and the work is done there.
     """
 
     CHUNK_FRAMES = 16
 
-    def __init__(self, inner, dtype: str):
+    def __init__(self, inner, dtype: str, device: str = "cpu"):
         self.inner = inner
         self.dtype = dtype
+        self.device = device
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -584,25 +589,26 @@ class ChunkedVideoProcessor:
             return p(videos, do_resize=do_resize, video_metadata=video_metadata, return_metadata=return_metadata, **kwargs)
         tp, ps, m = p.temporal_patch_size, p.patch_size, p.merge_size
         # The processor's fused rescale-and-normalize constants, computed the way it computes them.
-        mean = (torch.tensor(p.image_mean) * (1.0 / p.rescale_factor))[:, None]
-        std = (torch.tensor(p.image_std) * (1.0 / p.rescale_factor))[:, None]
+        device = torch.device(self.device)
+        mean = (torch.tensor(p.image_mean) * (1.0 / p.rescale_factor))[:, None].to(device)
+        std = (torch.tensor(p.image_std) * (1.0 / p.rescale_factor))[:, None].to(device)
         # Frames arrive at their planned size (T, C, H, W), so every grid is known before any work.
         grids = [(-(-v.shape[0] // tp), v.shape[2] // ps, v.shape[3] // ps) for v in videos]
         channels = videos[0].shape[1]
         dtype = getattr(torch, self.dtype)
-        out = torch.empty((sum(t * h * w for t, h, w in grids), channels * tp * ps * ps), dtype=dtype)
+        out = torch.empty((sum(t * h * w for t, h, w in grids), channels * tp * ps * ps), dtype=dtype, device=device)
         offset = 0
         step = max(tp, self.CHUNK_FRAMES // tp * tp)
         direct = dtype == torch.float32  # float32 output: normalize in place; else via one chunk buffer
         for video, (_, gh, gw) in zip(videos, grids):
             for start in range(0, video.shape[0], step):
-                chunk = video[start : start + step]
+                chunk = video[start : start + step].to(device)
                 if pad := -chunk.shape[0] % tp:  # the processor repeats the last frame
                     chunk = torch.cat([chunk, chunk[-1:].expand(pad, -1, -1, -1)])
                 gt = chunk.shape[0] // tp
                 rows = gt * gh * gw
                 patches = chunk.reshape(gt, tp, channels, gh // m, m, ps, gw // m, m, ps).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
-                target = out[offset : offset + rows] if direct else torch.empty((rows, out.shape[1]))
+                target = out[offset : offset + rows] if direct else torch.empty((rows, out.shape[1]), device=device)
                 target.view(patches.shape).copy_(patches)
                 target.view(rows, channels, -1).sub_(mean).div_(std)
                 if not direct:

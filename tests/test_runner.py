@@ -28,6 +28,24 @@ def test_chunked_video_processor_equals_the_processor(video_processor, frames, d
     assert torch.equal(ours["pixel_values_videos"], expected["pixel_values_videos"].to(getattr(torch, dtype)))
 
 
+def _devices() -> list[str]:
+    return ["meta"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", _devices())
+def test_the_chunked_video_processor_works_on_the_models_device(video_processor, device):
+    """On a GPU the frames are normalised and patched there, to the same values; `meta` (shapes
+    without data) shows the work happens on the device asked for, whatever the machine."""
+    gen = torch.Generator().manual_seed(3)
+    videos = [torch.randint(0, 256, (17, 3, 56, 84), dtype=torch.uint8, generator=gen)]
+    here = ChunkedVideoProcessor(video_processor, "bfloat16")(videos, do_resize=False)
+    there = ChunkedVideoProcessor(video_processor, "bfloat16", device)(videos, do_resize=False)
+    assert there["pixel_values_videos"].device.type == device and there["pixel_values_videos"].shape == here["pixel_values_videos"].shape
+    assert torch.equal(there["video_grid_thw"], here["video_grid_thw"])
+    if device != "meta":
+        assert torch.allclose(there["pixel_values_videos"].cpu().float(), here["pixel_values_videos"].float(), atol=1e-2)
+
+
 def test_greedy_unless_temperature():
     assert sampling_kwargs(GenerationOptions())["do_sample"] is False
     sampled = sampling_kwargs(GenerationOptions(temperature=0.7))
