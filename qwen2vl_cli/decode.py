@@ -294,6 +294,10 @@ class GraphedStep:
     """The step (eager or compiled) captured once in a CUDA graph and replayed: one launch a step instead of
     one per kernel. The graph reads its tokens from a fixed buffer and leaves the logits in a fixed
     one; the state a step changes (cache, lengths, mask, positions) lives in tensors that never move.
+
+    Before it is used, one replay is checked against the step run directly from the same state:
+    logits that differ (a capture that does not replay what it recorded) raise, and the loop runs
+    the step directly instead.
     """
 
     def __init__(self, model, rows: _Rows, tokens: torch.Tensor, cache, attn: str, step: Callable | None = None):
@@ -305,7 +309,7 @@ class GraphedStep:
         try:
             with torch.cuda.stream(side):  # warm-up outside the graph: kernels chosen, workspaces allocated
                 for _ in range(2):
-                    step(model, rows, self.tokens, cache, attn)
+                    direct = step(model, rows, self.tokens, cache, attn).clone()
                     restore()
         finally:
             torch.cuda.current_stream().wait_stream(side)  # the warm-up's writes land before the last restore
@@ -313,11 +317,25 @@ class GraphedStep:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):  # recorded, not run: the state is as before
             self.logits = step(model, rows, self.tokens, cache, attn)
+        self.graph.replay()
+        replayed = self.logits.clone()
+        restore()
+        if not agrees(direct, replayed):
+            raise RuntimeError("the captured step does not give the direct step's logits")
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         self.tokens.copy_(tokens)
         self.graph.replay()
         return self.logits
+
+
+def agrees(direct: torch.Tensor, other: torch.Tensor) -> bool:
+    """Whether two runs of a step gave the same logits, within half-precision rounding (kernels
+    may differ in the order they add)."""
+    if direct.shape != other.shape or not bool(torch.isfinite(other).all()):
+        return False
+    scale = direct.abs().max().clamp(min=1e-6)
+    return bool(((other - direct).abs().max() / scale) <= 2e-2)
 
 
 def choose(logits: torch.Tensor, seen: torch.Tensor | None, young: torch.Tensor | None, sampling: Sampling, eos: torch.Tensor, generator) -> torch.Tensor:
@@ -492,7 +510,11 @@ def generate(
         if graphed:
             try:
                 step = GraphedStep(model, rows, tokens, cache, attn, one_token)
-            except Exception:  # something in the step cannot be captured: run it eagerly
+            except Exception:  # noqa: BLE001 - the step cannot be captured, or its replay is wrong: run it directly
+                if debug_enabled():
+                    import traceback
+
+                    traceback.print_exc()
                 graphed = False
         setup = time.perf_counter() - setup_start if making else 0.0  # spent making the step, even when it failed
         if on_ready is not None:

@@ -116,9 +116,10 @@ def choose_engine(requested: str, attn: str, device: str = "cpu") -> str:
     """static: qvl's loop over a static cache (decode.py); compiled: the same, its step compiled by
     inductor (and on CUDA replayed as a CUDA graph); graph: the eager step replayed as a CUDA graph;
     hf: transformers' generate, the reference. The loop builds its own attention masks, which
-    flash_attention_2 does not take."""
+    flash_attention_2 does not take. auto: graph on CUDA (capturing costs milliseconds, and a
+    capture whose replay does not match the step runs as static), static elsewhere."""
     if requested == "auto":
-        return "hf" if attn == "flash_attention_2" else "static"
+        return "hf" if attn == "flash_attention_2" else "graph" if device == "cuda" else "static"
     if requested in ("static", "compiled", "graph") and attn == "flash_attention_2":
         raise UsageError(f"--engine {requested} runs with --attn sdpa or eager; with flash_attention_2 use --engine hf")
     if requested == "graph" and device != "cuda":

@@ -43,7 +43,7 @@ Engine = Annotated[
     str,
     typer.Option(
         envvar="QVL_ENGINE",
-        help="auto | static | compiled | graph | hf. static: qvl's decode loop over a static KV cache, reading tokens back a chunk at a time; compiled: the same with its step compiled by inductor (tens of seconds the first time per shape, seconds once cached; on CUDA also a CUDA graph); graph: the eager step replayed as a CUDA graph (CUDA only); hf: transformers' generate (the reference). auto: static, or hf with flash_attention_2.",
+        help="auto | static | compiled | graph | hf. static: qvl's decode loop over a static KV cache, reading tokens back a chunk at a time; compiled: the same with its step compiled by inductor (tens of seconds the first time per shape, seconds once cached; on CUDA also a CUDA graph); graph: the eager step replayed as a CUDA graph (CUDA only); hf: transformers' generate (the reference). auto: graph on CUDA, static elsewhere, hf with flash_attention_2.",
         rich_help_panel=RUN_PANEL,
     ),
 ]

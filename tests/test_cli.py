@@ -228,6 +228,7 @@ def test_describe_on_a_cuda_gpu(qvl, tiny_model, media_dir):
     assert r.exit_code == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["device"] == "cuda" and out["dtype"] in ("bfloat16", "float16") and out["generated_tokens"] >= 1
+    assert out["engine"] == "graph", r.stderr  # auto's choice on CUDA, its replay checked against the direct step
     assert out["inputs"][0]["visual_tokens"] == 154  # GPU sizes: no CPU cap on a 400x300 image
 
 

@@ -128,6 +128,7 @@ def test_engine_rules():
     from qwen2vl_cli.errors import UsageError
 
     assert choose_engine("auto", "sdpa") == "static" and choose_engine("auto", "eager") == "static"
+    assert choose_engine("auto", "sdpa", "cuda") == "graph" and choose_engine("auto", "sdpa", "mps") == "static"
     assert choose_engine("auto", "flash_attention_2") == "hf" and choose_engine("hf", "sdpa") == "hf"
     with pytest.raises(UsageError, match="--engine hf"):
         choose_engine("static", "flash_attention_2")
@@ -377,3 +378,16 @@ def test_the_compiled_step_is_made_once_for_requests_of_one_shape(tiny_model, me
         assert g.engine == "compiled"
         made.append(counters["stats"]["unique_graphs"])
     assert made[0] >= 1 and made[1] == made[2] == made[0], made
+
+
+def test_a_replay_is_checked_against_the_direct_step():
+    """The check a captured step passes before it is used: bf16 rounding passes; other logits,
+    another shape or a NaN do not."""
+    from qwen2vl_cli.decode import agrees
+
+    direct = torch.randn(4, 300, generator=torch.Generator().manual_seed(0)) * 8
+    assert agrees(direct, direct.clone()) and agrees(direct, direct.to(torch.bfloat16).float())
+    assert not agrees(direct, direct.roll(1, dims=1)) and not agrees(direct, direct[:2])
+    broken = direct.clone()
+    broken[1, 7] = float("nan")
+    assert not agrees(direct, broken)
