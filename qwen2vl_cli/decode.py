@@ -419,7 +419,7 @@ def generate(
     graph: bool = False,
     compiled: bool = False,
     capacity: int = 0,
-    admit: Callable[[int, Callable[[int], bool]], list[Joining]] | None = None,
+    admit: Callable[[int, Callable[[int, int], bool]], list[Joining]] | None = None,
     on_row: Callable[[int, Outcome | Exception], None] | None = None,
     on_ready: Callable[[bool, bool, float], None] | None = None,
     min_new_tokens: list[int] | None = None,  # each row's own minimum (else the sampling's for every row)
@@ -434,8 +434,8 @@ def generate(
 
     Continuous batching: with `admit`, the batch has `capacity` slots (filler rows where no
     request is) and a cache twice the first rows' prompt and answer; at each read, `admit(free,
-    fits)` may hand over up to `free` requests whose prompt width passes `fits`, and each joins
-    at the next step. Joined rows are numbered after the caller's; one that fails to join (out of
+    fits)` may hand over up to `free` requests that pass `fits(prompt width, max_new_tokens)`
+    (room for the prompt and the answer), and each joins at the next step. Joined rows are numbered after the caller's; one that fails to join (out of
     memory in its prefill) is reported to `on_row` with the exception, and the others go on."""
     batch = inputs["input_ids"].shape[0]  # the caller's rows; a compiled or captured step may run more
     slots = max(batch, capacity) if admit is not None else batch

@@ -7,10 +7,10 @@ with size and time limits). Media are fetched and decoded on a small pool of its
 sources cannot take the threads others need. Prepared requests wait in a bounded queue (full:
 503 with Retry-After, decided before any stream starts); one worker thread owns the model and
 takes what is waiting, up to the batch size, as one batch of requests with the same sampling
-settings; requests that arrive while it runs join it as its rows end (continuous batching), and
-each answer goes back as soon as its row ends. A client that goes away stops its row within a
-few tokens. This module needs the `serve` extra (FastAPI, uvicorn); the CLI imports it only for
-`qvl serve`.
+settings, and each answer goes back as soon as its row ends; with continuous batching (the
+default on a GPU), requests that arrive while a batch runs join it as its rows end. A client
+that goes away stops its row within a few tokens. This module needs the `serve` extra (FastAPI,
+uvicorn); the CLI imports it only for `qvl serve`.
 """
 
 from __future__ import annotations
@@ -306,7 +306,12 @@ class Engine:
                         closed = True
                         break
                     job = self._line.popleft()
-                if fits(job):  # its processor inputs are made here, outside the lock
+                try:
+                    fitting = fits(job)  # its processor inputs are made here, outside the lock
+                except Exception as e:  # noqa: BLE001 - that request's failure alone
+                    _settle(job.future, error=e)
+                    continue
+                if fitting:
                     taken.append(job)
                 else:  # too long for the room left
                     with self._changed:

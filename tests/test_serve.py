@@ -294,3 +294,42 @@ def test_requests_that_arrive_while_a_batch_runs_join_it(tiny_model, media_dir):
     assert [r.generated_tokens for r in results] == [64, 64, 12, 64]
     assert ["".join(chunks[i]) for i in (1, 3)] == [alone[1].text, alone[3].text]  # the streamed ones streamed their own text
     assert ended[0] == 2  # the short one joined with the others and its answer went back first
+
+
+def test_a_request_that_cannot_join_gets_its_error_and_the_batch_goes_on(tiny_model, media_dir):
+    """Continuous batching: a waiting request whose inputs fail as it joins is answered with its
+    error (not left waiting for ever), and the batch and the next request carry on."""
+    import threading
+    from dataclasses import replace
+
+    from qwen2vl_cli.backend import LocalBackend
+    from qwen2vl_cli.serve import Engine, Job
+    from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions
+
+    class Quiet:
+        def stage(self, text):
+            pass
+
+    session = LocalBackend(RuntimeOptions(str(tiny_model), device="cpu", dtype="float32"), Quiet())
+    gen = GenerationOptions(max_new_tokens=64, min_new_tokens=64)
+    good = session.prepare((str(media_dir / "square.png"),), MediaOptions(), gen)
+    bad = replace(good, text=good.text.replace("Describe", "Describe (broken)"))
+    inputs = session.runner.inputs
+
+    def failing(texts, media):
+        if "(broken)" in (texts if isinstance(texts, str) else texts[0]):
+            raise ValueError("broken inputs")
+        return inputs(texts, media)
+
+    session.runner.inputs = failing
+    engine = Engine(session, batch_size=4, queue_size=16, continuous=True)
+    busy = threading.Event()
+    first = Job(good, gen, stream=True, on_text=lambda t: busy.set())
+    engine.submit(first)
+    assert busy.wait(60)
+    broken, after = Job(bad, gen, stream=False), Job(good, gen, stream=False)
+    engine.submit(broken)
+    engine.submit(after)
+    with pytest.raises(ValueError, match="broken inputs"):
+        broken.future.result(timeout=60)
+    assert first.future.result(timeout=60).generated_tokens == 64 and after.future.result(timeout=60).generated_tokens == 64
