@@ -86,7 +86,6 @@ class _Rows:
     out: torch.Tensor  # (B, steps) long: the token chosen at each step
     cache_argument: str = "cache"  # the language model's name for its KV cache, read once (not every step)
     start: torch.Tensor | None = None  # (B,) long: the column of `out` with the slot's row's first token
-    limit: torch.Tensor | None = None  # (B,) long: the most tokens the slot's row may have
     minimum: torch.Tensor | None = None  # (B,) long: the fewest tokens before it may end
 
 
@@ -338,14 +337,17 @@ def agrees(direct: torch.Tensor, other: torch.Tensor) -> bool:
     return bool(((other - direct).abs().max() / scale) <= 2e-2)
 
 
-def choose(logits: torch.Tensor, seen: torch.Tensor | None, young: torch.Tensor | None, sampling: Sampling, eos: torch.Tensor, generator) -> torch.Tensor:
+def choose(logits: torch.Tensor, seen: torch.Tensor | None, young: torch.Tensor | bool | None, sampling: Sampling, eos: torch.Tensor,
+           generator) -> torch.Tensor:
     """The next token of every row, on the device. `seen`: the rows' tokens so far (repetition
-    penalty); `young`: the rows still short of the minimum length, which may not end yet."""
+    penalty); `young`: the rows still short of the minimum length, which may not end yet (True: all)."""
     if seen is not None:  # transformers' RepetitionPenaltyLogitsProcessor, as a mask
         p = sampling.repetition_penalty
         penalized = torch.where(logits < 0, logits * p, logits / p)
         logits = torch.where(seen[:, : logits.shape[-1]], penalized, logits)
-    if young is not None:  # no end before the minimum
+    if young is True:  # no end before the minimum
+        logits = logits.index_fill(1, eos, float("-inf"))
+    elif young is not None:
         ends = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device).index_fill_(0, eos, True)
         logits = logits.masked_fill(young[:, None] & ends, float("-inf"))
     if sampling.temperature <= 0:
@@ -363,14 +365,14 @@ def choose(logits: torch.Tensor, seen: torch.Tensor | None, young: torch.Tensor 
 
 
 def _advance(rows: _Rows, chosen: torch.Tensor, eos: torch.Tensor, pad: int) -> torch.Tensor:
-    """Record the chosen tokens; a row that ended (its end token, or all its tokens) gets padding from then on."""
+    """Record the chosen tokens; a row that ended gets padding from then on. (A row that has all its
+    tokens is ended by the host, which knows every row's length: no work on the device each step.)"""
     chosen = torch.where(rows.ended, torch.full_like(chosen, pad), chosen)
     rows.out.index_copy_(1, rows.step.view(1), chosen[:, None])
     rows.ended |= torch.isin(chosen, eos)
     if rows.seen is not None:
         rows.seen.scatter_(1, chosen[:, None], True)
     rows.step += 1
-    rows.ended |= rows.step - rows.start >= rows.limit
     return chosen
 
 
@@ -463,11 +465,12 @@ def generate(
         seen = torch.zeros((slots, vocab + 1), dtype=torch.bool, device=device)
         seen.scatter_(1, ids.clamp(max=vocab), True)
 
-    def young() -> torch.Tensor | None:
-        """The rows that may not end yet, where a minimum length is still in force for any row."""
-        if all(done - r.start >= r.minimum for r in live):
+    def young() -> torch.Tensor | bool | None:
+        """The rows that may not end yet: None where no row is short of its minimum, True where all are."""
+        short = [done - r.start < r.minimum for r in live]
+        if not any(short):
             return None
-        return rows.step - rows.start < rows.minimum
+        return True if all(short) else rows.step - rows.start < rows.minimum
 
     start = time.perf_counter()
     live = [_Live(index=r, slot=r, start=0, limit=limits[r], minimum=minimums[r], began=start, cancel=cancels[r] if cancels else None)
@@ -486,7 +489,6 @@ def generate(
             out=torch.full((slots, length - width + 1), pad_id, dtype=torch.long, device=device),
             cache_argument=_cache_argument(model),
             start=torch.zeros(slots, dtype=torch.long, device=device),
-            limit=torch.tensor(limits + [1] * (slots - batch), device=device),
             minimum=torch.tensor(minimums + [0] * (slots - batch), device=device),
         )
         tokens = _advance(rows, choose(logits, rows.seen, young(), sampling, eos, generator), eos, pad_id)
@@ -498,9 +500,12 @@ def generate(
         if compiled and making:
             one_token, compiled = _compile_or_eager(model, rows, tokens, cache, attn)
         step: Callable[[torch.Tensor], torch.Tensor] = partial(one_token, model, rows, cache=cache, attn=attn)
-        if one_token is decode_one_token and not graphed:  # eager: each step reads only the positions written
+        if one_token is decode_one_token and not graphed:  # eager: a step reads only the positions written
+            whole = step
 
             def step(tokens: torch.Tensor) -> torch.Tensor:
+                if 4 * (length - position - 1) < length:  # under a quarter of the cache unwritten: slicing costs more than it saves
+                    return whole(tokens)
                 show(cache, position + 1)
                 try:
                     return decode_one_token(model, rows, tokens, cache, attn, position + 1)
@@ -527,7 +532,8 @@ def generate(
         while True:
             if done % chunk == 0 or done == 1 or any(done == r.start + r.limit for r in live):
                 ended = _read(rows, live, done, guard, on_tokens)
-                for r in [r for r in live if ended[r.slot] or r.looped is not None or r.cancelled is not None]:
+                for r in [r for r in live if ended[r.slot] or done - r.start >= r.limit or r.looped is not None or r.cancelled is not None]:
+                    rows.ended[r.slot] = True  # padding from now on, until the slot is taken again
                     live.remove(r)
                     free.append(r.slot)
                     outcomes[r.index] = _outcome(r, done, eos_ids)
@@ -615,9 +621,8 @@ def _take(model, rows: _Rows, cache, slot: int, joining: Joining, fits, position
         position = width
     began = time.perf_counter()
     logits = _join(model, rows, cache, slot, joining.inputs)
-    rows.limit[slot], rows.minimum[slot] = limit, minimum
-    young = torch.ones(1, dtype=torch.bool, device=logits.device) if minimum else None
-    first = choose(logits, None if rows.seen is None else rows.seen[slot : slot + 1], young, sampling, eos, generator)
+    rows.minimum[slot] = minimum
+    first = choose(logits, None if rows.seen is None else rows.seen[slot : slot + 1], True if minimum else None, sampling, eos, generator)
     rows.out[slot, done - 1] = first[0]
     if rows.seen is not None:
         rows.seen[slot, first[0]] = True
