@@ -558,9 +558,12 @@ def serve(runtime: RuntimeOptions, host: str, port: int, api_key: str | None, ba
     # Reads time out well inside the deadline, so a server that drips bytes is cut off near it.
     fetch = {"policy": policy, "deadline_s": deadline, "timeout": (min(10.0, deadline), min(10.0, deadline / 4))}
     session = LocalBackend(runtime, hooks, fetch=fetch, max_source_pixels=limits.max_source_pixels, max_visual_tokens=limits.max_visual_tokens)
+    batch_size = batch_size or default_batch_size(session.runner.device)
     if continuous and not session.streams_batches:
         hooks.note("--batching continuous: transformers' generate (--engine hf) runs fixed batches")
-    app = create_app(session, runtime.model, api_key, batch_size or default_batch_size(session.runner.device), queue_size, limits,
+    elif continuous and batch_size == 1:
+        hooks.note("--batching continuous: with --batch-size 1 no request can join another; give --batch-size 4 or more")
+    app = create_app(session, runtime.model, api_key, batch_size, queue_size, limits,
                      allowed_hosts(host, extra_hosts), continuous)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

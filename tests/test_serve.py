@@ -333,3 +333,24 @@ def test_a_request_that_cannot_join_gets_its_error_and_the_batch_goes_on(tiny_mo
     with pytest.raises(ValueError, match="broken inputs"):
         broken.future.result(timeout=60)
     assert first.future.result(timeout=60).generated_tokens == 64 and after.future.result(timeout=60).generated_tokens == 64
+
+
+def test_batching_continuous_says_when_it_cannot_join_anything(tiny_model):
+    """On a CPU the batch size is 1 unless given: asking for continuous batching then says how to
+    get it; with a batch size it runs quietly and answers."""
+    for extra, note in ((), True), (("--batch-size", "2"), False):
+        proc = subprocess.Popen([sys.executable, "-m", "qwen2vl_cli", "serve", "--model", str(tiny_model), "--port", "0", "--dtype", "float32",
+                                 "--batching", "continuous", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            seen = []
+            while not seen or "serving" not in seen[-1]:
+                seen.append(proc.stderr.readline())
+                assert seen[-1] or proc.poll() is None, "".join(seen)
+            said = any("no request can join another; give --batch-size 4 or more" in line for line in seen)
+            assert said == note, seen
+            url = seen[-1].split(" on ")[1].split()[0]
+            r = requests.post(url + "/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}, timeout=60)
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
