@@ -285,10 +285,10 @@ class Engine:
         return replace(job.gen, max_new_tokens=1, min_new_tokens=None) == replace(gen, max_new_tokens=1, min_new_tokens=None)
 
     def _run(self, batch: list[Job]) -> None:
-        """A batch through the model. Where the engine takes joining rows, waiting requests with the
-        same sampling join it as its rows end (continuous batching), in the order they came: once
-        the next in line cannot join, no one else does, so nobody waits behind later arrivals. Each
-        answer is handed over as soon as its row ends."""
+        """A batch through the model; each answer is handed over as soon as its row ends. With
+        continuous batching, waiting requests with the same sampling join it as its rows end, in
+        the order they came: once the next in line cannot join, no one else does, so nobody waits
+        behind later arrivals."""
         jobs = list(batch)  # the batch's, then those that joined it
         gen = batch[0].gen
         closed = False  # the head of the line cannot join: the batch takes no one else, ends, and the head starts the next
@@ -330,7 +330,7 @@ class Engine:
         try:
             results = self.session.generate([j.prepared for j in batch], gen, cancels=[j.cancel for j in batch],
                                             on_texts=[j.on_text if j.stream else None for j in batch],
-                                            admit=admit if continuous else None, on_result=on_result if continuous else None,
+                                            admit=admit if continuous else None, on_result=on_result,
                                             capacity=self.batch_size, gens=[j.gen for j in batch] if continuous else None)
         except Exception as e:  # every request of the batch, and every one that joined it, gets the error
             for job in jobs:

@@ -354,3 +354,46 @@ def test_batching_continuous_says_when_it_cannot_join_anything(tiny_model):
         finally:
             proc.terminate()
             proc.wait(timeout=30)
+
+
+def test_in_a_fixed_batch_each_answer_goes_back_when_its_row_ends(tiny_model, media_dir):
+    """--batching fixed: a row that ends early (the sample GIF's answer ends on its own after 37
+    tokens) is answered then, not when the batch's longest row ends."""
+    import threading
+    from pathlib import Path
+
+    from qwen2vl_cli.backend import LocalBackend
+    from qwen2vl_cli.serve import Engine, Job
+    from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions
+
+    class Quiet:
+        def stage(self, text):
+            pass
+
+    session = LocalBackend(RuntimeOptions(str(tiny_model), device="cpu", dtype="float32"), Quiet())
+    batches: list[int] = []
+    generate = session.generate
+
+    def recording(batch, gen, **kwargs):
+        batches.append(len(batch))
+        return generate(batch, gen, **kwargs)
+
+    session.generate = recording
+    gen = GenerationOptions(max_new_tokens=200)
+    samples = Path(__file__).parent.parent / "samples"
+    gif, photo = (session.prepare((str(path),), MediaOptions(), gen) for path in (samples / "bounce.gif", media_dir / "photo.png"))
+    engine = Engine(session, batch_size=2, queue_size=16, continuous=False)
+    busy = threading.Event()
+    blocker = Job(photo, GenerationOptions(max_new_tokens=64, min_new_tokens=64, temperature=0.7, seed=1), stream=True,
+                  on_text=lambda t: busy.set())
+    engine.submit(blocker)
+    assert busy.wait(60)  # the two below wait together and run as one batch
+    ended: list[str] = []
+    jobs = {"photo": Job(photo, gen, stream=False), "gif": Job(gif, gen, stream=False)}  # the photo first in the batch
+    for name, job in jobs.items():
+        job.future.add_done_callback(lambda f, name=name: ended.append(name))
+        engine.submit(job)
+    results = {name: job.future.result(timeout=120) for name, job in jobs.items()}
+    assert batches == [1, 2], batches
+    assert results["gif"].finish_reason == "stop" and results["gif"].generated_tokens < results["photo"].generated_tokens
+    assert ended == ["gif", "photo"]
