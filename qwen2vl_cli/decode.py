@@ -52,17 +52,6 @@ class Outcome:
     decode_tokens_per_s: float | None
 
 
-@dataclass
-class Decoded:
-    """The outcome of one run of the loop: the caller's rows, then any that joined, in the order they joined."""
-
-    rows: list[Outcome | Exception]  # a row that could not join has the exception that stopped it
-    steps: int = 0
-    graph: bool = False  # the steps were replayed from a CUDA graph
-    compiled: bool = False  # the steps ran inductor's code
-    setup_s: float = 0.0  # compiling and capturing the step (not counted in ttft_s)
-
-
 @dataclass(frozen=True)
 class Joining:
     """A request that joins a running batch: one prompt's processor inputs (batch of one, on the device)."""
@@ -425,14 +414,15 @@ def generate(
     on_row: Callable[[int, Outcome | Exception], None] | None = None,
     on_ready: Callable[[bool, bool, float], None] | None = None,
     min_new_tokens: list[int] | None = None,  # each row's own minimum (else the sampling's for every row)
-) -> Decoded:
+) -> list[Outcome | Exception]:
     """Generate for a left-padded batch. Every `chunk` steps the host reads the new tokens:
     `guard(row, tokens)` says where a row loops (it is stopped there), `on_tokens` gets
     (row, tokens so far, looped at) of every row that moved, and a row whose event in `cancels`
     is set is stopped. `on_row(row, outcome)` hears of each row as soon as it ends.
-    `graph`: on CUDA, replay the step as a CUDA graph (Decoded.graph says whether it was).
-    `compiled`: the step is inductor's (Decoded.compiled says whether it could be). `on_ready(graph,
-    compiled, seconds)` hears how the step was made before any row ends.
+    `graph`: on CUDA, replay the step as a CUDA graph; `compiled`: the step is inductor's.
+    `on_ready(graph, compiled, seconds)` hears, before any row ends, whether the step could be
+    captured and compiled, and how long making it took. Returns every row's outcome: the
+    caller's rows, then those that joined (an exception for one that could not).
 
     Continuous batching: with `admit`, the batch has `capacity` slots (filler rows where no
     request is) and a cache twice the first rows' prompt and answer; at each read, `admit(free,
@@ -568,7 +558,7 @@ def generate(
             tokens = _advance(rows, choose(logits, rows.seen, young(), sampling, eos, generator), eos, pad_id)
             done += 1
             position += 1
-    return Decoded(outcomes, done, graphed, compiled, setup)
+    return outcomes
 
 
 def _read(rows: _Rows, live: list[_Live], done: int, guard, on_tokens) -> list[bool]:
@@ -611,9 +601,9 @@ def _outcome(r: _Live, done: int, eos_ids: list[int]) -> Outcome:
 def _take(model, rows: _Rows, cache, slot: int, joining: Joining, fits, position: int, done: int, sampling: Sampling, eos, generator):
     """A request joins the batch in `slot`: room made (the shared write position moves past a prompt
     wider than it), its prefill, its first token chosen and read. Returns the write position and the row."""
-    width = joining.inputs["input_ids"].shape[0] == 1 and joining.inputs["input_ids"].shape[1]
+    rows_in, width = joining.inputs["input_ids"].shape
     limit, minimum = joining.max_new_tokens, min(joining.min_new_tokens, joining.max_new_tokens)
-    if not width or limit < 1 or not fits(width, limit):
+    if rows_in != 1 or limit < 1 or not fits(width, limit):
         raise ValueError("a request joins a running batch alone, with room for its answer")
     if width > position:  # every row's next write goes past its prompt; the gap stays masked
         for layer in cache.layers:
