@@ -201,30 +201,38 @@ def test_unreachable_endpoint_is_one_line(qvl, media_dir):
     assert r.exit_code == 1 and "cannot reach --endpoint http://127.0.0.1:9/v1" in r.stderr and r.stderr.count("\n") == 1
 
 
-def test_streaming_requests_are_batched_and_each_streams_its_own_answer(tiny_model, media_dir):
-    """Streams that wait while the model is busy with other settings run as one batch; every client gets its own text,
-    chunk by chunk, equal to its answer alone. (The engine is driven in-process; its backend's
-    generate is wrapped to record the batches it is given.)"""
-    import threading
-
+def recorded_session(tiny_model):
+    """The tiny model in this process, for driving the engine directly: its backend's generate is
+    wrapped to record each batch it is given (whether each row streams). Returns the backend, that
+    record, and the unwrapped generate (answers alone, unrecorded)."""
     from qwen2vl_cli.backend import LocalBackend
-    from qwen2vl_cli.serve import Engine, Job
-    from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions
+    from qwen2vl_cli.types import RuntimeOptions
 
     class Quiet:
         def stage(self, text):
             pass
 
     session = LocalBackend(RuntimeOptions(str(tiny_model), device="cpu", dtype="float32"), Quiet())
-    assert session.streams_batches
     batches: list[list[bool]] = []
     generate = session.generate
 
     def recording(batch, gen, **kwargs):
-        batches.append([f is not None for f in kwargs.get("on_texts") or [kwargs.get("on_text")]])
+        batches.append([f is not None for f in kwargs.get("on_texts") or [kwargs.get("on_text")] * len(batch)])
         return generate(batch, gen, **kwargs)
 
     session.generate = recording
+    return session, batches, generate
+
+
+def test_streaming_requests_are_batched_and_each_streams_its_own_answer(tiny_model, media_dir):
+    """Streams that wait while the model is busy with other settings run as one batch; every client gets its own text,
+    chunk by chunk, equal to its answer alone. (The engine is driven in-process; its backend's
+    generate is wrapped to record the batches it is given.)"""
+    from qwen2vl_cli.serve import Engine, Job
+    from qwen2vl_cli.types import GenerationOptions, MediaOptions
+
+    session, batches, generate = recorded_session(tiny_model)
+    assert session.streams_batches
     gen = GenerationOptions(max_new_tokens=16)
     names = ["photo.png", "square.png", "clip.webm", "anim.gif"]
     prepared = [session.prepare((str(media_dir / n),), MediaOptions(), gen) for n in names]
@@ -251,25 +259,10 @@ def test_requests_that_arrive_while_a_batch_runs_join_it(tiny_model, media_dir):
     """Continuous batching in the engine: requests with the running batch's sampling that arrive
     while it decodes join it (no second batch runs), whatever their lengths; each gets its answer
     alone, streamed or not, handed over when its own row ends (the short one first)."""
-    import threading
-
-    from qwen2vl_cli.backend import LocalBackend
     from qwen2vl_cli.serve import Engine, Job
-    from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions
+    from qwen2vl_cli.types import GenerationOptions, MediaOptions
 
-    class Quiet:
-        def stage(self, text):
-            pass
-
-    session = LocalBackend(RuntimeOptions(str(tiny_model), device="cpu", dtype="float32"), Quiet())
-    batches: list[int] = []
-    generate = session.generate
-
-    def recording(batch, gen, **kwargs):
-        batches.append(len(batch))
-        return generate(batch, gen, **kwargs)
-
-    session.generate = recording
+    session, batches, generate = recorded_session(tiny_model)
     long, short = GenerationOptions(max_new_tokens=64, min_new_tokens=64), GenerationOptions(max_new_tokens=12, min_new_tokens=12)
     names = ["square.png", "anim.gif", "square.png", "photo.jpg"]
     gens = [long, long, short, long]
@@ -289,7 +282,7 @@ def test_requests_that_arrive_while_a_batch_runs_join_it(tiny_model, media_dir):
         job.future.add_done_callback(lambda f, i=i: ended.append(i))
         engine.submit(job)
     results = [job.future.result(timeout=120) for job in jobs]
-    assert batches == [1], batches  # one batch: the others joined it
+    assert [len(b) for b in batches] == [1], batches  # one batch: the others joined it
     assert [r.text for r in results] == [a.text for a in alone]
     assert [r.generated_tokens for r in results] == [64, 64, 12, 64]
     assert ["".join(chunks[i]) for i in (1, 3)] == [alone[1].text, alone[3].text]  # the streamed ones streamed their own text
@@ -299,18 +292,12 @@ def test_requests_that_arrive_while_a_batch_runs_join_it(tiny_model, media_dir):
 def test_a_request_that_cannot_join_gets_its_error_and_the_batch_goes_on(tiny_model, media_dir):
     """Continuous batching: a waiting request whose inputs fail as it joins is answered with its
     error (not left waiting for ever), and the batch and the next request carry on."""
-    import threading
     from dataclasses import replace
 
-    from qwen2vl_cli.backend import LocalBackend
     from qwen2vl_cli.serve import Engine, Job
-    from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions
+    from qwen2vl_cli.types import GenerationOptions, MediaOptions
 
-    class Quiet:
-        def stage(self, text):
-            pass
-
-    session = LocalBackend(RuntimeOptions(str(tiny_model), device="cpu", dtype="float32"), Quiet())
+    session, _, _ = recorded_session(tiny_model)
     gen = GenerationOptions(max_new_tokens=64, min_new_tokens=64)
     good = session.prepare((str(media_dir / "square.png"),), MediaOptions(), gen)
     bad = replace(good, text=good.text.replace("Describe", "Describe (broken)"))
@@ -359,26 +346,10 @@ def test_batching_continuous_says_when_it_cannot_join_anything(tiny_model):
 def test_in_a_fixed_batch_each_answer_goes_back_when_its_row_ends(tiny_model, media_dir):
     """--batching fixed: a row that ends early (the sample GIF's answer ends on its own after 37
     tokens) is answered then, not when the batch's longest row ends."""
-    import threading
-    from pathlib import Path
-
-    from qwen2vl_cli.backend import LocalBackend
     from qwen2vl_cli.serve import Engine, Job
-    from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions
+    from qwen2vl_cli.types import GenerationOptions, MediaOptions
 
-    class Quiet:
-        def stage(self, text):
-            pass
-
-    session = LocalBackend(RuntimeOptions(str(tiny_model), device="cpu", dtype="float32"), Quiet())
-    batches: list[int] = []
-    generate = session.generate
-
-    def recording(batch, gen, **kwargs):
-        batches.append(len(batch))
-        return generate(batch, gen, **kwargs)
-
-    session.generate = recording
+    session, batches, generate = recorded_session(tiny_model)
     gen = GenerationOptions(max_new_tokens=200)
     samples = Path(__file__).parent.parent / "samples"
     gif, photo = (session.prepare((str(path),), MediaOptions(), gen) for path in (samples / "bounce.gif", media_dir / "photo.png"))
@@ -394,6 +365,6 @@ def test_in_a_fixed_batch_each_answer_goes_back_when_its_row_ends(tiny_model, me
         job.future.add_done_callback(lambda f, name=name: ended.append(name))
         engine.submit(job)
     results = {name: job.future.result(timeout=120) for name, job in jobs.items()}
-    assert batches == [1, 2], batches
+    assert [len(b) for b in batches] == [1, 2], batches
     assert results["gif"].finish_reason == "stop" and results["gif"].generated_tokens < results["photo"].generated_tokens
     assert ended == ["gif", "photo"]
