@@ -427,7 +427,9 @@ def generate(
     Continuous batching: with `admit`, the batch has `capacity` slots (filler rows where no
     request is) and a cache twice the first rows' prompt and answer; at each read, `admit(free,
     fits)` may hand over up to `free` requests that pass `fits(prompt width, max_new_tokens)`
-    (room for the prompt and the answer), and each joins at the next step. Joined rows are numbered after the caller's; one that fails to join (out of
+    (room for its prompt and answer, and for the rest of every running row's answer wherever its
+    prompt moves the write position; requests handed over together are counted together), and
+    each joins at the next step. Joined rows are numbered after the caller's; one that fails to join (out of
     memory in its prefill) is reported to `on_row` with the exception, and the others go on."""
     batch = inputs["input_ids"].shape[0]  # the caller's rows; a compiled or captured step may run more
     slots = max(batch, capacity) if admit is not None else batch
@@ -530,15 +532,23 @@ def generate(
                     if on_row is not None:
                         on_row(r.index, outcomes[r.index])
                 if joinable and free and position < length:
+                    planned, needed = position, max((r.limit - (done - r.start) for r in live), default=0)
 
                     def fits(w: int, max_new: int) -> bool:
-                        return max(position, w) + max_new <= length
+                        """Room for this prompt and answer, and for every row already running or
+                        accepted this read, wherever the widest prompt moves the write position."""
+                        nonlocal planned, needed
+                        if max(planned, w) + max(needed, max_new) > length:
+                            return False
+                        planned, needed = max(planned, w), max(needed, max_new)
+                        return True
 
                     for joining in admit(len(free), fits):
                         outcomes.append(None)
                         slot = free.pop()
                         try:
-                            position, joined = _take(model, rows, cache, slot, joining, fits, position, done, sampling, eos, generator)
+                            room = length - max((r.limit - (done - r.start) for r in live), default=0)
+                            position, joined = _take(model, rows, cache, slot, joining, room, position, done, sampling, eos, generator)
                         except Exception as e:  # noqa: BLE001 - this request's failure (out of memory in its prefill), not the batch's
                             free.append(slot)
                             outcomes[-1] = e
@@ -598,12 +608,13 @@ def _outcome(r: _Live, done: int, eos_ids: list[int]) -> Outcome:
     return Outcome(tokens, ended_at, r.looped, r.cancelled, r.ttft, rate)
 
 
-def _take(model, rows: _Rows, cache, slot: int, joining: Joining, fits, position: int, done: int, sampling: Sampling, eos, generator):
+def _take(model, rows: _Rows, cache, slot: int, joining: Joining, room: int, position: int, done: int, sampling: Sampling, eos, generator):
     """A request joins the batch in `slot`: room made (the shared write position moves past a prompt
-    wider than it), its prefill, its first token chosen and read. Returns the write position and the row."""
+    wider than it), its prefill, its first token chosen and read. `room`: the last write position
+    the running rows' answers allow. Returns the write position and the row."""
     rows_in, width = joining.inputs["input_ids"].shape
     limit, minimum = joining.max_new_tokens, min(joining.min_new_tokens, joining.max_new_tokens)
-    if rows_in != 1 or limit < 1 or not fits(width, limit):
+    if rows_in != 1 or limit < 1 or max(position, width) > room or max(position, width) + limit > rows.attend.shape[1]:
         raise ValueError("a request joins a running batch alone, with room for its answer")
     if width > position:  # every row's next write goes past its prompt; the gap stays masked
         for layer in cache.layers:

@@ -391,3 +391,37 @@ def test_a_replay_is_checked_against_the_direct_step():
     broken = direct.clone()
     broken[1, 7] = float("nan")
     assert not agrees(direct, broken)
+
+
+def test_a_wide_request_joins_only_where_the_rows_already_running_keep_their_room(sessions, media_dir):
+    """A prompt wider than the write position moves every row's next write past it. A request that
+    would leave a running row too little cache for the rest of its answer does not join (it waits
+    for the next batch), and two requests handed over at one read are counted together: each would
+    fit alone, not both. The running row ends as it would alone."""
+    session = sessions["static"]
+    runner = session.runner
+    [square, clip, photo] = prepared(session, media_dir, ["square.png", "clip.mp4", "photo.png"], GenerationOptions())
+    clip_width, photo_width = (int(runner.inputs(p.text, list(p.loaded))["input_ids"].shape[1]) for p in (clip, photo))
+
+    def offered(most: int, offers: list[tuple[int, int]]) -> list[bool]:
+        """What `fits` says of each offer at the first read of a batch running the square for `most` tokens."""
+        said: list[bool] = []
+
+        def admit(free, fits):
+            if not said:
+                said.extend(fits(width, max_new) for width, max_new in offers)
+            return []
+
+        gen = GenerationOptions(max_new_tokens=most, min_new_tokens=most)
+        [out] = runner.generate_batch([square.text], [list(square.loaded)], gen, admit=admit, on_done=lambda row, g: None, capacity=4)
+        assert out.tokens == runner.generate_batch([square.text], [list(square.loaded)], gen)[0].tokens
+        return said
+
+    square_width = runner.generate_batch([square.text], [list(square.loaded)], GenerationOptions(max_new_tokens=1))[0].prompt_tokens
+    # Running 100 tokens (cache 2 x (prompt + 100)): the clip's prompt would push the square's last 99 past the cache.
+    assert clip_width + 10 <= 2 * (square_width + 100) < clip_width + 99
+    assert offered(100, [(clip_width, 10)]) == [False]
+    # Running 141: the clip (short answer) fits alone and the photo (long answer) fits alone, not both.
+    length = 2 * (square_width + 141)
+    assert clip_width + 140 <= length and photo_width + 200 <= length < clip_width + 200
+    assert offered(141, [(photo_width, 200), (clip_width, 10)]) == [True, False]
