@@ -181,9 +181,8 @@ class LocalBackend:
             start = time.perf_counter()
             inputs = self.runner.inputs(one.text, list(one.loaded))
             inputs_s = time.perf_counter() - start
-            gens = [replace(self.runner.generate(inputs, gen, on_text=on_text, cancel=cancels[0] if cancels else None), inputs_s=inputs_s)]
-            peak = peak_memory_bytes(self.runner.device)
-            return [make_result(self.runner, g, p.plans, peak, gen, p.media_s) for p, g in zip(batch, gens)]
+            generation = replace(self.runner.generate(inputs, gen, on_text=on_text, cancel=cancels[0] if cancels else None), inputs_s=inputs_s)
+            return [make_result(self.runner, generation, one.plans, peak_memory_bytes(self.runner.device), gen, one.media_s)]
         prepared = list(batch)  # grows as requests join
         options = list(gens or [gen] * len(batch))
 
