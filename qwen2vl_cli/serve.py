@@ -44,6 +44,7 @@ from qwen2vl_cli.types import GenerationOptions, MediaOptions, Prepared, Result,
 MM_KWARGS = {f.name for f in fields(MediaOptions)} - {"cpu_budget", "resize", "max_download"}
 URL_SCHEMES = ("http://", "https://", "data:")
 DEFAULT_MAX_TOKENS = 512  # when a request gives none
+FETCHES_PER_REQUEST = 4  # media URLs of one request fetched at once
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ def to_chat(messages, max_media: int) -> tuple[list[dict], list[str]]:
                 parts.append({"type": "text", "text": part.get("text", "")})
             elif kind in ("image_url", "video_url"):
                 url = (part.get(kind) or {}).get("url") if isinstance(part.get(kind), dict) else part.get(kind)
-                if not isinstance(url, str) or not url.startswith(URL_SCHEMES):
+                if not isinstance(url, str) or not url[:8].lower().startswith(URL_SCHEMES):
                     raise invalid(f"{kind}: give an http(s):// or data: URL", "messages")
                 parts.append({"type": "media"})  # image or video: decided by the bytes
                 urls.append(url)
@@ -340,6 +341,27 @@ class Engine:
             _settle(job.future, result)
 
 
+async def fetch_all(pool: ThreadPoolExecutor, fetch, urls: list[str], at_once: int = FETCHES_PER_REQUEST) -> None:
+    """`fetch(url)` for every URL on `pool`, at most `at_once` of one request at a time, so one
+    request cannot take every fetch thread. The first failure stops the rest from starting and
+    is raised once the running ones have ended (each is bounded by its deadline)."""
+    gate = asyncio.Semaphore(at_once)
+    failed: list[BaseException] = []
+
+    async def one(url: str) -> None:
+        async with gate:
+            if failed:
+                return
+            try:
+                await asyncio.wrap_future(pool.submit(fetch, url))
+            except Exception as e:  # noqa: BLE001 - answered below, once
+                failed.append(e)
+
+    await asyncio.gather(*(one(u) for u in urls))
+    if failed:
+        raise failed[0]
+
+
 def _log_bug(where: str, e: BaseException) -> None:
     """A 500 is a bug: one line on the server's stderr, the traceback with QVL_DEBUG=1."""
     if debug_enabled():
@@ -462,12 +484,8 @@ def create_app(session: LocalBackend, model_name: str, api_key: str | None = Non
         opts = media_options(body.get("mm_processor_kwargs"), limits)
         resolver = session.resolver(opts)
         try:
-            # Downloads wait on the network on threads of their own; decoding takes the small pool.
-            fetched = await asyncio.gather(*(asyncio.wrap_future(fetch_pool.submit(resolver.fetch, u)) for u in dict.fromkeys(urls)),
-                                           return_exceptions=True)
-            for outcome in fetched:  # every fetch has ended (each is bounded): the first failure answers
-                if isinstance(outcome, BaseException):
-                    raise outcome
+            # Downloads wait on the network on threads of their own; decoding (data: URLs included) takes the small pool.
+            await fetch_all(fetch_pool, resolver.fetch, [u for u in dict.fromkeys(urls) if not u[:5].lower() == "data:"])
             prepared = await asyncio.wrap_future(media_pool.submit(session.prepare_chat, chat, urls, opts, gen, resolver))
         except QvlError as e:
             raise invalid(describe_exception(e)[0], "messages") from None

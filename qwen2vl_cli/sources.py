@@ -15,7 +15,6 @@ import shutil
 import sys
 import tempfile
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -178,63 +177,78 @@ class SourceResolver:
         return Source("<stdin>", path=path)
 
     def _download(self, url: str) -> Source:
+        from qwen2vl_cli.urlpolicy import Deadline, fetch_session
+
+        label = _short(url)
+        path = self._tempfile(Path(urlparse(url).path).suffix[:10])
+        # The deadline runs from connecting to the last byte, headers included, whatever the server sends meanwhile.
+        with Deadline(self._deadline_s) as deadline, fetch_session(self._policy, deadline) as session:
+            session.max_redirects = C.MAX_REDIRECTS
+            late = MediaError(label, f"download took longer than {self._deadline_s:g} s")
+            try:
+                total = self._stream(session, url, label, path)
+            except MediaError:
+                raise
+            except Exception as e:
+                if deadline.expired:
+                    raise late from None
+                if (error := self._fetch_error(label, e)) is None:
+                    raise
+                raise error from None
+            if deadline.expired:  # a socket shut mid-body can read as its end
+                raise late
+        if total == 0:
+            raise MediaError(label, "the server sent an empty body")
+        return Source(label, path=path)
+
+    def _stream(self, session, url: str, label: str, path: Path) -> int:
+        """The body of `url` into `path`, within the size limit; returns its size."""
+        with session.get(url, stream=True, timeout=self._timeout) as resp:
+            if resp.status_code >= 400:
+                raise MediaError(label, f"HTTP {resp.status_code} {resp.reason}".rstrip())
+            declared = resp.headers.get("Content-Length")
+            if declared and declared.isdigit() and int(declared) > self._max_bytes:
+                raise MediaError(label, f"is {format_size(int(declared))}, over the {format_size(self._max_bytes)} download limit (--max-download)")
+            total = 0
+            with open(path, "wb") as out:
+                while chunk := resp.raw.read1(_CHUNK, decode_content=True):
+                    total += len(chunk)
+                    if total > self._max_bytes:
+                        raise MediaError(label, f"download exceeds the {format_size(self._max_bytes)} limit (--max-download)")
+                    out.write(chunk)
+        return total
+
+    def _fetch_error(self, label: str, e: Exception) -> MediaError | None:
+        """What a failed download says: with a policy (a server), refused and unreachable read the
+        same, so the server cannot be used to scan its own network."""
         import requests
         import urllib3
 
         from qwen2vl_cli.urlpolicy import RefusedAddress
 
-        label = _short(url)
-        suffix = Path(urlparse(url).path).suffix[:10]
-        path = self._tempfile(suffix)
-        session = self._policy.session() if self._policy is not None else requests.Session()
-        session.max_redirects = C.MAX_REDIRECTS
         unreachable = "could not connect: check the URL and your network"
-        if self._policy is not None:  # one answer for refused and unreachable: no probing the server's network
+        if self._policy is not None:
             unreachable = "cannot fetch it: the host is unreachable or not a public address"
-        started = time.monotonic()
-        try:
-            with session.get(url, stream=True, timeout=self._timeout) as resp:
-                if resp.status_code >= 400:
-                    raise MediaError(label, f"HTTP {resp.status_code} {resp.reason}".rstrip())
-                declared = resp.headers.get("Content-Length")
-                if declared and declared.isdigit() and int(declared) > self._max_bytes:
-                    raise MediaError(label, f"is {format_size(int(declared))}, over the {format_size(self._max_bytes)} download limit (--max-download)")
-                total = 0
-                with open(path, "wb") as out:
-                    # read1 returns whatever has arrived, so a server that drips bytes meets the deadline too.
-                    while chunk := resp.raw.read1(_CHUNK, decode_content=True):
-                        total += len(chunk)
-                        if total > self._max_bytes:
-                            raise MediaError(label, f"download exceeds the {format_size(self._max_bytes)} limit (--max-download)")
-                        if time.monotonic() - started > self._deadline_s:
-                            raise MediaError(label, f"download took longer than {self._deadline_s:g} s")
-                        out.write(chunk)
-        except requests.exceptions.ConnectTimeout:
-            if self._policy is not None:
-                raise MediaError(label, unreachable) from None
-            raise MediaError(label, f"timed out connecting after {self._timeout[0]:g} s") from None
-        except requests.exceptions.ReadTimeout:
-            raise MediaError(label, f"server sent nothing for {self._timeout[1]:g} s") from None
-        except urllib3.exceptions.ReadTimeoutError:  # from read1 in the body
-            raise MediaError(label, f"server sent nothing for {self._timeout[1]:g} s") from None
-        except (requests.exceptions.ChunkedEncodingError, urllib3.exceptions.ProtocolError):
-            raise MediaError(label, "the server closed the connection before the end of the file") from None
-        except urllib3.exceptions.DecodeError:
-            raise MediaError(label, "the server sent a body that does not decompress") from None
-        except requests.exceptions.ConnectionError as e:
+        silent = f"server sent nothing for {self._timeout[1]:g} s"
+        if isinstance(e, requests.exceptions.ConnectTimeout):
+            return MediaError(label, unreachable if self._policy is not None else f"timed out connecting after {self._timeout[0]:g} s")
+        if isinstance(e, (requests.exceptions.ReadTimeout, urllib3.exceptions.ReadTimeoutError)):  # the latter from read1 in the body
+            return MediaError(label, silent)
+        if isinstance(e, (requests.exceptions.ChunkedEncodingError, urllib3.exceptions.ProtocolError)):
+            return MediaError(label, "the server closed the connection before the end of the file")
+        if isinstance(e, urllib3.exceptions.DecodeError):
+            return MediaError(label, "the server sent a body that does not decompress")
+        if isinstance(e, requests.exceptions.ConnectionError):
             if "timed out" not in str(e).lower() or isinstance(e, RefusedAddress):  # a stall in the body arrives wrapped like this
-                raise MediaError(label, unreachable) from None
-            raise MediaError(label, f"server sent nothing for {self._timeout[1]:g} s") from None
-        except requests.exceptions.TooManyRedirects:
-            raise MediaError(label, f"more than {C.MAX_REDIRECTS} redirects") from None
-        except requests.exceptions.RequestException as e:
-            reason = type(e).__name__
-            raise MediaError(label, f"download failed ({reason}): check the URL and your network") from None
-        finally:
-            session.close()
-        if total == 0:
-            raise MediaError(label, "the server sent an empty body")
-        return Source(label, path=path)
+                return MediaError(label, unreachable)
+            return MediaError(label, silent)
+        if isinstance(e, requests.exceptions.TooManyRedirects):
+            return MediaError(label, f"more than {C.MAX_REDIRECTS} redirects")
+        if isinstance(e, requests.exceptions.RequestException):
+            return MediaError(label, f"download failed ({type(e).__name__}): check the URL and your network")
+        if isinstance(e, OSError):
+            return MediaError(label, f"download failed ({e.strerror or e})")
+        return None
 
 
 def format_size(n: float) -> str:

@@ -1,8 +1,10 @@
-"""Which addresses a server may fetch from: public ones only, checked on the address it connects to.
+"""Which addresses a server may fetch from, checked on the connection itself, and a deadline every fetch keeps.
 
 The host of every request (the first and each redirect) is resolved once, each address is
 checked, and the connection goes to the checked address (no second lookup: DNS rebinding
 cannot swap it), with the original name kept for the Host header, TLS SNI and the certificate.
+Then the socket's own peer address is checked again before a byte is sent, so the policy holds
+even where requests does not call the pinning hook (it does from 2.32.2): it fails closed.
 Written here rather than taken from requests-hardened, which has the same pinning but no
 allow-list of networks.
 """
@@ -11,11 +13,13 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3 import connection, connectionpool
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -40,33 +44,28 @@ class UrlPolicy:
     def permits(self, address: IPAddress) -> bool:
         if self.allow_private or any(address in n for n in self.allowed):
             return True
-        embedded = _embedded_ipv4(address)  # ::ffff:127.0.0.1, 2002:7f00:1::, 64:ff9b::7f00:1: the IPv4 decides
+        embedded = _embedded_ipv4(address)  # ::ffff:127.0.0.1, ::127.0.0.1, 2002:7f00:1::, 64:ff9b::7f00:1: the IPv4 decides
         if embedded:
             return all(self.permits(e) for e in embedded)
-        return address.is_global and not address.is_multicast
-
-    def session(self) -> requests.Session:
-        """A requests session whose every connection goes through this policy."""
-        session = requests.Session()
-        if not self.allow_private:
-            adapter = PinnedAdapter(self)
-            session.mount("http://", adapter)
-            session.mount("https://", adapter)
-        return session
+        # Python counts reserved IPv6 space (64:ff9b:1::/48, ::/8 ...) and site-local fec0::/10 as global.
+        return address.is_global and not (address.is_multicast or address.is_reserved or getattr(address, "is_site_local", False))
 
 
 def _embedded_ipv4(address: IPAddress) -> list[ipaddress.IPv4Address]:
+    """Every IPv4 address an IPv6 one carries: mapped, translated, compatible, NAT64, 6to4, Teredo."""
     if address.version != 6:
         return []
     found = [a for a in (address.ipv4_mapped, address.sixtofour) if a is not None]
     if address.teredo is not None:
         found.append(address.teredo[1])
-    if address in _NAT64:
+    if any(address in n for n in _LOW_32_BITS) and int(address) > 1:  # :: and ::1 are themselves
         found.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
     return found
 
 
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# Forms whose last 32 bits are an IPv4 address: NAT64's well-known prefix, IPv4-translated
+# (::ffff:0:a.b.c.d) and IPv4-compatible (::a.b.c.d) addresses.
+_LOW_32_BITS = tuple(ipaddress.ip_network(n) for n in ("64:ff9b::/96", "::ffff:0:0:0/96", "::/96"))
 
 
 def resolve(host: str, port: int, policy: UrlPolicy) -> str:
@@ -83,15 +82,99 @@ def resolve(host: str, port: int, policy: UrlPolicy) -> str:
     raise RefusedAddress(f"{host} has no address this server may fetch from")
 
 
-class PinnedAdapter(HTTPAdapter):
-    """Connects to the address `resolve` checked, for every request and redirect of the session."""
+class Deadline:
+    """Shuts every socket of one fetch once its time is up. A socket timeout starts again with
+    each byte, so a server sending its headers or body a byte at a time would never meet it."""
 
-    def __init__(self, policy: UrlPolicy):
-        super().__init__()
-        self.policy = policy
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._timer.cancel()
+
+    def track(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            if not self.expired:
+                return
+        _shut(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            sockets = list(self._sockets)
+        for sock in sockets:
+            _shut(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)  # a read blocked in another thread returns at once
+    except OSError:
+        pass
+
+
+def fetch_session(policy: UrlPolicy | None, deadline: Deadline) -> requests.Session:
+    """A requests session whose every connection keeps `deadline` and, with a `policy`, goes
+    only to addresses it permits. A server's session ignores proxy settings: a proxy resolves
+    the name itself, so neither the pin nor the peer check would see where it connects."""
+    session = requests.Session()
+    guarded = policy if policy is not None and not policy.allow_private else None
+    adapter = GuardedAdapter(guarded, deadline)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    if policy is not None:
+        session.trust_env = False
+    return session
+
+
+class GuardedAdapter(HTTPAdapter):
+    """Connects to the address `resolve` checked, for every request and redirect of the session,
+    refuses a socket whose peer the policy does not permit, and hands each socket to the deadline."""
+
+    def __init__(self, policy: UrlPolicy | None, deadline: Deadline):
+        self.policy, self.deadline = policy, deadline
+        super().__init__()  # calls init_poolmanager, which reads them
+
+    def init_poolmanager(self, *args, **kwargs) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self._guard(self.poolmanager)
+
+    def proxy_manager_for(self, proxy, **proxy_kwargs):
+        return self._guard(super().proxy_manager_for(proxy, **proxy_kwargs))
+
+    def _guard(self, manager):
+        manager.pool_classes_by_scheme = {
+            "http": type("GuardedPool", (connectionpool.HTTPConnectionPool,), {"ConnectionCls": _guarded(connection.HTTPConnection, self)}),
+            "https": type("GuardedPool", (connectionpool.HTTPSConnectionPool,), {"ConnectionCls": _guarded(connection.HTTPSConnection, self)}),
+        }
+        return manager
+
+    def check_peer(self, sock: socket.socket) -> None:
+        self.deadline.track(sock)
+        if self.policy is None:
+            return
+        try:
+            peer = ipaddress.ip_address(sock.getpeername()[0].split("%", 1)[0])
+        except (OSError, ValueError):
+            peer = None
+        if peer is None or not self.policy.permits(peer):
+            sock.close()
+            raise RefusedAddress(f"{peer} is not an address this server may fetch from")
 
     def build_connection_pool_key_attributes(self, request, verify, cert=None):
         host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)
+        if self.policy is None:
+            return host_params, pool_kwargs
         host, port = host_params["host"], host_params["port"]
         default_port = 443 if host_params["scheme"] == "https" else 80
         address = resolve(host, port or default_port, self.policy)
@@ -102,3 +185,15 @@ class PinnedAdapter(HTTPAdapter):
             pool_kwargs["assert_hostname"] = host
         host_params["host"] = f"[{address}]" if ":" in address else address
         return host_params, pool_kwargs
+
+
+def _guarded(base: type, adapter: GuardedAdapter) -> type:
+    """urllib3's connection class whose new sockets the adapter checks before any byte is sent."""
+
+    class Guarded(base):
+        def _new_conn(self):
+            sock = super()._new_conn()
+            adapter.check_peer(sock)
+            return sock
+
+    return Guarded
