@@ -8,6 +8,7 @@ an OpenAI-compatible server.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +17,7 @@ from threading import Event
 from typing import BinaryIO, Protocol
 
 from qwen2vl_cli import grounding
-from qwen2vl_cli.errors import MediaError, QvlError
+from qwen2vl_cli.errors import MediaError, QvlError, UsageError
 from qwen2vl_cli.messages import build_messages
 from qwen2vl_cli.modelinfo import locate_model
 from qwen2vl_cli.pipeline import Hooks, Probed, check_boxes, cpu_budget_note, decode_all, is_out_of_memory, make_result, plan_all, probe_all
@@ -32,8 +33,9 @@ class Backend(Protocol):
 
     def generate(
         self, batch: list, gen: GenerationOptions, on_text: Callable[[str], None] | None = None, cancels: list[Event] | None = None
-    ) -> list[Result]:
-        """Results in the batch's order; `on_text` streams a batch of one; `cancels` stops rows."""
+    ) -> list[Result | Exception]:
+        """Results in the batch's order, or the exception of a row that could not run while the
+        others did; `on_text` streams a batch of one; `cancels` stops rows."""
 
 
 class LocalBackend:
@@ -103,26 +105,51 @@ class LocalBackend:
         """The options as this device takes them (smaller defaults on a CPU)."""
         return replace(opts, cpu_budget=self.runner.device == "cpu")
 
-    def _decode(self, sources: tuple[str, ...], opts: MediaOptions, require_video: bool = False, resolver: SourceResolver | None = None):
+    def _decode(self, sources: tuple[str, ...], opts: MediaOptions, require_video: bool = False, resolver: SourceResolver | None = None,
+                room: int | None = None):
         """Plans and pixels; `resolver` (closed here) may hold sources fetched ahead."""
         with resolver or self.resolver(opts) as resolver:
-            return self.decode_probed(probe_all(resolver, sources, opts, require_video), opts)
+            return self.decode_probed(probe_all(resolver, sources, opts, require_video), opts, room)
 
-    def decode_probed(self, probed: list[Probed], opts: MediaOptions):
-        """Plans and pixels of media already probed, within this backend's limits."""
+    def decode_probed(self, probed: list[Probed], opts: MediaOptions, room: int | None = None):
+        """Plans and pixels of media already probed, within this backend's limits; `room`: the
+        prompt tokens the media may take, markers included (a server's prompt bound less its text)."""
         opts = self.sized(opts)
         for p in probed:
             if self.max_source_pixels is not None and p.info.width * p.info.height > self.max_source_pixels:
                 raise MediaError(p.source.label, f"is {p.info.width}x{p.info.height}: over the {self.max_source_pixels:,} pixels allowed here")
         count = self.runner.count_tokens
         plans = plan_all(probed, self.spec, opts, count)
-        cap = self.max_visual_tokens
-        if cap is not None and sum(p.visual_tokens for p in plans) > cap:
+        caps = [c for c in (self.max_visual_tokens, None if room is None else room - 2 * len(probed)) if c is not None]
+        if caps and sum(p.visual_tokens for p in plans) > min(caps):
+            if min(caps) < len(probed):
+                raise UsageError(f"the prompt leaves room for {max(0, room)} tokens of media: too few for {len(probed)} images and videos")
+            cap = min(caps)
             plans = plan_all(probed, self.spec, replace(opts, max_visual_tokens=min(cap, opts.max_visual_tokens or cap)), count)
-        return decode_all(probed, plans, opts)
+        return decode_all(probed, plans, opts, self.max_source_pixels)
+
+    def check_text(self, text: str, what: str) -> None:
+        """Text is text: valid Unicode, and none of the chat template's control tokens, which the
+        tokenizer would read as those tokens (a forged `<|im_start|>system` turn, an `<|image_pad|>`
+        with no image)."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise UsageError(f"{what}: not valid Unicode text (a lone surrogate at character {e.start})") from None
+        if (token := self.runner.control_token_in(text)) is not None:
+            raise UsageError(f"{what}: holds {token}, a control token of the chat template that the model would read as one: remove it")
+
+    def text_tokens(self, chat: list[dict]) -> int:
+        """The prompt tokens of a conversation besides its media (`{"type": "media"}` parts)."""
+        typed = _typed(chat, itertools.repeat("image"))
+        media = sum(part["type"] == "image" for m in typed if not isinstance(m["content"], str) for part in m["content"])
+        return self.runner.count_tokens(self.runner.prompt_text(typed)) - PLACEHOLDER_TOKENS * media
 
     def prompt(self, plans, gen: GenerationOptions) -> str:
         """The prompt text; with --boxes, the family's own grounding request for one image."""
+        for what, text in (("--prompt", gen.prompt), ("--system", gen.system), ("--boxes", gen.boxes)):
+            if text is not None:
+                self.check_text(text, what)
         if gen.boxes is not None:
             check_boxes([(p.source, p.kind) for p in plans], gen)
             gen = replace(gen, prompt=grounding.prompt(self.runner.family, gen.boxes))
@@ -139,19 +166,17 @@ class LocalBackend:
         return Prepared(tuple(plans), tuple(loaded), self.prompt(plans, gen), time.perf_counter() - start)
 
     def prepare_chat(
-        self, chat: list[dict], urls: list[str], opts: MediaOptions, gen: GenerationOptions, resolver: SourceResolver | None = None
+        self, chat: list[dict], urls: list[str], opts: MediaOptions, gen: GenerationOptions, resolver: SourceResolver | None = None,
+        room: int | None = None,
     ) -> Prepared:
-        """A whole conversation whose media parts are `{"type": "media"}` placeholders for `urls`, in order."""
+        """A whole conversation whose media parts are `{"type": "media"}` placeholders for `urls`, in
+        order; its media sized to take at most `room` prompt tokens (None: no bound)."""
         start = time.perf_counter()
-        plans, loaded = self._decode(tuple(urls), opts, resolver=resolver)
+        plans, loaded = self._decode(tuple(urls), opts, resolver=resolver, room=room)
         media_s = time.perf_counter() - start
-        kinds = iter([p.kind for p in plans])
-        typed = [
-            m if isinstance(m["content"], str)
-            else {**m, "content": [{"type": next(kinds)} if part["type"] == "media" else part for part in m["content"]]}
-            for m in chat
-        ]
-        return Prepared(tuple(plans), tuple(loaded), self.runner.prompt_text(typed), media_s)
+        text = self.runner.prompt_text(_typed(chat, (p.kind for p in plans)))
+        tokens = self.runner.count_tokens(text) + sum(p.tokens_with_markers - PLACEHOLDER_TOKENS for p in plans)
+        return Prepared(tuple(plans), tuple(loaded), text, media_s, tokens)
 
     @property
     def streams_batches(self) -> bool:
@@ -160,8 +185,9 @@ class LocalBackend:
         return self.runner.streams_batches
 
     def generate(self, batch: list[Prepared], gen: GenerationOptions, on_text=None, cancels=None, on_texts=None, admit=None, on_result=None,
-                 capacity: int = 0, gens: list[GenerationOptions] | None = None) -> list[Result]:
-        """One batch through the model. `on_text` streams the answer of a batch of one; `on_texts`
+                 capacity: int = 0, gens: list[GenerationOptions] | None = None) -> list[Result | Exception]:
+        """One batch through the model, each row's result or the exception that kept it from running
+        (its inputs could not be built; the other rows run). `on_text` streams the answer of a batch of one; `on_texts`
         (where `streams_batches`) one callback per row, None for a row that is not streamed;
         setting a row's event in `cancels` stops that row (its client went away).
 
@@ -209,7 +235,23 @@ class LocalBackend:
                                           admit=joining if admit is not None else None, on_done=on_done, capacity=capacity,
                                           lengths=[_length(g) for g in gens] if gens is not None else None)
         peak = peak_memory_bytes(self.runner.device)
-        return [make_result(self.runner, g, p.plans, peak, o, p.media_s) for p, g, o in zip(batch, generations, options)]
+        return [g if isinstance(g, Exception) else make_result(self.runner, g, p.plans, peak, o, p.media_s)
+                for p, g, o in zip(batch, generations, options)]
+
+
+# The chat template writes <|vision_start|><|image_pad|><|vision_end|> (or <|video_pad|>) for a
+# medium; the processor replaces all three with the medium's tokens_with_markers.
+PLACEHOLDER_TOKENS = 3
+
+
+def _typed(chat: list[dict], kinds) -> list[dict]:
+    """The conversation with its `{"type": "media"}` parts typed as `kinds` says, in order."""
+    kinds = iter(kinds)
+    return [
+        m if isinstance(m["content"], str)
+        else {**m, "content": [{"type": next(kinds)} if part["type"] == "media" else part for part in m["content"]]}
+        for m in chat
+    ]
 
 
 def _length(gen: GenerationOptions) -> tuple[int, int]:

@@ -283,10 +283,11 @@ def run_each(
 
 
 def _generate(backend: Backend, batch, gen):
-    """Results for a batch; when the batch fails as a whole, each input is tried alone."""
+    """Results for a batch (a row that could not run has its error); when the batch fails as a
+    whole, each input is tried alone."""
     try:
         results = backend.generate([p for _, _, p in batch], gen)
-        return [(item, r, None) for item, r in zip(batch, results)]
+        return [(item, None, r) if isinstance(r, Exception) else (item, r, None) for item, r in zip(batch, results)]
     except Exception as e:
         if len(batch) == 1:
             return [(batch[0], None, e)]

@@ -30,8 +30,9 @@ def _pil():
     return Image
 
 
-def probe(src: Source, scan: bool = False) -> tuple[MediaInfo, tuple[str, ...]]:
-    """What the headers say, and notes for the diagnostics. `scan`: index a video's packets too."""
+def probe(src: Source, scan: bool = False, first_frame: bool = False) -> tuple[MediaInfo, tuple[str, ...]]:
+    """What the headers say, and notes for the diagnostics. `scan`: index a video's packets too.
+    `first_frame`: an animation will be read as its first frame, so its frames are not timed."""
     Image = _pil()
     from PIL import UnidentifiedImageError
 
@@ -61,7 +62,7 @@ def probe(src: Source, scan: bool = False) -> tuple[MediaInfo, tuple[str, ...]]:
             return probe_video(src, scan=scan), ()
         with img:
             try:
-                return _probe_image(src, img, img_format)
+                return _probe_image(src, img, img_format, first_frame)
             except MediaError:
                 raise
             except Exception as e:  # as above: a corrupt frame table, palette or EXIF block
@@ -73,10 +74,19 @@ def _looks_like_video(head: bytes) -> bool:
     return head[4:8] == b"ftyp" or head[:4] == b"\x1aE\xdf\xa3" or (head[:4] == b"RIFF" and head[8:12] == b"AVI ") or head[:3] == b"FLV"
 
 
-def _probe_image(src: Source, img, img_format: str) -> tuple[MediaInfo, tuple[str, ...]]:
+def _probe_image(src: Source, img, img_format: str, first_frame: bool = False) -> tuple[MediaInfo, tuple[str, ...]]:
     width, height = img.size
     n_frames = getattr(img, "n_frames", 1)
     if n_frames > 1 and img_format in _ANIMATED_FORMATS and getattr(img, "is_animated", False):
+        if first_frame:
+            return MediaInfo(kind="video", width=width, height=height, format=img_format, animated=True, frames=n_frames), ()
+        # Pillow composites every frame onto the whole canvas: a 2 kB GIF of 1x1 frames on a
+        # 7000x7000 canvas costs canvas x frames, so that is what is bounded, before any frame is read.
+        limit = composite_limit()
+        if limit is not None and width * height * n_frames > limit:
+            raise MediaError(src.label, f"animated {img_format} of {n_frames} frames on a {width}x{height} canvas: {width * height * n_frames:,} "
+                             f"pixels to composite, over the {limit:,} allowed; --first-frame reads its first frame only, or set "
+                             f"{C.ENV_MAX_IMAGE_PIXELS} to raise the limit if you trust the file")
         times = _frame_times(src, img, n_frames)
         duration = times[-1] + _frame_duration(img)  # img is on the last frame now
         info = MediaInfo(
@@ -101,6 +111,20 @@ def _probe_image(src: Source, img, img_format: str) -> tuple[MediaInfo, tuple[st
     if orientation in _ROTATED:
         width, height = height, width
     return MediaInfo(kind="image", width=width, height=height, format=img_format), notes
+
+
+def composite_limit() -> int | None:
+    """Canvas pixels x frames an animation may take to read: twelve times Pillow's
+    decompression-bomb warning size (about 2^30, a few seconds here), raised with it; None: no limit."""
+    bomb = _pil().MAX_IMAGE_PIXELS
+    return None if bomb is None else 12 * bomb
+
+
+def frame_limit() -> int | None:
+    """The largest video frame decoded (width x height) unless a server sets its own: Pillow's
+    decompression-bomb limit for images; None: no limit."""
+    bomb = _pil().MAX_IMAGE_PIXELS
+    return None if bomb is None else 2 * bomb
 
 
 def _frame_duration(img) -> float:
@@ -150,19 +174,21 @@ def to_rgb(img):
     return img.convert("RGB")
 
 
-def load(src: Source, info: MediaInfo, plan: MediaPlan, keyframes_only: bool = False) -> Loaded:
-    loaded = _load(src, info, plan, keyframes_only)
+def load(src: Source, info: MediaInfo, plan: MediaPlan, keyframes_only: bool = False, max_frame_pixels: int | None = None) -> Loaded:
+    """Pixels at the plan's size. `max_frame_pixels`: no video frame larger than this is decoded
+    (frames may change size after the first, which the header describes); None: frame_limit()."""
+    loaded = _load(src, info, plan, keyframes_only, max_frame_pixels or frame_limit())
     if plan.kind != "video":
         return loaded
     metadata = {"fps": plan.native_fps, "frames_indices": list(plan.frame_indices or ()), "total_num_frames": plan.span_frames}
     return replace(loaded, video_metadata=metadata)
 
 
-def _load(src: Source, info: MediaInfo, plan: MediaPlan, keyframes_only: bool) -> Loaded:
+def _load(src: Source, info: MediaInfo, plan: MediaPlan, keyframes_only: bool, max_frame_pixels: int | None) -> Loaded:
     if plan.kind == "video" and not info.animated:
         from qwen2vl_cli.video import read_frames
 
-        return read_frames(src, plan, keyframes_only=keyframes_only and info.keyframes is not None)
+        return read_frames(src, plan, keyframes_only=keyframes_only and info.keyframes is not None, max_frame_pixels=max_frame_pixels)
     Image = _pil()
     from PIL import ImageOps
 

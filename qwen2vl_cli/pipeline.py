@@ -35,7 +35,7 @@ def probe_all(resolver: SourceResolver, texts: tuple[str, ...], opts: MediaOptio
     out = []
     for text in texts:
         src = resolver.resolve(text)
-        info, notes = media.probe(src, scan=opts.seek == "keyframe")
+        info, notes = media.probe(src, scan=opts.seek == "keyframe", first_frame=opts.first_frame)
         if require_video and info.kind != "video":
             raise MediaError(src.label, f"is a still {info.format} image, not a video: use `qvl describe`")
         if (still := media.effective_info(info, opts)) is not info:
@@ -85,9 +85,10 @@ def inspect(
         return plan_all(probe_all(resolver, texts, opts), spec, opts, count)
 
 
-def decode_all(probed: list[Probed], plans: list[MediaPlan], opts: MediaOptions) -> tuple[list[MediaPlan], list[media.Loaded]]:
+def decode_all(probed: list[Probed], plans: list[MediaPlan], opts: MediaOptions, max_frame_pixels: int | None = None
+               ) -> tuple[list[MediaPlan], list[media.Loaded]]:
     """Pixels for every input, and plans updated with what decoding found (real frame times, notes)."""
-    loaded = [media.load(p.source, p.info, pl, keyframes_only=opts.seek == "keyframe") for p, pl in zip(probed, plans)]
+    loaded = [media.load(p.source, p.info, pl, opts.seek == "keyframe", max_frame_pixels) for p, pl in zip(probed, plans)]
     plans = [
         replace(pl, frame_times_s=ld.frame_times_s, notes=pl.notes + ld.notes) if pl.kind == "video" else pl
         for pl, ld in zip(plans, loaded)

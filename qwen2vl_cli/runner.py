@@ -6,11 +6,13 @@ The runner never prints: text goes to the `on_text` callback, numbers come back 
 
 from __future__ import annotations
 
+import re
 import resource
 import sys
 import threading
 import time
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -176,6 +178,7 @@ class Runner:
         self.model = None
         self.processor = None
         self.family: Family = QWEN2_VL
+        self.context_tokens = 32768  # the model's max_position_embeddings, once its config is read
         self.load_s = 0.0
 
     def load_processor(self, model_dir: Path) -> None:
@@ -183,7 +186,9 @@ class Runner:
         import transformers
         from transformers import AutoProcessor
 
-        self.family = family_of_config(read_config(str(model_dir)), self.runtime.model)
+        config = read_config(str(model_dir)) or {}
+        self.family = family_of_config(config, self.runtime.model)
+        self.context_tokens = int((config.get("text_config") or config).get("max_position_embeddings") or 32768)
         if not debug_enabled():
             transformers.logging.set_verbosity_error()
             transformers.logging.disable_progress_bar()
@@ -241,6 +246,23 @@ class Runner:
     def count_tokens(self, text: str) -> int:
         return len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    @cached_property
+    def longest_token(self) -> int:
+        """Characters of the vocabulary's longest token: a text of n characters is at least
+        n / this many tokens (byte-level entries are at least as long as the text they stand for)."""
+        return max(1, max(map(len, self.processor.tokenizer.get_vocab())))
+
+    @cached_property
+    def _control(self) -> re.Pattern:
+        special = [t.content for t in self.processor.tokenizer.added_tokens_decoder.values() if t.special]
+        return re.compile("|".join(re.escape(t) for t in sorted(special, key=len, reverse=True)) or r"(?!)")
+
+    def control_token_in(self, text: str) -> str | None:
+        """The first of the chat template's control tokens (`<|im_end|>`, `<|image_pad|>`, ...) in
+        `text`, which the tokenizer would read as that token, not as text; None when there is none."""
+        found = self._control.search(text)
+        return found.group(0) if found else None
+
     def prompt_text(self, messages: list[dict]) -> str:
         return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
@@ -294,10 +316,12 @@ class Runner:
         self, texts: list[str], media: list[list[Loaded]], gen: GenerationOptions, cancels: list[threading.Event] | None = None,
         on_texts: list[Callable[[str], None] | None] | None = None, admit=None, on_done=None, capacity: int = 0,
         lengths: list[tuple[int, int]] | None = None,
-    ) -> list[Generation]:
+    ) -> list[Generation | Exception]:
         """Several prompts in one left-padded batch; greedy results equal one-by-one generation.
-        Setting a row's event in `cancels` ends that row within a chunk of tokens; `on_texts` streams
-        each row's text to its own callback (None: that row is not streamed), where `streams_batches`.
+        Each row's inputs are built apart: a row whose inputs fail gets its exception in its place
+        (and through `on_done`), and the others run. Setting a row's event in `cancels` ends that row
+        within a chunk of tokens; `on_texts` streams each row's text to its own callback (None: that
+        row is not streamed), where `streams_batches`.
 
         Continuous batching (where `streams_batches`): with `admit(free, fits)`, requests join the
         running batch of `capacity` rows as others end; it returns (inputs, cancel, on_text,
@@ -306,21 +330,38 @@ class Runner:
         joined ones numbered after the batch's. `lengths`: each row's own (max_new_tokens,
         min_new_tokens) instead of `gen`'s, where `streams_batches`."""
         start = time.perf_counter()
-        inputs = self.inputs(texts, [m for items in media for m in items])
+        built = [_attempt(self.inputs, text, items) for text, items in zip(texts, media)]
         inputs_s = time.perf_counter() - start
-        streams = [TextStream(self.processor.tokenizer, f) if f is not None else None for f in on_texts or [None] * len(texts)]
+        good = [row for row, b in enumerate(built) if not isinstance(b, Exception)]
+        for row in set(range(len(texts))) - set(good):
+            if on_done is not None:
+                on_done(row, built[row])
+        if not good:
+            return built
+        inputs = stack_rows([built[row] for row in good], self.processor.tokenizer.pad_token_id)
+
+        def kept(values):
+            return None if values is None else [values[row] for row in good]
+
+        def renumbered(row: int, outcome) -> None:  # the engine's rows are the good ones, then those that joined
+            on_done(good[row] if row < len(good) else len(texts) + row - len(good), outcome)
+
+        streams = [TextStream(self.processor.tokenizer, f) if f is not None else None for f in kept(on_texts) or [None] * len(good)]
         if (any(streams) or admit is not None or lengths is not None) and not self.streams_batches:
             raise ValueError("transformers' generate streams one row at a time and takes no joining rows: stream a batch of one")
         with VisionClock(self.model) as clock:
             if self.engine == "hf":
-                generations = [replace(g, inputs_s=inputs_s) for g in self._generate_batch_hf(inputs, len(texts), gen, cancels)]
+                generations = [replace(g, inputs_s=inputs_s) for g in self._generate_batch_hf(inputs, len(good), gen, kept(cancels))]
                 if on_done is not None:
                     for row, generation in enumerate(generations):
-                        on_done(row, generation)
+                        renumbered(row, generation)
             else:
-                cancels = cancels or [threading.Event() for _ in texts]
-                generations = self._generate_engine(inputs.to(self.model.device), gen, streams, cancels, admit, on_done, capacity, inputs_s, lengths)
-        return [replace(g, vision_s=clock.seconds()) for g in generations]
+                generations = self._generate_engine(inputs.to(self.model.device), gen, streams, kept(cancels) or [threading.Event() for _ in good],
+                                                    admit, renumbered if on_done is not None else None, capacity, inputs_s, kept(lengths))
+        out: list[Generation | Exception] = list(built)
+        for row, generation in zip(good, generations):
+            out[row] = replace(generation, vision_s=clock.seconds())
+        return out
 
     def _eos_ids(self) -> list[int]:
         eos = self.model.generation_config.eos_token_id
@@ -547,6 +588,35 @@ class Runner:
             finish = "length"
         text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True)
         return Generation(text, tuple(tokens), prompt_tokens, visual_tokens, len(tokens), ttft, rate, finish)
+
+
+def _attempt(function, *args):
+    """`function(*args)`, or the exception it raised."""
+    try:
+        return function(*args)
+    except Exception as e:  # noqa: BLE001 - handed to the caller as that row's outcome
+        return e
+
+
+# Processor outputs with one entry per prompt token, padded on the left as the processor pads them.
+_TOKEN_KEYS = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0}
+
+
+def stack_rows(rows: list, pad_id: int):
+    """Processor inputs of one prompt each as the processor makes them for all of them at once:
+    the per-token tensors left-padded to the widest, the media's pixels and grids in row order."""
+    import torch
+    from transformers import BatchFeature
+
+    width = max(int(r["input_ids"].shape[1]) for r in rows)
+    data = {}
+    for key in dict.fromkeys(k for r in rows for k in r.keys()):
+        parts = [r[key] for r in rows if key in r]
+        if key in _TOKEN_KEYS:
+            fill = pad_id if _TOKEN_KEYS[key] is None else _TOKEN_KEYS[key]
+            parts = [torch.cat([p.new_full((1, width - p.shape[1]), fill), p], dim=1) for p in parts]
+        data[key] = torch.cat(parts)
+    return BatchFeature(data=data)
 
 
 def _timings(start: float, token_times: list[float]) -> tuple[float | None, float | None]:

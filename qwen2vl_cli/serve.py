@@ -144,33 +144,44 @@ def _whole(value, name: str) -> int | None:
 
 
 def _real(value, name: str) -> float | None:
+    """A number field: JSON numbers a float can hold (10**400 cannot), not booleans, NaN or infinity."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    try:
+        number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    except OverflowError:
+        number = math.nan
+    if not math.isfinite(number):
         raise invalid(f"{name} must be a finite number", name)
-    return float(value)
+    return number
 
 
 def generation_options(body: dict, limits: Limits) -> GenerationOptions:
     given = [n for n in ("max_completion_tokens", "max_tokens") if body.get(n) is not None]
-    max_tokens = _whole(body.get(given[0]), given[0]) if given else DEFAULT_MAX_TOKENS
+    length = given[0] if given else "max_tokens"
+    max_tokens = _whole(body.get(length), length) if given else min(DEFAULT_MAX_TOKENS, limits.max_tokens)
     if not 1 <= max_tokens <= limits.max_tokens:
-        raise invalid(f"{given[0]} {max_tokens}: must be from 1 to {limits.max_tokens} on this server", given[0])
+        raise invalid(f"{length} {max_tokens}: must be from 1 to {limits.max_tokens} on this server", length)
     temperature = _real(body.get("temperature"), "temperature")
+    top_k = _whole(body.get("top_k"), "top_k")
     gen = GenerationOptions(
         max_new_tokens=max_tokens,
         min_new_tokens=_whole(body.get("min_tokens"), "min_tokens"),
         temperature=temperature if temperature is not None else 0.0,  # greedy, as the CLI
         top_p=_real(body.get("top_p"), "top_p"),
-        top_k=_whole(body.get("top_k"), "top_k"),
+        top_k=None if top_k == -1 else top_k,  # -1: off, as vLLM takes it
         repetition_penalty=_real(body.get("repetition_penalty"), "repetition_penalty"),
         seed=_whole(body.get("seed"), "seed"),
     )
+    fields = {"max-new-tokens": length, "min-new-tokens": "min_tokens"}  # the CLI's names in check_generation's messages
     try:
         return check_generation(gen)
     except UsageError as e:
-        name = str(e).lstrip("-").split(" ", 1)[0]
-        raise invalid(str(e).lstrip("-"), name.replace("-", "_")) from None
+        message = str(e).lstrip("-")
+        for cli, api in fields.items():
+            message = message.replace(f"--{cli}", api).replace(cli, api)
+        name = message.split(" ", 1)[0]
+        raise invalid(message, fields.get(name, name).replace("-", "_")) from None
 
 
 def check_request(body: dict, model_name: str) -> tuple[bool, bool]:
@@ -337,8 +348,8 @@ class Engine:
             for job in jobs:
                 _settle(job.future, error=e)
             return
-        for job, result in zip(batch, results):
-            _settle(job.future, result)
+        for job, result in zip(batch, results):  # a row whose inputs failed has its own error; the others ran
+            _settle(job.future, error=result) if isinstance(result, Exception) else _settle(job.future, result)
 
 
 async def fetch_all(pool: ThreadPoolExecutor, fetch, urls: list[str], at_once: int = FETCHES_PER_REQUEST) -> None:
@@ -425,8 +436,8 @@ async def read_json(request: Request, limit: int) -> dict:
 
 def allowed_hosts(host: str, extra: tuple[str, ...]) -> list[str]:
     """Host headers the server answers: its own address and names for it (a DNS-rebinding guard)."""
-    if host in ("0.0.0.0", "::", ""):
-        return ["*"]  # listening on every address: reached by whatever name the network gives it
+    if host in ("0.0.0.0", "::", ""):  # every address: the names given, else whatever name the network gives it
+        return sorted(set(extra)) if extra else ["*"]
     names = {host, f"[{host}]"} if ":" in host else {host}
     if host.startswith("127.") or host in ("::1", "localhost"):
         names |= {"localhost", "127.0.0.1", "[::1]"}

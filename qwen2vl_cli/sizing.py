@@ -30,13 +30,13 @@ def check_options(opts: MediaOptions) -> MediaOptions:
     if opts.fps is not None:
         number = isinstance(opts.fps, (int, float)) and not isinstance(opts.fps, bool)
         if not (number and 0 < opts.fps <= MAX_OPTION):
-            raise UsageError(f"--fps {f'{opts.fps:g}' if number else opts.fps}: must be a finite number above 0 (frames sampled per second)")
+            raise UsageError(f"--fps {_shown(opts.fps)}: must be a finite number above 0 (frames sampled per second)")
     numbers = ("min_pixels", "max_pixels", "total_pixels", "nframes", "min_frames", "max_frames", "start", "end", "max_visual_tokens")
     for name in numbers:
         value = getattr(opts, name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_OPTION):
-            shown = str(value) if len(str(value)) <= 20 else str(value)[:17] + "..."
-            raise UsageError(f"--{name.replace('_', '-')} {shown}: must be a number from 0 to {MAX_OPTION:.0e}")
+        least = 1 if name in ("max_pixels", "total_pixels") else 0  # a pixel limit of 0 leaves nothing to scale to
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not least <= value <= MAX_OPTION):
+            raise UsageError(f"--{name.replace('_', '-')} {_shown(value)}: must be a number from {least} to {MAX_OPTION:.0e}")
     if opts.seek not in ("exact", "keyframe"):
         raise UsageError(f"--seek {opts.seek}: choose one of exact, keyframe")
     if opts.fps is not None and opts.nframes is not None:
@@ -50,6 +50,12 @@ def check_options(opts: MediaOptions) -> MediaOptions:
     if opts.max_visual_tokens is not None and opts.max_visual_tokens < 1:
         raise UsageError(f"--max-visual-tokens {opts.max_visual_tokens}: must be 1 or more")
     return opts
+
+
+def _shown(value) -> str:
+    """A value as a message shows it: short, and never formatted as a float it cannot be (10**400)."""
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    return text if len(text) <= 20 else text[:17] + "..."
 
 
 def round_by_factor(x: float, factor: int) -> int:

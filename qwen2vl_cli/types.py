@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
 Kind = Literal["image", "video"]
@@ -173,7 +173,14 @@ def check_generation(gen: GenerationOptions) -> GenerationOptions:
     for name, value, integer, ok, rule in checks:
         if value is not None and not (number(value, integer) and ok(value)):
             raise UsageError(f"--{name} {f'{value:g}' if isinstance(value, float) else value}: {rule}")
+    if gen.min_new_tokens is not None and gen.min_new_tokens > gen.max_new_tokens:
+        raise UsageError(f"--min-new-tokens {gen.min_new_tokens} is above --max-new-tokens {gen.max_new_tokens}: raise --max-new-tokens")
+    if 0 < gen.temperature < GREEDY_BELOW:  # dividing by it would overflow the logits; the limit of sampling is greedy
+        return replace(gen, temperature=0.0)
     return gen
+
+
+GREEDY_BELOW = 1e-5  # temperatures under this sample as greedy, as vLLM's do
 
 
 @dataclass(frozen=True)
@@ -260,6 +267,7 @@ class Prepared:
     loaded: tuple[Loaded, ...]
     text: str
     media_s: float = 0.0  # reading and decoding its media
+    prompt_tokens: int | None = None  # its tokens in the model, where counted before the model (a server's requests)
 
 
 @dataclass(frozen=True)

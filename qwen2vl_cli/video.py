@@ -213,8 +213,12 @@ class _Frames:
         return missing
 
 
-def read_frames(src: Source, plan: MediaPlan, keyframes_only: bool = False) -> Loaded:
-    """Decode the planned frames. With `keyframes_only` the plan holds keyframe indices (--seek keyframe)."""
+def read_frames(src: Source, plan: MediaPlan, keyframes_only: bool = False, max_frame_pixels: int | None = None) -> Loaded:
+    """Decode the planned frames. With `keyframes_only` the plan holds keyframe indices (--seek keyframe).
+    `max_frame_pixels`: FFmpeg decodes no frame larger than this (a header can describe a small
+    first frame of a stream whose later frames are huge), and a larger one ends the read."""
+    import av
+
     out = _Frames(plan)
     try:
         with _open(src) as container:
@@ -222,12 +226,18 @@ def read_frames(src: Source, plan: MediaPlan, keyframes_only: bool = False) -> L
         with _open(src) as container:  # a fresh one: raw streams cannot seek back after the scan
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
+            if max_frame_pixels is not None:  # FFmpeg checks every frame's size before allocating it
+                stream.codec_context.options = {"max_pixels": str(max_frame_pixels)}
             if index is None or len(index.pts) != plan.frames:
                 _decode_counting(container, stream, out, plan)
             else:
                 _decode_indexed(container, stream, out, index, keyframes_only)
     except MediaError:
         raise
+    except av.ArgumentError as e:  # what FFmpeg's frame size check returns (EINVAL): not a stream cut short
+        if max_frame_pixels is None:
+            raise MediaError(src.label, f"cannot decode the video ({one_line(e)})") from None
+        raise MediaError(src.label, f"a frame is over the {max_frame_pixels:,} pixels allowed here (its header said {plan.width}x{plan.height}), or the stream is corrupt") from None
     except _data_errors() as e:  # a corrupt stream: keep what was decoded, if anything
         if out.filled == 0:
             raise MediaError(src.label, f"cannot decode the video ({one_line(e)})") from None

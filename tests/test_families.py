@@ -159,13 +159,22 @@ def test_animated_gif_is_a_video_of_the_family(fam, media_dir):
 
 
 def test_batched_equals_one_by_one(fam, media_dir):
+    """Each row's inputs are built apart and stacked as the processor stacks them; a row whose
+    inputs cannot be built (an image token with no image) fails alone."""
+    from qwen2vl_cli.runner import stack_rows
+
     gen = GenerationOptions(max_new_tokens=12)
     requests = [ours(fam, [media_dir / "photo.png"], "Describe this image."), ours(fam, [media_dir / "clip.webm"], "Describe this video.")]
     alone = [fam.runner.generate(inputs, gen).tokens for inputs, _, _ in requests]
     texts = [fam.runner.prompt_text(build_messages(plans, GenerationOptions(prompt=p))) for (_, plans, _), p in
              zip(requests, ["Describe this image.", "Describe this video."])]
-    batched = fam.runner.generate_batch(texts, [loaded for _, _, loaded in requests], gen)
-    assert [b.tokens for b in batched] == alone
+    media = [loaded for _, _, loaded in requests]
+    same_inputs(stack_rows([inputs for inputs, _, _ in requests], fam.runner.processor.tokenizer.pad_token_id), fam.runner.inputs(texts, media[0] + media[1]))
+    broken = fam.runner.prompt_text([{"role": "user", "content": "<|image_pad|> with no image"}])
+    heard: dict = {}
+    batched = fam.runner.generate_batch([texts[0], broken, texts[1]], [media[0], [], media[1]], gen, on_done=heard.setdefault)
+    assert [batched[0].tokens, batched[2].tokens] == alone and isinstance(batched[1], ValueError)
+    assert sorted(heard) == [0, 1, 2] and heard[1] is batched[1]
 
 
 def test_a_video_that_joins_a_running_batch_answers_as_alone(fam, media_dir):

@@ -122,3 +122,18 @@ def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
     Image.new("RGB", (100, 100)).save(tmp_path / "big.png")
     with pytest.raises(MediaError, match="decompression-bomb"):
         probe(tmp_path / "big.png")
+
+
+def test_an_animation_on_a_huge_canvas_is_refused_before_it_is_composited(tmp_path, qvl):
+    """2 kB: 100 frames of 1x1 on a 7000x7000 canvas would take Pillow tens of seconds and hundreds of MB."""
+    from tests.robustness.corpus import canvas_gif
+
+    path = tmp_path / "canvas.gif"
+    path.write_bytes(canvas_gif(7000, 7000, 100))
+    with pytest.raises(MediaError, match="100 frames on a 7000x7000 canvas: 4,900,000,000 pixels to composite"):
+        probe(path)
+    r = qvl("inspect", path)
+    assert r.exit_code == 2 and r.stdout == "" and r.stderr.count("\n") == 1 and "--first-frame" in r.stderr
+    assert qvl("inspect", path, "--first-frame").exit_code == 0  # the first frame alone is one canvas
+    path.write_bytes(canvas_gif(700, 700, 100))  # the same file on a small canvas reads as a video
+    assert probe(path)[0].frames == 100

@@ -368,3 +368,31 @@ def test_in_a_fixed_batch_each_answer_goes_back_when_its_row_ends(tiny_model, me
     assert [len(b) for b in batches] == [1, 2], batches
     assert results["gif"].finish_reason == "stop" and results["gif"].generated_tokens < results["photo"].generated_tokens
     assert ended == ["gif", "photo"]
+
+
+@pytest.mark.parametrize("continuous", [False, True])
+def test_a_request_whose_inputs_fail_fails_alone_in_its_batch(tiny_model, media_dir, continuous):
+    """Four requests batched together, one whose prompt cannot become model inputs (an image token
+    with no image): it gets its error, the other three their answers alone."""
+    from dataclasses import replace
+
+    from qwen2vl_cli.serve import Engine, Job
+    from qwen2vl_cli.types import GenerationOptions, MediaOptions
+
+    session, batches, generate = recorded_session(tiny_model)
+    gen = GenerationOptions(max_new_tokens=8)
+    prepared = [session.prepare((str(media_dir / n),), MediaOptions(), gen) for n in ["photo.png", "square.png", "anim.gif"]]
+    alone = [generate([p], gen)[0].text for p in prepared]
+    broken = replace(prepared[1], text=prepared[1].text.replace("Describe", "<|image_pad|> Describe"))
+    engine = Engine(session, batch_size=4, queue_size=16, continuous=continuous)
+    busy = threading.Event()
+    blocker = Job(prepared[0], GenerationOptions(max_new_tokens=64, min_new_tokens=64, temperature=0.7, seed=1), stream=True,
+                  on_text=lambda t: busy.set())
+    engine.submit(blocker)
+    assert busy.wait(60)  # what arrives now waits, and the four go through the model together
+    jobs = [Job(p, gen, stream=False) for p in (prepared[0], broken, prepared[1], prepared[2])]
+    futures = [engine.submit(job) for job in jobs]
+    with pytest.raises(ValueError):
+        futures[1].result(timeout=120)
+    assert [futures[i].result(timeout=120).text for i in (0, 2, 3)] == alone
+    assert [False] * 4 in batches

@@ -104,3 +104,18 @@ def test_a_failure_inside_the_video_reader_is_a_bug_report_not_a_corrupt_file(qv
 def test_video_metadata_reads_on_the_installed_pyav(media_dir):
     info = probe_video(Source("clip.mp4", path=media_dir / "clip.mp4"))
     assert (info.width, info.height, info.frames, info.fps) == (320, 240, 90, 30.0) and info.duration_s == pytest.approx(3.0)
+
+
+def test_frames_larger_than_the_header_says_end_the_read(tmp_path):
+    """A MOV whose header and first frames are 64x64 and whose later frames are 3000x3000: each frame is held to the limit."""
+    from qwen2vl_cli.errors import MediaError
+    from tests.robustness.corpus import growing_mov
+
+    path = growing_mov(tmp_path / "grow.mov")
+    src = Source(str(path), path=path)
+    info, _ = media.probe(src)
+    assert (info.width, info.height) == (64, 64)
+    plan = sizing.plan(str(path), info, SPEC, MediaOptions())
+    with pytest.raises(MediaError, match="a frame is over the 1,000,000 pixels allowed here"):
+        media.load(src, info, plan, max_frame_pixels=1_000_000)
+    assert media.load(src, info, plan).frames.shape[0] == len(plan.frame_indices)  # within the default limit

@@ -23,6 +23,42 @@ def png_claiming(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
 
 
+def canvas_gif(width: int, height: int, frames: int) -> bytes:
+    """An animated GIF of `frames` 1x1 frames on a width x height canvas: a few kB that Pillow
+    composites onto the whole canvas at every frame."""
+    out = bytearray(b"GIF89a" + struct.pack("<HH", width, height) + bytes([0x80, 0, 0]) + b"\x00\x00\x00\xff\xff\xff")
+    out += b"\x21\xff\x0bNETSCAPE2.0\x03\x01\x00\x00\x00"  # loop for ever
+    for i in range(frames):
+        out += b"\x21\xf9\x04\x04\x0a\x00\x00\x00"  # 100 ms, keep the frame
+        out += b"\x2c" + struct.pack("<HHHH", i % width, 0, 1, 1) + b"\x00" + b"\x02\x02\x44\x01\x00"  # one pixel
+    return bytes(out + b"\x3b")
+
+
+def growing_mov(path: Path, small: int = 64, large: int = 3000, frames: int = 10) -> Path:
+    """A PNG-in-MOV whose header and first two frames are small x small, and whose later frames are large x large."""
+    import io
+    from fractions import Fraction
+
+    import av
+
+    def png(side: int) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (side, side), (90, 0, 0)).save(buf, "PNG")
+        return buf.getvalue()
+
+    tiles = {small: png(small), large: png(large)}
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("png", rate=10)
+        stream.width, stream.height, stream.pix_fmt = small, small, "rgb24"
+        stream.time_base = Fraction(1, 10)
+        for i in range(frames):
+            packet = av.Packet(tiles[small if i < 2 else large])
+            packet.stream, packet.pts, packet.dts, packet.duration, packet.time_base = stream, i, i, 1, stream.time_base
+            packet.is_keyframe = True
+            container.mux(packet)
+    return path
+
+
 def _video_without_frames(path: Path) -> Path:
     import av
 
@@ -55,6 +91,7 @@ def make_corpus(root: Path, seeds: Path) -> list[tuple[str, Path, str]]:
     add("image-named.mp4", (seeds / "photo.png").read_bytes(), "ok")
     add("video-named.jpg", (seeds / "clip.mp4").read_bytes(), "ok")
     add("huge-header.png", png_claiming(100000, 100000), "error")
+    add("huge-canvas.gif", canvas_gif(7000, 7000, 100), "error")
     for size, expect in (((1, 1), "ok"), ((1, 150), "ok"), ((150, 1), "ok"), ((1, 300), "error"), ((4000, 10), "error")):
         path = root / f"size-{size[0]}x{size[1]}.png"
         Image.new("RGB", size, (200, 30, 30)).save(path)
