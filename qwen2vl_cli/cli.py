@@ -466,6 +466,7 @@ def serve(
     batching: Annotated[str, typer.Option(metavar="auto|continuous|fixed", help="continuous: requests join running batches (auto: on a GPU); fixed: a batch runs to its end.", rich_help_panel=O.SERVE_PANEL)] = "auto",
     allowed_hosts: Annotated[Optional[list[str]], typer.Option("--allowed-hosts", metavar="NAME", help="Host names clients may use besides the listening address (repeatable; guards against DNS rebinding).", rich_help_panel=O.SERVE_PANEL)] = None,
     max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens one request may ask for; more is a 400.", rich_help_panel=O.SERVE_LIMITS_PANEL)] = 4096,
+    max_prompt_tokens: Annotated[Optional[int], typer.Option(min=1, help="Most prompt tokens of one request, text and media (media are sized to fit); more is a 400. Default: 8192 on a CPU, else the model's context.", show_default=False, rich_help_panel=O.SERVE_LIMITS_PANEL)] = None,
     max_body: Annotated[str, typer.Option(metavar="SIZE", help="Largest request body (413 beyond it), e.g. 64M.", rich_help_panel=O.SERVE_LIMITS_PANEL)] = "64M",
     max_media: Annotated[int, typer.Option(min=1, help="Most images and videos in one request.", rich_help_panel=O.SERVE_LIMITS_PANEL)] = 16,
     max_visual_tokens: Annotated[int, typer.Option(min=1, help="Visual tokens of one request, all media together: qvl sizes them to fit.", rich_help_panel=O.SERVE_LIMITS_PANEL)] = 16384,
@@ -474,6 +475,8 @@ def serve(
     fetch_timeout: Annotated[float, typer.Option(min=1.0, metavar="SECONDS", help="Time for one media URL, from connecting to the last byte.", rich_help_panel=O.SERVE_LIMITS_PANEL)] = 60.0,
     allow_urls_to: Annotated[Optional[list[str]], typer.Option("--allow-urls-to", metavar="CIDR", help="Let media URLs reach this network too (repeatable), e.g. 10.0.0.0/8. Default: public addresses only.", rich_help_panel=O.SERVE_LIMITS_PANEL)] = None,
     allow_private_urls: Annotated[bool, typer.Option("--allow-private-urls", help="Let media URLs reach any address, loopback and private networks included.", rich_help_panel=O.SERVE_LIMITS_PANEL)] = False,
+    read_timeout: Annotated[float, typer.Option(min=0.1, metavar="SECONDS", help="Time for a request's headers to arrive (from connecting, or from the last answer), then for its body.", rich_help_panel=O.SERVE_LIMITS_PANEL)] = 30.0,
+    max_connections: Annotated[Optional[int], typer.Option(min=1, help="Connections open at once; more are closed at once (and requests past it get 503). Default: from the open-file limit, at most 4096.", show_default=False, rich_help_panel=O.SERVE_LIMITS_PANEL)] = None,
     quiet: O.Quiet = False,
 ) -> None:
     """An OpenAI-compatible server: POST /v1/chat/completions (image_url, video_url, stream), GET /v1/models."""
@@ -496,6 +499,9 @@ def serve(
         fetch_deadline_s=fetch_timeout,
         allowed_networks=tuple(allow_urls_to or ()),
         allow_private_urls=allow_private_urls,
+        max_prompt_tokens=max_prompt_tokens,
+        read_timeout_s=read_timeout,
+        max_connections=max_connections,
     )
     reporter = Reporter(quiet=quiet, stream=False)
 

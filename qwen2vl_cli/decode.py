@@ -20,12 +20,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache, partial
 
 import torch
 
 from qwen2vl_cli.config import debug_enabled
+from qwen2vl_cli.errors import Cancelled
 
 
 @dataclass(frozen=True)
@@ -238,6 +240,29 @@ def prefill(model, inputs: dict, cache) -> tuple[torch.Tensor, torch.Tensor]:
     positions = torch.cat([text[None], spatial.to(text.device)], dim=0)  # the text row first, as `generate` passes them
     out = model(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1, **{_cache_argument(model): cache})
     return out.logits[:, -1, :].float(), deltas.to(ids.device)
+
+
+@contextmanager
+def stop_when(model, events: list[threading.Event] | None):
+    """While inside: once every event is set (every row's client went away), the next vision
+    block or decoder layer raises Cancelled, so a long prompt's prefill does not run on for nobody.
+    Eager code only (a compiled step would break its graph on the check)."""
+    if not events or any(e is None for e in events):
+        yield
+        return
+
+    def check(module, args) -> None:
+        if all(e.is_set() for e in events):
+            raise Cancelled()
+
+    inner = model.model
+    layers = list(getattr(inner.language_model, "layers", ())) + list(getattr(getattr(inner, "visual", None), "blocks", ()))
+    handles = [layer.register_forward_pre_hook(check) for layer in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _mask(attend: torch.Tensor, attn: str, dtype: torch.dtype) -> torch.Tensor:
@@ -470,7 +495,8 @@ def generate(
     outcomes: list = [None] * batch  # an Outcome per row once it ends (or the exception that kept it from joining)
     done = 0
     with torch.inference_mode():
-        logits, deltas = prefill(model, inputs, cache)
+        with stop_when(model, cancels[:batch] if cancels else None):
+            logits, deltas = prefill(model, inputs, cache)
         rows = _Rows(
             attend=torch.cat([mask.bool(), torch.zeros((slots, length - width), dtype=torch.bool, device=device)], dim=1),
             text_position=mask.long().sum(dim=1),
@@ -621,7 +647,8 @@ def _take(model, rows: _Rows, cache, slot: int, joining: Joining, room: int, pos
             layer.cumulative_length.fill_(width)
         position = width
     began = time.perf_counter()
-    logits = _join(model, rows, cache, slot, joining.inputs)
+    with stop_when(model, [joining.cancel]):
+        logits = _join(model, rows, cache, slot, joining.inputs)
     rows.minimum[slot] = minimum
     first = choose(logits, None if rows.seen is None else rows.seen[slot : slot + 1], True if minimum else None, sampling, eos, generator)
     rows.out[slot, done - 1] = first[0]

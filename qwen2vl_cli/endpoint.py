@@ -159,7 +159,10 @@ class EndpointBackend:
         except openai.APIConnectionError:
             raise QvlError(f"cannot reach --endpoint {self.options.url} (tried {MAX_RETRIES + 1} times): is the server up?") from None
         except openai.APIStatusError as e:
-            raise QvlError(f"--endpoint {self.options.url} answered {e.status_code}: {_server_message(e)}") from None
+            hint = ""
+            if e.status_code == 404 and not self.options.url.endswith("/v1"):
+                hint = f"; OpenAI-compatible servers answer under /v1: try --endpoint {self.options.url}/v1"
+            raise QvlError(f"--endpoint {self.options.url} answered {e.status_code}: {_server_message(e)}{hint}") from None
         ttft = times[0] - start if times else None
         completion = usage.completion_tokens if usage else len(times)
         # A qvl server says which sizes it used; from other engines, the plan made here stands.

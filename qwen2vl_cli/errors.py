@@ -36,6 +36,10 @@ class InternalError(QvlError):
     """A failure that is qvl's (or a library's) fault, not the input's: exit 1, with a plea to report it."""
 
 
+class Cancelled(Exception):
+    """Every client of the work went away (before it ran, or during a prefill): nobody is left to answer."""
+
+
 class GenerationInterrupted(Exception):
     """Ctrl-C during generation; carries the text streamed so far."""
 

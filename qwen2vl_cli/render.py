@@ -127,6 +127,8 @@ class Reporter:
     def inputs(self, plans: list[MediaPlan], lines: bool = True) -> None:
         if self.quiet:
             return
+        if self._wrote and not self._ends_with_newline:  # after a streamed answer (a remote server says its sizes at the end)
+            self.end_text()
         for p in plans:
             if lines:
                 self.console.print(plan_line(p))
@@ -151,6 +153,7 @@ class Reporter:
         if self.stream and (not self._wrote or not self._ends_with_newline):
             sys.stdout.write("\n")
             sys.stdout.flush()
+            self._wrote = self._ends_with_newline = True
 
     def boxes(self, result: Result, drawn: str | None, listed: bool = True) -> None:
         """--boxes: one line per box on stdout (label, then x1 y1 x2 y2 in the image's pixels, tab

@@ -456,6 +456,8 @@ class Runner:
     def _generate_hf(self, inputs, gen: GenerationOptions, on_text, cancel) -> Generation:
         """transformers' `generate` (--engine hf): the reference, streamed from a worker thread."""
         import torch
+
+        from qwen2vl_cli.decode import stop_when
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         tokenizer = self.processor.tokenizer
@@ -493,7 +495,7 @@ class Runner:
             try:
                 if gen.seed is not None:
                     torch.manual_seed(gen.seed)
-                with torch.inference_mode():
+                with torch.inference_mode(), stop_when(self.model, [stop]):
                     outcome["sequences"] = self.model.generate(**kwargs)
             except BaseException as e:  # surfaces in the main thread
                 outcome["error"] = e
@@ -525,6 +527,8 @@ class Runner:
 
     def _generate_batch_hf(self, inputs, rows: int, gen: GenerationOptions, cancels: list[threading.Event] | None) -> list[Generation]:
         import torch
+
+        from qwen2vl_cli.decode import stop_when
         from transformers import StoppingCriteria
         from transformers.generation.streamers import BaseStreamer
 
@@ -552,7 +556,7 @@ class Runner:
         start = time.perf_counter()
         if gen.seed is not None:
             torch.manual_seed(gen.seed)
-        with torch.inference_mode():
+        with torch.inference_mode(), stop_when(self.model, cancels):
             sequences = self.model.generate(
                 **inputs,
                 max_new_tokens=gen.max_new_tokens,

@@ -25,17 +25,17 @@ import threading
 import time
 import uuid
 from collections import deque
+from contextlib import asynccontextmanager
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import ClientDisconnect
 
 from qwen2vl_cli.config import debug_enabled
-from qwen2vl_cli.errors import QvlError, UsageError, describe_exception, error_type
+from qwen2vl_cli.errors import Cancelled, QvlError, UsageError, describe_exception, error_type
 from qwen2vl_cli.backend import LocalBackend
 from qwen2vl_cli.pipeline import Hooks, is_out_of_memory
 from qwen2vl_cli.types import GenerationOptions, MediaOptions, Prepared, Result, RuntimeOptions, check_generation
@@ -45,6 +45,8 @@ MM_KWARGS = {f.name for f in fields(MediaOptions)} - {"cpu_budget", "resize", "m
 URL_SCHEMES = ("http://", "https://", "data:")
 DEFAULT_MAX_TOKENS = 512  # when a request gives none
 FETCHES_PER_REQUEST = 4  # media URLs of one request fetched at once
+ACCEPT_BURST = 128  # connections asyncio accepts in one go (uvicorn's backlog)
+CPU_PROMPT_TOKENS = 8192  # --max-prompt-tokens on a CPU, where a prefill's time grows with the square of its length
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,14 @@ class Limits:
     fetch_workers: int = 32  # downloads at once (each bounded by max_download and fetch_deadline_s)
     allowed_networks: tuple[str, ...] = ()  # CIDRs that URLs may reach besides public addresses
     allow_private_urls: bool = False
+    max_prompt_tokens: int | None = None  # text and media of one request; None: CPU_PROMPT_TOKENS on a CPU, else the model's context
+    read_timeout_s: float = 30.0  # for a request's headers, and then for its body
+    max_connections: int | None = None  # open at once; None: from the process's file limit (see connection_cap)
+
+    @property
+    def max_buffered_bytes(self) -> int:
+        """Request bodies held at once, all requests together."""
+        return 4 * self.max_body_bytes
 
 
 class ApiError(Exception):
@@ -113,6 +123,35 @@ def to_chat(messages, max_media: int) -> tuple[list[dict], list[str]]:
     if len(urls) > max_media:
         raise invalid(f"{len(urls)} images and videos in one request; this server takes at most {max_media}", "messages")
     return chat, urls
+
+
+def check_texts(chat: list[dict], session: LocalBackend, most_tokens: int) -> None:
+    """Every text is text (valid Unicode, none of the chat template's control tokens), and the
+    conversation cannot be over `most_tokens` by a bound that needs no tokenizing: each turn is at
+    least two tokens, and a text at least its length over the vocabulary's longest token."""
+    least = 0
+    for message in chat:
+        content = message["content"]
+        least += 2  # <|im_start|> and <|im_end|>
+        for text in [content] if isinstance(content, str) else [part["text"] for part in content if part["type"] == "text"]:
+            least += -(-len(text) // session.runner.longest_token)
+            try:
+                session.check_text(text, "messages")
+            except UsageError as e:
+                raise invalid(str(e), "messages") from None
+        if least > most_tokens:
+            raise invalid(f"messages: more than {most_tokens:,} tokens, this server's bound on a prompt (--max-prompt-tokens)", "messages")
+
+
+def check_length(prepared: Prepared, gen: GenerationOptions, most_tokens: int, context: int) -> None:
+    """The prompt within the server's bound, and with its answer within the model's context."""
+    tokens = prepared.prompt_tokens
+    if tokens > most_tokens:
+        raise invalid(f"messages: the prompt is {tokens:,} tokens, over this server's {most_tokens:,} (--max-prompt-tokens): "
+                      "shorten it, or send smaller media (mm_processor_kwargs max_pixels)", "messages")
+    if tokens + gen.max_new_tokens > context:
+        raise invalid(f"max_tokens {gen.max_new_tokens}: with the prompt's {tokens:,} tokens it is over the model's context of "
+                      f"{context:,}; ask for at most {max(0, context - tokens)}", "max_tokens")
 
 
 def media_options(kwargs, limits: Limits) -> MediaOptions:
@@ -222,10 +261,6 @@ def _settle(future: Future, result=None, error: BaseException | None = None) -> 
             future.set_result(result)
     except InvalidStateError:
         pass
-
-
-class Cancelled(Exception):
-    """The client went away before its request ran."""
 
 
 class Engine:
@@ -409,8 +444,34 @@ def _usage(result: Result) -> dict:
             "total_tokens": result.prompt_tokens + result.generated_tokens}
 
 
-async def read_json(request: Request, limit: int) -> dict:
-    """The body as a JSON object: application/json only, at most `limit` bytes (413 before reading more)."""
+class Bodies:
+    """Bytes of request bodies held at once, all requests together: past `limit`, a 503 (no
+    body is waited for). Used from the event loop only."""
+
+    def __init__(self, limit: int):
+        self.limit, self.held = limit, 0
+
+    @asynccontextmanager
+    async def read(self, request: Request, limit: int, timeout_s: float):
+        """The body as a JSON object, held against the budget until the block ends."""
+        taken = 0
+
+        def take(size: int) -> None:
+            nonlocal taken
+            if self.held + size > self.limit:
+                raise ApiError(503, "server_overloaded", "too many request bodies are being read: retry later", headers={"Retry-After": "1"})
+            self.held += size
+            taken += size
+
+        try:
+            yield await read_json(request, limit, take, timeout_s)
+        finally:
+            self.held -= taken
+
+
+async def read_json(request: Request, limit: int, take=lambda size: None, timeout_s: float | None = None) -> dict:
+    """The body as a JSON object: application/json only, at most `limit` bytes (413 before reading
+    more), within `timeout_s` (408); `take(size)` is told of the bytes before they are held."""
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media_type != "application/json":
         # Also what keeps web pages out: a cross-site form or text/plain post cannot set this type without a preflight.
@@ -419,14 +480,26 @@ async def read_json(request: Request, limit: int) -> dict:
     too_large = ApiError(413, "invalid_request_error", f"the request body is over this server's {limit:,} bytes (--max-body)")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
         raise too_large
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
+    if declared is not None:
+        take(int(declared))  # h11 holds the body to its Content-Length
+
+    async def collect() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            if declared is None:
+                take(len(chunk))
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     try:
-        body = json.loads(b"".join(chunks))
+        data = await asyncio.wait_for(collect(), timeout_s)
+    except asyncio.TimeoutError:
+        raise ApiError(408, "invalid_request_error", f"the request body did not arrive within {timeout_s:g} s (--read-timeout)") from None
+    try:
+        body = json.loads(data)
     except (ValueError, RecursionError):
         raise invalid("the request body is not valid JSON") from None
     if not isinstance(body, dict):
@@ -458,6 +531,8 @@ def create_app(session: LocalBackend, model_name: str, api_key: str | None = Non
     engine = Engine(session, batch_size, queue_size, continuous)
     media_pool = ThreadPoolExecutor(max_workers=limits.media_workers, thread_name_prefix="qvl-media")
     fetch_pool = ThreadPoolExecutor(max_workers=limits.fetch_workers, thread_name_prefix="qvl-fetch")
+    bodies = Bodies(limits.max_buffered_bytes)
+    most_tokens = limits.max_prompt_tokens or (CPU_PROMPT_TOKENS if session.device == "cpu" else session.runner.context_tokens)
     started = int(time.time())
 
     @app.exception_handler(ApiError)
@@ -472,13 +547,7 @@ def create_app(session: LocalBackend, model_name: str, api_key: str | None = Non
     async def gone(request, exc):  # the client hung up while sending: nobody to answer
         return JSONResponse({}, status_code=400)
 
-    @app.exception_handler(Exception)
-    async def bug(request, exc: Exception):
-        _log_bug(request.url.path, exc)
-        return ApiError(500, "server_error", "internal error in qvl serve (its log has the details)").response()
-
-    if hosts is not None and hosts != ["*"]:
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)
+    app.add_middleware(Edge, hosts=None if hosts is None or hosts == ["*"] else hosts)
 
     @app.get("/v1/models")
     async def models():
@@ -488,20 +557,29 @@ def create_app(session: LocalBackend, model_name: str, api_key: str | None = Non
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await read_json(request, limits.max_body_bytes)
-        stream, include_usage = check_request(body, model_name)
-        chat, urls = to_chat(body.get("messages"), limits.max_media)
-        gen = generation_options(body, limits)
-        opts = media_options(body.get("mm_processor_kwargs"), limits)
-        resolver = session.resolver(opts)
-        try:
-            # Downloads wait on the network on threads of their own; decoding (data: URLs included) takes the small pool.
-            await fetch_all(fetch_pool, resolver.fetch, [u for u in dict.fromkeys(urls) if not u[:5].lower() == "data:"])
-            prepared = await asyncio.wrap_future(media_pool.submit(session.prepare_chat, chat, urls, opts, gen, resolver))
-        except QvlError as e:
-            raise invalid(describe_exception(e)[0], "messages") from None
-        finally:
-            resolver.close()
+        async with bodies.read(request, limits.max_body_bytes, limits.read_timeout_s) as body:
+            stream, include_usage = check_request(body, model_name)
+            chat, urls = to_chat(body.get("messages"), limits.max_media)
+            gen = generation_options(body, limits)
+            opts = media_options(body.get("mm_processor_kwargs"), limits)
+            del body
+            check_texts(chat, session, most_tokens)
+            # Counted before any media is fetched; the media are then sized to the room the text leaves.
+            text_tokens = await asyncio.wrap_future(media_pool.submit(session.text_tokens, chat))
+            if text_tokens > most_tokens:
+                raise invalid(f"messages: the text alone is {text_tokens:,} tokens, over this server's {most_tokens:,} (--max-prompt-tokens)",
+                              "messages")
+            resolver = session.resolver(opts)
+            try:
+                # Downloads wait on the network on threads of their own; decoding (data: URLs included) takes the small pool.
+                await fetch_all(fetch_pool, resolver.fetch, [u for u in dict.fromkeys(urls) if not u[:5].lower() == "data:"])
+                prepared = await asyncio.wrap_future(media_pool.submit(session.prepare_chat, chat, urls, opts, gen, resolver,
+                                                                       most_tokens - text_tokens))
+            except QvlError as e:
+                raise invalid(describe_exception(e)[0], "messages") from None
+            finally:
+                resolver.close()
+        check_length(prepared, gen, most_tokens, session.runner.context_tokens)
         request_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         if not stream:
@@ -517,6 +595,47 @@ def create_app(session: LocalBackend, model_name: str, api_key: str | None = Non
         return StreamingResponse(events, media_type="text/event-stream")
 
     return app
+
+
+class Edge:
+    """The app's outer edge, as plain ASGI (an HTTP middleware would hide a client's disconnect):
+    the Host check (a DNS-rebinding guard), and the one place a bug becomes a 500 and one log
+    line (Starlette's own handler re-raises, and uvicorn logs the whole traceback)."""
+
+    def __init__(self, app, hosts: list[str] | None):
+        self.app, self.hosts = app, None if hosts is None else {h.lower() for h in hosts}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.hosts is not None and _host(scope) not in self.hosts:
+            return await _send_json(send, ApiError(400, "invalid_request_error", "this server does not answer that Host header (--allowed-hosts)"))
+        started = False
+
+        async def sending(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception as e:  # noqa: BLE001 - the one place a bug is answered
+            _log_bug(scope.get("path", "?"), e)
+            if not started:  # else the stream just ends
+                await _send_json(send, ApiError(500, "server_error", "internal error in qvl serve (its log has the details)"))
+
+
+def _host(scope) -> str:
+    """The Host header's name without its port ("[::1]:8000" -> "[::1]")."""
+    value = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "").strip().lower()
+    return value[: value.index("]") + 1] if value.startswith("[") and "]" in value else value.split(":", 1)[0]
+
+
+async def _send_json(send, error: ApiError) -> None:
+    body = json.dumps(error.body()).encode()
+    await send({"type": "http.response.start", "status": error.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _answer(request: Request, job: Job, future: Future):
@@ -540,6 +659,8 @@ def _runtime_error(e: BaseException) -> ApiError:
     message, _ = describe_exception(e)
     if isinstance(e, UsageError):
         return invalid(message)
+    if isinstance(e, Cancelled):  # its client went away: nobody reads this
+        return ApiError(499, "cancelled", "the client went away")
     if is_out_of_memory(e):
         return ApiError(507, error_type(e), message)
     _log_bug("generation", e)
@@ -547,27 +668,148 @@ def _runtime_error(e: BaseException) -> ApiError:
 
 
 async def _stream(job: Job, chunks: asyncio.Queue, request_id, model, created, prepared, include_usage: bool):
-    def event(delta: dict, finish=None, usage=None) -> str:
-        chunk = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-        if usage is not None:
+    """Server-sent events as OpenAI streams them; with include_usage, every chunk has a usage of
+    null and a last chunk with no choices carries it."""
+
+    def event(choices: list, usage=None, extension: bool = False) -> str:
+        chunk = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
+        if include_usage:
             chunk["usage"] = usage
-        if finish is not None:
+        if extension:
             chunk["qvl"] = _extension(prepared)
         return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
+    def delta(content: dict, finish=None) -> list:
+        return [{"index": 0, "delta": content, "finish_reason": finish}]
+
     try:
-        yield event({"role": "assistant", "content": ""})
+        yield event(delta({"role": "assistant", "content": ""}))
         while (text := await chunks.get()) is not None:
-            yield event({"content": text})
+            yield event(delta({"content": text}))
         if job.future.exception() is not None:
             yield f"data: {json.dumps(_runtime_error(job.future.exception()).body())}\n\n"
         else:
             result = job.future.result()
-            yield event({}, _finish(result), _usage(result) if include_usage else None)
+            yield event(delta({}, _finish(result)), extension=True)
+            if include_usage:
+                yield event([], _usage(result))
         yield "data: [DONE]\n\n"
     finally:  # the client went away (the generator is closed) or the answer is complete
         job.cancel.set()
+
+
+def connection_cap() -> int:
+    """Connections the server keeps open at once (at most 4096): raises this process's soft limit
+    on open files to its hard limit, and leaves what is open now, two bursts of accepts, and room
+    for media fetches and temporary files, so accepting never runs out of file descriptors
+    (asyncio's accept loop retries a failed accept once per pending connection, a storm)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16), hard))
+        except (ValueError, OSError):
+            pass
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    try:
+        open_now = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        open_now = 64
+    return max(8, min(soft - open_now - 2 * ACCEPT_BURST - 2 * Limits.fetch_workers - 64, 4096))
+
+
+def http_protocol(read_timeout_s: float, max_connections: int):
+    """uvicorn's h11 protocol with the limits it lacks: a request's headers must arrive within
+    `read_timeout_s` of the connection (or of the previous answer), whatever trickles in meanwhile
+    (a keep-alive timeout ends at the first byte), a connection beyond `max_connections` is
+    closed at once, and malformed HTTP gets OpenAI's JSON error instead of plain text."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        _waiting = None  # the timer for the next request's headers
+        _since = 0.0  # when it started waiting for them
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                # Make room by closing the connection that has waited longest without sending a
+                # request (a client sending its headers a byte at a time); with none, refuse this one.
+                idle = [c for c in self.connections if c is not self and getattr(c, "_waiting", None) is not None]
+                if not idle:
+                    flood.note("connections over --max-connections were refused: every one is in a request")
+                    transport.close()
+                    return
+                flood.note("idle connections were closed to make room (--max-connections)")
+                min(idle, key=lambda c: c._since)._late()
+            self._await_headers()
+
+        def connection_lost(self, exc) -> None:
+            self._stop_waiting()
+            super().connection_lost(exc)
+
+        def handle_events(self) -> None:
+            cycle = self.cycle
+            super().handle_events()
+            if self.cycle is not cycle:  # a request's headers arrived
+                self._stop_waiting()
+
+        def on_response_complete(self) -> None:
+            self._await_headers()  # before: a pipelined request handled in there stops it again
+            super().on_response_complete()
+
+        def _await_headers(self) -> None:
+            if self._waiting is None and not self.transport.is_closing():
+                self._since = self.loop.time()
+                self._waiting = self.loop.call_later(read_timeout_s, self._late)
+
+        def _stop_waiting(self) -> None:
+            if self._waiting is not None:
+                self._waiting.cancel()
+                self._waiting = None
+
+        def _late(self) -> None:
+            """No request came in time (or room is needed): close, unless one is in progress."""
+            self._stop_waiting()
+            if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+                self.transport.close()
+
+        def send_400_response(self, msg: str) -> None:
+            body = json.dumps(invalid("malformed HTTP request").body()).encode()
+            headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
+
+    return Protocol
+
+
+class _Flood:
+    """Log lines that a flood repeats (refused connections, failed accepts), at most one a second."""
+
+    def __init__(self):
+        self._last: dict[str, float] = {}
+        self._counts: dict[str, int] = {}
+
+    def note(self, text: str) -> None:
+        now = time.monotonic()
+        self._counts[text] = self._counts.get(text, 0) + 1
+        if now - self._last.get(text, -1.0) >= 1.0:
+            self._last[text] = now
+            count, self._counts[text] = self._counts[text], 0
+            print(f"qvl serve: {text}" + (f" ({count} times)" if count > 1 else ""), file=sys.stderr, flush=True)
+
+
+flood = _Flood()
+
+
+def _loop_errors(loop, context: dict) -> None:
+    """asyncio's errors (an accept that fails when file descriptors run out, ...) as one line a second at most."""
+    if debug_enabled():
+        return loop.default_exception_handler(context)
+    error = context.get("exception")
+    flood.note(context.get("message", "event loop error") + (f": {type(error).__name__}: {error}" if error else ""))
 
 
 def serve(runtime: RuntimeOptions, host: str, port: int, api_key: str | None, batch_size: int | None, queue_size: int,
@@ -592,15 +834,23 @@ def serve(runtime: RuntimeOptions, host: str, port: int, api_key: str | None, ba
         hooks.note("--batching continuous: transformers' generate (--engine hf) runs fixed batches")
     elif continuous and batch_size == 1:
         hooks.note("--batching continuous: with --batch-size 1 no request can join another; give --batch-size 4 or more")
+    connections = limits.max_connections or connection_cap()
     app = create_app(session, runtime.model, api_key, batch_size, queue_size, limits,
                      allowed_hosts(host, extra_hosts), continuous)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
-        sock.listen(2048)  # before the address is announced: early clients wait instead of being refused
+        sock.listen(ACCEPT_BURST)  # before the address is announced: early clients wait instead of being refused
     except OSError as e:
         raise UsageError(f"cannot listen on {host}:{port} ({e.strerror}): choose another --port") from None
     announce(f"http://{host}:{sock.getsockname()[1]}/v1")
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
-    server.run(sockets=[sock])
+    config = uvicorn.Config(app, log_level="warning", access_log=False, http=http_protocol(limits.read_timeout_s, connections),
+                            backlog=ACCEPT_BURST, timeout_keep_alive=5)
+    server = uvicorn.Server(config)
+
+    async def run() -> None:
+        asyncio.get_running_loop().set_exception_handler(_loop_errors)
+        await server.serve(sockets=[sock])
+
+    asyncio.run(run())

@@ -91,6 +91,8 @@ def test_openai_client_models_and_completions(client, media_dir, tiny_model):
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == done.choices[0].message.content
     assert chunks[-1].usage.completion_tokens == done.usage.completion_tokens
+    assert chunks[-1].choices == [] and all(c.usage is None for c in chunks[:-1])  # OpenAI's last chunk: usage alone
+    assert chunks[-2].choices[0].finish_reason in ("stop", "length")
 
 
 def test_mm_processor_kwargs_set_the_sizes(client, media_dir, tiny_model):
@@ -396,3 +398,36 @@ def test_a_request_whose_inputs_fail_fails_alone_in_its_batch(tiny_model, media_
         futures[1].result(timeout=120)
     assert [futures[i].result(timeout=120).text for i in (0, 2, 3)] == alone
     assert [False] * 4 in batches
+
+
+def test_hosts_named_are_the_only_ones_answered():
+    from qwen2vl_cli.serve import allowed_hosts
+
+    assert allowed_hosts("0.0.0.0", ("qvl.example",)) == ["qvl.example"]  # every address, but only that name
+    assert allowed_hosts("::", ()) == ["*"]
+    assert set(allowed_hosts("127.0.0.1", ("box",))) == {"127.0.0.1", "localhost", "[::1]", "box"}
+
+
+def test_the_default_length_stays_within_the_servers_bound():
+    from qwen2vl_cli.serve import Limits, generation_options
+
+    assert generation_options({}, Limits(max_tokens=100)).max_new_tokens == 100  # was 512: a 400 for every request
+    assert generation_options({}, Limits()).max_new_tokens == 512
+
+
+def test_a_bug_is_one_json_500_and_one_log_line(capfd):
+    """A route that fails: OpenAI's JSON 500, and one line on stderr where uvicorn would log 60."""
+    from starlette.testclient import TestClient
+
+    from qwen2vl_cli.serve import Edge, flood
+
+    async def broken(scope, receive, send):
+        raise RuntimeError("a bug\nover two lines")
+
+    r = TestClient(Edge(broken, hosts=None), raise_server_exceptions=False).get("/v1/models")
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    err = capfd.readouterr().err
+    assert err == "qvl serve: error in /v1/models: RuntimeError: a bug over two lines\n"
+    for _ in range(1000):  # a flood of one event: a line a second at most
+        flood.note("test flood")
+    assert capfd.readouterr().err.count("\n") <= 2
