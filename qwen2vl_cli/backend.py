@@ -38,6 +38,14 @@ class Backend(Protocol):
         others did; `on_text` streams a batch of one; `cancels` stops rows."""
 
 
+_LOADS: set = set()  # weights loading in the background, until they are in
+
+
+def loading() -> bool:
+    """Whether weights are still loading on a worker thread (the process would wait for them at exit)."""
+    return any(not f.done() for f in list(_LOADS))
+
+
 class LocalBackend:
     """A model loaded here, once: `describe` and `video` run a batch of one through it, `--each`
     and `qvl serve` many.
@@ -74,6 +82,8 @@ class LocalBackend:
         if background:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qvl-load")
             self._loading = self._pool.submit(self.runner.load_model, model_dir)
+            _LOADS.add(self._loading)
+            self._loading.add_done_callback(_LOADS.discard)
         else:
             hooks.stage(self._loading_text())
             self.runner.load_model(model_dir)
@@ -145,11 +155,15 @@ class LocalBackend:
         media = sum(part["type"] == "image" for m in typed if not isinstance(m["content"], str) for part in m["content"])
         return self.runner.count_tokens(self.runner.prompt_text(typed)) - PLACEHOLDER_TOKENS * media
 
-    def prompt(self, plans, gen: GenerationOptions) -> str:
-        """The prompt text; with --boxes, the family's own grounding request for one image."""
+    def check_options_text(self, gen: GenerationOptions) -> None:
+        """The texts the user gave on the command line, checked as message text is."""
         for what, text in (("--prompt", gen.prompt), ("--system", gen.system), ("--boxes", gen.boxes)):
             if text is not None:
                 self.check_text(text, what)
+
+    def prompt(self, plans, gen: GenerationOptions) -> str:
+        """The prompt text; with --boxes, the family's own grounding request for one image."""
+        self.check_options_text(gen)
         if gen.boxes is not None:
             check_boxes([(p.source, p.kind) for p in plans], gen)
             gen = replace(gen, prompt=grounding.prompt(self.runner.family, gen.boxes))
@@ -272,6 +286,7 @@ def run(request: Request, hooks: Hooks, stdin: BinaryIO | None = None) -> Result
         check_boxes([(p.source.label, p.info.kind) for p in probed], request.generation)
         backend = LocalBackend(request.runtime, hooks, background=True)
         try:
+            backend.check_options_text(request.generation)  # the tokenizer is in: a bad -p fails before any decoding
             hooks.stage("Decoding media")
             start = time.perf_counter()
             plans, loaded = backend.decode_probed(probed, request.media)

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, TextIO
 
-from qwen2vl_cli.errors import QvlError, UsageError, describe_exception, error_type
+from qwen2vl_cli.errors import QvlError, UsageError, describe_exception, error_type, printable
 from qwen2vl_cli.types import GenerationOptions, MediaOptions, Result, RuntimeOptions
 
 if TYPE_CHECKING:
@@ -48,9 +48,15 @@ def iter_sources(args: Iterable[str], from_file: str | None, null: bool, stdin: 
         yield from _entries(stream, null)
         return
     path = Path(from_file).expanduser()
-    if not path.is_file():
+    if not path.exists():
         raise UsageError(f"--from {from_file}: no such file")
-    with open(path, "rb") as stream:
+    if path.is_dir():
+        raise UsageError(f"--from {from_file}: is a directory; give a file with one source per line")
+    try:
+        stream = open(path, "rb")  # a pipe (`--from <(find ...)`) is read as it comes
+    except OSError as e:
+        raise UsageError(f"--from {from_file}: cannot read it ({e.strerror or e})") from None
+    with stream:
         yield from _entries(stream, null)
 
 
@@ -61,7 +67,7 @@ def count_sources(args: tuple[str, ...], from_file: str | None, null: bool) -> i
     if from_file == "-":
         return None
     path = Path(from_file).expanduser()
-    if not path.is_file():
+    if not path.is_file():  # a pipe can be read only once: by the run
         return None
     with open(path, "rb") as stream:
         return len(args) + sum(1 for _ in _entries(stream, null))
@@ -89,41 +95,72 @@ def request_key(media: MediaOptions, gen: GenerationOptions, runtime: RuntimeOpt
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# Every record qvl writes starts so: a result ("text" first) or an error record ("source" first).
+_RECORD_STARTS = (b'{"text": ', b'{"source": ')
+MAX_RECORD_BYTES = 64 * 1024**2  # a longer line is not a record qvl wrote
+
+
 class RecordFile:
-    """JSON Lines on disk: append-only, flushed and synced per record, resumable after a kill."""
+    """JSON Lines on disk: append-only, flushed and synced per record, resumable after a kill, one
+    writer at a time (an advisory lock). A file qvl did not write is refused and left as it is."""
 
     def __init__(self, path: str, resume: bool):
         self.option = "--resume" if resume else "--output"
         self.path = Path(path).expanduser()
-        self.done: set[tuple[str, str]] = set()
-        if self.path.exists() and not resume:
-            raise UsageError(f"--output {path}: the file exists; continue it with --resume {path}, or choose a new name")
-        if self.path.exists():
-            self._read_and_repair()
-        self._file = open(self.path, "a", encoding="utf-8")
+        self.done: set[tuple[int, str, str]] = set()  # (index, source, request_key) of the successful records
         self._broken = False
+        shown = f"{self.option} {path}"
+        if self.path.is_dir():
+            raise UsageError(f"{shown}: is a directory; give a file name, such as {Path(path) / 'records.jsonl'}")
+        existing = self.path.exists()
+        if existing and not resume:
+            raise UsageError(f"--output {path}: the file exists; continue it with --resume {path}, or choose a new name")
+        if existing and not self.path.is_file():
+            raise UsageError(f"{shown}: not a regular file; give the JSON Lines file that qvl --each wrote")
+        if not existing and self.path.is_symlink():
+            raise UsageError(f"{shown}: a symbolic link to nothing (or a loop of them); give the file itself")
+        try:
+            self._file = open(self.path, "r+b" if existing else "xb")
+        except OSError as e:
+            raise UsageError(f"{shown}: {_path_problem(e, self.path)}") from None
+        try:
+            _lock(self._file, shown)
+            if existing:
+                self._read_and_repair(shown)
+            self._file.seek(0, os.SEEK_END)
+        except BaseException:
+            self._file.close()
+            raise
 
-    def _read_and_repair(self) -> None:
-        good_end = 0
-        with open(self.path, "rb") as f:
-            for number, line in enumerate(f, 1):
-                if not line.endswith(b"\n"):
-                    break  # a record cut short by a kill: it is dropped and redone
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    # Not a record qvl wrote: leave the file as it is.
-                    raise UsageError(f"--resume {self.path}: line {number} is not a JSON record; give a file that qvl --each wrote") from None
-                good_end += len(line)
-                if isinstance(record, dict) and "error" not in record and "source" in record:
-                    self.done.add((record["source"], record.get("request_key", "")))
-        if good_end != self.path.stat().st_size:
-            with open(self.path, "r+b") as f:
-                f.truncate(good_end)
+    def _read_and_repair(self, shown: str) -> None:
+        """Records already written; a last line cut short by a kill is dropped (when it is plainly
+        the start of a record), anything else that is not a record refuses the file."""
+        good_end, number = 0, 0
+        f = self._file
+        while line := f.readline(MAX_RECORD_BYTES + 1):
+            number += 1
+            if not line.endswith(b"\n"):
+                if len(line) > MAX_RECORD_BYTES or not line.startswith(_RECORD_STARTS):
+                    raise UsageError(f"{shown}: line {number} is not a record qvl wrote; give a file that qvl --each wrote")
+                break  # a record cut short by a kill: it is dropped and redone
+            good_end += len(line)
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if not (isinstance(record, dict) and isinstance(record.get("source"), str) and isinstance(record.get("index"), int)
+                    and isinstance(record.get("request_key"), str)):
+                raise UsageError(f"{shown}: line {number} is not a record qvl wrote; give a file that qvl --each wrote")
+            if "error" not in record:
+                self.done.add((record["index"], record["source"], record["request_key"]))
+        if good_end != os.fstat(f.fileno()).st_size:
+            f.truncate(good_end)
 
     def write(self, line: str) -> None:
         try:
-            self._file.write(line + "\n")
+            self._file.write(line.encode("utf-8") + b"\n")
             self._file.flush()
             os.fsync(self._file.fileno())
         except OSError as e:  # a full disk or a quota: the records before this one are on disk
@@ -136,10 +173,39 @@ class RecordFile:
 
     def close(self) -> None:
         try:
-            self._file.close()  # closes the file even when its last flush fails
+            self._file.close()  # closes the file (and lets go of its lock) even when its last flush fails
         except OSError as e:
             if not self._broken:  # else already said, by write()
                 raise self._error(e) from None
+
+
+def _lock(f, shown: str) -> None:
+    """An advisory lock held while the file is open: a second qvl on the same file is refused."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here
+        return
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise UsageError(f"{shown}: another qvl is writing to it; let it finish, or choose another file") from None
+    except OSError:  # a file system without locks (some network mounts): go on unlocked
+        pass
+
+
+def _path_problem(e: OSError, path: Path) -> str:
+    """Why a file cannot be opened, said so the user can fix it."""
+    import errno
+
+    if e.errno == errno.ENOENT:
+        return f"no such directory {str(path.parent)!r}; create it first"
+    if e.errno == errno.ENOTDIR:
+        return "a part of the path is a file, not a directory"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write there ({e.strerror}); choose a place you can write"
+    if e.errno == errno.ELOOP:
+        return "a loop of symbolic links"
+    return f"cannot open it ({e.strerror or e})"
 
 
 @dataclass
@@ -221,7 +287,7 @@ def run_each(
     batch_size: int,
     emitter: Emitter,
     tally: Tally,
-    done: set[tuple[str, str]] = frozenset(),
+    done: set[tuple[int, str, str]] = frozenset(),
     require_video: bool = False,
     on_progress: Callable[[], None] = lambda: None,
 ) -> None:
@@ -234,7 +300,7 @@ def run_each(
             for index, source in enumerate(sources):
                 if stop.is_set():
                     break
-                if (source, key) in done:
+                if (index, source, key) in done:  # a record is per input line: a list may name a source twice
                     item = (index, source, None, None)
                 else:
                     try:
@@ -280,6 +346,8 @@ def run_each(
                     on_progress()
     finally:
         stop.set()
+        # Its decoding must not outlive the run: native threads still running at exit abort the process.
+        worker.join(timeout=60)
 
 
 def _generate(backend: Backend, batch, gen):
@@ -318,9 +386,11 @@ def sink_for(output: RecordFile | None, stdout: TextIO) -> Callable[[str], None]
     if output is not None:
         return output.write
 
+    terminal = stdout.isatty()
+
     def write(line: str) -> None:
         try:
-            stdout.write(line + "\n")
+            stdout.write((printable(line) if terminal else line) + "\n")
             stdout.flush()
         except BrokenPipeError:
             raise

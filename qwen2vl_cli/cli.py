@@ -11,6 +11,7 @@ import os
 import re
 import sys
 import traceback
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
@@ -19,7 +20,7 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from qwen2vl_cli import __version__, config as C, options as O
-from qwen2vl_cli.errors import EXIT_INTERRUPTED, EXIT_USAGE, GenerationInterrupted, UsageError, describe_exception
+from qwen2vl_cli.errors import EXIT_INTERRUPTED, EXIT_USAGE, GenerationInterrupted, OutputClosed, UsageError, describe_exception
 from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions, check_generation
 
 
@@ -49,6 +50,9 @@ class QvlGroup(TyperGroup):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         from qwen2vl_cli.render import print_error
 
+        shown = warnings.showwarning
+        if not C.debug_enabled():
+            warnings.showwarning = _one_line_warning
         try:
             rv = super().main(args=args, prog_name=prog_name or "qvl", complete_var=complete_var, standalone_mode=False, **extra)
             code = rv if isinstance(rv, int) else 0
@@ -59,10 +63,10 @@ class QvlGroup(TyperGroup):
             code = EXIT_USAGE
         except typer.Abort:
             code = EXIT_INTERRUPTED
-        except BrokenPipeError:
-            # The reader went away (`qvl ... | head`): stop quietly.
+        except OutputClosed:
+            # The reader went away (`qvl ... | head`): it has what it wanted; stop quietly.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            code = 1
+            code = 0
         except BaseException as e:  # noqa: BLE001 - the one place that maps everything to a message
             if isinstance(e, SystemExit):
                 raise
@@ -70,6 +74,8 @@ class QvlGroup(TyperGroup):
                 traceback.print_exc()
             message, code = describe_exception(e)
             print_error(message)
+        finally:
+            warnings.showwarning = shown
         if standalone_mode:
             sys.exit(code)
         return code
@@ -261,7 +267,10 @@ def _command(name: str, argument: _inspect.Parameter, groups: list, body, doc: s
     params = [argument] + [p for group in groups for p in _params(group)]
 
     def command(**kwargs) -> None:
-        body(kwargs.pop(argument.name), kwargs)
+        try:
+            body(kwargs.pop(argument.name), kwargs)
+        except BrokenPipeError:  # click would exit 1 on it
+            raise OutputClosed() from None
 
     # Typer reads the signature: one declaration per option, shared by every command that takes it.
     command.__signature__ = _inspect.Signature(params)
@@ -354,7 +363,15 @@ def _answer_each(request, each, quiet: bool, endpoint=None) -> None:
             print_error(text)
 
     # Bound before any live display starts: records go to the real stdout, whatever it is.
-    emitter = batch.Emitter(batch.sink_for(records, sys.stdout), each.format, each.ordered, failed)
+    plain = batch.sink_for(records, sys.stdout)
+
+    def sink(line: str) -> None:
+        if progress is not None and records is None:
+            progress.above(lambda: plain(line))
+        else:
+            plain(line)
+
+    emitter = batch.Emitter(sink, each.format, each.ordered, failed)
     tally = batch.Tally()
     try:
         reporter = Reporter(quiet=quiet, stream=False)
@@ -405,22 +422,28 @@ def _inspect_body(media: list[str] | None, options: dict) -> None:
             raise UsageError("give MEDIA to inspect, or --model M for a model summary")
         from qwen2vl_cli.summary import summarize
 
-        render.model_summary(summarize(model))
+        summary = summarize(model)
+        render.print_json(summary) if json_out else render.model_summary(summary)
         return
     resolved = C.guess_device() if device == "auto" else device
     spec = vision_spec(model)
     if spec is None:
         render.stderr_console().print(render.styled("note:", "yellow", f"{model} is not on this machine: using Qwen2-VL's default sizes"))
         spec = vision_spec(None)
-    plans = inspect_media(tuple(media), spec, replace(opts, cpu_budget=resolved == "cpu"), count=stamp_counter(model) if spec.time_stamps else None)
+    plans, failed = inspect_media(tuple(media), spec, replace(opts, cpu_budget=resolved == "cpu"),
+                                  count=stamp_counter(model) if spec.time_stamps else None)
     render.Reporter().inputs(plans, lines=False)
     if json_out:
         for p in plans:
             render.print_json(p.to_dict())
-    else:
+    elif plans:
         render.inspect_table(plans)
-    if resolved == "cpu" and not opts.pixel_limits_given:
+    if resolved == "cpu" and not opts.pixel_limits_given and plans:
         render.stderr_console().print("sized for CPU (smaller defaults); --device cuda shows GPU sizes", style="dim")
+    for error in failed:  # every input that could be read is shown; each one that could not is a line
+        render.print_error(str(error))
+    if failed:
+        raise typer.Exit(EXIT_USAGE)
 
 
 _ANSWER_GROUPS = [_generation_options, _sizing_options, _runtime_options, _output_options, _each_options, _endpoint_options]
@@ -513,5 +536,22 @@ def serve(
                limits, tuple(allowed_hosts or ()), None if batching == "auto" else batching == "continuous")
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A library's warning (Pillow's on odd files, say) as one line, like qvl's own notes."""
+    from qwen2vl_cli.render import stderr_console, styled
+
+    stderr_console().print(styled("note:", "yellow", " ".join(str(message).split())))
+
+
 def main() -> None:
-    app()
+    try:
+        app()
+    except SystemExit as e:
+        backend = sys.modules.get("qwen2vl_cli.backend")  # imported only by runs that load a model
+        if backend is not None and backend.loading():
+            # Weights still loading for a run that already ended (a bad input): nobody needs them,
+            # and the interpreter would wait for the loading thread before exiting.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(e.code if isinstance(e.code, int) else 1)
+        raise

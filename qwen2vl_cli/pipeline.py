@@ -79,10 +79,17 @@ def cpu_budget_note(probed: list[Probed], plans: list[MediaPlan], spec: VisionSp
 
 def inspect(
     texts: tuple[str, ...], spec: VisionSpec, opts: MediaOptions, stdin: BinaryIO | None = None, count: Callable[[str], int] | None = None
-) -> list[MediaPlan]:
-    """Plans for `qvl inspect`: headers and container metadata only, no pixels, no torch."""
+) -> tuple[list[MediaPlan], list[MediaError]]:
+    """Plans for `qvl inspect`: headers and container metadata only, no pixels, no torch. An
+    input that cannot be read is its error, and the others are planned together (one budget)."""
+    probed, failed = [], []
     with SourceResolver(stdin=stdin, max_bytes=opts.max_download) as resolver:
-        return plan_all(probe_all(resolver, texts, opts), spec, opts, count)
+        for text in texts:
+            try:
+                probed += probe_all(resolver, (text,), opts)
+            except MediaError as e:
+                failed.append(e)
+        return (plan_all(probed, spec, opts, count) if probed else []), failed
 
 
 def decode_all(probed: list[Probed], plans: list[MediaPlan], opts: MediaOptions, max_frame_pixels: int | None = None

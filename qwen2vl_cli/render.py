@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.text import Text
 
+from qwen2vl_cli.errors import printable
 from qwen2vl_cli.sources import format_size
 from qwen2vl_cli.types import MediaPlan, Result
 
@@ -34,16 +35,31 @@ def stdout_console() -> Console:
 
 def styled(label: str, style: str, text: str) -> Text:
     """`label` in `style`, then plain `text`: the one way diagnostics are coloured."""
-    return Text.assemble((label, style), " ", text)
+    return Text.assemble((label, style), " ", printable(text))
 
 
 def print_error(message: str) -> None:
     stderr_console().print(styled("qvl: error:", "bold red", message))
 
 
+def write_stdout(text: str) -> None:
+    """Data on stdout, made printable where it is a terminal. A full disk is one line naming it;
+    a reader that went away (BrokenPipeError) ends the run quietly, at the edge."""
+    if sys.stdout.isatty():
+        text = printable(text)
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        from qwen2vl_cli.errors import QvlError
+
+        raise QvlError(f"cannot write to stdout ({e.strerror or e})") from None
+
+
 def print_json(obj: dict) -> None:
-    sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
-    sys.stdout.flush()
+    write_stdout(json.dumps(obj, ensure_ascii=False) + "\n")
 
 
 def _fmt_s(x: float | None) -> str:
@@ -61,10 +77,10 @@ def plan_line(p: MediaPlan) -> Text:
     grid = "×".join(str(g) for g in p.grid_thw)
     size = f"{p.width}x{p.height} → {p.resized_width}x{p.resized_height}, grid {grid}, {p.visual_tokens} visual tokens"
     if p.kind == "image":
-        return Text.assemble((p.source, "bold"), f": image {size}")
+        return Text.assemble((printable(p.source), "bold"), f": image {size}")
     n = len(p.frame_indices or ())
     return Text.assemble(
-        (p.source, "bold"),
+        (printable(p.source), "bold"),
         f": video {_fmt_s(p.duration_s)} at {p.native_fps:.3g} fps, {p.frames} frames; "
         f"sampled {n} at {p.sample_fps:.3g} fps ({frame_times(p.frame_times_s or ())}); {size}",
     )
@@ -143,16 +159,14 @@ class Reporter:
         self.stop()
         if not self.stream:
             return
-        sys.stdout.write(chunk)
-        sys.stdout.flush()
+        write_stdout(chunk)
         self._wrote = True
         self._ends_with_newline = chunk.endswith("\n")
 
     def end_text(self) -> None:
         self.stop()
         if self.stream and (not self._wrote or not self._ends_with_newline):
-            sys.stdout.write("\n")
-            sys.stdout.flush()
+            write_stdout("\n")
             self._wrote = self._ends_with_newline = True
 
     def boxes(self, result: Result, drawn: str | None, listed: bool = True) -> None:
@@ -160,17 +174,18 @@ class Reporter:
         separated; a point is x y), what could not be read on stderr."""
         self.stop()
         if listed:  # plain lines for scripts (Rich would turn the tabs into spaces)
+            lines = []
             for b in result.boxes or ():
                 numbers = b["box"] if "box" in b else b["point"]
-                sys.stdout.write("\t".join([" ".join(b["label"].split())] + [f"{v:g}" for v in numbers]) + "\n")
-            sys.stdout.flush()
+                lines.append("\t".join([" ".join(b["label"].split())] + [f"{v:g}" for v in numbers]) + "\n")
+            write_stdout("".join(lines))
         for problem in result.box_problems:
             self.note(f"left out of the boxes: {problem}")
         if not result.boxes and not result.box_problems:
             answer = " ".join(result.text.split())
             self.note(f"no boxes in the answer: {answer[:200] + ('…' if len(answer) > 200 else '')}")
         if drawn is not None and not self.quiet:
-            self.console.print(f"qvl: drew {len(result.boxes or ())} box{'es' if len(result.boxes or ()) != 1 else ''} on {drawn}", markup=False)
+            self.console.print(f"qvl: drew {len(result.boxes or ())} box{'es' if len(result.boxes or ()) != 1 else ''} on {printable(drawn)}", markup=False)
 
     def summary(self, result: Result) -> None:
         self.stop()
@@ -219,6 +234,17 @@ class BatchProgress:
         """One input's error, above the live bar."""
         self.console.print(styled("qvl: error:", "bold red", text))
 
+    def above(self, write) -> None:
+        """`write()` of a record to stdout where stdout is this terminal too: the bar is taken down
+        first and drawn again after, so the record starts on a line of its own."""
+        if self._progress is None or not sys.stdout.isatty():
+            return write()
+        self._progress.stop()
+        try:
+            write()
+        finally:
+            self._progress.start()
+
     def close(self, tally) -> None:
         if self._progress is not None:
             self._progress.stop()
@@ -233,9 +259,10 @@ def inspect_table(plans: Sequence[MediaPlan]) -> None:
     table = Table(box=None, pad_edge=False, header_style="bold")
     for name in ("source", "kind", "size", "resized", "grid (t,h,w)", "visual tokens", "with markers"):
         table.add_column(name, justify="right" if "tokens" in name or "markers" in name else "left")
+    name = printable if out.is_terminal else str
     for p in plans:
         table.add_row(
-            Text(p.source),
+            Text(name(p.source)),
             p.kind,
             f"{p.width}x{p.height}",
             f"{p.resized_width}x{p.resized_height}",
@@ -249,7 +276,7 @@ def inspect_table(plans: Sequence[MediaPlan]) -> None:
             indices = list(p.frame_indices or ())
             shown = ", ".join(map(str, indices)) if len(indices) <= 12 else ", ".join(map(str, indices[:10])) + f", … {indices[-1]}"
             out.print(
-                f"{p.source}: {_fmt_s(p.duration_s)}, {p.native_fps:.3g} fps, {p.frames} frames → "
+                f"{name(p.source)}: {_fmt_s(p.duration_s)}, {p.native_fps:.3g} fps, {p.frames} frames → "
                 f"{len(indices)} frames at {p.sample_fps:.3g} fps; indices {shown}; times {frame_times(p.frame_times_s or ())}"
                 + (f"; time stamps in the prompt {frame_times(p.time_stamps_s, digits=1)} ({p.stamp_tokens} tokens)" if p.time_stamps_s else "")
             )

@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from qwen2vl_cli.config import debug_enabled
-from qwen2vl_cli.errors import Cancelled, QvlError, UsageError, describe_exception, error_type
+from qwen2vl_cli.errors import Cancelled, QvlError, UsageError, describe_exception, error_type, printable
 from qwen2vl_cli.backend import LocalBackend
 from qwen2vl_cli.pipeline import Hooks, is_out_of_memory
 from qwen2vl_cli.types import GenerationOptions, MediaOptions, Prepared, Result, RuntimeOptions, check_generation
@@ -415,7 +415,7 @@ def _log_bug(where: str, e: BaseException) -> None:
 
         traceback.print_exception(e)
     message = " ".join(str(e).split())[:300]
-    print(f"qvl serve: error in {where}: {type(e).__name__}: {message}", file=sys.stderr, flush=True)
+    print(printable(f"qvl serve: error in {where}: {type(e).__name__}: {message}"), file=sys.stderr, flush=True)
 
 
 def completion_body(request_id: str, model: str, result: Result, created: int, prepared: Prepared) -> dict:

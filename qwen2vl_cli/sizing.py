@@ -109,6 +109,13 @@ def _min_pixels(opts: MediaOptions, default: int) -> int:
     return min(default, opts.max_pixels) if opts.max_pixels is not None else default
 
 
+def _lowered(opts: MediaOptions, default: int) -> list[str]:
+    """The note when a --max-pixels below the default minimum lowers the minimum."""
+    if opts.min_pixels is None and opts.max_pixels is not None and opts.max_pixels < default and opts.resize is None:
+        return [f"--max-pixels {opts.max_pixels} is below the minimum of {default} pixels: the minimum is lowered to it"]
+    return []
+
+
 def image_size(info: MediaInfo, spec: VisionSpec, opts: MediaOptions) -> tuple[int, int]:
     f = spec.factor
     if opts.resize is not None:
@@ -130,7 +137,7 @@ def plan_image(source: str, info: MediaInfo, spec: VisionSpec, opts: MediaOption
     except SizingError as e:
         raise MediaError(source, str(e)) from None
     grid, tokens = _tokens(spec, rh, rw)
-    return MediaPlan(source, "image", info.width, info.height, rw, rh, grid, tokens, notes=notes)
+    return MediaPlan(source, "image", info.width, info.height, rw, rh, grid, tokens, notes=tuple(notes) + tuple(_lowered(opts, spec.min_pixels)))
 
 
 def frame_range(total: int, fps: float, start: float | None, end: float | None) -> tuple[int, int]:
@@ -253,6 +260,8 @@ def plan_video(source: str, info: MediaInfo, spec: VisionSpec, opts: MediaOption
         else:
             min_p, max_p = video_pixel_limits(n, spec, opts)
             rh, rw = smart_resize(info.height, info.width, f, min_p, max_p)
+            cpu = opts.cpu_budget and not opts.pixel_limits_given
+            count_notes += _lowered(opts, (C.CPU_VIDEO_MIN_TOKENS if cpu else C.VIDEO_MIN_TOKENS) * f * f)
     except SizingError as e:
         raise MediaError(source, str(e)) from None
     if info.frame_times_s is not None:

@@ -127,6 +127,12 @@ class SourceResolver:
             raise MediaError(label, "is a directory: give the files in it instead (for example DIR/*.jpg)")
         if not os.access(path, os.R_OK):
             raise MediaError(label, "permission denied")
+        if not path.is_file():  # a pipe (`<(cat x.jpg)`, a FIFO) or a device: read it once, as stdin is
+            try:
+                with open(path, "rb") as stream:
+                    return Source(label, path=self._spool(label, stream))
+            except OSError as e:
+                raise MediaError(label, f"cannot read it ({e.strerror or e})") from None
         return Source(label, path=path)
 
     @staticmethod
@@ -164,17 +170,21 @@ class SourceResolver:
         stream = self._stdin if self._stdin is not None else sys.stdin.buffer
         if hasattr(stream, "isatty") and stream.isatty():
             raise MediaError("-", "standard input is a terminal: pipe a file in, as in `qvl describe - < photo.jpg`")
+        return Source("<stdin>", path=self._spool("-", stream, "standard input"))
+
+    def _spool(self, label: str, stream: BinaryIO, what: str = "the stream") -> Path:
+        """A stream that can be read only once, into a temporary file (media readers seek)."""
         path = self._tempfile("")
         total = 0
         with open(path, "wb") as out:
             while chunk := stream.read(_CHUNK):
                 total += len(chunk)
                 if total > self._max_bytes:
-                    raise MediaError("-", f"standard input is larger than the {format_size(self._max_bytes)} limit")
+                    raise MediaError(label, f"{what} is larger than the {format_size(self._max_bytes)} limit (--max-download)")
                 out.write(chunk)
         if total == 0:
-            raise MediaError("-", "standard input is empty")
-        return Source("<stdin>", path=path)
+            raise MediaError(label, f"{what} is empty")
+        return path
 
     def _download(self, url: str) -> Source:
         from qwen2vl_cli.urlpolicy import Deadline, fetch_session

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 
 from qwen2vl_cli.batch import RecordFile, iter_sources
 
@@ -83,7 +84,7 @@ def test_resume_never_truncates_a_file_it_did_not_write(qvl, tiny_model, media_d
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes\nsecond line\n")
     r = qvl("describe", "--each", media_dir / "square.png", "--model", tiny_model, *FAST, "--resume", notes)
-    assert r.exit_code == 2 and "line 1 is not a JSON record" in r.stderr
+    assert r.exit_code == 2 and "line 1 is not a record qvl wrote" in r.stderr
     assert notes.read_text() == "my notes\nsecond line\n"
     r = qvl("describe", "--each", media_dir / "square.png", "--model", tiny_model, "--resume", notes, "--format", "text")
     assert r.exit_code == 2 and "drop --format text" in r.stderr
@@ -179,12 +180,56 @@ def test_source_lists_are_read_lazily():
 
 def test_record_file_repairs_a_cut_line(tmp_path):
     path = tmp_path / "r.jsonl"
-    path.write_text('{"source": "a", "request_key": "k", "text": "x"}\n{"source": "b", "requ')
+    path.write_text('{"text": "x", "source": "a", "index": 0, "request_key": "k"}\n{"text": "y", "sou')
     f = RecordFile(str(path), resume=True)
-    f.write('{"source": "b", "request_key": "k", "text": "y"}')
+    f.write('{"text": "y", "source": "b", "index": 1, "request_key": "k"}')
     f.close()
-    assert f.done == {("a", "k")}
+    assert f.done == {(0, "a", "k")}
     assert [json.loads(line)["source"] for line in path.read_text().splitlines()] == ["a", "b"]
+
+
+def test_resume_keeps_a_record_per_input_line(qvl, tiny_model, media_dir, tmp_path):
+    """A list that names a file twice: each line is an input of its own, done or not by its index."""
+    out = tmp_path / "captions.jsonl"
+    a, b = str(media_dir / "square.png"), str(media_dir / "photo.png")
+    assert qvl("describe", "--each", a, "--model", tiny_model, *FAST, "--resume", out).exit_code == 0
+    r = qvl("describe", "--each", a, b, a, "--model", tiny_model, *FAST, "--resume", out)
+    assert r.exit_code == 0 and "2 done, 0 failed, 1 skipped" in r.stderr
+    assert sorted((o["index"], o["source"]) for o in records(out.read_text())) == [(0, a), (1, b), (2, a)]
+
+
+@pytest.mark.parametrize("content", [b"my notes, not records, no newline at the end", b'{"a": 1}\n',
+                                     b'{"text": "x", "source": "a", "index": 0, "request_key": "k"}\nnot a record, last\n'])
+def test_resume_never_touches_a_file_qvl_did_not_write(qvl, tiny_model, media_dir, tmp_path, content):
+    out = tmp_path / "notes.jsonl"
+    out.write_bytes(content)
+    r = qvl("describe", "--each", media_dir / "square.png", "--model", tiny_model, *FAST, "--resume", out)
+    assert r.exit_code == 2 and "is not a record qvl wrote" in r.stderr and out.read_bytes() == content
+
+
+def test_record_file_paths_that_cannot_work_are_usage_errors(qvl, tiny_model, media_dir, tmp_path):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dangling").symlink_to(tmp_path / "missing" / "r.jsonl")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    for option, path, problem in [("--output", tmp_path / "no" / "r.jsonl", "no such directory"),
+                                  ("--output", tmp_path, "is a directory"),
+                                  ("--output", tmp_path / "file" / "r.jsonl", "a part of the path is a file"),
+                                  ("--resume", tmp_path / "dangling", "a symbolic link to nothing"),
+                                  ("--resume", tmp_path / "loop", "a symbolic link to nothing"),
+                                  ("--resume", "/dev/zero", "not a regular file")]:
+        r = qvl("describe", "--each", media_dir / "square.png", "--model", tiny_model, option, path)
+        assert r.exit_code == 2 and f"{option} {path}: {problem}" in r.stderr and "unexpected" not in r.stderr, r.stderr
+
+
+def test_a_second_writer_is_refused(qvl, tiny_model, media_dir, tmp_path):
+    out = tmp_path / "captions.jsonl"
+    writing = RecordFile(str(out), resume=True)  # another qvl, still running
+    try:
+        r = qvl("describe", "--each", media_dir / "square.png", "--model", tiny_model, *FAST, "--resume", out)
+        assert r.exit_code == 2 and "another qvl is writing to it" in r.stderr and out.read_bytes() == b""
+    finally:
+        writing.close()
+    assert qvl("describe", "--each", media_dir / "square.png", "--model", tiny_model, *FAST, "--resume", out).exit_code == 0
 
 
 def test_records_reach_redirected_stdout_while_a_progress_bar_runs_on_a_terminal(tiny_model, media_dir, tmp_path):
