@@ -247,7 +247,8 @@ def _endpoint_options(
 
 def _inspect_options(
     model: Annotated[Optional[str], typer.Option("--model", "-m", envvar=C.ENV_MODEL, help="Read sizing settings from this model (local dir or HF cache; never downloads). Without MEDIA: summarize the model.", rich_help_panel=O.RUN_PANEL)] = None,
-    device: Annotated[str, typer.Option(envvar=C.ENV_DEVICE, help="Size as this device would: cpu uses smaller defaults. auto guesses without importing torch.", rich_help_panel=O.RUN_PANEL)] = "auto",
+    device: Annotated[str, typer.Option(envvar=C.ENV_DEVICE, help="Size as this device would: cpu uses smaller defaults. auto guesses without importing torch.", rich_help_panel=O.RUN_PANEL,
+                                        autocompletion=O.complete(*O.DEVICES))] = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="JSON Lines: one object per input.", rich_help_panel=O.OUT_PANEL)] = False,
 ) -> tuple[str | None, str, bool]:
     return model, _choice("device", device, ("auto", "cuda", "cpu", "mps")), json_out
@@ -486,7 +487,8 @@ def serve(
     api_key: O.ServeApiKey = None,
     batch_size: O.BatchSize = None,
     queue_size: Annotated[int, typer.Option(min=1, help="Requests that may wait; beyond that: 503.", rich_help_panel=O.SERVE_PANEL)] = 64,
-    batching: Annotated[str, typer.Option(metavar="auto|continuous|fixed", help="continuous: requests join running batches (auto: on a GPU); fixed: a batch runs to its end.", rich_help_panel=O.SERVE_PANEL)] = "auto",
+    batching: Annotated[str, typer.Option(metavar="auto|continuous|fixed", help="continuous: requests join running batches (auto: on a GPU); fixed: a batch runs to its end.", rich_help_panel=O.SERVE_PANEL,
+                                          autocompletion=O.complete("auto", "continuous", "fixed"))] = "auto",
     allowed_hosts: Annotated[Optional[list[str]], typer.Option("--allowed-hosts", metavar="NAME", help="Host names clients may use besides the listening address (repeatable; guards against DNS rebinding).", rich_help_panel=O.SERVE_PANEL)] = None,
     max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens one request may ask for; more is a 400.", rich_help_panel=O.SERVE_LIMITS_PANEL)] = 4096,
     max_prompt_tokens: Annotated[Optional[int], typer.Option(min=1, help="Most prompt tokens of one request, text and media (media are sized to fit); more is a 400. Default: 8192 on a CPU, else the model's context.", show_default=False, rich_help_panel=O.SERVE_LIMITS_PANEL)] = None,

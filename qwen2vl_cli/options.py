@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from qwen2vl_cli import config as C
+from qwen2vl_cli.devices import ATTNS, DEVICES, DTYPES, ENGINES
 
 MEDIA_PANEL = "Image sizing"
 VIDEO_PANEL = "Video frames"
@@ -19,14 +20,21 @@ Model = Annotated[
     str,
     typer.Option("--model", "-m", envvar=C.ENV_MODEL, help="Hub id or local model directory.", rich_help_panel=RUN_PANEL),
 ]
+def complete(*values: str):
+    """Shell completion of an option's fixed values (`qvl --install-completion`)."""
+    return lambda incomplete: [v for v in values if v.startswith(incomplete)]
+
+
 Device = Annotated[
     str,
-    typer.Option(envvar=C.ENV_DEVICE, help="auto | cuda | cpu | mps. auto: CUDA, else MPS, else CPU.", rich_help_panel=RUN_PANEL),
+    typer.Option(envvar=C.ENV_DEVICE, help="auto | cuda | cpu | mps. auto: CUDA, else MPS, else CPU.", rich_help_panel=RUN_PANEL,
+                 autocompletion=complete(*DEVICES)),
 ]
 Dtype = Annotated[
     str,
     typer.Option(
         envvar=C.ENV_DTYPE,
+        autocompletion=complete(*DTYPES),
         help="auto | bfloat16 | float16 | float32. auto: bfloat16 on GPUs that have it, else float16; on CPUs bfloat16 only with native support (AVX-512 BF16, AMX), else float32.",
         rich_help_panel=RUN_PANEL,
     ),
@@ -35,6 +43,7 @@ Attn = Annotated[
     str,
     typer.Option(
         envvar=C.ENV_ATTN,
+        autocompletion=complete(*ATTNS),
         help="auto | flash_attention_2 | sdpa | eager. auto: flash_attention_2 on Ampere+ GPUs with flash-attn installed, else sdpa.",
         rich_help_panel=RUN_PANEL,
     ),
@@ -43,6 +52,7 @@ Engine = Annotated[
     str,
     typer.Option(
         envvar="QVL_ENGINE",
+        autocompletion=complete(*ENGINES),
         help="auto | static | compiled | graph | hf. static: qvl's decode loop over a static KV cache, reading tokens back a chunk at a time; compiled: the same with its step compiled by inductor (tens of seconds the first time per shape, seconds once cached; on CUDA also a CUDA graph); graph: the eager step replayed as a CUDA graph (CUDA only); hf: transformers' generate (the reference). auto: graph on CUDA, static elsewhere, hf with flash_attention_2.",
         rich_help_panel=RUN_PANEL,
     ),
@@ -84,7 +94,8 @@ Start = Annotated[Optional[float], typer.Option(min=0.0, help="Start of the clip
 End = Annotated[Optional[float], typer.Option(min=0.0, help="End of the clip, in seconds.", rich_help_panel=VIDEO_PANEL)]
 Seek = Annotated[
     str,
-    typer.Option(help="exact: the reference's frames. keyframe: the nearest keyframes only, decoded alone (fast preview).", rich_help_panel=VIDEO_PANEL),
+    typer.Option(help="exact: the reference's frames. keyframe: the nearest keyframes only, decoded alone (fast preview).", rich_help_panel=VIDEO_PANEL,
+                 autocompletion=complete("exact", "keyframe")),
 ]
 TotalPixels = Annotated[
     Optional[int],
@@ -98,7 +109,8 @@ EACH_PANEL = "Many inputs"
 Each = Annotated[bool, typer.Option("--each", help="One request per MEDIA with the same prompt and options; the model loads once. Records go out as JSON Lines.", rich_help_panel=EACH_PANEL)]
 FromFile = Annotated[Optional[str], typer.Option("--from", metavar="FILE", help="Read sources from FILE, one per line (- for stdin; blank lines and # comments skipped). Implies --each.", rich_help_panel=EACH_PANEL)]
 Null = Annotated[bool, typer.Option("--null", "-0", help="--from entries are NUL-separated (find -print0).", rich_help_panel=EACH_PANEL)]
-Format = Annotated[str, typer.Option(help="jsonl: one JSON object per input. text: source<TAB>text, newlines escaped.", rich_help_panel=EACH_PANEL)]
+Format = Annotated[str, typer.Option(help="jsonl: one JSON object per input. text: source<TAB>text, newlines escaped.", rich_help_panel=EACH_PANEL,
+                                     autocompletion=complete("jsonl", "text"))]
 Ordered = Annotated[bool, typer.Option("--ordered/--unordered", help="Records in input order, or as each finishes.", rich_help_panel=EACH_PANEL)]
 Output = Annotated[Optional[str], typer.Option("--output", "-o", metavar="FILE", help="Write records to FILE (a new file), flushed after each.", rich_help_panel=EACH_PANEL)]
 Resume = Annotated[Optional[str], typer.Option(metavar="FILE", help="Continue FILE: skip inputs it already answered with the same prompt and options, append the rest.", rich_help_panel=EACH_PANEL)]

@@ -546,3 +546,13 @@ def test_a_drawing_cut_short_leaves_nothing_behind(media_dir, tmp_path):
     assert r.returncode == 1 and "cannot write it (File too large)" in r.stderr and list(tmp_path.iterdir()) == []
     r = subprocess.run([sys.executable, "-c", script, str(media_dir / "photo.png"), str(target), str(10**9)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and [p.name for p in tmp_path.iterdir()] == ["boxes.png"]
+
+
+@pytest.mark.parametrize("words,expected", [("qvl video x --seek ", ["exact", "keyframe"]), ("qvl serve --batching c", ["continuous"]),
+                                            ("qvl describe x --device c", ["cuda", "cpu"]), ("qvl describe --each x --format ", ["jsonl", "text"])])
+def test_fixed_option_values_complete_in_the_shell(words, expected):
+    import os
+
+    env = {**os.environ, "_QVL_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(len(words.split(" ")) - 1)}
+    r = subprocess.run([sys.executable, "-c", "from qwen2vl_cli.cli import main; main()"], capture_output=True, text=True, env=env, timeout=60)
+    assert r.stdout.split() == expected, r.stderr

@@ -431,3 +431,15 @@ def test_a_bug_is_one_json_500_and_one_log_line(capfd):
     for _ in range(1000):  # a flood of one event: a line a second at most
         flood.note("test flood")
     assert capfd.readouterr().err.count("\n") <= 2
+
+
+def test_endpoint_lines_stay_apart_and_a_missing_v1_is_hinted(tiny_model, media_dir, server):
+    """stdout and stderr on one terminal: the sizes the server says come after the answer's line, not on it."""
+    cmd = [sys.executable, "-m", "qwen2vl_cli", "describe", str(media_dir / "square.png"), "--api-key", KEY, "--model", str(tiny_model),
+           "--max-new-tokens", "12"]
+    r = subprocess.run(cmd + ["--endpoint", server], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout
+    assert any(line.startswith(f"{media_dir / 'square.png'}: image ") for line in r.stdout.splitlines()), r.stdout
+    root = server.rsplit("/v1", 1)[0]
+    r = subprocess.run(cmd + ["--endpoint", root], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and f"try --endpoint {root}/v1" in r.stderr, r.stderr
