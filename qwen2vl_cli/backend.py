@@ -130,10 +130,11 @@ class LocalBackend:
                 raise MediaError(p.source.label, f"is {p.info.width}x{p.info.height}: over the {self.max_source_pixels:,} pixels allowed here")
         count = self.runner.count_tokens
         plans = plan_all(probed, self.spec, opts, count)
-        caps = [c for c in (self.max_visual_tokens, None if room is None else room - 2 * len(probed)) if c is not None]
+        left = None if room is None else room - 2 * len(probed)  # the room less each medium's two markers
+        if probed and left is not None and left < len(probed):  # not even a token each
+            raise UsageError(f"the text leaves room for {max(0, room)} prompt tokens of media: too few for {len(probed)} images and videos")
+        caps = [c for c in (self.max_visual_tokens, left) if c is not None]
         if caps and sum(p.visual_tokens for p in plans) > min(caps):
-            if min(caps) < len(probed):
-                raise UsageError(f"the prompt leaves room for {max(0, room)} tokens of media: too few for {len(probed)} images and videos")
             cap = min(caps)
             plans = plan_all(probed, self.spec, replace(opts, max_visual_tokens=min(cap, opts.max_visual_tokens or cap)), count)
         return decode_all(probed, plans, opts, self.max_source_pixels)

@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, TextIO
 
-from qwen2vl_cli.errors import QvlError, UsageError, describe_exception, error_type, printable
+from qwen2vl_cli.errors import QvlError, UsageError, describe_exception, error_type
+from qwen2vl_cli.output import json_line, printable
 from qwen2vl_cli.types import GenerationOptions, MediaOptions, Result, RuntimeOptions
 
 if TYPE_CHECKING:
@@ -160,7 +161,7 @@ class RecordFile:
 
     def write(self, line: str) -> None:
         try:
-            self._file.write(line.encode("utf-8") + b"\n")
+            self._file.write(line.encode("utf-8", "surrogateescape") + b"\n")
             self._file.flush()
             os.fsync(self._file.fileno())
         except OSError as e:  # a full disk or a quota: the records before this one are on disk
@@ -241,7 +242,7 @@ def _escaped(text: str) -> str:
 def format_record(record: dict, fmt: str) -> str:
     if fmt == "text":
         return f"{_escaped(record['source'])}\t{_escaped(record['text'])}"
-    return json.dumps(record, ensure_ascii=False)
+    return json_line(record)
 
 
 class Emitter:
@@ -390,7 +391,9 @@ def sink_for(output: RecordFile | None, stdout: TextIO) -> Callable[[str], None]
 
     def write(line: str) -> None:
         try:
-            stdout.write((printable(line) if terminal else line) + "\n")
+            # A file name that is not UTF-8 (text format) goes back out as the bytes it was.
+            data = ((printable(line) if terminal else line) + "\n").encode("utf-8", "surrogateescape")
+            stdout.buffer.write(data) if hasattr(stdout, "buffer") else stdout.write(data.decode("utf-8", "replace"))
             stdout.flush()
         except BrokenPipeError:
             raise

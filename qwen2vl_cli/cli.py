@@ -36,12 +36,29 @@ def _flags_without_types(params: list) -> list:
     return params
 
 
-class QvlCommand(TyperCommand):
+class _ReaderGone:
+    """A reader of stdout that went away (`qvl ... | head`), while help or a command writes: raised
+    as OutputClosed, since click takes a BrokenPipeError for a failure (exit 1)."""
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)  # --help and --version write here
+        except BrokenPipeError:
+            raise OutputClosed() from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            raise OutputClosed() from None
+
+
+class QvlCommand(_ReaderGone, TyperCommand):
     def get_params(self, ctx) -> list:
         return _flags_without_types(super().get_params(ctx))
 
 
-class QvlGroup(TyperGroup):
+class QvlGroup(_ReaderGone, TyperGroup):
     """The edge: every error becomes one line on stderr and a stable exit code."""
 
     def get_params(self, ctx) -> list:
@@ -268,10 +285,7 @@ def _command(name: str, argument: _inspect.Parameter, groups: list, body, doc: s
     params = [argument] + [p for group in groups for p in _params(group)]
 
     def command(**kwargs) -> None:
-        try:
-            body(kwargs.pop(argument.name), kwargs)
-        except BrokenPipeError:  # click would exit 1 on it
-            raise OutputClosed() from None
+        body(kwargs.pop(argument.name), kwargs)
 
     # Typer reads the signature: one declaration per option, shared by every command that takes it.
     command.__signature__ = _inspect.Signature(params)
@@ -501,7 +515,7 @@ def serve(
     allow_urls_to: Annotated[Optional[list[str]], typer.Option("--allow-urls-to", metavar="CIDR", help="Let media URLs reach this network too (repeatable), e.g. 10.0.0.0/8. Default: public addresses only.", rich_help_panel=O.SERVE_LIMITS_PANEL)] = None,
     allow_private_urls: Annotated[bool, typer.Option("--allow-private-urls", help="Let media URLs reach any address, loopback and private networks included.", rich_help_panel=O.SERVE_LIMITS_PANEL)] = False,
     read_timeout: Annotated[float, typer.Option(min=0.1, metavar="SECONDS", help="Time for a request's headers to arrive (from connecting, or from the last answer), then for its body.", rich_help_panel=O.SERVE_LIMITS_PANEL)] = 30.0,
-    max_connections: Annotated[Optional[int], typer.Option(min=1, help="Connections open at once; more are closed at once (and requests past it get 503). Default: from the open-file limit, at most 4096.", show_default=False, rich_help_panel=O.SERVE_LIMITS_PANEL)] = None,
+    max_connections: Annotated[Optional[int], typer.Option(min=1, help="Connections open at once; past it, the one longest without a request is closed (else the new one). Default: from the open-file limit, at most 4096.", show_default=False, rich_help_panel=O.SERVE_LIMITS_PANEL)] = None,
     quiet: O.Quiet = False,
 ) -> None:
     """An OpenAI-compatible server: POST /v1/chat/completions (image_url, video_url, stream), GET /v1/models."""

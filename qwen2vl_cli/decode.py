@@ -642,13 +642,13 @@ def _take(model, rows: _Rows, cache, slot: int, joining: Joining, room: int, pos
     limit, minimum = joining.max_new_tokens, min(joining.min_new_tokens, joining.max_new_tokens)
     if rows_in != 1 or limit < 1 or max(position, width) > room or max(position, width) + limit > rows.attend.shape[1]:
         raise ValueError("a request joins a running batch alone, with room for its answer")
+    began = time.perf_counter()
+    with stop_when(model, [joining.cancel]):
+        logits = _join(model, rows, cache, slot, joining.inputs)  # what may fail (memory, a client gone) comes before any move
     if width > position:  # every row's next write goes past its prompt; the gap stays masked
         for layer in cache.layers:
             layer.cumulative_length.fill_(width)
         position = width
-    began = time.perf_counter()
-    with stop_when(model, [joining.cancel]):
-        logits = _join(model, rows, cache, slot, joining.inputs)
     rows.minimum[slot] = minimum
     first = choose(logits, None if rows.seen is None else rows.seen[slot : slot + 1], True if minimum else None, sampling, eos, generator)
     rows.out[slot, done - 1] = first[0]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -52,15 +50,6 @@ class GenerationInterrupted(Exception):
     def __init__(self, text: str):
         super().__init__("interrupted")
         self.text = text
-
-
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-
-
-def printable(text: str) -> str:
-    """`text` with its control characters (all but newline and tab) written out as \\xNN, as `ls`
-    and git do: a file name or an answer holding ESC ]0;... cannot retitle or rewrite a terminal."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def one_line(exc: BaseException) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -10,16 +9,27 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.text import Text
 
-from qwen2vl_cli.errors import printable
+from qwen2vl_cli.errors import OutputClosed
+from qwen2vl_cli.output import json_line, printable
 from qwen2vl_cli.sources import format_size
 from qwen2vl_cli.types import MediaPlan, Result
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        """The reader went away (`qvl inspect ... | head`): Rich would exit 1; the edge ends it quietly."""
+        import os
+
+        self.quiet = True
+        os.dup2(os.open(os.devnull, os.O_WRONLY), self.file.fileno())
+        raise OutputClosed()
 
 
 def _console(**kwargs) -> Console:
     # markup, emoji and highlighting off: file names, model output and exception text are data,
     # and `cat[red].jpg` or `:smile:` must print as given. Styles come from Text objects.
     # soft_wrap: a diagnostic stays one line in logs, whatever the terminal width.
-    return Console(markup=False, emoji=False, highlight=False, soft_wrap=True, **kwargs)
+    return _Console(markup=False, emoji=False, highlight=False, soft_wrap=True, **kwargs)
 
 
 def stderr_console() -> Console:
@@ -59,7 +69,7 @@ def write_stdout(text: str) -> None:
 
 
 def print_json(obj: dict) -> None:
-    write_stdout(json.dumps(obj, ensure_ascii=False) + "\n")
+    write_stdout(json_line(obj) + "\n")
 
 
 def _fmt_s(x: float | None) -> str:

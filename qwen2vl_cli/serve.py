@@ -35,7 +35,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from qwen2vl_cli.config import debug_enabled
-from qwen2vl_cli.errors import Cancelled, QvlError, UsageError, describe_exception, error_type, printable
+from qwen2vl_cli.errors import Cancelled, QvlError, UsageError, describe_exception, error_type
+from qwen2vl_cli.output import printable
 from qwen2vl_cli.backend import LocalBackend
 from qwen2vl_cli.pipeline import Hooks, is_out_of_memory
 from qwen2vl_cli.types import GenerationOptions, MediaOptions, Prepared, Result, RuntimeOptions, check_generation
@@ -130,27 +131,30 @@ def check_texts(chat: list[dict], session: LocalBackend, most_tokens: int) -> No
     conversation cannot be over `most_tokens` by a bound that needs no tokenizing: each turn is at
     least two tokens, and a text at least its length over the vocabulary's longest token."""
     least = 0
+    too_long = invalid(f"messages: more than {most_tokens:,} tokens, this server's bound on a prompt (--max-prompt-tokens)", "messages")
     for message in chat:
         content = message["content"]
         least += 2  # <|im_start|> and <|im_end|>
         for text in [content] if isinstance(content, str) else [part["text"] for part in content if part["type"] == "text"]:
             least += -(-len(text) // session.runner.longest_token)
+            if least > most_tokens:  # before the text is read through
+                raise too_long
             try:
                 session.check_text(text, "messages")
             except UsageError as e:
                 raise invalid(str(e), "messages") from None
         if least > most_tokens:
-            raise invalid(f"messages: more than {most_tokens:,} tokens, this server's bound on a prompt (--max-prompt-tokens)", "messages")
+            raise too_long
 
 
-def check_length(prepared: Prepared, gen: GenerationOptions, most_tokens: int, context: int) -> None:
-    """The prompt within the server's bound, and with its answer within the model's context."""
-    tokens = prepared.prompt_tokens
+def check_length(tokens: int, gen: GenerationOptions, most_tokens: int, context: int, what: str = "the prompt") -> None:
+    """`tokens` of a prompt (or of its text alone) within the server's bound, and with its answer
+    within the model's context."""
     if tokens > most_tokens:
-        raise invalid(f"messages: the prompt is {tokens:,} tokens, over this server's {most_tokens:,} (--max-prompt-tokens): "
+        raise invalid(f"messages: {what} is {tokens:,} tokens, over this server's {most_tokens:,} (--max-prompt-tokens): "
                       "shorten it, or send smaller media (mm_processor_kwargs max_pixels)", "messages")
     if tokens + gen.max_new_tokens > context:
-        raise invalid(f"max_tokens {gen.max_new_tokens}: with the prompt's {tokens:,} tokens it is over the model's context of "
+        raise invalid(f"max_tokens {gen.max_new_tokens}: with {what}'s {tokens:,} tokens it is over the model's context of "
                       f"{context:,}; ask for at most {max(0, context - tokens)}", "max_tokens")
 
 
@@ -212,15 +216,15 @@ def generation_options(body: dict, limits: Limits) -> GenerationOptions:
         repetition_penalty=_real(body.get("repetition_penalty"), "repetition_penalty"),
         seed=_whole(body.get("seed"), "seed"),
     )
-    fields = {"max-new-tokens": length, "min-new-tokens": "min_tokens"}  # the CLI's names in check_generation's messages
+    names = {"max-new-tokens": length, "min-new-tokens": "min_tokens"}  # the CLI's names in check_generation's messages
     try:
         return check_generation(gen)
     except UsageError as e:
         message = str(e).lstrip("-")
-        for cli, api in fields.items():
+        for cli, api in names.items():
             message = message.replace(f"--{cli}", api).replace(cli, api)
         name = message.split(" ", 1)[0]
-        raise invalid(message, fields.get(name, name).replace("-", "_")) from None
+        raise invalid(message, names.get(name, name).replace("-", "_")) from None
 
 
 def check_request(body: dict, model_name: str) -> tuple[bool, bool]:
@@ -469,9 +473,9 @@ class Bodies:
             self.held -= taken
 
 
-async def read_json(request: Request, limit: int, take=lambda size: None, timeout_s: float | None = None) -> dict:
+async def read_json(request: Request, limit: int, take, timeout_s: float) -> dict:
     """The body as a JSON object: application/json only, at most `limit` bytes (413 before reading
-    more), within `timeout_s` (408); `take(size)` is told of the bytes before they are held."""
+    more), within `timeout_s` (408); `take(size)` is told of the bytes as they arrive, before they are held."""
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media_type != "application/json":
         # Also what keeps web pages out: a cross-site form or text/plain post cannot set this type without a preflight.
@@ -480,8 +484,6 @@ async def read_json(request: Request, limit: int, take=lambda size: None, timeou
     too_large = ApiError(413, "invalid_request_error", f"the request body is over this server's {limit:,} bytes (--max-body)")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
         raise too_large
-    if declared is not None:
-        take(int(declared))  # h11 holds the body to its Content-Length
 
     async def collect() -> bytes:
         chunks, size = [], 0
@@ -489,8 +491,7 @@ async def read_json(request: Request, limit: int, take=lambda size: None, timeou
             size += len(chunk)
             if size > limit:
                 raise too_large
-            if declared is None:
-                take(len(chunk))
+            take(len(chunk))  # as they arrive: a Content-Length alone holds nothing
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -507,13 +508,16 @@ async def read_json(request: Request, limit: int, take=lambda size: None, timeou
     return body
 
 
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "[::1]"}  # what a page elsewhere cannot make a browser send
+
+
 def allowed_hosts(host: str, extra: tuple[str, ...]) -> list[str]:
     """Host headers the server answers: its own address and names for it (a DNS-rebinding guard)."""
-    if host in ("0.0.0.0", "::", ""):  # every address: the names given, else whatever name the network gives it
-        return sorted(set(extra)) if extra else ["*"]
+    if host in ("0.0.0.0", "::", ""):  # every address: the names given (and the loopback's), else any name the network gives it
+        return sorted(set(extra) | LOOPBACK_NAMES) if extra else ["*"]
     names = {host, f"[{host}]"} if ":" in host else {host}
     if host.startswith("127.") or host in ("::1", "localhost"):
-        names |= {"localhost", "127.0.0.1", "[::1]"}
+        names |= LOOPBACK_NAMES
     return sorted(names | set(extra))
 
 
@@ -532,7 +536,8 @@ def create_app(session: LocalBackend, model_name: str, api_key: str | None = Non
     media_pool = ThreadPoolExecutor(max_workers=limits.media_workers, thread_name_prefix="qvl-media")
     fetch_pool = ThreadPoolExecutor(max_workers=limits.fetch_workers, thread_name_prefix="qvl-fetch")
     bodies = Bodies(limits.max_buffered_bytes)
-    most_tokens = limits.max_prompt_tokens or (CPU_PROMPT_TOKENS if session.device == "cpu" else session.runner.context_tokens)
+    context = session.runner.context_tokens
+    most_tokens = limits.max_prompt_tokens or (CPU_PROMPT_TOKENS if session.device == "cpu" else context)
     started = int(time.time())
 
     @app.exception_handler(ApiError)
@@ -566,20 +571,18 @@ def create_app(session: LocalBackend, model_name: str, api_key: str | None = Non
             check_texts(chat, session, most_tokens)
             # Counted before any media is fetched; the media are then sized to the room the text leaves.
             text_tokens = await asyncio.wrap_future(media_pool.submit(session.text_tokens, chat))
-            if text_tokens > most_tokens:
-                raise invalid(f"messages: the text alone is {text_tokens:,} tokens, over this server's {most_tokens:,} (--max-prompt-tokens)",
-                              "messages")
+            check_length(text_tokens, gen, most_tokens, context, "the text alone")
+            room = min(most_tokens, context - gen.max_new_tokens) - text_tokens  # what the media may take
             resolver = session.resolver(opts)
             try:
                 # Downloads wait on the network on threads of their own; decoding (data: URLs included) takes the small pool.
                 await fetch_all(fetch_pool, resolver.fetch, [u for u in dict.fromkeys(urls) if not u[:5].lower() == "data:"])
-                prepared = await asyncio.wrap_future(media_pool.submit(session.prepare_chat, chat, urls, opts, gen, resolver,
-                                                                       most_tokens - text_tokens))
+                prepared = await asyncio.wrap_future(media_pool.submit(session.prepare_chat, chat, urls, opts, gen, resolver, room))
             except QvlError as e:
                 raise invalid(describe_exception(e)[0], "messages") from None
             finally:
                 resolver.close()
-        check_length(prepared, gen, most_tokens, session.runner.context_tokens)
+        check_length(prepared.prompt_tokens, gen, most_tokens, context)
         request_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         if not stream:
@@ -698,7 +701,7 @@ async def _stream(job: Job, chunks: asyncio.Queue, request_id, model, created, p
         job.cancel.set()
 
 
-def connection_cap() -> int:
+def connection_cap(fetch_workers: int) -> int:
     """Connections the server keeps open at once (at most 4096): raises this process's soft limit
     on open files to its hard limit, and leaves what is open now, two bursts of accepts, and room
     for media fetches and temporary files, so accepting never runs out of file descriptors
@@ -716,7 +719,7 @@ def connection_cap() -> int:
         open_now = len(os.listdir("/proc/self/fd"))
     except OSError:
         open_now = 64
-    return max(8, min(soft - open_now - 2 * ACCEPT_BURST - 2 * Limits.fetch_workers - 64, 4096))
+    return max(8, min(soft - open_now - 2 * ACCEPT_BURST - 2 * fetch_workers - 64, 4096))
 
 
 def http_protocol(read_timeout_s: float, max_connections: int):
@@ -834,7 +837,7 @@ def serve(runtime: RuntimeOptions, host: str, port: int, api_key: str | None, ba
         hooks.note("--batching continuous: transformers' generate (--engine hf) runs fixed batches")
     elif continuous and batch_size == 1:
         hooks.note("--batching continuous: with --batch-size 1 no request can join another; give --batch-size 4 or more")
-    connections = limits.max_connections or connection_cap()
+    connections = limits.max_connections or connection_cap(limits.fetch_workers)
     app = create_app(session, runtime.model, api_key, batch_size, queue_size, limits,
                      allowed_hosts(host, extra_hosts), continuous)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)

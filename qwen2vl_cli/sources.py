@@ -190,28 +190,28 @@ class SourceResolver:
         from qwen2vl_cli.urlpolicy import Deadline, fetch_session
 
         label = _short(url)
-        path = self._tempfile(Path(urlparse(url).path).suffix[:10])
+        path = self._tempfile("")  # no name from the URL: what a file is comes from its bytes
         # The deadline runs from connecting to the last byte, headers included, whatever the server sends meanwhile.
         with Deadline(self._deadline_s) as deadline, fetch_session(self._policy, deadline) as session:
             session.max_redirects = C.MAX_REDIRECTS
             late = MediaError(label, f"download took longer than {self._deadline_s:g} s")
             try:
-                total = self._stream(session, url, label, path)
+                total = self._stream(session, url, label, path, deadline)
             except MediaError:
                 raise
             except Exception as e:
-                if deadline.expired:
+                if deadline.passed:
                     raise late from None
                 if (error := self._fetch_error(label, e)) is None:
                     raise
                 raise error from None
-            if deadline.expired:  # a socket shut mid-body can read as its end
+            if deadline.passed:  # a connection shut mid-body can read as its end
                 raise late
         if total == 0:
             raise MediaError(label, "the server sent an empty body")
         return Source(label, path=path)
 
-    def _stream(self, session, url: str, label: str, path: Path) -> int:
+    def _stream(self, session, url: str, label: str, path: Path, deadline) -> int:
         """The body of `url` into `path`, within the size limit; returns its size."""
         with session.get(url, stream=True, timeout=self._timeout) as resp:
             if resp.status_code >= 400:
@@ -225,6 +225,8 @@ class SourceResolver:
                     total += len(chunk)
                     if total > self._max_bytes:
                         raise MediaError(label, f"download exceeds the {format_size(self._max_bytes)} limit (--max-download)")
+                    if deadline.passed:  # the watchdog's backstop
+                        raise MediaError(label, f"download took longer than {self._deadline_s:g} s")
                     out.write(chunk)
         return total
 

@@ -12,8 +12,10 @@ allow-list of networks.
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -83,16 +85,16 @@ def resolve(host: str, port: int, policy: UrlPolicy) -> str:
 
 
 class Deadline:
-    """Shuts every socket of one fetch once its time is up. A socket timeout starts again with
+    """Shuts every connection of one fetch once its time is up. A socket timeout starts again with
     each byte, so a server sending its headers or body a byte at a time would never meet it."""
 
     def __init__(self, seconds: float):
-        self.seconds = seconds
         self.expired = False
-        self._sockets: list[socket.socket] = []
+        self._copies: list[socket.socket] = []
         self._lock = threading.Lock()
         self._timer = threading.Timer(seconds, self._expire)
         self._timer.daemon = True
+        self._ends = time.monotonic() + seconds
 
     def __enter__(self) -> Deadline:
         self._timer.start()
@@ -100,20 +102,32 @@ class Deadline:
 
     def __exit__(self, *exc) -> None:
         self._timer.cancel()
+        with self._lock:
+            for copy in self._copies:
+                copy.close()
+            self._copies.clear()
+
+    @property
+    def passed(self) -> bool:
+        """Whether the time is up (the watchdog's own word, or the clock's)."""
+        return self.expired or time.monotonic() > self._ends
 
     def track(self, sock: socket.socket) -> None:
+        """Watch a new connection. A duplicate of its descriptor is kept: TLS takes the socket
+        object over (leaving it closed), and shutting the duplicate shuts the connection."""
+        copy = socket.socket(fileno=os.dup(sock.fileno()))
         with self._lock:
-            self._sockets.append(sock)
+            self._copies.append(copy)
             if not self.expired:
                 return
-        _shut(sock)
+        _shut(copy)
 
     def _expire(self) -> None:
         with self._lock:
             self.expired = True
-            sockets = list(self._sockets)
-        for sock in sockets:
-            _shut(sock)
+            copies = list(self._copies)
+        for copy in copies:
+            _shut(copy)
 
 
 def _shut(sock: socket.socket) -> None:
@@ -134,6 +148,7 @@ def fetch_session(policy: UrlPolicy | None, deadline: Deadline) -> requests.Sess
     session.mount("https://", adapter)
     if policy is not None:
         session.trust_env = False
+        session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True  # what trust_env would give
     return session
 
 
@@ -150,7 +165,9 @@ class GuardedAdapter(HTTPAdapter):
         self._guard(self.poolmanager)
 
     def proxy_manager_for(self, proxy, **proxy_kwargs):
-        return self._guard(super().proxy_manager_for(proxy, **proxy_kwargs))
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        # The CLI's HTTP proxies keep the deadline; a SOCKS proxy has connection classes of its own.
+        return manager if type(manager).__name__ == "SOCKSProxyManager" else self._guard(manager)
 
     def _guard(self, manager):
         manager.pool_classes_by_scheme = {

@@ -19,6 +19,11 @@ from qwen2vl_cli.sources import Source
 from qwen2vl_cli.types import Loaded, MediaInfo, MediaPlan
 
 
+# The demuxers FFmpeg may use: single-file video containers and raw streams. Not playlists or
+# manifests (HLS, DASH, concat), which open the files they list, the server's own files included.
+CONTAINERS = "mov,matroska,avi,flv,mpegts,mpeg,h264,hevc,m4v,ivf,obu,ogg,asf,mjpeg,yuv4mpegpipe,nut"
+
+
 @dataclass(frozen=True)
 class PacketIndex:
     """Every frame's pts in presentation order, and which of them are keyframes."""
@@ -42,7 +47,9 @@ def _open(src: Source):
     # file); 19 removed the keyword and always decodes leniently.
     lenient = {"metadata_errors": "ignore"} if hasattr(av.container.Container, "metadata_errors") else {}
     try:
-        container = av.open(target, mode="r", **lenient)
+        container = av.open(target, mode="r", options={"format_whitelist": CONTAINERS}, **lenient)
+    except av.ArgumentError:  # what FFmpeg says of a format outside the list
+        raise MediaError(src.label, "not an image or a video that qvl can read (not a video container it takes, such as MP4 or WebM)") from None
     except av.FFmpegError as e:
         raise MediaError(src.label, f"not an image or a video that qvl can read ({one_line(e)})") from None
     names = container.format.name.split(",")

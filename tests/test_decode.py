@@ -362,20 +362,22 @@ def test_requests_that_join_a_running_batch_get_their_answers_alone(sessions, me
 
 
 def test_a_joining_row_that_fails_or_is_cancelled_leaves_the_others_alone(sessions, media_dir, monkeypatch):
-    """One arrival's prefill runs out of memory: that request alone gets the error; another's client
-    is gone: its prefill stops at the first layer; the batch's own row and a later arrival get their answers alone."""
+    """One arrival's prefill runs out of memory: that request alone gets the error (it is wider than
+    the batch, so its failure must not move the batch's write position); another's client is gone:
+    its prefill stops at the first layer; the batch's own row and a later arrival get their answers alone."""
     from qwen2vl_cli import decode
     from qwen2vl_cli.errors import Cancelled
 
     session = sessions["static"]
     gen = GenerationOptions(max_new_tokens=40, min_new_tokens=40)
-    names = ["clip.mp4", "photo.png", "anim.gif", "square.png"]
+    names = ["photo.png", "square.png", "clip.mp4", "anim.gif"]
     alone = [session.runner.generate_batch([p.text], [list(p.loaded)], gen)[0] for p in prepared(session, media_dir, names, gen)]
     join = decode._join
-    gif_width = alone[2].prompt_tokens
+    clip_width = alone[2].prompt_tokens
+    assert clip_width > alone[0].prompt_tokens
 
     def failing(model, rows, cache, slot, inputs):
-        if inputs["input_ids"].shape[1] == gif_width:
+        if inputs["input_ids"].shape[1] == clip_width:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return join(model, rows, cache, slot, inputs)
 

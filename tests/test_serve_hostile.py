@@ -270,16 +270,24 @@ def test_idle_connections_make_room_for_requests(url):
 
 
 def test_bodies_held_at_once_are_bounded(url):
-    """--max-body 2M holds 8 MB of bodies at once: a fifth 1.9 MB body being read is a 503, not more memory."""
+    """--max-body 2M holds 8 MB of bodies at once: four 1.9 MB bodies being read leave no room for a
+    fifth (a 503, not more memory); a Content-Length alone, with no bytes behind it, holds nothing."""
     host, port = url.split("//", 1)[1].split("/", 1)[0].split(":")
     head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 1900000\r\n\r\n{")
+            b"Content-Length: 1900000\r\n\r\n")
+    idle = [socket.create_connection((host, int(port)), timeout=HANG_S) for _ in range(4)]
+    for sock in idle:
+        sock.sendall(head)
+    time.sleep(0.3)
+    assert ask(url, "hi").status_code == 200  # the promised bytes never came: nothing is held for them
+    for sock in idle:
+        sock.close()
     held = [socket.create_connection((host, int(port)), timeout=HANG_S) for _ in range(4)]
     try:
         for sock in held:
-            sock.sendall(head)
-        time.sleep(0.3)
-        answer = _raw(url, head)
+            sock.sendall(head + b"{" + b" " * 1_899_000)
+        time.sleep(0.5)
+        answer = _raw(url, head, b"{" + b" " * 1_000_000)
         assert answer.startswith(b"HTTP/1.1 503") and b"retry-after" in answer
     finally:
         for sock in held:

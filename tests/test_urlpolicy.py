@@ -118,3 +118,29 @@ def test_the_deadline_holds_while_headers_drip(hosts):
     with pytest.raises(MediaError, match="download took longer than 1 s"):
         _fetch(f"{public}/slow-headers", deadline_s=1.0)
     assert time.monotonic() - started < 5  # the drip would last 20 s
+
+
+def test_the_deadline_holds_over_tls(tmp_path, monkeypatch):
+    """TLS takes the socket object over: the watchdog must still reach the connection."""
+    import shutil
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days", "1",
+                    "-subj", "/CN=127.0.0.2", "-addext", "subjectAltName=IP:127.0.0.2"], check=True, capture_output=True)
+    server, _ = _serve("127.0.0.2")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert))  # a server's session ignores the environment but for its CA bundle
+    try:
+        assert _fetch(f"https://127.0.0.2:{server.server_address[1]}/photo.png").startswith(b"\x89PNG")
+        started = time.monotonic()
+        with pytest.raises(MediaError, match="download took longer than 1 s"):
+            _fetch(f"https://127.0.0.2:{server.server_address[1]}/slow-headers", deadline_s=1.0)
+        assert time.monotonic() - started < 5  # the drip would last 20 s
+    finally:
+        server.shutdown()

@@ -119,3 +119,24 @@ def test_frames_larger_than_the_header_says_end_the_read(tmp_path):
     with pytest.raises(MediaError, match="a frame is over the 1,000,000 pixels allowed here"):
         media.load(src, info, plan, max_frame_pixels=1_000_000)
     assert media.load(src, info, plan).frames.shape[0] == len(plan.frame_indices)  # within the default limit
+
+
+def test_playlists_that_name_other_files_are_not_opened(media_dir, tmp_path):
+    """An HLS playlist (a server would fetch it as any URL) makes FFmpeg open the files it lists,
+    the server's own among them: only single-file containers are read."""
+    import av
+
+    from qwen2vl_cli.errors import MediaError
+
+    segment = tmp_path / "private.ts"
+    with av.open(str(media_dir / "clip.mp4")) as src, av.open(str(segment), "w", format="mpegts") as dst:
+        stream = dst.add_stream_from_template(src.streams.video[0])
+        for packet in src.demux(src.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                dst.mux(packet)
+    assert probe_video(Source(str(segment), path=segment)).frames > 0  # the segment itself is a video
+    playlist = tmp_path / "list.m3u8"
+    playlist.write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:5\n#EXTINF:4.0,\n{segment}\n#EXT-X-ENDLIST\n")
+    with pytest.raises(MediaError, match="not an image or a video that qvl can read"):
+        media.probe(Source("https://example.com/list.m3u8", path=playlist))

@@ -1,0 +1,24 @@
+"""Text made safe to write: control characters shown on terminals, JSON lines any reader takes."""
+
+from __future__ import annotations
+
+import json
+import re
+
+# Control characters but newline and tab, and the bidirectional overrides that reorder what a
+# terminal shows (U+202A-U+202E, U+2066-U+2069, U+200E, U+200F).
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# What json.dumps(ensure_ascii=False) leaves raw that a terminal acts on, or that is not UTF-8 (a
+# lone surrogate, from a file name that is not UTF-8): as JSON escapes, the same string to any reader.
+_JSON_RAW = re.compile(r"[\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def printable(text: str) -> str:
+    """`text` with its control characters written out (\\x1b, \\u202e), as `ls` and git do: a file
+    name or an answer holding ESC ]0;... cannot retitle or rewrite a terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}", text)
+
+
+def json_line(obj) -> str:
+    """One JSON object on one line: text as it is (ensure_ascii off), but for what must be escaped."""
+    return _JSON_RAW.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(obj, ensure_ascii=False))
