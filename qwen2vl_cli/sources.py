@@ -127,12 +127,14 @@ class SourceResolver:
             raise MediaError(label, "is a directory: give the files in it instead (for example DIR/*.jpg)")
         if not os.access(path, os.R_OK):
             raise MediaError(label, "permission denied")
-        if not path.is_file():  # a pipe (`<(cat x.jpg)`, a FIFO) or a device: read it once, as stdin is
+        if path.is_fifo():  # a pipe (`<(cat x.jpg)`, a FIFO): read it once, as stdin is
             try:
                 with open(path, "rb") as stream:
                     return Source(label, path=self._spool(label, stream))
             except OSError as e:
                 raise MediaError(label, f"cannot read it ({e.strerror or e})") from None
+        if not path.is_file():
+            raise MediaError(label, "is a device, not a file or a pipe")
         return Source(label, path=path)
 
     @staticmethod

@@ -472,6 +472,8 @@ def test_pipes_and_fifos_are_read_as_stdin_is(tiny_model, media_dir, tmp_path):
     threading.Thread(target=lambda: listing.write_text(f"{media_dir / 'square.png'}\n{media_dir / 'photo.png'}\n"), daemon=True).start()
     r = _qvl_process("describe", "--from", listing, "--model", tiny_model, *FAST)
     assert r.returncode == 0 and [json.loads(line)["index"] for line in r.stdout.splitlines()] == [0, 1], r.stderr
+    r = _qvl_process("inspect", "/dev/zero")  # a device is no pipe: it would be read for ever
+    assert r.returncode == 2 and "/dev/zero: is a device, not a file or a pipe" in r.stderr
 
 
 def test_inspect_shows_every_input_it_can_read(qvl, tiny_model, media_dir):
