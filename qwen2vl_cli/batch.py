@@ -393,7 +393,10 @@ def sink_for(output: RecordFile | None, stdout: TextIO) -> Callable[[str], None]
         try:
             # A file name that is not UTF-8 (text format) goes back out as the bytes it was.
             data = ((printable(line) if terminal else line) + "\n").encode("utf-8", "surrogateescape")
-            stdout.buffer.write(data) if hasattr(stdout, "buffer") else stdout.write(data.decode("utf-8", "replace"))
+            if hasattr(stdout, "buffer"):
+                stdout.buffer.write(data)
+            else:
+                stdout.write(data.decode("utf-8", "replace"))
             stdout.flush()
         except BrokenPipeError:
             raise

@@ -438,7 +438,10 @@ def _inspect_body(media: list[str] | None, options: dict) -> None:
         from qwen2vl_cli.summary import summarize
 
         summary = summarize(model)
-        render.print_json(summary) if json_out else render.model_summary(summary)
+        if json_out:
+            render.print_json(summary)
+        else:
+            render.model_summary(summary)
         return
     resolved = C.guess_device() if device == "auto" else device
     spec = vision_spec(model)

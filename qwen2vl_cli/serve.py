@@ -388,7 +388,10 @@ class Engine:
                 _settle(job.future, error=e)
             return
         for job, result in zip(batch, results):  # a row whose inputs failed has its own error; the others ran
-            _settle(job.future, error=result) if isinstance(result, Exception) else _settle(job.future, result)
+            if isinstance(result, Exception):
+                _settle(job.future, error=result)
+            else:
+                _settle(job.future, result)
 
 
 async def fetch_all(pool: ThreadPoolExecutor, fetch, urls: list[str], at_once: int = FETCHES_PER_REQUEST) -> None:
