@@ -162,6 +162,13 @@ class LocalBackend:
             if text is not None:
                 self.check_text(text, what)
 
+    def check_generation(self, gen: GenerationOptions) -> None:
+        """The command line's generation options against this model: its texts, and an answer that fits its context."""
+        self.check_options_text(gen)
+        context = self.runner.context_tokens
+        if gen.max_new_tokens > context:
+            raise UsageError(f"--max-new-tokens {gen.max_new_tokens}: over the model's context of {context:,} tokens; give at most that")
+
     def prompt(self, plans, gen: GenerationOptions) -> str:
         """The prompt text; with --boxes, the family's own grounding request for one image."""
         self.check_options_text(gen)
@@ -287,7 +294,7 @@ def run(request: Request, hooks: Hooks, stdin: BinaryIO | None = None) -> Result
         check_boxes([(p.source.label, p.info.kind) for p in probed], request.generation)
         backend = LocalBackend(request.runtime, hooks, background=True)
         try:
-            backend.check_options_text(request.generation)  # the tokenizer is in: a bad -p fails before any decoding
+            backend.check_generation(request.generation)  # the tokenizer is in: a bad -p fails before any decoding
             hooks.stage("Decoding media")
             start = time.perf_counter()
             plans, loaded = backend.decode_probed(probed, request.media)

@@ -252,8 +252,8 @@ def _endpoint_options(
     concurrency: O.Concurrency = 4,
 ):
     if endpoint is None:
-        if pass_urls:
-            raise UsageError("--pass-urls works with --endpoint URL")
+        if pass_urls or concurrency != 4:
+            raise UsageError(f"{'--pass-urls' if pass_urls else '--concurrency'} works with --endpoint URL")
         return None
     if not endpoint.startswith(("http://", "https://")):
         raise UsageError(f"--endpoint {endpoint}: give an http(s):// URL, such as http://127.0.0.1:8000/v1")
@@ -323,6 +323,8 @@ def _answer(sources: list[str] | None, require_video: bool, options: dict) -> No
         require_video=require_video,
         draw=draw,
     )
+    if endpoint is not None and request.media.resize is not None:
+        raise UsageError("--resize is not sent to an endpoint: give --min-pixels and --max-pixels (the same number) instead")
     if each is not None:
         return _answer_each(request, each, quiet, endpoint)
     if not request.sources:
@@ -399,6 +401,7 @@ def _answer_each(request, each, quiet: bool, endpoint=None) -> None:
                 from qwen2vl_cli.backend import LocalBackend
 
                 backend = LocalBackend(request.runtime, reporter)
+                backend.check_generation(request.generation)
         finally:
             reporter.stop()
         progress = BatchProgress(quiet, total=batch.count_sources(request.sources, each.from_file, each.null))

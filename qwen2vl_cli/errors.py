@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -84,5 +86,10 @@ def describe_exception(exc: BaseException) -> tuple[str, int]:
             "or use --dtype bfloat16",
             EXIT_RUNTIME,
         )
+    if isinstance(exc, OSError) and exc.errno in _DISK_FULL:  # a write outside qvl's own (its help, say)
+        return f"cannot write ({exc.strerror}): free some space", EXIT_RUNTIME
     text = " ".join(str(exc).split()) or name
     return f"unexpected {name}: {text} (set QVL_DEBUG=1 for the traceback)", EXIT_RUNTIME
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)

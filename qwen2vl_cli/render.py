@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.text import Text
 
-from qwen2vl_cli.errors import OutputClosed
+from qwen2vl_cli.errors import OutputClosed, QvlError
 from qwen2vl_cli.output import json_line, printable
 from qwen2vl_cli.sources import format_size
 from qwen2vl_cli.types import MediaPlan, Result
@@ -25,6 +25,38 @@ class _Console(Console):
         raise OutputClosed()
 
 
+class _Stream:
+    """A console's file. Data that cannot be written (stdout on a full disk) is an error naming
+    stdout; diagnostics that cannot be (stderr on a full disk) are let go, so the answer still goes out."""
+
+    def __init__(self, stream, name: str, required: bool):
+        self._stream, self._name, self._required = stream, name, required
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            return self._failed(e)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            self._failed(e)
+
+    def _failed(self, e: OSError) -> int:
+        if self._required:
+            raise QvlError(f"cannot write to {self._name} ({e.strerror or e})") from None
+        return 0
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def _console(**kwargs) -> Console:
     # markup, emoji and highlighting off: file names, model output and exception text are data,
     # and `cat[red].jpg` or `:smile:` must print as given. Styles come from Text objects.
@@ -33,11 +65,13 @@ def _console(**kwargs) -> Console:
 
 
 def stderr_console() -> Console:
-    return _console(stderr=True)
+    return _console(file=_Stream(sys.stderr, "stderr", required=False) if sys.stderr is not None else None, stderr=True)
 
 
 def stdout_console() -> Console:
-    console = _console()
+    if sys.stdout is None:
+        raise QvlError("cannot write to stdout (it is closed): redirect it, as in > out.txt")
+    console = _console(file=_Stream(sys.stdout, "stdout", required=True))
     if not console.is_terminal:
         console.width = 1000  # piped tables keep whole names; rows take their natural width
     return console
@@ -45,7 +79,7 @@ def stdout_console() -> Console:
 
 def styled(label: str, style: str, text: str) -> Text:
     """`label` in `style`, then plain `text`: the one way diagnostics are coloured."""
-    return Text.assemble((label, style), " ", printable(text))
+    return Text.assemble((label, style), " ", printable(text, lines=False))
 
 
 def print_error(message: str) -> None:
@@ -55,6 +89,8 @@ def print_error(message: str) -> None:
 def write_stdout(text: str) -> None:
     """Data on stdout, made printable where it is a terminal. A full disk is one line naming it;
     a reader that went away (BrokenPipeError) ends the run quietly, at the edge."""
+    if sys.stdout is None:
+        raise QvlError("cannot write to stdout (it is closed): redirect it, as in > out.txt")
     if sys.stdout.isatty():
         text = printable(text)
     try:
@@ -63,8 +99,6 @@ def write_stdout(text: str) -> None:
     except BrokenPipeError:
         raise
     except OSError as e:
-        from qwen2vl_cli.errors import QvlError
-
         raise QvlError(f"cannot write to stdout ({e.strerror or e})") from None
 
 
@@ -87,10 +121,10 @@ def plan_line(p: MediaPlan) -> Text:
     grid = "×".join(str(g) for g in p.grid_thw)
     size = f"{p.width}x{p.height} → {p.resized_width}x{p.resized_height}, grid {grid}, {p.visual_tokens} visual tokens"
     if p.kind == "image":
-        return Text.assemble((printable(p.source), "bold"), f": image {size}")
+        return Text.assemble((printable(p.source, lines=False), "bold"), f": image {size}")
     n = len(p.frame_indices or ())
     return Text.assemble(
-        (printable(p.source), "bold"),
+        (printable(p.source, lines=False), "bold"),
         f": video {_fmt_s(p.duration_s)} at {p.native_fps:.3g} fps, {p.frames} frames; "
         f"sampled {n} at {p.sample_fps:.3g} fps ({frame_times(p.frame_times_s or ())}); {size}",
     )
@@ -195,7 +229,7 @@ class Reporter:
             answer = " ".join(result.text.split())
             self.note(f"no boxes in the answer: {answer[:200] + ('…' if len(answer) > 200 else '')}")
         if drawn is not None and not self.quiet:
-            self.console.print(f"qvl: drew {len(result.boxes or ())} box{'es' if len(result.boxes or ()) != 1 else ''} on {printable(drawn)}", markup=False)
+            self.console.print(f"qvl: drew {len(result.boxes or ())} box{'es' if len(result.boxes or ()) != 1 else ''} on {printable(drawn, lines=False)}", markup=False)
 
     def summary(self, result: Result) -> None:
         self.stop()
@@ -269,7 +303,7 @@ def inspect_table(plans: Sequence[MediaPlan]) -> None:
     table = Table(box=None, pad_edge=False, header_style="bold")
     for name in ("source", "kind", "size", "resized", "grid (t,h,w)", "visual tokens", "with markers"):
         table.add_column(name, justify="right" if "tokens" in name or "markers" in name else "left")
-    name = printable if out.is_terminal else str
+    name = (lambda text: printable(text, lines=False)) if out.is_terminal else str
     for p in plans:
         table.add_row(
             Text(name(p.source)),

@@ -254,7 +254,7 @@ class Runner:
 
     @cached_property
     def _control(self) -> re.Pattern:
-        special = [t.content for t in self.processor.tokenizer.added_tokens_decoder.values() if t.special]
+        special = [t.content for t in self.processor.tokenizer.added_tokens_decoder.values() if t.special and t.content not in TEXT_MARKERS]
         return re.compile("|".join(re.escape(t) for t in sorted(special, key=len, reverse=True)) or r"(?!)")
 
     def control_token_in(self, text: str) -> str | None:
@@ -592,6 +592,11 @@ class Runner:
             finish = "length"
         text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True)
         return Generation(text, tuple(tokens), prompt_tokens, visual_tokens, len(tokens), ttft, rate, finish)
+
+
+# Special tokens a prompt holds as text: Qwen2-VL's grounding markers (its own grounding prompt
+# is "Find <|object_ref_start|>the cat<|object_ref_end|>"). Turns and media stay the template's alone.
+TEXT_MARKERS = frozenset({"<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>"})
 
 
 def _attempt(function, *args):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import math
 import os
 import sys
@@ -164,7 +165,9 @@ def media_options(kwargs, limits: Limits) -> MediaOptions:
 
     if kwargs is None:
         kwargs = {}
-    unknown = set(kwargs) - MM_KWARGS if isinstance(kwargs, dict) else {"?"}
+    if not isinstance(kwargs, dict):
+        raise invalid("mm_processor_kwargs must be an object, such as {\"max_pixels\": 401408}", "mm_processor_kwargs")
+    unknown = set(kwargs) - MM_KWARGS
     if unknown:
         raise invalid(f"mm_processor_kwargs: unknown {sorted(map(str, unknown))[:8]}; known: {sorted(MM_KWARGS)}", "mm_processor_kwargs")
     try:
@@ -422,7 +425,7 @@ def _log_bug(where: str, e: BaseException) -> None:
 
         traceback.print_exception(e)
     message = " ".join(str(e).split())[:300]
-    print(printable(f"qvl serve: error in {where}: {type(e).__name__}: {message}"), file=sys.stderr, flush=True)
+    print(printable(f"qvl serve: error in {where}: {type(e).__name__}: {message}", lines=False), file=sys.stderr, flush=True)
 
 
 def completion_body(request_id: str, model: str, result: Result, created: int, prepared: Prepared) -> dict:
@@ -800,14 +803,25 @@ class _Flood:
 
     def note(self, text: str) -> None:
         now = time.monotonic()
+        if text not in self._counts and len(self._counts) >= 256:  # texts a client could vary without end: one key for the rest
+            text = "other events"
         self._counts[text] = self._counts.get(text, 0) + 1
         if now - self._last.get(text, -1.0) >= 1.0:
             self._last[text] = now
             count, self._counts[text] = self._counts[text], 0
-            print(f"qvl serve: {text}" + (f" ({count} times)" if count > 1 else ""), file=sys.stderr, flush=True)
+            line = printable(f"qvl serve: {text}" + (f" ({count} times)" if count > 1 else ""), lines=False)
+            print(line, file=sys.stderr, flush=True)
 
 
 flood = _Flood()
+
+
+class _OneLine(logging.Filter):
+    """A log record as one line through the flood guard, instead of uvicorn's own handler."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        flood.note(" ".join(record.getMessage().split()))
+        return False
 
 
 def _loop_errors(loop, context: dict) -> None:
@@ -853,6 +867,8 @@ def serve(runtime: RuntimeOptions, host: str, port: int, api_key: str | None, ba
     announce(f"http://{host}:{sock.getsockname()[1]}/v1")
     config = uvicorn.Config(app, log_level="warning", access_log=False, http=http_protocol(limits.read_timeout_s, connections),
                             backlog=ACCEPT_BURST, timeout_keep_alive=5)
+    if not debug_enabled():  # uvicorn's own lines (malformed requests, upgrades it cannot take) come in floods too
+        logging.getLogger("uvicorn.error").addFilter(_OneLine())
     server = uvicorn.Server(config)
 
     async def run() -> None:

@@ -37,6 +37,8 @@ def check_options(opts: MediaOptions) -> MediaOptions:
         least = 1 if name in ("max_pixels", "total_pixels") else 0  # a pixel limit of 0 leaves nothing to scale to
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not least <= value <= MAX_OPTION):
             raise UsageError(f"--{name.replace('_', '-')} {_shown(value)}: must be a number from {least} to {MAX_OPTION:.0e}")
+    if not isinstance(opts.first_frame, bool):
+        raise UsageError(f"--first-frame {_shown(opts.first_frame)}: must be true or false")
     if opts.seek not in ("exact", "keyframe"):
         raise UsageError(f"--seek {opts.seek}: choose one of exact, keyframe")
     if opts.fps is not None and opts.nframes is not None:

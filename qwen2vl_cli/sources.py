@@ -154,9 +154,9 @@ class SourceResolver:
         mime = head[5:].split(";")[0].lower()
         if not (mime.startswith("image/") or mime.startswith("video/")):
             raise MediaError(label, f"data: URI of type '{mime or 'text/plain'}': only image/* and video/* are accepted")
-        if head.endswith(";base64"):
+        if head.lower().endswith(";base64"):
             try:
-                data = base64.b64decode(payload, validate=False)
+                data = base64.b64decode("".join(payload.split()), validate=True)  # whitespace aside, only base64
             except (binascii.Error, ValueError) as e:
                 raise MediaError(label, f"invalid base64 in data: URI ({e})") from None
         else:

@@ -449,11 +449,20 @@ def test_a_bad_input_does_not_wait_for_the_weights(tiny_model, media_dir):
     assert r.returncode == 2 and "control token" in r.stderr and time.monotonic() - started < 30
 
 
-def test_a_full_stdout_is_one_line(tiny_model, media_dir):
+def test_output_that_cannot_be_written(tiny_model, media_dir):
+    """stdout on a full disk or closed: one line naming it; stderr on a full disk: the answer still goes out."""
+    import os
+
+    describe = [sys.executable, "-m", "qwen2vl_cli", "describe", str(media_dir / "square.png"), "--model", str(tiny_model), *FAST]
+    for command in (describe, [sys.executable, "-m", "qwen2vl_cli", "inspect", str(media_dir / "square.png")]):
+        with open("/dev/full", "w") as full:
+            r = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, text=True, timeout=180)
+        assert r.returncode == 1 and r.stderr.splitlines()[-1] == "qvl: error: cannot write to stdout (No space left on device)"
+    r = subprocess.run(describe, stderr=subprocess.PIPE, text=True, timeout=180, preexec_fn=lambda: os.close(1))
+    assert r.returncode == 1 and r.stderr.splitlines()[-1].startswith("qvl: error: cannot write to stdout (it is closed)")
     with open("/dev/full", "w") as full:
-        r = subprocess.run([sys.executable, "-m", "qwen2vl_cli", "describe", str(media_dir / "square.png"), "--model", str(tiny_model), *FAST],
-                           stdout=full, stderr=subprocess.PIPE, text=True, timeout=180)
-    assert r.returncode == 1 and r.stderr.splitlines()[-1] == "qvl: error: cannot write to stdout (No space left on device)"
+        r = subprocess.run(describe, stdout=subprocess.PIPE, stderr=full, text=True, timeout=180)
+    assert r.returncode == 0 and r.stdout.strip()
 
 
 def test_pipes_and_fifos_are_read_as_stdin_is(tiny_model, media_dir, tmp_path):
@@ -511,6 +520,8 @@ def test_control_characters_never_reach_a_terminal(media_dir, tmp_path):
         screen += chunk
     os.close(primary)
     assert r.returncode == 2 and b"\x1b]0;" not in screen and screen.count(b"\\x1b]0;owned\\x07") >= 2, screen
+    r = _qvl_process("describe", tmp_path / "gone\nx.png")  # a newline in a name: the diagnostic stays one line
+    assert r.returncode == 2 and r.stderr == f"qvl: error: {tmp_path}/gone\\nx.png: no such file\n"
 
 
 def test_what_qvl_changes_or_refuses_it_says(qvl, tiny_model, media_dir, tmp_path):
@@ -523,6 +534,12 @@ def test_what_qvl_changes_or_refuses_it_says(qvl, tiny_model, media_dir, tmp_pat
     assert r.exit_code == 0 and "--max-pixels 1000 is below the minimum of 3136 pixels: the minimum is lowered to it" in r.stderr
     r = qvl("describe", media_dir / "square.png", "--model", tiny_model, "--max-new-tokens", "4", "--min-new-tokens", "9")
     assert r.exit_code == 2 and "--min-new-tokens 9 is above --max-new-tokens 4" in r.stderr
+    r = qvl("describe", media_dir / "square.png", "--model", tiny_model, "--max-new-tokens", str(10**20))
+    assert r.exit_code == 2 and "over the model's context of 32,768 tokens" in r.stderr  # not a tensor that cannot be made
+    r = qvl("describe", media_dir / "square.png", "--resize", "448x448", "--endpoint", "http://127.0.0.1:9/v1")
+    assert r.exit_code == 2 and "--resize is not sent to an endpoint" in r.stderr
+    r = qvl("describe", media_dir / "square.png", "--model", tiny_model, "--concurrency", "8")
+    assert r.exit_code == 2 and "--concurrency works with --endpoint" in r.stderr
     r = qvl("describe", media_dir / "square.png", "--model", tiny_model, "--boxes", "the cat", "--draw", tmp_path / "boxes.gif")
     assert r.exit_code == 2 and "name it .png, .jpg or .webp" in r.stderr
     buf = io.BytesIO()  # a JPEG whose EXIF block says it holds more entries than it does: Pillow warns
