@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from pathlib import Path
 
 from qwen2vl_cli.errors import ModelError
@@ -11,6 +12,10 @@ from qwen2vl_cli.families import QWEN2_VL, Family, family_of_config
 from qwen2vl_cli.types import VisionSpec
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+# transformers builds a model by patching torch and its own classes while it does (tie_weights, the
+# init functions): two builds at once in one process leave both models, and every later one, untied.
+BUILDING = threading.Lock()
 
 
 # What loading needs from a hub repo; other weight formats and docs are skipped.
@@ -151,7 +156,7 @@ def parameter_counts(model: str) -> dict[str, int]:
         raise ModelError(f"--model {model}: not on this machine: run `hf download {model}` or pass a model directory")
     family = model_family(model)
     config = AutoConfig.from_pretrained(str(config_file.parent), local_files_only=True)
-    with torch.device("meta"):
+    with BUILDING, torch.device("meta"):
         net = getattr(transformers, family.model_class)._from_config(config)
     visual = net.model.visual
     merger = sum(p.numel() for p in visual.merger.parameters())

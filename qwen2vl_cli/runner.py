@@ -20,7 +20,7 @@ from qwen2vl_cli import devices
 from qwen2vl_cli.config import debug_enabled
 from qwen2vl_cli.errors import GenerationInterrupted, ModelError, one_line
 from qwen2vl_cli.families import QWEN2_VL, Family, family_of_config
-from qwen2vl_cli.modelinfo import read_config, vision_spec_from_dict
+from qwen2vl_cli.modelinfo import BUILDING, read_config, vision_spec_from_dict
 from qwen2vl_cli.types import GenerationOptions, Loaded, RuntimeOptions, VisionSpec
 
 
@@ -207,12 +207,13 @@ class Runner:
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         try:
-            self.model = getattr(transformers, self.family.model_class).from_pretrained(
-                model_dir,
-                dtype=getattr(torch, self.dtype),
-                attn_implementation=self.attn,
-                device_map=self.device if self.device != "cpu" else None,
-            ).eval()
+            with BUILDING:
+                self.model = getattr(transformers, self.family.model_class).from_pretrained(
+                    model_dir,
+                    dtype=getattr(torch, self.dtype),
+                    attn_implementation=self.attn,
+                    device_map=self.device if self.device != "cpu" else None,
+                ).eval()
         except (OSError, ValueError, KeyError) as e:
             raise ModelError(f"cannot load model {self.runtime.model}: {one_line(e)}") from None
         except Exception as e:

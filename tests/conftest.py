@@ -33,6 +33,19 @@ def on_the_cpu():
         os.environ["QVL_DEVICE"] = before
 
 
+@pytest.fixture(autouse=True)
+def no_load_outlives_its_test():
+    """A run that fails before its first token leaves its weights loading on a thread (the CLI's
+    process exits without them); in this one process the next test's own loads wait for it."""
+    import concurrent.futures
+    import sys
+
+    yield
+    backend = sys.modules.get("qwen2vl_cli.backend")
+    if backend is not None:
+        concurrent.futures.wait(list(backend._LOADS))
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     from tests.tiny_model import build

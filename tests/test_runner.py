@@ -1,13 +1,15 @@
-"""Runner pieces that need no model: the chunked video processor and the sampling arguments."""
+"""Runner pieces: the chunked video processor, the sampling arguments, and loads that overlap."""
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 import torch
 from transformers import AutoProcessor
 
-from qwen2vl_cli.runner import ChunkedVideoProcessor, sampling_kwargs
-from qwen2vl_cli.types import GenerationOptions
+from qwen2vl_cli.runner import ChunkedVideoProcessor, Runner, sampling_kwargs
+from qwen2vl_cli.types import GenerationOptions, RuntimeOptions
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +72,30 @@ def test_repetition_guard_catches_short_loops_only():
     assert not _guard_hits(list(range(100, 148)))  # no period
     assert not _guard_hits([1, 2, 3] * 15 + [4, 5, 6])  # the loop ended
     assert not _guard_hits([7] * 3 + [1] * 40)  # the prompt does not count
+
+
+def test_weights_loading_on_two_threads_at_once_both_load_whole(tiny_model):
+    """transformers patches its own classes while it builds a model (tie_weights among them): a
+    load left running beside another in one process (a run that failed before its first token,
+    then the next) must leave both models tied and the classes as they were."""
+    from transformers.modeling_utils import PreTrainedModel
+
+    tie_weights = PreTrainedModel.tie_weights
+    runners = [Runner(RuntimeOptions(str(tiny_model), device="cpu", dtype="float32")) for _ in range(2)]
+    start = threading.Barrier(len(runners))
+
+    def load(runner):
+        runner.load_processor(tiny_model)
+        start.wait()
+        runner.load_model(tiny_model)
+
+    threads = [threading.Thread(target=load, args=(r,)) for r in runners]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in runners:
+        model = r.model
+        assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
+        assert not any(p.is_meta for p in model.parameters())
+    assert PreTrainedModel.tie_weights is tie_weights
