@@ -5,7 +5,10 @@ server (checked out into a temporary worktree), one after the other on this mach
 change costs or buys under concurrent clients. Each server runs the tiny model on the CPU, greedy, fixed token counts.
 
 Usage: python bench/serve_load.py [--requests 200] [--clients 16] [--tokens 16] [--batch-size N] [--mixed]
-                                  [--batching fixed,continuous] [--against REV]
+                                  [--batching fixed,continuous] [--against REV] [--rounds N]
+
+--rounds: each server is measured N times, the order turned round every round (this machine is
+shared: which server runs first is not what the numbers show); the table gives medians and ranges.
 
 --mixed: requests ask for tokens/2, tokens or 2 x tokens new tokens in turn (clients that differ in
 max_tokens), instead of the same number for all.
@@ -90,6 +93,16 @@ def run(tree: Path, model: str, requests_n: int, clients: int, tokens: int, batc
         server.wait(timeout=30)
 
 
+def summary(got: list[dict]) -> dict:
+    """One server's rounds: medians, each with its range when there were several rounds."""
+    out = {"ok": sum(g["ok"] for g in got), "rss": got[-1]["rss"]}
+    for key, fmt in (("p50", "{:.2f}"), ("p99", "{:.2f}"), ("rps", "{:.1f}")):
+        values = [g[key] for g in got]
+        out[key] = statistics.median(values)
+        out[f"{key}_range"] = f" ({fmt.format(min(values))}–{fmt.format(max(values))})" if len(values) > 1 else ""
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=200)
@@ -99,9 +112,10 @@ def main() -> None:
     parser.add_argument("--mixed", action="store_true", help="requests differ in max_tokens (tokens/2, tokens, 2 x tokens)")
     parser.add_argument("--batching", help="this tree's server once per mode given (comma-separated: fixed, continuous)")
     parser.add_argument("--against", metavar="REV", help="also measure the server of this commit")
+    parser.add_argument("--rounds", type=int, default=1, help="measure each server this many times, alternating the order")
     args = parser.parse_args()
     model = str(model_dir("tiny"))
-    rows = []
+    runs: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         trees = [(f"this tree, --batching {mode}" if mode else "this tree", ROOT, mode) for mode in (args.batching or "").split(",")]
         if args.against:
@@ -109,12 +123,14 @@ def main() -> None:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old), args.against], check=True, capture_output=True)
             trees.insert(0, (args.against, old, None))
         try:
-            for name, tree, mode in trees:
-                rows.append((name, run(tree, model, args.requests, args.clients, args.tokens, args.batch_size, args.mixed, mode)))
-                print(name, rows[-1], flush=True)
+            for round_ in range(args.rounds):
+                for name, tree, mode in trees if round_ % 2 == 0 else trees[::-1]:
+                    runs.setdefault(name, []).append(run(tree, model, args.requests, args.clients, args.tokens, args.batch_size, args.mixed, mode))
+                    print(round_, name, runs[name][-1], flush=True)
         finally:
             if args.against:
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(Path(tmp) / "old")], capture_output=True)
+    rows = [(name, summary(got)) for name, got in ((name, runs[name]) for name, _, _ in trees)]
     base = rows[0][1]
     lines = [
         "## Server under load (`bench/serve_load.py`)" + (f", batch size {args.batch_size}" if args.batch_size else "")
@@ -123,18 +139,19 @@ def main() -> None:
         f"Machine: {machine()}, device cpu. Command: `python bench/serve_load.py --requests {args.requests} --clients {args.clients} "
         f"--tokens {args.tokens}{f' --batch-size {args.batch_size}' if args.batch_size else ''}{' --mixed' if args.mixed else ''}"
         f"{f' --batching {args.batching}' if args.batching else ''}"
-        f"{f' --against {args.against}' if args.against else ''}`.",
+        f"{f' --against {args.against}' if args.against else ''}{f' --rounds {args.rounds}' if args.rounds > 1 else ''}`.",
         f"Tiny model, float32, one 1280x720 JPEG per request as a data: URL, "
         f"{f'{max(1, args.tokens // 2)}, {args.tokens} or {2 * args.tokens} new tokens in turn' if args.mixed else f'{args.tokens} new tokens'}, "
         f"half the requests streaming, {args.clients} clients at once, batch size {args.batch_size or 'the default (1 on a CPU)'}; "
-        "the servers ran one after the other.",
+        "the servers ran one after the other"
+        + (f", {args.rounds} rounds, the order turned round each round: medians, with the range in brackets." if args.rounds > 1 else "."),
         "",
         "| server | OK | p50 | p99 | requests/s | server RSS before → after | p99 vs first row |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, r in rows:
-        lines.append(f"| {name} | {r['ok']}/{args.requests} | {r['p50']:.2f} s | {r['p99']:.2f} s | {r['rps']:.1f} | "
-                     f"{r['rss'][0]:.0f} → {r['rss'][1]:.0f} MB | {r['p99'] / base['p99']:.2f}x |")
+        lines.append(f"| {name} | {r['ok']}/{args.requests * args.rounds} | {r['p50']:.2f} s{r['p50_range']} | {r['p99']:.2f} s{r['p99_range']} | "
+                     f"{r['rps']:.1f}{r['rps_range']} | {r['rss'][0]:.0f} → {r['rss'][1]:.0f} MB | {r['p99'] / base['p99']:.2f}x |")
     write_section("\n".join(lines) + "\n")
     print("\n".join(lines))
 
