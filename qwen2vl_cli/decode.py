@@ -4,8 +4,10 @@ Read top to bottom, as gpt-fast's generate.py: `prefill` runs the whole model on
 tower, M-RoPE positions, the prompt into the cache) and gives the first logits; `decode_one_token`
 is one step for every row (embed, the language model over the cache, the head); `choose` picks
 the next tokens on the device (repetition penalty, minimum length, then greedy or sampled);
-`generate` loops, and the host reads the new tokens only every `chunk` steps: to stream them, to
-see which rows ended, and to run the repetition guard, never once a token.
+`Batch` is the loop as its caller drives it (`advance`, `join`, `cancel`; the step made once, when
+the batch is), and the host reads the new tokens only every `chunk` steps: to stream them, to see
+which rows ended, and to run the repetition guard, never once a token. `generate` drives a batch
+to its end.
 
 Rows are independent: a row that ended keeps stepping on padding until its slot is taken again
 or the batch ends, as in transformers' `generate`, whose greedy tokens this loop reproduces
@@ -92,6 +94,7 @@ class _Live:
     began: float  # when its prefill started
     cancel: threading.Event | None
     tokens: list[int] = field(default_factory=list)
+    stop: bool = False  # Batch.cancel: stopped at the next read
     looped: int | None = None
     cancelled: int | None = None
     first_at: float | None = None
@@ -420,6 +423,227 @@ def can_join(cache) -> bool:
     return all(isinstance(layer, StaticLayer) and not layer.is_sliding for layer in cache.layers)
 
 
+@dataclass(frozen=True)
+class Update:
+    """What one `Batch.advance` moved: (row, tokens so far, looped at) of every row with new
+    tokens, and (row, outcome) of every row that ended."""
+
+    moved: list[tuple[int, list[int], int | None]]
+    ended: list[tuple[int, Outcome]]
+
+
+class Batch:
+    """A decode batch its caller drives: `advance()` runs the steps up to the next read and hands
+    back what moved and what ended; between reads `join(row)` takes a request into a free slot
+    (where `fits` says it has room) and `cancel(row)` stops one. The step (eager, windowed,
+    compiled, captured) is made once, when the batch is, never inside the loop.
+
+    The first rows come as one left-padded batch and are prefilled together; the host reads the
+    new tokens only every `chunk` steps (and at a step where some row reaches its length): to
+    stream them, to see which rows ended, and to run the repetition guard, never once a token.
+    `guard(row, tokens)` says where a row loops (it is stopped there); a row whose event in
+    `cancels` is set is stopped at the next read. Rows are numbered: the first ones, then each
+    `join` in turn (one that failed keeps its number).
+
+    `capacity`: slots for rows that join (filler rows where no request is), with a cache twice the
+    first rows' prompt and answer; 0: no row joins. `graph`: on CUDA, replay the step as a CUDA
+    graph; `compiled`: the step is inductor's. `graphed`, `compiled` and `setup_s` say afterwards
+    whether the step could be captured and compiled, and how long making it took.
+    """
+
+    def __init__(
+        self,
+        model,
+        inputs: dict,
+        max_new_tokens: int | list[int],  # one for every row, or each row's own
+        sampling: Sampling,
+        eos_ids: list[int],
+        pad_id: int,
+        attn: str,
+        chunk: int = 8,
+        guard: Callable[[int, list[int]], int | None] | None = None,
+        cancels: list[threading.Event] | None = None,
+        graph: bool = False,
+        compiled: bool = False,
+        capacity: int = 0,
+        min_new_tokens: list[int] | None = None,  # each row's own minimum (else the sampling's for every row)
+    ):
+        self.model, self.sampling, self.eos_ids, self.pad_id, self.attn = model, sampling, eos_ids, pad_id, attn
+        self.chunk, self.guard = chunk, guard
+        batch = inputs["input_ids"].shape[0]  # the caller's rows; a compiled or captured step may run more
+        slots = max(batch, capacity)
+        if graph or compiled:
+            slots = batch_bucket(slots)
+        inputs = _pad_rows(inputs, slots, pad_id)
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        width = ids.shape[1]
+        device = ids.device
+        limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * batch
+        minimums = [min(least, limit) for least, limit in zip(min_new_tokens or [sampling.min_new_tokens] * batch, limits)]
+        longest = max(limits)
+        length = (width + longest) * (2 if capacity else 1)  # room for rows that join, some wider
+        self.length = length = cache_bucket(length) if graph or compiled else length
+        self.cache = cache = static_cache(model, length)
+        self.eos = torch.tensor(eos_ids, device=device)
+        self.generator = None
+        if sampling.temperature > 0 and sampling.seed is not None:
+            self.generator = torch.Generator(device=device).manual_seed(sampling.seed)
+        elif sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        seen = None
+        if sampling.repetition_penalty is not None and sampling.repetition_penalty != 1.0:
+            vocab = model.lm_head.out_features
+            seen = torch.zeros((slots, vocab + 1), dtype=torch.bool, device=device)
+            seen.scatter_(1, ids.clamp(max=vocab), True)
+        start = time.perf_counter()
+        self.live = [_Live(index=r, slot=r, start=0, limit=limits[r], minimum=minimums[r], began=start, cancel=cancels[r] if cancels else None)
+                     for r in range(batch)]
+        self.outcomes: list = [None] * batch  # an Outcome per row once it ends (or the exception that kept it from joining)
+        self.done = 0  # steps taken: columns of `out` written
+        with torch.inference_mode():
+            with stop_when(model, cancels[:batch] if cancels else None):
+                logits, deltas = prefill(model, inputs, cache)
+            self.rows = rows = _Rows(
+                attend=torch.cat([mask.bool(), torch.zeros((slots, length - width), dtype=torch.bool, device=device)], dim=1),
+                text_position=mask.long().sum(dim=1),
+                rope_deltas=deltas,
+                seen=seen,
+                ended=torch.arange(slots, device=device) >= batch,  # filler rows are over from the start
+                step=torch.zeros((), dtype=torch.long, device=device),
+                out=torch.full((slots, length - width + 1), pad_id, dtype=torch.long, device=device),
+                cache_argument=_cache_argument(model),
+                start=torch.zeros(slots, dtype=torch.long, device=device),
+                minimum=torch.tensor(minimums + [0] * (slots - batch), device=device),
+            )
+            self.tokens = _advance(rows, choose(logits, rows.seen, self._young(), sampling, self.eos, self.generator), self.eos, pad_id)
+            self.done = 1
+            self._step = self._make_step(graph, compiled, making=longest > 1 or capacity > 0)
+        for r in self.live:
+            r.began += self.setup_s  # the first rows' time to first token leaves the making of the step out
+        self.free = list(range(batch, slots))
+        self.position = width  # where the next step writes, in every slot
+        self.joinable = capacity > 0 and can_join(cache)
+        self._read_at: int | None = None  # the step count of the last read
+        self._planned = self._needed = 0  # what the requests offered since the last read need (`fits`)
+
+    def _make_step(self, graph: bool, compiled: bool, making: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The step every `advance` runs, made once: captured, compiled, or eager (then reading only
+        the cache positions written so far)."""
+        model, rows, cache, attn = self.model, self.rows, self.cache, self.attn
+        graphed = graph and self.tokens.device.type == "cuda" and making
+        making = graphed or (compiled and making)  # a step to make before decoding (timed apart)
+        setup_start = time.perf_counter()
+        one_token = decode_one_token
+        if compiled and making:
+            one_token, compiled = _compile_or_eager(model, rows, self.tokens, cache, attn)
+        step: Callable[[torch.Tensor], torch.Tensor] = partial(one_token, model, rows, cache=cache, attn=attn)
+        if one_token is decode_one_token and not graphed:  # eager: a step reads only the positions written
+            whole, length = step, self.length
+
+            def step(tokens: torch.Tensor) -> torch.Tensor:
+                position = self.position
+                if 4 * (length - position - 1) < length:  # under a quarter of the cache unwritten: slicing costs more than it saves
+                    return whole(tokens)
+                show(cache, position + 1)
+                try:
+                    return decode_one_token(model, rows, tokens, cache, attn, position + 1)
+                finally:
+                    show(cache, None)
+
+        if graphed:
+            try:
+                step = GraphedStep(model, rows, self.tokens, cache, attn, one_token)
+            except Exception:  # noqa: BLE001 - the step cannot be captured, or its replay is wrong: run it directly
+                if debug_enabled():
+                    import traceback
+
+                    traceback.print_exc()
+                graphed = False
+        self.graphed, self.compiled = graphed, compiled
+        self.setup_s = time.perf_counter() - setup_start if making else 0.0  # spent making the step, even when it failed
+        return step
+
+    def _young(self) -> torch.Tensor | bool | None:
+        """The rows that may not end yet: None where no row is short of its minimum, True where all are."""
+        short = [self.done - r.start < r.minimum for r in self.live]
+        if not any(short):
+            return None
+        return True if all(short) else self.rows.step - self.rows.start < self.rows.minimum
+
+    def _due(self) -> bool:
+        done = self.done
+        return done % self.chunk == 0 or done == 1 or any(done == r.start + r.limit for r in self.live)
+
+    def advance(self) -> Update:
+        """The steps up to the next read, then the read: the rows that moved and those that ended
+        (their slots free for `join`). Nothing when no row is live."""
+        with torch.inference_mode():
+            while self.live:
+                if self._due() and self._read_at != self.done:
+                    return self._read()
+                if self.position >= self.length:  # every row's room was checked when it started: a bug if reached
+                    raise RuntimeError(f"the decode loop ran past its cache ({self.length} positions)")
+                logits = self._step(self.tokens)
+                self.tokens = _advance(self.rows, choose(logits, self.rows.seen, self._young(), self.sampling, self.eos, self.generator),
+                                       self.eos, self.pad_id)
+                self.done += 1
+                self.position += 1
+        return Update([], [])
+
+    def _read(self) -> Update:
+        rows, done = self.rows, self.done
+        self._read_at = done
+        ended, moved = _read(rows, self.live, done, self.guard)
+        gone = []
+        for r in [r for r in self.live if ended[r.slot] or done - r.start >= r.limit or r.looped is not None or r.cancelled is not None]:
+            rows.ended[r.slot] = True  # padding from now on, until the slot is taken again
+            self.live.remove(r)
+            self.free.append(r.slot)
+            self.outcomes[r.index] = _outcome(r, done, self.eos_ids)
+            gone.append((r.index, self.outcomes[r.index]))
+        self._planned, self._needed = self.position, max((r.limit - (done - r.start) for r in self.live), default=0)
+        return Update(moved, gone)
+
+    def fits(self, width: int, max_new_tokens: int) -> bool:
+        """Whether a request of this prompt width and answer length can join now: a free slot, and
+        room for its prompt and answer and for every row already running or offered since the last
+        read, wherever the widest prompt moves the write position (offers are counted together)."""
+        if not (self.joinable and self.free and self.position < self.length):
+            return False
+        if max(self._planned, width) + max(self._needed, max_new_tokens) > self.length:
+            return False
+        self._planned, self._needed = max(self._planned, width), max(self._needed, max_new_tokens)
+        return True
+
+    def join(self, joining: Joining) -> tuple[int, list[int]]:
+        """A request into a free slot, at once (its prefill, its first token, read): its row number
+        and its first tokens. What keeps it out (out of memory in its prefill, its client gone)
+        is raised, its number kept with the exception in `outcomes`, and the batch goes on."""
+        index = len(self.outcomes)
+        self.outcomes.append(None)
+        slot = self.free.pop()
+        try:
+            with torch.inference_mode():
+                room = self.length - max((r.limit - (self.done - r.start) for r in self.live), default=0)
+                self.position, joined = _take(self.model, self.rows, self.cache, slot, joining, room, self.position, self.done,
+                                              self.sampling, self.eos, self.generator)
+        except Exception as e:
+            self.free.append(slot)
+            self.outcomes[index] = e
+            raise
+        joined.index = index
+        with torch.inference_mode():
+            self.tokens[slot] = joined.tokens[0]
+        self.live.append(joined)
+        return index, joined.tokens
+
+    def cancel(self, row: int) -> None:
+        """Stop a live row at the next read (as its cancel event would)."""
+        for r in self.live:
+            if r.index == row:
+                r.stop = True
+
+
 def generate(
     model,
     inputs: dict,
@@ -440,166 +664,41 @@ def generate(
     on_ready: Callable[[bool, bool, float], None] | None = None,
     min_new_tokens: list[int] | None = None,  # each row's own minimum (else the sampling's for every row)
 ) -> list[Outcome | Exception]:
-    """Generate for a left-padded batch. Every `chunk` steps the host reads the new tokens:
-    `guard(row, tokens)` says where a row loops (it is stopped there), `on_tokens` gets
-    (row, tokens so far, looped at) of every row that moved, and a row whose event in `cancels`
-    is set is stopped. `on_row(row, outcome)` hears of each row as soon as it ends.
-    `graph`: on CUDA, replay the step as a CUDA graph; `compiled`: the step is inductor's.
-    `on_ready(graph, compiled, seconds)` hears, before any row ends, whether the step could be
-    captured and compiled, and how long making it took. Returns every row's outcome: the
-    caller's rows, then those that joined (an exception for one that could not).
+    """A `Batch` driven to its end: `on_tokens` gets (row, tokens so far, looped at) of every row
+    that moved at each read, `on_row(row, outcome)` each row as soon as it ends, `on_ready(graph,
+    compiled, seconds)` how the step was made, before any row ends. Returns every row's outcome:
+    the caller's rows, then those that joined (an exception for one that could not).
 
-    Continuous batching: with `admit`, the batch has `capacity` slots (filler rows where no
-    request is) and a cache twice the first rows' prompt and answer; at each read, `admit(free,
+    Continuous batching: with `admit`, the batch has `capacity` slots, and at each read `admit(free,
     fits)` may hand over up to `free` requests that pass `fits(prompt width, max_new_tokens)`
-    (room for its prompt and answer, and for the rest of every running row's answer wherever its
-    prompt moves the write position; requests handed over together are counted together), and
-    each joins at the next step. Joined rows are numbered after the caller's; one that fails to join (out of
-    memory in its prefill) is reported to `on_row` with the exception, and the others go on."""
-    batch = inputs["input_ids"].shape[0]  # the caller's rows; a compiled or captured step may run more
-    slots = max(batch, capacity) if admit is not None else batch
-    if graph or compiled:
-        slots = batch_bucket(slots)
-    inputs = _pad_rows(inputs, slots, pad_id)
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    width = ids.shape[1]
-    device = ids.device
-    limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * batch
-    minimums = [min(least, limit) for least, limit in zip(min_new_tokens or [sampling.min_new_tokens] * batch, limits)]
-    longest = max(limits)
-    length = (width + longest) * (2 if admit is not None else 1)  # room for rows that join, some wider
-    length = cache_bucket(length) if graph or compiled else length
-    cache = static_cache(model, length)
-    eos = torch.tensor(eos_ids, device=device)
-    generator = None
-    if sampling.temperature > 0 and sampling.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(sampling.seed)
-    elif sampling.seed is not None:
-        torch.manual_seed(sampling.seed)
-    seen = None
-    if sampling.repetition_penalty is not None and sampling.repetition_penalty != 1.0:
-        vocab = model.lm_head.out_features
-        seen = torch.zeros((slots, vocab + 1), dtype=torch.bool, device=device)
-        seen.scatter_(1, ids.clamp(max=vocab), True)
-
-    def young() -> torch.Tensor | bool | None:
-        """The rows that may not end yet: None where no row is short of its minimum, True where all are."""
-        short = [done - r.start < r.minimum for r in live]
-        if not any(short):
-            return None
-        return True if all(short) else rows.step - rows.start < rows.minimum
-
-    start = time.perf_counter()
-    live = [_Live(index=r, slot=r, start=0, limit=limits[r], minimum=minimums[r], began=start, cancel=cancels[r] if cancels else None)
-            for r in range(batch)]
-    outcomes: list = [None] * batch  # an Outcome per row once it ends (or the exception that kept it from joining)
-    done = 0
-    with torch.inference_mode():
-        with stop_when(model, cancels[:batch] if cancels else None):
-            logits, deltas = prefill(model, inputs, cache)
-        rows = _Rows(
-            attend=torch.cat([mask.bool(), torch.zeros((slots, length - width), dtype=torch.bool, device=device)], dim=1),
-            text_position=mask.long().sum(dim=1),
-            rope_deltas=deltas,
-            seen=seen,
-            ended=torch.arange(slots, device=device) >= batch,  # filler rows are over from the start
-            step=torch.zeros((), dtype=torch.long, device=device),
-            out=torch.full((slots, length - width + 1), pad_id, dtype=torch.long, device=device),
-            cache_argument=_cache_argument(model),
-            start=torch.zeros(slots, dtype=torch.long, device=device),
-            minimum=torch.tensor(minimums + [0] * (slots - batch), device=device),
-        )
-        tokens = _advance(rows, choose(logits, rows.seen, young(), sampling, eos, generator), eos, pad_id)
-        done = 1
-        graphed = graph and device.type == "cuda" and (longest > 1 or admit is not None)
-        making = graphed or (compiled and (longest > 1 or admit is not None))  # a step to make before decoding (timed apart)
-        setup_start = time.perf_counter()
-        one_token = decode_one_token
-        if compiled and making:
-            one_token, compiled = _compile_or_eager(model, rows, tokens, cache, attn)
-        step: Callable[[torch.Tensor], torch.Tensor] = partial(one_token, model, rows, cache=cache, attn=attn)
-        if one_token is decode_one_token and not graphed:  # eager: a step reads only the positions written
-            whole = step
-
-            def step(tokens: torch.Tensor) -> torch.Tensor:
-                if 4 * (length - position - 1) < length:  # under a quarter of the cache unwritten: slicing costs more than it saves
-                    return whole(tokens)
-                show(cache, position + 1)
+    (`Batch.fits`); each joins at the next step."""
+    batch = Batch(model, inputs, max_new_tokens, sampling, eos_ids, pad_id, attn, chunk, guard, cancels, graph, compiled,
+                  max(capacity, 1) if admit is not None else 0, min_new_tokens)
+    if on_ready is not None:
+        on_ready(batch.graphed, batch.compiled, batch.setup_s)
+    while batch.live:
+        update = batch.advance()
+        if on_tokens is not None and update.moved:
+            on_tokens(update.moved)
+        for row, outcome in update.ended:
+            if on_row is not None:
+                on_row(row, outcome)
+        if admit is not None and batch.joinable and batch.free and batch.position < batch.length:
+            for joining in admit(len(batch.free), batch.fits):
                 try:
-                    return decode_one_token(model, rows, tokens, cache, attn, position + 1)
-                finally:
-                    show(cache, None)
-
-        if graphed:
-            try:
-                step = GraphedStep(model, rows, tokens, cache, attn, one_token)
-            except Exception:  # noqa: BLE001 - the step cannot be captured, or its replay is wrong: run it directly
-                if debug_enabled():
-                    import traceback
-
-                    traceback.print_exc()
-                graphed = False
-        setup = time.perf_counter() - setup_start if making else 0.0  # spent making the step, even when it failed
-        if on_ready is not None:
-            on_ready(graphed, compiled, setup)
-        for r in live:
-            r.began += setup  # the first rows' time to first token leaves the making of the step out
-        free = list(range(batch, slots))
-        position = width  # where the next step writes, in every slot
-        joinable = admit is not None and can_join(cache)
-        while True:
-            if done % chunk == 0 or done == 1 or any(done == r.start + r.limit for r in live):
-                ended = _read(rows, live, done, guard, on_tokens)
-                for r in [r for r in live if ended[r.slot] or done - r.start >= r.limit or r.looped is not None or r.cancelled is not None]:
-                    rows.ended[r.slot] = True  # padding from now on, until the slot is taken again
-                    live.remove(r)
-                    free.append(r.slot)
-                    outcomes[r.index] = _outcome(r, done, eos_ids)
+                    row, tokens = batch.join(joining)
+                except Exception as e:  # noqa: BLE001 - this request's failure (out of memory in its prefill), not the batch's
                     if on_row is not None:
-                        on_row(r.index, outcomes[r.index])
-                if joinable and free and position < length:
-                    planned, needed = position, max((r.limit - (done - r.start) for r in live), default=0)
-
-                    def fits(w: int, max_new: int) -> bool:
-                        """Room for this prompt and answer, and for every row already running or
-                        accepted this read, wherever the widest prompt moves the write position."""
-                        nonlocal planned, needed
-                        if max(planned, w) + max(needed, max_new) > length:
-                            return False
-                        planned, needed = max(planned, w), max(needed, max_new)
-                        return True
-
-                    for joining in admit(len(free), fits):
-                        outcomes.append(None)
-                        slot = free.pop()
-                        try:
-                            room = length - max((r.limit - (done - r.start) for r in live), default=0)
-                            position, joined = _take(model, rows, cache, slot, joining, room, position, done, sampling, eos, generator)
-                        except Exception as e:  # noqa: BLE001 - this request's failure (out of memory in its prefill), not the batch's
-                            free.append(slot)
-                            outcomes[-1] = e
-                            if on_row is not None:
-                                on_row(len(outcomes) - 1, e)
-                            continue
-                        joined.index = len(outcomes) - 1
-                        tokens[slot] = joined.tokens[0]
-                        live.append(joined)
-                        if on_tokens is not None:
-                            on_tokens([(joined.index, joined.tokens, None)])
-                if not live:
-                    break
-            if position >= length:  # every row's room was checked when it started: a bug if reached
-                raise RuntimeError(f"the decode loop ran past its cache ({length} positions)")
-            logits = step(tokens)
-            tokens = _advance(rows, choose(logits, rows.seen, young(), sampling, eos, generator), eos, pad_id)
-            done += 1
-            position += 1
-    return outcomes
+                        on_row(len(batch.outcomes) - 1, e)
+                    continue
+                if on_tokens is not None:
+                    on_tokens([(row, tokens, None)])
+    return batch.outcomes
 
 
-def _read(rows: _Rows, live: list[_Live], done: int, guard, on_tokens) -> list[bool]:
-    """The one read from the device per chunk: each live row's new tokens, and which slots ended.
-    A row whose client went away, or that loops, is stopped here."""
+def _read(rows: _Rows, live: list[_Live], done: int, guard) -> tuple[list[bool], list[tuple[int, list[int], int | None]]]:
+    """The one read from the device per chunk: which slots ended, and (row, tokens so far, looped
+    at) of each live row that moved. A row whose client went away, or that loops, is stopped here."""
     low = min((r.start + len(r.tokens) for r in live), default=done)
     new = rows.out[:, low:done].tolist()
     ended = rows.ended.tolist()
@@ -613,7 +712,7 @@ def _read(rows: _Rows, live: list[_Live], done: int, guard, on_tokens) -> list[b
             if r.first_at is None:
                 r.first_at, r.first_len, r.ttft = now, len(r.tokens), now - r.began
         r.last_at = now
-        if r.cancel is not None and r.cancelled is None and r.cancel.is_set():
+        if r.cancelled is None and (r.stop or (r.cancel is not None and r.cancel.is_set())):
             r.cancelled = len(r.tokens)
             stop.append(r.slot)
         if guard is not None and r.looped is None and (at := guard(r.index, r.tokens)) is not None:
@@ -621,9 +720,7 @@ def _read(rows: _Rows, live: list[_Live], done: int, guard, on_tokens) -> list[b
             stop.append(r.slot)
     if stop:
         rows.ended[stop] = True
-    if on_tokens is not None and moved:
-        on_tokens([(r.index, r.tokens, r.looped) for r in moved])
-    return ended
+    return ended, [(r.index, r.tokens, r.looped) for r in moved]
 
 
 def _outcome(r: _Live, done: int, eos_ids: list[int]) -> Outcome:

@@ -382,18 +382,7 @@ class Runner:
         `on_done`, one for each row that joined)."""
         from qwen2vl_cli import decode
 
-        config = self.model.generation_config
-        penalty = gen.repetition_penalty if gen.repetition_penalty is not None else config.repetition_penalty
-        sampling = decode.Sampling(
-            temperature=gen.temperature,
-            top_p=gen.top_p,
-            top_k=gen.top_k,
-            repetition_penalty=penalty,
-            min_new_tokens=min(gen.min_new_tokens or 0, gen.max_new_tokens),
-            seed=gen.seed,
-        )
-        eos = self._eos_ids()
-        pad = config.pad_token_id if config.pad_token_id is not None else eos[0]
+        sampling, eos, pad = self.sampling(gen), self._eos_ids(), self.pad_id()
         streams = list(streams)
         batch = inputs["input_ids"].shape[0]
         prompts = [self._prompt_counts(inputs, row) for row in range(batch)]  # grows as rows join
@@ -447,6 +436,18 @@ class Runner:
 
             torch.cuda.synchronize()
         return [finished[row] for row in range(batch)]
+
+    def sampling(self, gen: GenerationOptions):
+        """The engine's sampling for these options, the model's own repetition penalty where they set none."""
+        from qwen2vl_cli import decode
+
+        penalty = gen.repetition_penalty if gen.repetition_penalty is not None else self.model.generation_config.repetition_penalty
+        return decode.Sampling(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k, repetition_penalty=penalty,
+                               min_new_tokens=min(gen.min_new_tokens or 0, gen.max_new_tokens), seed=gen.seed)
+
+    def pad_id(self) -> int:
+        pad = self.model.generation_config.pad_token_id
+        return pad if pad is not None else self._eos_ids()[0]
 
     def _prompt_counts(self, inputs, row: int) -> tuple[int, int]:
         """A row's prompt tokens (padding left out) and how many of them are visual."""

@@ -361,6 +361,49 @@ def test_requests_that_join_a_running_batch_get_their_answers_alone(sessions, me
     assert all(done[row].ttft_s is not None and done[row].ttft_s > 0 for row in rows)
 
 
+def _drive(batch, arrivals=(), cancel_at_first_read=()) -> dict:
+    """A decode.Batch driven by hand: the rows in `cancel_at_first_read` cancelled after the first
+    read; each arrival (one prompt's inputs, max_new_tokens) joins at the first read where it fits.
+    Returns every row's outcome by row number."""
+    from qwen2vl_cli import decode
+
+    waiting, outcomes, reads = list(arrivals), {}, 0
+    while batch.live:
+        update = batch.advance()
+        reads += 1
+        outcomes.update(update.ended)
+        if reads == 1:
+            for row in cancel_at_first_read:
+                batch.cancel(row)
+        while waiting and batch.fits(int(waiting[0][0]["input_ids"].shape[1]), waiting[0][1]):
+            inputs, most = waiting.pop(0)
+            batch.join(decode.Joining(dict(inputs), threading.Event(), most))
+    assert not waiting, "an arrival never joined"
+    return outcomes
+
+
+def test_a_batch_its_caller_drives_cancels_a_row_and_gives_its_slot_to_the_next(sessions, media_dir):
+    """decode.Batch by hand: a row cancelled after the first read stops at the next one; its slot
+    takes a request that was waiting (no other slot was free); every row gets the tokens it gets alone."""
+    from qwen2vl_cli import decode
+
+    runner = sessions["static"].runner
+    gen = GenerationOptions(max_new_tokens=24, min_new_tokens=24)
+    rows = [runner.inputs(p.text, list(p.loaded)) for p in prepared(sessions["static"], media_dir, ["photo.png", "square.png", "anim.gif"], gen)]
+
+    def batch(inputs):
+        return decode.Batch(runner.model, dict(inputs), 24, runner.sampling(gen), runner._eos_ids(), runner.pad_id(), runner.attn, capacity=2)
+
+    alone = [_drive(batch(inputs))[0].tokens for inputs in rows]
+    two = runner.inputs([p.text for p in prepared(sessions["static"], media_dir, ["photo.png", "square.png"], gen)],
+                        [m for p in prepared(sessions["static"], media_dir, ["photo.png", "square.png"], gen) for m in p.loaded])
+    done = _drive(batch(two), arrivals=[(rows[2], 24)], cancel_at_first_read=[0])
+    assert sorted(done) == [0, 1, 2]
+    assert done[0].cancelled_at == 8 and done[0].tokens[:8] == alone[0][:8]  # stopped at the next read, a chunk on
+    assert done[1].tokens == alone[1] and done[1].cancelled_at is None
+    assert done[2].tokens == alone[2]  # joined in the cancelled row's slot
+
+
 def test_a_joining_row_that_fails_or_is_cancelled_leaves_the_others_alone(sessions, media_dir, monkeypatch):
     """One arrival's prefill runs out of memory: that request alone gets the error (it is wider than
     the batch, so its failure must not move the batch's write position); another's client is gone:
