@@ -13,8 +13,9 @@ import mimetypes
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
+from threading import Event
 
-from qwen2vl_cli.errors import MediaError, ModelError, QvlError, UsageError
+from qwen2vl_cli.errors import Cancelled, MediaError, ModelError, QvlError, UsageError
 from qwen2vl_cli import grounding
 from qwen2vl_cli.families import Family, family_for
 from qwen2vl_cli.messages import default_prompt
@@ -116,7 +117,9 @@ class EndpointBackend:
         messages = ([{"role": "system", "content": gen.system}] if gen.system is not None else []) + [{"role": "user", "content": parts}]
         return RemoteRequest(tuple(plans), messages, opts)
 
-    def complete(self, request: RemoteRequest, gen: GenerationOptions, on_text=None) -> Result:
+    def complete(self, request: RemoteRequest, gen: GenerationOptions, on_text=None, cancel: Event | None = None) -> Result:
+        """One request, streamed to `on_text`; once `cancel` is set, the stream is closed (the server
+        stops generating for it) and the answer so far is the result."""
         import openai
 
         extra = {"mm_processor_kwargs": mm_kwargs(request.opts)} if mm_kwargs(request.opts) else {}
@@ -152,6 +155,9 @@ class EndpointBackend:
                             on_text(choice.delta.content)
                     if choice.finish_reason:
                         finish = choice.finish_reason
+                if cancel is not None and cancel.is_set():
+                    stream.close()
+                    break
         except openai.AuthenticationError:
             raise UsageError(f"--endpoint {self.options.url} refused the API key: give --api-key (or QVL_API_KEY)") from None
         except openai.BadRequestError as e:
@@ -191,13 +197,21 @@ class EndpointBackend:
             box_problems=found.problems if found else (),
         )
 
-    def generate(self, batch: list[RemoteRequest], gen: GenerationOptions, on_text=None, cancels=None) -> list[Result]:
+    def generate(self, batch: list[RemoteRequest], gen: GenerationOptions, on_text=None, cancels=None) -> list[Result | Exception]:
         """A batch of requests, all in flight at once (with `--each`, the batch size is --concurrency);
-        `on_text` streams a batch of one. A cancelled row is not sent."""
-        if len(batch) == 1:
-            return [self.complete(batch[0], gen, on_text)]
+        `on_text` streams a batch of one. A row whose event in `cancels` is set is not sent (Cancelled
+        in its place), or, set while it streams, ends there."""
+        cancels = list(cancels or [None] * len(batch))
+        if len(batch) == 1 and not (cancels[0] is not None and cancels[0].is_set()):
+            return [self.complete(batch[0], gen, on_text, cancels[0])]
+
+        def one(request: RemoteRequest, cancel: Event | None) -> Result | Exception:
+            if cancel is not None and cancel.is_set():
+                return Cancelled()
+            return self.complete(request, gen, cancel=cancel)
+
         with ThreadPoolExecutor(max_workers=len(batch)) as pool:
-            return list(pool.map(lambda r: self.complete(r, gen), batch))
+            return list(pool.map(one, batch, cancels))
 
 
 def _server_message(e) -> str:

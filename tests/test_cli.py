@@ -125,8 +125,10 @@ def test_inspect_json_lines(qvl, media_dir):
 
 def test_inspect_table(qvl, media_dir):
     r = qvl("inspect", media_dir / "square.png", "--device", "cuda")
-    assert r.exit_code == 0
-    assert "224x224" in r.stdout and "(1, 16, 16)" in r.stdout and " 64 " in r.stdout and "66" in r.stdout
+    assert r.exit_code == 0, r.stderr
+    header, row = r.stdout.splitlines()
+    assert header.split()[:4] == ["source", "kind", "size", "resized"]
+    assert row.split() == [str(media_dir / "square.png"), "image", "224x224", "224x224", "(1,", "16,", "16)", "64", "66"]
 
 
 def test_inspect_equals_what_describe_used(qvl, tiny_model, media_dir):

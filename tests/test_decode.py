@@ -12,14 +12,10 @@ import torch
 from qwen2vl_cli.backend import LocalBackend
 from qwen2vl_cli.runner import LoopFinder, RepetitionGuard
 from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions
+from tests.helpers import Quiet
 
 
 SAMPLES = Path(__file__).parent.parent / "samples"
-
-
-class Quiet:
-    def stage(self, text):
-        pass
 
 
 @pytest.fixture(scope="module")

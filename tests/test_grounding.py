@@ -13,6 +13,7 @@ from PIL import Image
 from qwen2vl_cli import grounding
 from qwen2vl_cli.families import QWEN2_5_VL, QWEN2_VL, QWEN3_VL, QWEN3_VL_MOE
 from qwen2vl_cli.types import MediaPlan
+from tests.helpers import Quiet
 
 # A 1000x300 picture the model saw at 1008x308: the two axes scale differently.
 PLAN = MediaPlan("wide.png", "image", 1000, 300, 1008, 308, (1, 22, 72), 396)
@@ -219,9 +220,6 @@ def test_cli_boxes_with_the_local_model(qvl, family_models, media_dir, tmp_path)
     assert out["boxes"] == [] and "no boxes in the answer" in r.stderr
     with Image.open(drawn) as img:
         assert img.format == "WEBP" and img.size == (400, 300)
-
-    class Quiet:
-        def stage(self, text): ...
 
     backend = LocalBackend(RuntimeOptions(str(model), device="cpu", dtype="float32"), Quiet())
     prepared = backend.prepare((str(media_dir / "photo.png"),), MediaOptions(), GenerationOptions(boxes="a cat"))

@@ -8,32 +8,17 @@ import json
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import requests
 
+from tests.helpers import Quiet, start_server
 from tests.robustness.corpus import png_claiming
 
 KEY = "test-key"
 FAST = ("--max-new-tokens", "12", "--dtype", "float32")
-
-
-def start_server(tiny_model, *extra) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "qwen2vl_cli", "serve", "--model", str(tiny_model), "--port", "0", "--dtype", "float32", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        line = proc.stderr.readline()
-        if "serving" in line:
-            return proc, line.split(" on ")[1].split()[0]
-        if proc.poll() is not None:
-            raise RuntimeError(proc.stderr.read())
-    raise RuntimeError("qvl serve did not start")
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +70,8 @@ def test_openai_client_models_and_completions(client, media_dir, tiny_model):
     ]
     done = client.chat.completions.create(model=str(tiny_model), messages=[{"role": "user", "content": content}], max_tokens=10)
     assert done.choices[0].message.role == "assistant" and done.choices[0].finish_reason in ("stop", "length")
-    assert done.usage.prompt_tokens > 64 and done.usage.completion_tokens == len(done.choices[0].message.content) or done.usage.completion_tokens > 0
+    assert done.usage.prompt_tokens > 64 and 0 < done.usage.completion_tokens <= 10
+    assert done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens
     chunks = list(client.chat.completions.create(model=str(tiny_model), messages=[{"role": "user", "content": content}], max_tokens=10,
                                                  stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -141,6 +127,30 @@ def test_a_full_queue_answers_503(tiny_model):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_the_endpoint_backend_does_not_send_a_cancelled_row_and_stops_reading_one_cancelled_mid_answer(server, tiny_model, media_dir):
+    """A row cancelled before the batch goes out is not sent (Cancelled in its place); one cancelled
+    while it streams ends at that chunk, its stream closed; the others are answered whole."""
+    from qwen2vl_cli.endpoint import EndpointBackend, EndpointOptions
+    from qwen2vl_cli.errors import Cancelled
+    from qwen2vl_cli.types import GenerationOptions, MediaOptions
+
+    backend = EndpointBackend(EndpointOptions(server, api_key=KEY), str(tiny_model))
+    gen = GenerationOptions(max_new_tokens=40, min_new_tokens=40)
+    request = backend.prepare((str(media_dir / "square.png"),), MediaOptions(), gen)
+    gone, later, whole = threading.Event(), threading.Event(), threading.Event()
+    gone.set()
+    shown: list[str] = []
+
+    def on_text(chunk: str) -> None:
+        shown.append(chunk)
+        later.set()
+
+    [result] = backend.generate([request], gen, on_text=on_text, cancels=[later])
+    assert result.text == shown[0] and result.generated_tokens < 40  # the first chunk, then nothing more was read
+    out = backend.generate([request, request], gen, cancels=[gone, whole])
+    assert isinstance(out[0], Cancelled) and out[1].generated_tokens == 40
 
 
 def test_each_endpoint_keeps_order_and_error_records(qvl, tiny_model, media_dir, server, tmp_path):
@@ -209,10 +219,6 @@ def recorded_session(tiny_model):
     record, and the unwrapped generate (answers alone, unrecorded)."""
     from qwen2vl_cli.backend import LocalBackend
     from qwen2vl_cli.types import RuntimeOptions
-
-    class Quiet:
-        def stage(self, text):
-            pass
 
     session = LocalBackend(RuntimeOptions(str(tiny_model), device="cpu", dtype="float32"), Quiet())
     batches: list[list[bool]] = []
@@ -328,16 +334,11 @@ def test_batching_continuous_says_when_it_cannot_join_anything(tiny_model):
     """On a CPU the batch size is 1 unless given: asking for continuous batching then says how to
     get it; with a batch size it runs quietly and answers."""
     for extra, note in ((), True), (("--batch-size", "2"), False):
-        proc = subprocess.Popen([sys.executable, "-m", "qwen2vl_cli", "serve", "--model", str(tiny_model), "--port", "0", "--dtype", "float32",
-                                 "--batching", "continuous", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        seen: list[str] = []
+        proc, url = start_server(tiny_model, "--batching", "continuous", *extra, seen=seen)
         try:
-            seen = []
-            while not seen or "serving" not in seen[-1]:
-                seen.append(proc.stderr.readline())
-                assert seen[-1] or proc.poll() is None, "".join(seen)
             said = any("no request can join another; give --batch-size 4 or more" in line for line in seen)
             assert said == note, seen
-            url = seen[-1].split(" on ")[1].split()[0]
             r = requests.post(url + "/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}, timeout=60)
             assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
         finally:

@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from tests.robustness.corpus import png_claiming
-from tests.test_serve import start_server
+from tests.helpers import Quiet, start_server
 
 HANG_S = 60  # a probe that has not finished by then has hung the server (the healthy answer takes seconds)
 
@@ -462,10 +462,6 @@ def test_the_engine_thread_survives_cancelled_futures(tiny_model, media_dir):
     from qwen2vl_cli.backend import LocalBackend
     from qwen2vl_cli.serve import Engine, Job
     from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions
-
-    class Quiet:
-        def stage(self, text):
-            pass
 
     session = LocalBackend(RuntimeOptions(str(tiny_model), device="cpu", dtype="float32"), Quiet())
     engine = Engine(session, batch_size=1, queue_size=8)

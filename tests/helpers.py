@@ -1,0 +1,33 @@
+"""Helpers several test modules share: hooks that say nothing, and `qvl serve` started on a free port."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+
+class Quiet:
+    """A LocalBackend's hooks that report no stage."""
+
+    def stage(self, text):
+        pass
+
+
+def start_server(tiny_model, *extra, seen: list[str] | None = None) -> tuple[subprocess.Popen, str]:
+    """`qvl serve` on the tiny model and a free port: the process and its base URL, once it says it
+    is serving; `seen` gets every line it wrote to stderr until then."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qwen2vl_cli", "serve", "--model", str(tiny_model), "--port", "0", "--dtype", "float32", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        line = proc.stderr.readline()
+        if seen is not None:
+            seen.append(line)
+        if "serving" in line:
+            return proc, line.split(" on ")[1].split()[0]
+        if proc.poll() is not None:
+            raise RuntimeError(proc.stderr.read())
+    raise RuntimeError("qvl serve did not start")
