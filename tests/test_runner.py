@@ -8,8 +8,9 @@ import pytest
 import torch
 from transformers import AutoProcessor
 
-from qwen2vl_cli.runner import ChunkedVideoProcessor, Runner, sampling_kwargs
+from qwen2vl_cli.runner import Runner, sampling_kwargs
 from qwen2vl_cli.types import GenerationOptions, RuntimeOptions
+from qwen2vl_cli.video_processor import ChunkedVideoProcessor
 
 
 @pytest.fixture(scope="module")
