@@ -6,8 +6,7 @@ is one step for every row (embed, the language model over the cache, the head); 
 the next tokens on the device (repetition penalty, minimum length, then greedy or sampled);
 `Batch` is the loop as its caller drives it (`advance`, `join`, `cancel`; the step made once, when
 the batch is), and the host reads the new tokens only every `chunk` steps: to stream them, to see
-which rows ended, and to run the repetition guard, never once a token. `generate` drives a batch
-to its end.
+which rows ended, and to run the repetition guard, never once a token.
 
 Rows are independent: a row that ended keeps stepping on padding until its slot is taken again
 or the batch ends, as in transformers' `generate`, whose greedy tokens this loop reproduces
@@ -604,11 +603,15 @@ class Batch:
         self._planned, self._needed = self.position, max((r.limit - (done - r.start) for r in self.live), default=0)
         return Update(moved, gone)
 
+    def open(self) -> bool:
+        """Whether a request could join now: rows may join this batch, a slot is free and the cache has room."""
+        return self.joinable and bool(self.free) and self.position < self.length
+
     def fits(self, width: int, max_new_tokens: int) -> bool:
         """Whether a request of this prompt width and answer length can join now: a free slot, and
         room for its prompt and answer and for every row already running or offered since the last
         read, wherever the widest prompt moves the write position (offers are counted together)."""
-        if not (self.joinable and self.free and self.position < self.length):
+        if not self.open():
             return False
         if max(self._planned, width) + max(self._needed, max_new_tokens) > self.length:
             return False
@@ -642,58 +645,6 @@ class Batch:
         for r in self.live:
             if r.index == row:
                 r.stop = True
-
-
-def generate(
-    model,
-    inputs: dict,
-    max_new_tokens: int | list[int],  # one for every row, or each row's own
-    sampling: Sampling,
-    eos_ids: list[int],
-    pad_id: int,
-    attn: str,
-    chunk: int = 8,
-    on_tokens: Callable[[list[tuple[int, list[int], int | None]]], None] | None = None,
-    guard: Callable[[int, list[int]], int | None] | None = None,
-    cancels: list[threading.Event] | None = None,
-    graph: bool = False,
-    compiled: bool = False,
-    capacity: int = 0,
-    admit: Callable[[int, Callable[[int, int], bool]], list[Joining]] | None = None,
-    on_row: Callable[[int, Outcome | Exception], None] | None = None,
-    on_ready: Callable[[bool, bool, float], None] | None = None,
-    min_new_tokens: list[int] | None = None,  # each row's own minimum (else the sampling's for every row)
-) -> list[Outcome | Exception]:
-    """A `Batch` driven to its end: `on_tokens` gets (row, tokens so far, looped at) of every row
-    that moved at each read, `on_row(row, outcome)` each row as soon as it ends, `on_ready(graph,
-    compiled, seconds)` how the step was made, before any row ends. Returns every row's outcome:
-    the caller's rows, then those that joined (an exception for one that could not).
-
-    Continuous batching: with `admit`, the batch has `capacity` slots, and at each read `admit(free,
-    fits)` may hand over up to `free` requests that pass `fits(prompt width, max_new_tokens)`
-    (`Batch.fits`); each joins at the next step."""
-    batch = Batch(model, inputs, max_new_tokens, sampling, eos_ids, pad_id, attn, chunk, guard, cancels, graph, compiled,
-                  max(capacity, 1) if admit is not None else 0, min_new_tokens)
-    if on_ready is not None:
-        on_ready(batch.graphed, batch.compiled, batch.setup_s)
-    while batch.live:
-        update = batch.advance()
-        if on_tokens is not None and update.moved:
-            on_tokens(update.moved)
-        for row, outcome in update.ended:
-            if on_row is not None:
-                on_row(row, outcome)
-        if admit is not None and batch.joinable and batch.free and batch.position < batch.length:
-            for joining in admit(len(batch.free), batch.fits):
-                try:
-                    row, tokens = batch.join(joining)
-                except Exception as e:  # noqa: BLE001 - this request's failure (out of memory in its prefill), not the batch's
-                    if on_row is not None:
-                        on_row(len(batch.outcomes) - 1, e)
-                    continue
-                if on_tokens is not None:
-                    on_tokens([(row, tokens, None)])
-    return batch.outcomes
 
 
 def _read(rows: _Rows, live: list[_Live], done: int, guard) -> tuple[list[bool], list[tuple[int, list[int], int | None]]]:

@@ -379,8 +379,9 @@ class Runner:
         self, inputs, gen: GenerationOptions, streams: list, cancels: list[threading.Event], admit=None, on_done=None, capacity: int = 0,
         inputs_s: float = 0.0, lengths: list[tuple[int, int]] | None = None,
     ) -> list[Generation]:
-        """decode.py's loop over a static cache; one Generation per row of `inputs` (and, through
-        `on_done`, one for each row that joined)."""
+        """decode.py's Batch over a static cache, driven here: one Generation per row of `inputs`
+        (and, through `on_done`, one for each row that joined). At each read, `admit(free, fits)`
+        hands over the requests that join."""
         from qwen2vl_cli import decode
 
         sampling, eos, pad = self.sampling(gen), self._eos_ids(), self.pad_id()
@@ -388,50 +389,46 @@ class Runner:
         batch = inputs["input_ids"].shape[0]
         prompts = [self._prompt_counts(inputs, row) for row in range(batch)]  # grows as rows join
 
-        def on_tokens(moved: list[tuple[int, list[int], int | None]]) -> None:
+        run = decode.Batch(
+            self.model, dict(inputs), [most for most, _ in lengths] if lengths else gen.max_new_tokens, sampling, eos, pad, self.attn,
+            guard=LoopFinder() if gen.repeat_guard else None, cancels=cancels,
+            graph=self.engine == "graph" or (self.engine == "compiled" and self.device == "cuda"), compiled=self.engine == "compiled",
+            capacity=max(capacity, 1) if admit is not None else 0, min_new_tokens=[least for _, least in lengths] if lengths else None,
+        )
+        engine = "compiled" if run.compiled else "graph" if run.graphed else "static"  # a step that could not be made ran eagerly
+        finished: dict[int, Generation] = {}
+
+        def show(moved: list[tuple[int, list[int], int | None]]) -> None:
             for row, tokens, looped in moved:
                 if streams[row] is not None:
                     streams[row].update(tokens[: self._end(tokens, looped)])
 
-        def joining(free: int, fits) -> list:
-            out = []
-            for row_inputs, cancel, on_text, (most, least) in admit(free, fits):
-                row_inputs = row_inputs.to(self.model.device)
-                prompts.append(self._prompt_counts(row_inputs, 0))
-                streams.append(TextStream(self.processor.tokenizer, on_text) if on_text is not None else None)
-                out.append(decode.Joining(dict(row_inputs), cancel, most, least))
-            return out
-
-        made: list = []  # how the step was made, once it is: (graph, compiled, seconds)
-
-        def generation(row: int, outcome: decode.Outcome) -> Generation:
-            tokens = outcome.tokens[: outcome.cancelled_at]  # a row whose client left ends where it was stopped
-            g = self._generation(tokens, *prompts[row], outcome.ttft_s, outcome.decode_tokens_per_s, outcome.looped_at)
-            if streams[row] is not None:
-                streams[row].update(list(g.tokens), final=True)
-            graph, compiled, setup_s = made[0] if made else (False, False, 0.0)
-            return replace(
-                g,
-                engine="compiled" if compiled else "graph" if graph else "static",  # a step that could not be made ran eagerly
-                compile_s=setup_s if self.engine in ("compiled", "graph") else None,
-                inputs_s=inputs_s if row < batch else 0.0,
-            )
-
-        finished: dict[int, Generation] = {}
-
-        def on_row(row: int, outcome) -> None:
+        def ended(row: int, outcome: decode.Outcome | Exception) -> None:
             if not isinstance(outcome, Exception):
-                outcome = finished[row] = generation(row, outcome)
+                tokens = outcome.tokens[: outcome.cancelled_at]  # a row whose client left ends where it was stopped
+                g = self._generation(tokens, *prompts[row], outcome.ttft_s, outcome.decode_tokens_per_s, outcome.looped_at)
+                if streams[row] is not None:
+                    streams[row].update(list(g.tokens), final=True)
+                outcome = finished[row] = replace(g, engine=engine, compile_s=run.setup_s if self.engine in ("compiled", "graph") else None,
+                                                  inputs_s=inputs_s if row < batch else 0.0)
             if on_done is not None:
                 on_done(row, outcome)
 
-        decode.generate(
-            self.model, dict(inputs), [most for most, _ in lengths] if lengths else gen.max_new_tokens, sampling, eos, pad, self.attn,
-            on_tokens=on_tokens if any(streams) or admit is not None else None, guard=LoopFinder() if gen.repeat_guard else None,
-            cancels=cancels, graph=self.engine == "graph" or (self.engine == "compiled" and self.device == "cuda"),
-            compiled=self.engine == "compiled", capacity=capacity, admit=joining if admit is not None else None,
-            on_row=on_row, on_ready=lambda *how: made.append(how), min_new_tokens=[least for _, least in lengths] if lengths else None,
-        )
+        while run.live:
+            update = run.advance()
+            show(update.moved)
+            for row, outcome in update.ended:
+                ended(row, outcome)
+            for row_inputs, cancel, on_text, (most, least) in admit(len(run.free), run.fits) if admit is not None and run.open() else ():
+                row_inputs = row_inputs.to(self.model.device)
+                prompts.append(self._prompt_counts(row_inputs, 0))
+                streams.append(TextStream(self.processor.tokenizer, on_text) if on_text is not None else None)
+                try:
+                    row, tokens = run.join(decode.Joining(dict(row_inputs), cancel, most, least))
+                except Exception as e:  # noqa: BLE001 - this request's failure (out of memory in its prefill), not the batch's
+                    ended(len(run.outcomes) - 1, e)
+                    continue
+                show([(row, tokens, None)])
         if self.device == "cuda":
             import torch
 
