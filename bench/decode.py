@@ -8,7 +8,10 @@ time to first token, peak memory; then images/s at batch 1 and batch 8.
 Models: `tiny` (the test model, a CPU smoke run of a few seconds), `2b` and `7b` (Qwen2-VL's
 shapes with random weights, built straight on the device: on CUDA, seconds).
 
-Usage: python bench/decode.py [--model tiny|2b|7b] [--device cpu|cuda] [--tokens 256] [--images 8]
+Usage: python bench/decode.py [--model tiny|2b|7b] [--device cpu|cuda] [--tokens 256] [--images 8] [--busy N]
+
+--busy N: N processes spin on the CPU beside the benchmark, as other jobs do on a user's machine
+(a step whose threads wait at many barriers loses a time slice at each); its own section.
 """
 
 from __future__ import annotations
@@ -95,18 +98,30 @@ def text_weight_bytes(model) -> int:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("tiny", "2b", "7b"), default="tiny")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--busy", type=int, default=0, help="processes spinning on the CPU beside the benchmark")
+    args = parser.parse_args()
+    import subprocess
+
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+    try:
+        measure(args)
+    finally:
+        for p in busy:
+            p.kill()
+
+
+def measure(args) -> None:
     import torch
 
     from qwen2vl_cli.backend import LocalBackend
     from qwen2vl_cli.runner import peak_memory_bytes
     from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=("tiny", "2b", "7b"), default="tiny")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--tokens", type=int, default=256)
-    parser.add_argument("--images", type=int, default=8)
-    args = parser.parse_args()
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
     model = build(args.model, args.device, dtype)
     bandwidth = copy_bandwidth(args.device)
@@ -162,10 +177,10 @@ def main() -> None:
     base = rows[0][1].decode_tokens_per_s
     card = torch.cuda.get_device_name(0) if args.device == "cuda" else "none (CPU)"
     lines = [
-        f"## Decode, {args.model} on {args.device} (`bench/decode.py`)",
+        f"## Decode, {args.model} on {args.device} (`bench/decode.py`)" + (f", {args.busy} busy processes beside it" if args.busy else ""),
         "",
         f"Machine: {machine()}, card: {card}. Command: `python bench/decode.py --model {args.model} --device {args.device} "
-        f"--tokens {args.tokens} --images {args.images}`.",
+        f"--tokens {args.tokens} --images {args.images}{f' --busy {args.busy}' if args.busy else ''}`.",
         f"{str(dtype).split('.')[1]}, sdpa, greedy, {args.tokens} new tokens; batch 1 on a 1280x720 photo ({photo.plans[0].visual_tokens} "
         f"visual tokens); images/s on {args.images} JPEGs. Limit: {bandwidth / 1e9:.0f} GB/s copy bandwidth over "
         f"{text_weight_bytes(model) / 1e6:.1f} MB of text weights read per token = {limit:.0f} tok/s.",
