@@ -522,6 +522,7 @@ def serve(
     allow_private_urls: Annotated[bool, typer.Option("--allow-private-urls", help="Let media URLs reach any address, loopback and private networks included.", rich_help_panel=O.SERVE_LIMITS_PANEL)] = False,
     read_timeout: Annotated[float, typer.Option(min=0.1, metavar="SECONDS", help="Time for a request's headers to arrive (from connecting, or from the last answer), then for its body.", rich_help_panel=O.SERVE_LIMITS_PANEL)] = 30.0,
     max_connections: Annotated[Optional[int], typer.Option(min=1, help="Connections open at once; past it, the one longest without a request is closed (else the new one). Default: from the open-file limit, at most 4096.", show_default=False, rich_help_panel=O.SERVE_LIMITS_PANEL)] = None,
+    cache_size: Annotated[Optional[str], typer.Option(metavar="SIZE", help="Vision-tower outputs kept for media seen again (a conversation's earlier images, the same picture asked about again), e.g. 512M; 0 turns it off. Default: 256M on a CPU, 1G on a GPU.", show_default=False, rich_help_panel=O.SERVE_PANEL)] = None,
     quiet: O.Quiet = False,
 ) -> None:
     """An OpenAI-compatible server: POST /v1/chat/completions (image_url, video_url, stream), GET /v1/models."""
@@ -554,7 +555,10 @@ def serve(
         reporter.stop()
         reporter.console.print(f"qvl: serving {model} on {url} (Ctrl-C to stop)")
 
-    run_server(_runtime_options(model, device, dtype, attn, engine), host, port, api_key, batch_size, queue_size, reporter, announce,
+    runtime = _runtime_options(model, device, dtype, attn, engine)
+    if cache_size is not None:
+        runtime = replace(runtime, cache_size=parse_size(cache_size, "--cache-size"))
+    run_server(runtime, host, port, api_key, batch_size, queue_size, reporter, announce,
                limits, tuple(allowed_hosts or ()), None if batching == "auto" else batching == "continuous")
 
 

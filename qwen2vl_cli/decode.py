@@ -29,6 +29,7 @@ import torch
 
 from qwen2vl_cli.config import debug_enabled
 from qwen2vl_cli.errors import Cancelled
+from qwen2vl_cli.vision_cache import encoded
 
 
 @dataclass(frozen=True)
@@ -466,7 +467,9 @@ class Batch:
         compiled: bool = False,
         capacity: int = 0,
         min_new_tokens: list[int] | None = None,  # each row's own minimum (else the sampling's for every row)
+        vision=None,  # a VisionCache: media seen before skip the vision tower
     ):
+        self.vision = vision
         self.model, self.sampling, self.eos_ids, self.pad_id, self.attn = model, sampling, eos_ids, pad_id, attn
         self.chunk, self.guard = chunk, guard
         batch = inputs["input_ids"].shape[0]  # the caller's rows; a compiled or captured step may run more
@@ -501,7 +504,7 @@ class Batch:
         self.done = 0  # steps taken: columns of `out` written
         with torch.inference_mode():
             with stop_when(model, cancels[:batch] if cancels else None):
-                logits, deltas = prefill(model, inputs, cache)
+                logits, deltas = prefill(model, encoded(model, inputs, vision), cache)
             self.rows = rows = _Rows(
                 attend=torch.cat([mask.bool(), torch.zeros((slots, length - width), dtype=torch.bool, device=device)], dim=1),
                 text_position=mask.long().sum(dim=1),
@@ -629,7 +632,7 @@ class Batch:
             with torch.inference_mode():
                 room = self.length - max((r.limit - (self.done - r.start) for r in self.live), default=0)
                 self.position, joined = _take(self.model, self.rows, self.cache, slot, joining, room, self.position, self.done,
-                                              self.sampling, self.eos, self.generator)
+                                              self.sampling, self.eos, self.generator, self.vision)
         except Exception as e:
             self.free.append(slot)
             self.outcomes[index] = e
@@ -682,7 +685,8 @@ def _outcome(r: _Live, done: int, eos_ids: list[int]) -> Outcome:
     return Outcome(tokens, ended_at, r.looped, r.cancelled, r.ttft, rate)
 
 
-def _take(model, rows: _Rows, cache, slot: int, joining: Joining, room: int, position: int, done: int, sampling: Sampling, eos, generator):
+def _take(model, rows: _Rows, cache, slot: int, joining: Joining, room: int, position: int, done: int, sampling: Sampling, eos, generator,
+          vision=None):
     """A request joins the batch in `slot`: room made (the shared write position moves past a prompt
     wider than it), its prefill, its first token chosen and read. `room`: the last write position
     the running rows' answers allow. Returns the write position and the row."""
@@ -692,7 +696,7 @@ def _take(model, rows: _Rows, cache, slot: int, joining: Joining, room: int, pos
         raise ValueError("a request joins a running batch alone, with room for its answer")
     began = time.perf_counter()
     with stop_when(model, [joining.cancel]):
-        logits = _join(model, rows, cache, slot, joining.inputs)  # what may fail (memory, a client gone) comes before any move
+        logits = _join(model, rows, cache, slot, encoded(model, joining.inputs, vision))  # what may fail (memory, a client gone) comes before any move
     if width > position:  # every row's next write goes past its prompt; the gap stays masked
         for layer in cache.layers:
             layer.cumulative_length.fill_(width)

@@ -190,6 +190,7 @@ class RuntimeOptions:
     dtype: str = "auto"
     attn: str = "auto"
     engine: str = "auto"  # the decode loop: decode.py's over a static cache, or transformers' generate
+    cache_size: int | None = None  # bytes of vision outputs kept for media seen again (None: the device's default; 0: none)
 
 
 @dataclass(frozen=True)

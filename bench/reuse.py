@@ -1,0 +1,82 @@
+"""A second question about the same picture: time to first token with the vision cache against the first.
+
+One model in memory, the static engine; the 1280x720 sample photo at the reference budget (1196
+visual tokens). Each round starts with an empty cache and asks two different questions about the
+photo (the second finds its vision output kept), and the second question once more with the cache
+off, so all three are measured in the same sitting. Models: `tiny` (the test model) and `2b`
+(Qwen2-VL-2B's shapes with random weights, bench/decode.py's).
+
+Usage: python bench/reuse.py [--model tiny|2b] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+from decode import build  # noqa: E402
+from results import machine, write_section  # noqa: E402
+from throughput import model_dir  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("tiny", "2b"), default="2b")
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+
+    import torch
+
+    from qwen2vl_cli.backend import LocalBackend
+    from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions
+    from qwen2vl_cli.vision_cache import VisionCache, default_bytes
+    from tests.helpers import Quiet
+
+    torch.manual_seed(0)
+    session = LocalBackend(RuntimeOptions(str(model_dir("tiny")), device="cpu", dtype="float32", engine="static"), Quiet())
+    runner = session.runner
+    runner.model = build(args.model, "cpu", torch.float32)
+    media = MediaOptions(max_pixels=12845056)  # the reference budget: the photo is 1196 visual tokens
+
+    def ask(question: str, cache) -> float:
+        gen = GenerationOptions(max_new_tokens=1, prompt=question, repeat_guard=False)
+        p = session.prepare((str(ROOT / "samples" / "photo.jpg"),), media, gen)
+        runner.vision = cache
+        [g] = runner.generate_batch([p.text], [list(p.loaded)], gen)
+        return g.ttft_s + g.inputs_s
+
+    ask("Warm up.", None)
+    first, second, off = [], [], []
+    for _ in range(args.rounds):
+        cache = VisionCache(default_bytes("cpu"))
+        first.append(ask("Describe this image.", cache))
+        second.append(ask("What colours are in it?", cache))
+        off.append(ask("What colours are in it?", None))
+        print(first[-1], second[-1], off[-1], flush=True)
+    f, s, o = (statistics.median(x) for x in (first, second, off))
+    lines = [
+        f"## A second question about one picture, {args.model} on cpu (`bench/reuse.py`)",
+        "",
+        f"Machine: {machine()}. Command: `python bench/reuse.py --model {args.model} --rounds {args.rounds}`.",
+        "float32, static engine, the 1280x720 sample photo at the reference budget (1196 visual tokens); time to first "
+        f"token, processor inputs included; medians of {args.rounds} rounds (range in brackets), each round with an empty cache.",
+        "",
+        "| question | time to first token | vs the first |",
+        "|---|---|---|",
+        f"| first (cache empty) | {f:.2f} s ({min(first):.2f}-{max(first):.2f}) | 1.00x |",
+        f"| second, vision output kept | {s:.2f} s ({min(second):.2f}-{max(second):.2f}) | {s / f:.2f}x |",
+        f"| second, --cache-size 0 | {o:.2f} s ({min(off):.2f}-{max(off):.2f}) | {o / f:.2f}x |",
+    ]
+    write_section("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
