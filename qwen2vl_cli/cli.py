@@ -555,9 +555,8 @@ def serve(
         reporter.stop()
         reporter.console.print(f"qvl: serving {model} on {url} (Ctrl-C to stop)")
 
-    runtime = _runtime_options(model, device, dtype, attn, engine)
-    if cache_size is not None:
-        runtime = replace(runtime, cache_size=parse_size(cache_size, "--cache-size"))
+    runtime = replace(_runtime_options(model, device, dtype, attn, engine),
+                      cache_size=None if cache_size is None else parse_size(cache_size, "--cache-size"))  # None: the device's default
     run_server(runtime, host, port, api_key, batch_size, queue_size, reporter, announce,
                limits, tuple(allowed_hosts or ()), None if batching == "auto" else batching == "continuous")
 

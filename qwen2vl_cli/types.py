@@ -190,7 +190,7 @@ class RuntimeOptions:
     dtype: str = "auto"
     attn: str = "auto"
     engine: str = "auto"  # the decode loop: decode.py's over a static cache, or transformers' generate
-    cache_size: int | None = None  # bytes of vision outputs kept for media seen again (None: the device's default; 0: none)
+    cache_size: int | None = 0  # bytes of vision outputs kept for media seen again (0: none, as one run needs; None: the device's default)
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ def test_media_seen_again_skip_the_tower_and_the_tokens_stay_the_same(family_mod
     """Greedy tokens with the cache (first and second time) equal those without it: an image and a
     video in one prompt, then a GIF; the second time the tower does not run."""
     model = str(family_models(family))
-    kept = LocalBackend(RuntimeOptions(model, device="cpu", dtype="float32"), Quiet())
-    none = LocalBackend(RuntimeOptions(model, device="cpu", dtype="float32", cache_size=0), Quiet())
-    assert none.runner.vision is None
+    kept = LocalBackend(RuntimeOptions(model, device="cpu", dtype="float32", cache_size=None), Quiet())  # the server's default
+    none = LocalBackend(RuntimeOptions(model, device="cpu", dtype="float32"), Quiet())  # one run: nothing is kept
+    assert none.runner.vision is None and kept.runner.vision.max_bytes == 256 * 2**20
     gen = GenerationOptions(max_new_tokens=12, min_new_tokens=12)
 
     def run(backend, sources):
