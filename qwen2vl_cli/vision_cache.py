@@ -28,7 +28,7 @@ class VisionCache:
         self.bytes = 0
         self.hits = self.misses = 0
         self._entries: OrderedDict[bytes, tuple] = OrderedDict()
-        self._lock = threading.Lock()  # serve prepares on worker threads; the engine reads on its own
+        self._lock = threading.Lock()  # a server's engine thread uses it, and nothing stops another thread from sharing it
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -55,9 +55,10 @@ class VisionCache:
             out = get(torch.cat([parts[i] for i in missing]), grids[missing], return_dict=True)
             kind = type(out)
             deep = getattr(out, "deepstack_features", None)
+            own = (lambda t: t.clone()) if len(missing) > 1 else (lambda t: t)  # a view would keep its neighbours' bytes alive
             for n, i in enumerate(missing):
-                layers = tuple(layer[n] for layer in deep) if deep is not None else None
-                made[i] = (kind, out.pooler_output[n], layers)
+                layers = tuple(own(layer[n]) for layer in deep) if deep is not None else None
+                made[i] = (kind, own(out.pooler_output[n]), layers)
             self._keep({keys[i]: made[i] for i in missing})
         entries = [found.get(i) or made[i] for i in range(len(keys))]
         out = kind(pooler_output=tuple(e[1] for e in entries))

@@ -13,8 +13,8 @@ from tests.helpers import Quiet
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_media_seen_again_skip_the_tower_and_the_tokens_stay_the_same(family_models, media_dir, family):
-    """Greedy tokens with the cache (first and second time) equal those without it: an image and a
-    video in one prompt, then a GIF; the second time the tower does not run."""
+    """Greedy tokens with the cache (first and second time) equal those without it: two images and
+    a video in one prompt, then a GIF; the second time the tower does not run."""
     model = str(family_models(family))
     kept = LocalBackend(RuntimeOptions(model, device="cpu", dtype="float32", cache_size=None), Quiet())  # the server's default
     none = LocalBackend(RuntimeOptions(model, device="cpu", dtype="float32"), Quiet())  # one run: nothing is kept
@@ -25,12 +25,12 @@ def test_media_seen_again_skip_the_tower_and_the_tokens_stay_the_same(family_mod
         p = backend.prepare(sources, MediaOptions(), gen)
         return backend.runner.generate_batch([p.text], [list(p.loaded)], gen)[0]
 
-    for names in (["photo.png", "clip.mp4"], ["anim.gif"]):
+    for names in (["photo.png", "square.png", "clip.mp4"], ["anim.gif"]):
         sources = tuple(str(media_dir / n) for n in names)
         alone, first, again = run(none, sources), run(kept, sources), run(kept, sources)
         assert first.tokens == alone.tokens == again.tokens
         assert first.vision_s is not None and again.vision_s is None  # the tower ran the first time only
-    assert kept.runner.vision.hits == 3 and kept.runner.vision.misses == 3
+    assert kept.runner.vision.hits == 4 and kept.runner.vision.misses == 4
 
 
 def test_the_cache_is_keyed_by_content_and_stays_within_its_bytes(tiny_model, media_dir, tmp_path):
