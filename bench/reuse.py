@@ -6,7 +6,11 @@ photo (the second finds its vision output kept), and the second question once mo
 off, so all three are measured in the same sitting. Models: `tiny` (the test model) and `2b`
 (Qwen2-VL-2B's shapes with random weights, bench/decode.py's).
 
-Usage: python bench/reuse.py [--model tiny|2b] [--rounds 2]
+With --turns: instead, `qvl serve` on the tiny model, one conversation of 4 turns about one image
+(an OpenAI client sends the image again every turn), with the cache and with --cache-size 0 in
+turn, each server --rounds times: each turn's whole request time.
+
+Usage: python bench/reuse.py [--model tiny|2b] [--rounds 2] [--turns]
 """
 
 from __future__ import annotations
@@ -30,7 +34,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("tiny", "2b"), default="2b")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--turns", action="store_true", help="4 turns of one conversation through qvl serve, with and without the cache")
     args = parser.parse_args()
+    if args.turns:
+        return turns(args.rounds)
 
     import torch
 
@@ -74,6 +81,51 @@ def main() -> None:
         f"| second, vision output kept | {s:.2f} s ({min(second):.2f}-{max(second):.2f}) | {s / f:.2f}x |",
         f"| second, --cache-size 0 | {o:.2f} s ({min(off):.2f}-{max(off):.2f}) | {o / f:.2f}x |",
     ]
+    write_section("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def turns(rounds: int) -> None:
+    import base64
+    import time
+
+    import requests
+
+    from tests.helpers import start_server
+
+    image = "data:image/jpeg;base64," + base64.b64encode((ROOT / "samples" / "photo.jpg").read_bytes()).decode()
+    runs: dict[str, list[list[float]]] = {"kept": [], "--cache-size 0": []}
+    for round_ in range(rounds):
+        for name in list(runs) if round_ % 2 == 0 else list(runs)[::-1]:
+            proc, url = start_server(model_dir("tiny"), *(("--cache-size", "0") if name != "kept" else ()))
+            try:
+                messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                                         {"type": "text", "text": "Describe this image."}]}]
+                times = []
+                for turn in range(4):
+                    start = time.perf_counter()
+                    answer = requests.post(url + "/chat/completions", json={"messages": messages, "max_tokens": 1}, timeout=300).json()
+                    times.append(time.perf_counter() - start)
+                    messages += [{"role": "assistant", "content": answer["choices"][0]["message"]["content"]},
+                                 {"role": "user", "content": f"And question {turn + 2}?"}]
+                runs[name].append(times)
+                print(name, times, flush=True)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+    lines = [
+        "## Four turns about one image through `qvl serve`, tiny on cpu (`bench/reuse.py --turns`)",
+        "",
+        f"Machine: {machine()}. Command: `python bench/reuse.py --turns --rounds {rounds}`.",
+        "The tiny model, float32; the 1280x720 sample photo as a data: URL in the first message, sent again every turn as "
+        f"OpenAI clients do; max_tokens 1; each request's whole time, medians of {rounds} rounds, the servers in turn.",
+        "",
+        "| server | turn 1 | turn 2 | turn 3 | turn 4 | turns 2-4 vs turn 1 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, got in runs.items():
+        med = [statistics.median(t[i] for t in got) for i in range(4)]
+        lines.append(f"| {name} | " + " | ".join(f"{m * 1000:.0f} ms" for m in med) + f" | {statistics.mean(med[1:]) / med[0]:.2f}x |")
     write_section("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -368,13 +368,13 @@ class Runner:
             out[row] = replace(generation, vision_s=clock.seconds())
         return out
 
-    def _eos_ids(self) -> list[int]:
+    def eos_ids(self) -> list[int]:
         eos = self.model.generation_config.eos_token_id
         return list(eos) if isinstance(eos, (list, tuple)) else [eos]
 
     def _end(self, tokens: list[int], looped: int | None) -> int:
         """How much of a row is answer so far: up to its end-of-sequence token or where it looped."""
-        eos = set(self._eos_ids())
+        eos = set(self.eos_ids())
         end = next((i + 1 for i, t in enumerate(tokens) if t in eos), len(tokens))
         return min(end, looped) if looped is not None else end
 
@@ -387,7 +387,7 @@ class Runner:
         hands over the requests that join."""
         from qwen2vl_cli import decode
 
-        sampling, eos, pad = self.sampling(gen), self._eos_ids(), self.pad_id()
+        sampling, eos, pad = self.sampling(gen), self.eos_ids(), self.pad_id()
         streams = list(streams)
         batch = inputs["input_ids"].shape[0]
         prompts = [self._prompt_counts(inputs, row) for row in range(batch)]  # grows as rows join
@@ -449,7 +449,7 @@ class Runner:
 
     def pad_id(self) -> int:
         pad = self.model.generation_config.pad_token_id
-        return pad if pad is not None else self._eos_ids()[0]
+        return pad if pad is not None else self.eos_ids()[0]
 
     def _prompt_counts(self, inputs, row: int) -> tuple[int, int]:
         """A row's prompt tokens (padding left out) and how many of them are visual."""
@@ -584,8 +584,7 @@ class Runner:
     ) -> Generation:
         """Text, token count and finish reason of one row; anything after its end (end-of-sequence,
         or where the repetition guard stopped it) is padding."""
-        eos = self.model.generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
+        eos_ids = set(self.eos_ids())
         tokens = [int(t) for t in new]
         eos_end = next((i + 1 for i, t in enumerate(tokens) if t in eos_ids), None)
         if eos_end is not None and (looped_at is None or eos_end <= looped_at):

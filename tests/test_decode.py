@@ -385,14 +385,14 @@ def test_a_batch_its_caller_drives_cancels_a_row_and_gives_its_slot_to_the_next(
 
     runner = sessions["static"].runner
     gen = GenerationOptions(max_new_tokens=24, min_new_tokens=24)
-    rows = [runner.inputs(p.text, list(p.loaded)) for p in prepared(sessions["static"], media_dir, ["photo.png", "square.png", "anim.gif"], gen)]
+    three = prepared(sessions["static"], media_dir, ["photo.png", "square.png", "anim.gif"], gen)
+    rows = [runner.inputs(p.text, list(p.loaded)) for p in three]
 
     def batch(inputs):
-        return decode.Batch(runner.model, dict(inputs), 24, runner.sampling(gen), runner._eos_ids(), runner.pad_id(), runner.attn, capacity=2)
+        return decode.Batch(runner.model, dict(inputs), 24, runner.sampling(gen), runner.eos_ids(), runner.pad_id(), runner.attn, capacity=2)
 
     alone = [_drive(batch(inputs))[0].tokens for inputs in rows]
-    two = runner.inputs([p.text for p in prepared(sessions["static"], media_dir, ["photo.png", "square.png"], gen)],
-                        [m for p in prepared(sessions["static"], media_dir, ["photo.png", "square.png"], gen) for m in p.loaded])
+    two = runner.inputs([p.text for p in three[:2]], [m for p in three[:2] for m in p.loaded])
     done = _drive(batch(two), arrivals=[(rows[2], 24)], cancel_at_first_read=[0])
     assert sorted(done) == [0, 1, 2]
     assert done[0].cancelled_at == 8 and done[0].tokens[:8] == alone[0][:8]  # stopped at the next read, a chunk on
