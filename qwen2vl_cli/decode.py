@@ -29,6 +29,7 @@ import torch
 
 from qwen2vl_cli.config import debug_enabled
 from qwen2vl_cli.errors import Cancelled
+from qwen2vl_cli.prefix_cache import PrefixCache, Prompt, after, layers_of, load, signatures
 from qwen2vl_cli.vision_cache import encoded
 
 
@@ -101,6 +102,7 @@ class _Live:
     first_len: int = 0  # tokens it had at its first read
     last_at: float | None = None
     ttft: float | None = None
+    prompt: Prompt | None = None  # its tokens and media, where its keys and values are kept when it ends
 
 
 def unsupported(model) -> str | None:
@@ -224,12 +226,13 @@ def compiled_step() -> Callable:
     return torch.compile(decode_one_token, dynamic=False, fullgraph=True)
 
 
-def prefill(model, inputs: dict, cache) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole model over the prompt; the cache holds it afterwards.
+def prefill(model, inputs: dict, cache, vision=None, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole model over the prompt (from `start` on, where the cache holds the tokens before
+    it); the cache holds it afterwards. `vision`: a VisionCache for the media's tower outputs.
 
     Returns the last logits (B, V) and each row's M-RoPE offset for the text that follows. The
     positions are transformers' `generate`'s: text positions skip the left padding, and media
-    get their 3D positions from the model's own `get_rope_index`.
+    get their 3D positions from the model's own `get_rope_index`, over the whole prompt.
     """
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
@@ -241,7 +244,9 @@ def prefill(model, inputs: dict, cache) -> tuple[torch.Tensor, torch.Tensor]:
     else:
         spatial, deltas = text[None].expand(3, -1, -1), torch.zeros((ids.shape[0], 1), dtype=torch.long, device=ids.device)
     positions = torch.cat([text[None], spatial.to(text.device)], dim=0)  # the text row first, as `generate` passes them
-    out = model(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1, **{_cache_argument(model): cache})
+    if start:
+        inputs, positions = after(model, inputs, start), positions[:, :, start:]
+    out = model(**encoded(model, inputs, vision), position_ids=positions, use_cache=True, logits_to_keep=1, **{_cache_argument(model): cache})
     return out.logits[:, -1, :].float(), deltas.to(ids.device)
 
 
@@ -393,14 +398,44 @@ def _advance(rows: _Rows, chosen: torch.Tensor, eos: torch.Tensor, pad: int) -> 
     return chosen
 
 
-def _join(model, rows: _Rows, cache, slot: int, inputs: dict) -> torch.Tensor:
-    """One prompt prefilled alone, then moved into `slot` of the running batch: its keys and values
-    at the slot's first positions (the others' next write is past them), its positions, its mask.
-    Every change is in place, so a captured or compiled step goes on as it was. Returns its last logits."""
+def _alone(model, inputs: dict, vision, prefixes: PrefixCache | None, prompt: Prompt | None):
+    """Prompts prefilled into a cache of their own, as wide as they are: for a batch of one with
+    `prefixes`, from the longest prefix kept there (its keys and values copied in, the rest
+    prefilled), its own then kept. Returns the last logits, the M-RoPE offsets and the cache."""
+    width = inputs["input_ids"].shape[1]
+    own = static_cache(model, width)
+    start = 0
+    if prompt is not None:
+        start, entry = prefixes.find(prompt)
+        if entry is not None:
+            load(own, entry, start)
+    logits, deltas = prefill(model, inputs, own, vision, start)
+    if prompt is not None:
+        prefixes.keep(prompt, [(layer.keys[0, :, :width], layer.values[0, :, :width]) for layer in own.layers])
+    return logits, deltas, own
+
+
+def _seat(cache, own, slots: int) -> None:
+    """Prompts prefilled alone (`own`, as wide as they are) into the first rows of a batch's cache
+    of `slots` rows, which then writes next past them."""
+    for layer, alone in zip(cache.layers, own.layers):
+        if not layer.is_initialized:
+            layer.lazy_initialization(alone.keys[:1, :, :1].expand(slots, -1, -1, -1), alone.values[:1, :, :1].expand(slots, -1, -1, -1))
+        rows, width = alone.keys.shape[0], alone.keys.shape[2]
+        layer.keys[:rows, :, :width].copy_(alone.keys)
+        layer.values[:rows, :, :width].copy_(alone.values)
+        layer.cumulative_length.fill_(width)
+
+
+def _join(model, rows: _Rows, cache, slot: int, inputs: dict, vision=None, prefixes: PrefixCache | None = None,
+          prompt: Prompt | None = None) -> torch.Tensor:
+    """One prompt prefilled alone (from a kept prefix where `prefixes` has one), then moved into
+    `slot` of the running batch: its keys and values at the slot's first positions (the others'
+    next write is past them), its positions, its mask. Every change is in place, so a captured or
+    compiled step goes on as it was. Returns its last logits."""
     ids = inputs["input_ids"]
     width = ids.shape[1]
-    own = static_cache(model, width)
-    logits, deltas = prefill(model, inputs, own)
+    logits, deltas, own = _alone(model, inputs, vision, prefixes, prompt)
     for layer, alone in zip(cache.layers, own.layers):
         layer.keys[slot, :, :width].copy_(alone.keys[0])
         layer.values[slot, :, :width].copy_(alone.values[0])
@@ -468,17 +503,22 @@ class Batch:
         capacity: int = 0,
         min_new_tokens: list[int] | None = None,  # each row's own minimum (else the sampling's for every row)
         vision=None,  # a VisionCache: media seen before skip the vision tower
+        prefixes: PrefixCache | None = None,  # prompts' and answers' keys and values: a prompt's kept prefix is not prefilled again
     ):
-        self.vision = vision
+        self.vision, self.prefixes = vision, prefixes
         self.model, self.sampling, self.eos_ids, self.pad_id, self.attn = model, sampling, eos_ids, pad_id, attn
         self.chunk, self.guard = chunk, guard
         batch = inputs["input_ids"].shape[0]  # the caller's rows; a compiled or captured step may run more
         slots = max(batch, capacity)
         if graph or compiled:
             slots = batch_bucket(slots)
+        first = inputs
         inputs = _pad_rows(inputs, slots, pad_id)
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         width = ids.shape[1]
+        # A batch of one with no padding may start from a kept prefix (a joining row always may).
+        prompts = signatures(model, first) if prefixes is not None else [None] * batch
+        alone = batch == 1 and bool(first["attention_mask"].all())
         device = ids.device
         limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * batch
         minimums = [min(least, limit) for least, limit in zip(min_new_tokens or [sampling.min_new_tokens] * batch, limits)]
@@ -498,13 +538,20 @@ class Batch:
             seen = torch.zeros((slots, vocab + 1), dtype=torch.bool, device=device)
             seen.scatter_(1, ids.clamp(max=vocab), True)
         start = time.perf_counter()
-        self.live = [_Live(index=r, slot=r, start=0, limit=limits[r], minimum=minimums[r], began=start, cancel=cancels[r] if cancels else None)
-                     for r in range(batch)]
+        self.live = [_Live(index=r, slot=r, start=0, limit=limits[r], minimum=minimums[r], began=start, cancel=cancels[r] if cancels else None,
+                           prompt=prompts[r]) for r in range(batch)]
         self.outcomes: list = [None] * batch  # an Outcome per row once it ends (or the exception that kept it from joining)
         self.done = 0  # steps taken: columns of `out` written
         with torch.inference_mode():
             with stop_when(model, cancels[:batch] if cancels else None):
-                logits, deltas = prefill(model, encoded(model, inputs, vision), cache)
+                if slots == batch and not (alone and prefixes is not None) or not can_join(cache):
+                    logits, deltas = prefill(model, inputs, cache, vision)
+                else:  # the caller's rows alone (filler rows are not prefilled), then seated in the batch's cache
+                    logits, deltas, own = _alone(model, first, vision, prefixes if alone else None, prompts[0] if alone else None)
+                    _seat(cache, own, slots)
+                    del own
+                    logits = torch.cat([logits, logits.new_zeros((slots - batch, logits.shape[1]))])
+                    deltas = torch.cat([deltas, deltas.new_zeros((slots - batch, 1))])
             self.rows = rows = _Rows(
                 attend=torch.cat([mask.bool(), torch.zeros((slots, length - width), dtype=torch.bool, device=device)], dim=1),
                 text_position=mask.long().sum(dim=1),
@@ -603,8 +650,18 @@ class Batch:
             self.free.append(r.slot)
             self.outcomes[r.index] = _outcome(r, done, self.eos_ids)
             gone.append((r.index, self.outcomes[r.index]))
+            if r.prompt is not None:
+                self._keep(r, self.outcomes[r.index].ended_at)
         self._planned, self._needed = self.position, max((r.limit - (done - r.start) for r in self.live), default=0)
         return Update(moved, gone)
+
+    def _keep(self, r: _Live, ended_at: int | None) -> None:
+        """A row that ended: its prompt's and answer's keys and values into the prefix cache (the
+        answer's tokens the cache holds: all but the last chosen, and none past its end)."""
+        fed = self.done - r.start - 1
+        n = min(fed, ended_at if ended_at is not None else fed, len(r.tokens))
+        positions = self.rows.attend[r.slot].nonzero().squeeze(1)[: len(r.prompt.tokens) + n]
+        self.prefixes.keep(r.prompt.extend(r.tokens[:n]), layers_of(self.cache, r.slot, positions))
 
     def open(self) -> bool:
         """Whether a request could join now: rows may join this batch, a slot is free and the cache has room."""
@@ -632,7 +689,7 @@ class Batch:
             with torch.inference_mode():
                 room = self.length - max((r.limit - (self.done - r.start) for r in self.live), default=0)
                 self.position, joined = _take(self.model, self.rows, self.cache, slot, joining, room, self.position, self.done,
-                                              self.sampling, self.eos, self.generator, self.vision)
+                                              self.sampling, self.eos, self.generator, self.vision, self.prefixes)
         except Exception as e:
             self.free.append(slot)
             self.outcomes[index] = e
@@ -686,7 +743,7 @@ def _outcome(r: _Live, done: int, eos_ids: list[int]) -> Outcome:
 
 
 def _take(model, rows: _Rows, cache, slot: int, joining: Joining, room: int, position: int, done: int, sampling: Sampling, eos, generator,
-          vision=None):
+          vision=None, prefixes: PrefixCache | None = None):
     """A request joins the batch in `slot`: room made (the shared write position moves past a prompt
     wider than it), its prefill, its first token chosen and read. `room`: the last write position
     the running rows' answers allow. Returns the write position and the row."""
@@ -695,8 +752,9 @@ def _take(model, rows: _Rows, cache, slot: int, joining: Joining, room: int, pos
     if rows_in != 1 or limit < 1 or max(position, width) > room or max(position, width) + limit > rows.attend.shape[1]:
         raise ValueError("a request joins a running batch alone, with room for its answer")
     began = time.perf_counter()
-    with stop_when(model, [joining.cancel]):
-        logits = _join(model, rows, cache, slot, encoded(model, joining.inputs, vision))  # what may fail (memory, a client gone) comes before any move
+    prompt = signatures(model, joining.inputs)[0] if prefixes is not None and bool(joining.inputs["attention_mask"].all()) else None
+    with stop_when(model, [joining.cancel]):  # what may fail (memory, a client gone) comes before any move
+        logits = _join(model, rows, cache, slot, joining.inputs, vision, prefixes if prompt is not None else None, prompt)
     if width > position:  # every row's next write goes past its prompt; the gap stays masked
         for layer in cache.layers:
             layer.cumulative_length.fill_(width)
@@ -708,7 +766,8 @@ def _take(model, rows: _Rows, cache, slot: int, joining: Joining, room: int, pos
         rows.seen[slot, first[0]] = True
     rows.ended[slot] = torch.isin(first, eos)[0] | (limit <= 1)
     value = int(first[0])  # read at once: its time to first token does not wait for the chunk
-    row = _Live(index=-1, slot=slot, start=done - 1, limit=limit, minimum=minimum, began=began, cancel=joining.cancel, tokens=[value])
+    row = _Live(index=-1, slot=slot, start=done - 1, limit=limit, minimum=minimum, began=began, cancel=joining.cancel, tokens=[value],
+                prompt=prompt)
     row.first_at = row.last_at = time.perf_counter()
     row.first_len, row.ttft = 1, row.first_at - began
     return position, row

@@ -23,6 +23,7 @@ from qwen2vl_cli.families import QWEN2_VL, Family, family_of_config
 from qwen2vl_cli.modelinfo import BUILDING, read_config, vision_spec_from_dict
 from qwen2vl_cli.types import GenerationOptions, Loaded, RuntimeOptions, VisionSpec
 from qwen2vl_cli.video_processor import ChunkedVideoProcessor
+from qwen2vl_cli.prefix_cache import PrefixCache
 from qwen2vl_cli.vision_cache import VisionCache, default_bytes
 
 
@@ -183,7 +184,8 @@ class Runner:
         self.context_tokens = 32768  # the model's max_position_embeddings, once its config is read
         self.load_s = 0.0
         size = runtime.cache_size if runtime.cache_size is not None else default_bytes(self.device)
-        self.vision = VisionCache(size) if size > 0 else None
+        self.vision = VisionCache(size // 4) if size > 0 else None  # a medium's tower output is a tenth of its keys and values
+        self.prefixes = PrefixCache(size - size // 4) if size > 0 else None
 
     def load_processor(self, model_dir: Path) -> None:
         """The family (from config.json), the tokenizer and image/video processors: fast, and they decide the sizes."""
@@ -397,7 +399,7 @@ class Runner:
             guard=LoopFinder() if gen.repeat_guard else None, cancels=cancels,
             graph=self.engine == "graph" or (self.engine == "compiled" and self.device == "cuda"), compiled=self.engine == "compiled",
             capacity=max(capacity, 1) if admit is not None else 0, min_new_tokens=[least for _, least in lengths] if lengths else None,
-            vision=self.vision,
+            vision=self.vision, prefixes=self.prefixes,
         )
         engine = "compiled" if run.compiled else "graph" if run.graphed else "static"  # a step that could not be made ran eagerly
         finished: dict[int, Generation] = {}

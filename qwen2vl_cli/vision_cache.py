@@ -15,8 +15,9 @@ from collections import OrderedDict
 
 
 def default_bytes(device: str) -> int:
-    """What is kept unless --cache-size says: a little room beside the weights on each device."""
-    return (1024 if device == "cuda" else 256) * 2**20
+    """What the vision and prefix caches keep together unless --cache-size says: room beside the
+    weights on each device."""
+    return 2**31 if device == "cuda" else 2**30
 
 
 class VisionCache:
@@ -40,7 +41,7 @@ class VisionCache:
 
         rows = (grids[:, 0] * grids[:, 1] * grids[:, 2]).tolist()
         parts = list(pixels.split(rows))
-        keys = [_key(modality, part, grid) for part, grid in zip(parts, grids.tolist())]
+        keys = [media_key(modality, part, grid) for part, grid in zip(parts, grids.tolist())]
         with self._lock:
             found = {i: self._entries[k] for i, k in enumerate(keys) if k in self._entries}
             for i in found:
@@ -79,7 +80,8 @@ class VisionCache:
                 self.bytes -= _size(old)
 
 
-def _key(modality: str, part, grid: list[int]) -> bytes:
+def media_key(modality: str, part, grid: list[int]) -> bytes:
+    """A medium's identity: a hash of its processor pixels' bytes, with its modality, grid, dtype and shape."""
     import torch
 
     data = part.detach().contiguous().cpu()

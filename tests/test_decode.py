@@ -415,10 +415,10 @@ def test_a_joining_row_that_fails_or_is_cancelled_leaves_the_others_alone(sessio
     clip_width = alone[2].prompt_tokens
     assert clip_width > alone[0].prompt_tokens
 
-    def failing(model, rows, cache, slot, inputs):
+    def failing(model, rows, cache, slot, inputs, *rest):
         if inputs["input_ids"].shape[1] == clip_width:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return join(model, rows, cache, slot, inputs)
+        return join(model, rows, cache, slot, inputs, *rest)
 
     monkeypatch.setattr(decode, "_join", failing)
     batch = prepared(session, media_dir, names, gen)
