@@ -1,9 +1,9 @@
-"""A second question about the same picture: time to first token with the vision cache against the first.
+"""A second question about the same picture: time to first token with the caches against the first.
 
 One model in memory, the static engine; the 1280x720 sample photo at the reference budget (1196
 visual tokens). Each round starts with an empty cache and asks two different questions about the
-photo (the second finds its vision output kept), and the second question once more with the cache
-off, so all three are measured in the same sitting. Models: `tiny` (the test model) and `2b`
+photo (the second finds the first's prompt kept), then the second question with the vision cache
+only and with no cache, so all four are measured in the same sitting. Models: `tiny` (the test model) and `2b`
 (Qwen2-VL-2B's shapes with random weights, bench/decode.py's).
 
 With --turns: instead, `qvl serve` on the tiny model, one conversation of 4 turns about one image
@@ -42,6 +42,7 @@ def main() -> None:
     import torch
 
     from qwen2vl_cli.backend import LocalBackend
+    from qwen2vl_cli.prefix_cache import PrefixCache
     from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions
     from qwen2vl_cli.vision_cache import VisionCache, default_bytes
     from tests.helpers import Quiet
@@ -52,35 +53,38 @@ def main() -> None:
     runner.model = build(args.model, "cpu", torch.float32)
     media = MediaOptions(max_pixels=12845056)  # the reference budget: the photo is 1196 visual tokens
 
-    def ask(question: str, cache) -> float:
+    def ask(question: str, vision, prefixes) -> float:
         gen = GenerationOptions(max_new_tokens=1, prompt=question, repeat_guard=False)
         p = session.prepare((str(ROOT / "samples" / "photo.jpg"),), media, gen)
-        runner.vision = cache
+        runner.vision, runner.prefixes = vision, prefixes
         [g] = runner.generate_batch([p.text], [list(p.loaded)], gen)
         return g.ttft_s + g.inputs_s
 
-    ask("Warm up.", None)
-    first, second, off = [], [], []
+    ask("Warm up.", None, None)
+    sides = {"first (caches empty)": [], "second, prompt kept": [], "second, vision output kept only": [], "second, --cache-size 0": []}
     for _ in range(args.rounds):
-        cache = VisionCache(default_bytes("cpu"))
-        first.append(ask("Describe this image.", cache))
-        second.append(ask("What colours are in it?", cache))
-        off.append(ask("What colours are in it?", None))
-        print(first[-1], second[-1], off[-1], flush=True)
-    f, s, o = (statistics.median(x) for x in (first, second, off))
+        size = default_bytes("cpu")
+        vision, prefixes = VisionCache(size // 4), PrefixCache(size - size // 4)
+        got = [ask("Describe this image.", vision, prefixes), ask("What colours are in it?", vision, prefixes)]
+        got.append(ask("What colours are in it?", vision, None))
+        got.append(ask("What colours are in it?", None, None))
+        for side, seconds in zip(sides, got):
+            sides[side].append(seconds)
+        print(got, flush=True)
+    first = statistics.median(sides["first (caches empty)"])
     lines = [
         f"## A second question about one picture, {args.model} on cpu (`bench/reuse.py`)",
         "",
         f"Machine: {machine()}. Command: `python bench/reuse.py --model {args.model} --rounds {args.rounds}`.",
         "float32, static engine, the 1280x720 sample photo at the reference budget (1196 visual tokens); time to first "
-        f"token, processor inputs included; medians of {args.rounds} rounds (range in brackets), each round with an empty cache.",
+        f"token, processor inputs included; medians of {args.rounds} rounds (range in brackets), each round with empty caches.",
         "",
         "| question | time to first token | vs the first |",
         "|---|---|---|",
-        f"| first (cache empty) | {f:.2f} s ({min(first):.2f}-{max(first):.2f}) | 1.00x |",
-        f"| second, vision output kept | {s:.2f} s ({min(second):.2f}-{max(second):.2f}) | {s / f:.2f}x |",
-        f"| second, --cache-size 0 | {o:.2f} s ({min(off):.2f}-{max(off):.2f}) | {o / f:.2f}x |",
     ]
+    for side, seconds in sides.items():
+        m = statistics.median(seconds)
+        lines.append(f"| {side} | {m:.2f} s ({min(seconds):.2f}-{max(seconds):.2f}) | {m / first:.3f}x |")
     write_section("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import replace
 from threading import Event
 from typing import BinaryIO, Protocol
@@ -282,11 +283,17 @@ def _length(gen: GenerationOptions) -> tuple[int, int]:
 
 
 def run(request: Request, hooks: Hooks, stdin: BinaryIO | None = None) -> Result:
-    """`describe` and `video` on this machine: a batch of one through the local backend.
+    """`describe` and `video` on this machine: a batch of one through the local backend."""
+    with closing(answers(request, [request.generation], hooks, stdin)) as each:
+        return next(each)
 
-    The media are probed before the model is looked for (a bad file fails before any download),
-    and decoded while the weights load. Out of memory before the first token (vision tower,
-    prefill): once more at half the visual tokens, saying so.
+
+def answers(request: Request, gens: list[GenerationOptions], hooks: Hooks, stdin: BinaryIO | None = None) -> Iterator[Result]:
+    """One answer about the request's media for each of `gens` (several -p), in turn, as each
+    ends. The media are probed before the model is looked for (a bad file fails before any
+    download), decoded once while the weights load, and (where the runner keeps them) their
+    vision outputs and the prompt's keys and values serve every later question. Out of memory
+    before the first token (vision tower, prefill): once more at half the visual tokens, saying so.
     """
     with SourceResolver(stdin=stdin, max_bytes=request.media.max_download) as resolver:
         hooks.stage("Reading media")
@@ -294,7 +301,8 @@ def run(request: Request, hooks: Hooks, stdin: BinaryIO | None = None) -> Result
         check_boxes([(p.source.label, p.info.kind) for p in probed], request.generation)
         backend = LocalBackend(request.runtime, hooks, background=True)
         try:
-            backend.check_generation(request.generation)  # the tokenizer is in: a bad -p fails before any decoding
+            for gen in gens:
+                backend.check_generation(gen)  # the tokenizer is in: a bad -p fails before any decoding
             hooks.stage("Decoding media")
             start = time.perf_counter()
             plans, loaded = backend.decode_probed(probed, request.media)
@@ -302,10 +310,12 @@ def run(request: Request, hooks: Hooks, stdin: BinaryIO | None = None) -> Result
             hooks.inputs(plans)
             if note := cpu_budget_note(probed, plans, backend.spec, backend.sized(request.media)):
                 hooks.note(note)
-            result = _generate_or_shrink(backend, probed, plans, loaded, request, hooks, media_s)
-            if request.draw is not None:
-                grounding.save_drawing(probed[0].source, result.boxes or (), request.draw)
-            return result
+            for gen in gens:
+                result = _generate_or_shrink(backend, probed, plans, loaded, replace(request, generation=gen), hooks, media_s)
+                if request.draw is not None:
+                    grounding.save_drawing(probed[0].source, result.boxes or (), request.draw)
+                yield result
+                media_s = 0.0  # decoded once, for the first question
         finally:
             backend.close()
 

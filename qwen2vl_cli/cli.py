@@ -12,6 +12,7 @@ import re
 import sys
 import traceback
 import warnings
+from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
@@ -182,8 +183,9 @@ def _generation_options(
     seed: O.Seed = None,
     repeat_guard: O.RepeatGuard = True,
 ) -> GenerationOptions:
+    first = prompt[0] if prompt else None  # several: _answer asks each in turn
     return check_generation(
-        GenerationOptions(prompt, system, max_new_tokens, min_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, repeat_guard)
+        GenerationOptions(first, system, max_new_tokens, min_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, repeat_guard)
     )
 
 
@@ -300,7 +302,7 @@ def _argument(name: str, annotation, default=_inspect.Parameter.empty) -> _inspe
 
 def _answer(sources: list[str] | None, require_video: bool, options: dict) -> None:
     """The body of `describe` and `video`: build the request, run it, render."""
-    from qwen2vl_cli.backend import run
+    from qwen2vl_cli.backend import answers
     from qwen2vl_cli.render import Reporter, print_json
     from qwen2vl_cli.types import Request
 
@@ -308,6 +310,7 @@ def _answer(sources: list[str] | None, require_video: bool, options: dict) -> No
     each = _take(_each_options, options)
     endpoint = _take(_endpoint_options, options)
     boxes, draw = _take(_grounding_options, options) if "boxes" in options else (None, None)
+    questions = list(options.get("prompt") or ())
     generation = _take(_generation_options, options)
     if boxes is not None:
         if generation.prompt is not None:
@@ -315,11 +318,17 @@ def _answer(sources: list[str] | None, require_video: bool, options: dict) -> No
         if draw is not None and each is not None:
             raise UsageError("--draw writes one picture: drop it with --each (the records carry the boxes)")
         generation = replace(generation, boxes=boxes.strip())
+    gens = [check_generation(replace(generation, prompt=q)) for q in questions] if len(questions) > 1 else [generation]
+    runtime = _take(_runtime_options, options)
+    if len(gens) > 1 and each is not None:
+        raise UsageError("--each asks one --prompt of every input: run it once per question, each with its own --output")
+    if len(gens) > 1:  # the first question's media and prompt are kept for the others (the caches' default size)
+        runtime = replace(runtime, cache_size=None)
     request = Request(
         sources=tuple(sources or ()),
         media=_take(_sizing_options, options),
         generation=generation,
-        runtime=_take(_runtime_options, options),
+        runtime=runtime,
         require_video=require_video,
         draw=draw,
     )
@@ -332,28 +341,34 @@ def _answer(sources: list[str] | None, require_video: bool, options: dict) -> No
     if require_video and len(request.sources) > 1:
         raise UsageError("qvl video takes one CLIP; add --each for one answer per clip")
     reporter = Reporter(quiet=quiet, stream=not json_out and boxes is None)
-    try:
-        if endpoint is not None:
-            from qwen2vl_cli import endpoint as remote
+    several = len(gens) > 1
+    if endpoint is not None:
+        from qwen2vl_cli import endpoint as remote
 
-            result = remote.run(request.sources, request.media, request.generation, request.runtime.model, endpoint, reporter, require_video,
-                                request.draw)
-        else:
-            result = run(request, reporter)
-    except GenerationInterrupted:
-        reporter.end_text()
-        raise
-    finally:
-        reporter.stop()
-    reporter.end_text()
-    if request.runtime.engine in ("compiled", "graph") and endpoint is None and result.engine != request.runtime.engine:
-        reporter.note(f"--engine {request.runtime.engine}: the decode step could not be made here (QVL_DEBUG=1 says why); "
-                      f"it ran as {result.engine}, with the same answer")
-    if result.boxes is not None:
-        reporter.boxes(result, draw, listed=not json_out)
-    reporter.summary(result)
-    if json_out:
-        print_json(result.to_dict())
+        results = (remote.run(request.sources, request.media, gen, request.runtime.model, endpoint, reporter, require_video, request.draw)
+                   for gen in gens)
+    else:
+        results = answers(request, gens, reporter)
+    with closing(results):
+        for n, gen in enumerate(gens):
+            if several:
+                reporter.question(gen.prompt, first=n == 0)
+            try:
+                result = next(results)
+            except GenerationInterrupted:
+                reporter.end_text()
+                raise
+            finally:
+                reporter.stop()
+            reporter.end_text()
+            if request.runtime.engine in ("compiled", "graph") and endpoint is None and result.engine != request.runtime.engine and n == 0:
+                reporter.note(f"--engine {request.runtime.engine}: the decode step could not be made here (QVL_DEBUG=1 says why); "
+                              f"it ran as {result.engine}, with the same answer")
+            if result.boxes is not None:
+                reporter.boxes(result, draw, listed=not json_out)
+            reporter.summary(result)
+            if json_out:
+                print_json({"question": gen.prompt, **result.to_dict()} if several else result.to_dict())
 
 
 def _answer_each(request, each, quiet: bool, endpoint=None) -> None:

@@ -144,6 +144,8 @@ def signatures(model, inputs: dict) -> list[Prompt]:
     grids = {"image": inputs.get("image_grid_thw"), "video": inputs.get("video_grid_thw")}
     parts = {m: list(pixels[m].split((g[:, 0] * g[:, 1] * g[:, 2]).tolist())) if pixels[m] is not None and g is not None else []
              for m, g in grids.items()}
+    seconds = inputs.get("second_per_grid_ts")  # Qwen2.5-VL: a video's frames placed in time move its M-RoPE positions
+    seconds = seconds.tolist() if isinstance(seconds, torch.Tensor) else seconds
     taken = {"image": 0, "video": 0}  # media are stacked row after row
     out = []
     for row in range(ids.shape[0]):
@@ -153,7 +155,10 @@ def signatures(model, inputs: dict) -> list[Prompt]:
         media = []
         for start, end, modality, index in media_spans(config, tokens, own["image"], own["video"]):
             at = taken[modality] + index
-            media.append((start, end, media_key(modality, parts[modality][at], grids[modality][at].tolist())))
+            key = media_key(modality, parts[modality][at], grids[modality][at].tolist())
+            if modality == "video" and seconds is not None:
+                key += repr(float(seconds[at])).encode()
+            media.append((start, end, key))
         for m in grids:
             taken[m] += 0 if own[m] is None else len(own[m])
         out.append(Prompt(tuple(tokens), tuple(media)))

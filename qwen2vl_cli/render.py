@@ -207,6 +207,14 @@ class Reporter:
         self._wrote = True
         self._ends_with_newline = chunk.endswith("\n")
 
+    def question(self, text: str, first: bool) -> None:
+        """Several -p: each answer comes under its question, quoted (on stdout, where answers stream)."""
+        self.stop()
+        if not self.stream:
+            return
+        write_stdout(("" if first else "\n") + "".join(f"> {line}\n" for line in text.splitlines() or [""]))
+        self._wrote = self._ends_with_newline = True
+
     def end_text(self) -> None:
         self.stop()
         if self.stream and (not self._wrote or not self._ends_with_newline):

@@ -38,6 +38,25 @@ def test_describe_streams_text_to_stdout_and_diagnostics_to_stderr(qvl, tiny_mod
     assert r.stdout == ref["text"] + "\n"  # the streamed text is the whole answer
 
 
+def test_several_questions_of_the_same_media_each_answered_under_it(qvl, tiny_model, media_dir):
+    """-p twice: one run, each answer under its question (the second's taken from the first's kept
+    prompt), each the answer a run of its own gives; --json: a record each, with its question."""
+    photo = media_dir / "photo.png"
+    alone = [describe_json(qvl, tiny_model, photo, "-p", q)["text"] for q in ("What is it?", "Which colours?")]
+    r = qvl("describe", photo, "--model", tiny_model, *FAST, "-p", "What is it?", "-p", "Which colours?")
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout == f"> What is it?\n{alone[0]}\n\n> Which colours?\n{alone[1]}\n"
+    assert r.stderr.count("photo.png: image") == 1 and r.stderr.count("tok/s") == 2  # decoded once; a summary per answer
+    first, second = (line for line in r.stderr.splitlines() if "tok/s" in line)
+    assert "(vision " in first and "(vision " not in second  # the second question's prompt was kept: no tower, no prefill of it
+    j = qvl("describe", photo, "--model", tiny_model, *FAST, "-p", "What is it?", "-p", "Which colours?", "--json")
+    assert j.exit_code == 0, j.stderr
+    records = [json.loads(line) for line in j.stdout.splitlines()]
+    assert [(x["question"], x["text"]) for x in records] == [("What is it?", alone[0]), ("Which colours?", alone[1])]
+    each = qvl("describe", photo, "--each", "--model", tiny_model, "-p", "a", "-p", "b")
+    assert each.exit_code == 2 and each.stdout == ""
+
+
 def test_json_schema_and_numbers(qvl, tiny_model, media_dir):
     out = describe_json(qvl, tiny_model, media_dir / "square.png")
     assert set(out) == JSON_KEYS

@@ -99,6 +99,26 @@ def test_a_row_that_joins_a_running_batch_takes_a_kept_prefix(tiny_model, media_
     assert tower.count == 1 and kept.hits == 1 and kept.reused > 0
 
 
+def test_rows_of_a_padded_batch_are_kept_without_their_padding(tiny_model, media_dir):
+    """Two prompts of different widths start one batch (the shorter left-padded): each row's prompt
+    and answer are kept, and the shorter one's next turn takes them all."""
+    from qwen2vl_cli.runner import stack_rows
+
+    b = backend(tiny_model)
+    r = b.runner
+    wide, narrow = inputs(b, [media_dir / "photo.png"]), inputs(b, [media_dir / "square.png"])
+    assert wide["input_ids"].shape[1] > narrow["input_ids"].shape[1]
+    kept = PrefixCache(2**30)
+    batch = decode.Batch(r.model, stack_rows([wide, narrow], r.pad_id()), GEN.max_new_tokens, r.sampling(GEN), r.eos_ids(), r.pad_id(),
+                         r.attn, prefixes=kept)
+    while batch.live:
+        batch.advance()
+    assert len(kept) == 2 and kept.hits == 0
+    turn = followed(b, narrow, batch.outcomes[1].tokens, "And then?")
+    assert answer(b, turn, kept) == answer(b, turn, None)
+    assert kept.reused == narrow["input_ids"].shape[1] + 11
+
+
 def test_other_pixels_under_the_same_name_or_another_size_are_not_reused(tiny_model, media_dir, tmp_path):
     """The prefix stops where the media differ: another picture saved under the same name, the same
     picture at another size. Only the tokens before the picture are taken, and the answers are the
