@@ -32,6 +32,9 @@ class Backend(Protocol):
     def prepare(self, sources: tuple[str, ...], opts: MediaOptions, gen: GenerationOptions, require_video: bool = False):
         """One request, checked and ready; safe to call from a worker thread."""
 
+    def ask(self, prepared, gen: GenerationOptions):
+        """The same media, prepared once, with another question (several -p)."""
+
     def generate(
         self, batch: list, gen: GenerationOptions, on_text: Callable[[str], None] | None = None, cancels: list[Event] | None = None
     ) -> list[Result | Exception]:
@@ -187,6 +190,10 @@ class LocalBackend:
         start = time.perf_counter()
         plans, loaded = self._decode(tuple(sources), opts, require_video)
         return Prepared(tuple(plans), tuple(loaded), self.prompt(plans, gen), time.perf_counter() - start)
+
+    def ask(self, prepared: Prepared, gen: GenerationOptions) -> Prepared:
+        """The same media with another question: nothing decoded again."""
+        return replace(prepared, text=self.prompt(prepared.plans, gen), media_s=0.0)
 
     def prepare_chat(
         self, chat: list[dict], urls: list[str], opts: MediaOptions, gen: GenerationOptions, resolver: SourceResolver | None = None,

@@ -241,7 +241,8 @@ def _escaped(text: str) -> str:
 
 def format_record(record: dict, fmt: str) -> str:
     if fmt == "text":
-        return f"{_escaped(record['source'])}\t{_escaped(record['text'])}"
+        question = f"{_escaped(record['question'])}\t" if "question" in record else ""
+        return f"{_escaped(record['source'])}\t{question}{_escaped(record['text'])}"
     return json_line(record)
 
 
@@ -291,8 +292,14 @@ def run_each(
     done: set[tuple[int, str, str]] = frozenset(),
     require_video: bool = False,
     on_progress: Callable[[], None] = lambda: None,
+    more: list[tuple[GenerationOptions, str]] = (),
 ) -> None:
-    """Prepare ahead on a worker thread; generate in batches on this one."""
+    """Prepare ahead on a worker thread; generate in batches on this one. `more`: further
+    questions (several -p), each with its own request key, asked of every input's media as
+    prepared once; then a record is per input and question, with the question in it, and the
+    emitter orders them by input, then question."""
+    questions = [(gen, key), *more]
+    asked = len(questions)
     ahead: queue.Queue = queue.Queue(maxsize=max(2, 2 * batch_size))
     stop = threading.Event()
 
@@ -301,17 +308,33 @@ def run_each(
             for index, source in enumerate(sources):
                 if stop.is_set():
                     break
-                if (index, source, key) in done:  # a record is per input line: a list may name a source twice
-                    item = (index, source, None, None)
-                else:
+                todo = [q for q, (_, k) in enumerate(questions) if (index, source, k) not in done]  # a record is per input line
+                prepared, error = None, None
+                if todo:
                     try:
-                        item = (index, source, backend.prepare((source,), media, gen, require_video), None)
-                    except Exception as e:  # one bad input is one error record
-                        item = (index, source, None, e)
-                _put(ahead, item, stop)
+                        prepared = backend.prepare((source,), media, questions[todo[0]][0], require_video)
+                    except Exception as e:  # one bad input is an error record for each question
+                        error = e
+                for q in range(asked):
+                    if q not in todo:
+                        item = (index * asked + q, index, source, q, None, None)
+                    elif error is not None:
+                        item = (index * asked + q, index, source, q, None, error)
+                    else:
+                        try:
+                            item = (index * asked + q, index, source, q, prepared if q == todo[0] else backend.ask(prepared, questions[q][0]), None)
+                        except Exception as e:
+                            item = (index * asked + q, index, source, q, None, e)
+                    _put(ahead, item, stop)
         except BaseException as e:  # the source list itself failed (unreadable --from file)
-            _put(ahead, (None, None, None, e), stop)
+            _put(ahead, (None, None, None, None, None, e), stop)
         _put(ahead, _END, stop)
+
+    def record(index: int, source: str, q: int, result, error) -> dict:
+        out = record_for(index, source, questions[q][1], result, error)
+        if asked > 1:
+            out["question"] = questions[q][0].prompt
+        return out
 
     worker = threading.Thread(target=prefetch, name="qvl-prefetch", daemon=True)
     worker.start()
@@ -319,32 +342,32 @@ def run_each(
     try:
         finished = False
         while not finished:
-            batch: list[tuple[int, str, object]] = []
+            batch: list[tuple[int, int, str, int, object]] = []
             while len(batch) < batch_size:
                 item = ahead.get()
                 if item is _END:
                     finished = True
                     break
-                index, source, prepared, error = item
-                if index is None:
+                unit, index, source, q, prepared, error = item
+                if unit is None:
                     raise error
                 if prepared is None and error is None:
                     tally.skipped += 1
-                    emitter.emit(index, None)
+                    emitter.emit(unit, None)
                 elif error is not None:
-                    emitter.emit(index, record_for(index, source, key, None, error))
+                    emitter.emit(unit, record(index, source, q, None, error))
                     tally.failed += 1
                 else:
-                    batch.append((index, source, prepared))
+                    batch.append((unit, index, source, q, prepared))
                 on_progress()
-            if batch:
-                for (index, source, _), result, error in _generate(backend, batch, gen):
-                    emitter.emit(index, record_for(index, source, key, result, error))  # counted once it is out
-                    if error is None:
-                        tally.done += 1
-                    else:
-                        tally.failed += 1
-                    on_progress()
+            # The questions differ in their prompts only, which their prepared texts hold: one batch.
+            for (unit, index, source, q, _), result, error in _generate(backend, batch, gen) if batch else ():
+                emitter.emit(unit, record(index, source, q, result, error))  # counted once it is out
+                if error is None:
+                    tally.done += 1
+                else:
+                    tally.failed += 1
+                on_progress()
     finally:
         stop.set()
         # Its decoding must not outlive the run: native threads still running at exit abort the process.
@@ -355,7 +378,7 @@ def _generate(backend: Backend, batch, gen):
     """Results for a batch (a row that could not run has its error); when the batch fails as a
     whole, each input is tried alone."""
     try:
-        results = backend.generate([p for _, _, p in batch], gen)
+        results = backend.generate([item[-1] for item in batch], gen)
         return [(item, None, r) if isinstance(r, Exception) else (item, r, None) for item, r in zip(batch, results)]
     except Exception as e:
         if len(batch) == 1:
@@ -363,7 +386,7 @@ def _generate(backend: Backend, batch, gen):
     out = []
     for item in batch:
         try:
-            out.append((item, backend.generate([item[2]], gen)[0], None))
+            out.append((item, backend.generate([item[-1]], gen)[0], None))
         except Exception as e:
             out.append((item, None, e))
     return out

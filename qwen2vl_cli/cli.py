@@ -320,8 +320,6 @@ def _answer(sources: list[str] | None, require_video: bool, options: dict) -> No
         generation = replace(generation, boxes=boxes.strip())
     gens = [check_generation(replace(generation, prompt=q)) for q in questions] if len(questions) > 1 else [generation]
     runtime = _take(_runtime_options, options)
-    if len(gens) > 1 and each is not None:
-        raise UsageError("--each asks one --prompt of every input: run it once per question, each with its own --output")
     if len(gens) > 1:  # the first question's media and prompt are kept for the others (the caches' default size)
         runtime = replace(runtime, cache_size=None)
     request = Request(
@@ -335,7 +333,7 @@ def _answer(sources: list[str] | None, require_video: bool, options: dict) -> No
     if endpoint is not None and request.media.resize is not None:
         raise UsageError("--resize is not sent to an endpoint: give --min-pixels and --max-pixels (the same number) instead")
     if each is not None:
-        return _answer_each(request, each, quiet, endpoint)
+        return _answer_each(request, each, quiet, endpoint, gens[1:])
     if not request.sources:
         raise UsageError("give MEDIA to describe (or --each --from FILE)")
     if require_video and len(request.sources) > 1:
@@ -371,7 +369,7 @@ def _answer(sources: list[str] | None, require_video: bool, options: dict) -> No
                 print_json({"question": gen.prompt, **result.to_dict()} if several else result.to_dict())
 
 
-def _answer_each(request, each, quiet: bool, endpoint=None) -> None:
+def _answer_each(request, each, quiet: bool, endpoint=None, more: list[GenerationOptions] = ()) -> None:
     """`--each`: one record per input, the model loaded once (or a remote engine, --concurrency at a time)."""
     from qwen2vl_cli import batch
     from qwen2vl_cli.render import BatchProgress, Reporter, print_error
@@ -416,10 +414,12 @@ def _answer_each(request, each, quiet: bool, endpoint=None) -> None:
                 from qwen2vl_cli.backend import LocalBackend
 
                 backend = LocalBackend(request.runtime, reporter)
-                backend.check_generation(request.generation)
+                for gen in [request.generation, *more]:
+                    backend.check_generation(gen)
         finally:
             reporter.stop()
-        progress = BatchProgress(quiet, total=batch.count_sources(request.sources, each.from_file, each.null))
+        sources_total = batch.count_sources(request.sources, each.from_file, each.null)
+        progress = BatchProgress(quiet, total=None if sources_total is None else sources_total * (1 + len(more)))  # a record per question
         batch.run_each(
             sources,
             backend,
@@ -432,6 +432,7 @@ def _answer_each(request, each, quiet: bool, endpoint=None) -> None:
             done=records.done if records is not None and each.resume else frozenset(),
             require_video=request.require_video,
             on_progress=lambda: progress.update(tally),
+            more=[(gen, batch.request_key(request.media, gen, request.runtime)) for gen in more],
         )
     finally:
         if progress is not None:
@@ -537,7 +538,7 @@ def serve(
     allow_private_urls: Annotated[bool, typer.Option("--allow-private-urls", help="Let media URLs reach any address, loopback and private networks included.", rich_help_panel=O.SERVE_LIMITS_PANEL)] = False,
     read_timeout: Annotated[float, typer.Option(min=0.1, metavar="SECONDS", help="Time for a request's headers to arrive (from connecting, or from the last answer), then for its body.", rich_help_panel=O.SERVE_LIMITS_PANEL)] = 30.0,
     max_connections: Annotated[Optional[int], typer.Option(min=1, help="Connections open at once; past it, the one longest without a request is closed (else the new one). Default: from the open-file limit, at most 4096.", show_default=False, rich_help_panel=O.SERVE_LIMITS_PANEL)] = None,
-    cache_size: Annotated[Optional[str], typer.Option(metavar="SIZE", help="Vision-tower outputs kept for media seen again (a conversation's earlier images, the same picture asked about again), e.g. 512M; 0 turns it off. Default: 256M on a CPU, 1G on a GPU.", show_default=False, rich_help_panel=O.SERVE_PANEL)] = None,
+    cache_size: Annotated[Optional[str], typer.Option(metavar="SIZE", help="Room kept for what a later request can reuse: finished prompts' and answers' keys and values (a conversation's earlier turns, another question about the same picture), and vision-tower outputs, e.g. 512M; 0 turns both off. Default: 1G on a CPU, 2G on a GPU.", show_default=False, rich_help_panel=O.SERVE_PANEL)] = None,
     quiet: O.Quiet = False,
 ) -> None:
     """An OpenAI-compatible server: POST /v1/chat/completions (image_url, video_url, stream), GET /v1/models."""

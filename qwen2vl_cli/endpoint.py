@@ -109,13 +109,20 @@ class EndpointBackend:
                 kind = "video_url" if plan.kind == "video" else "image_url"
                 passed = self.options.pass_urls and text.startswith(("http://", "https://"))
                 parts.append({"type": kind, kind: {"url": text if passed else _data_url(p.source, p.info.format, plan.kind)}})
+        return self._asked(tuple(plans), parts, opts, gen)
+
+    def ask(self, request: RemoteRequest, gen: GenerationOptions) -> RemoteRequest:
+        """The same media with another question: nothing read or encoded again."""
+        return self._asked(request.plans, request.messages[-1]["content"][:-1], request.opts, gen)
+
+    def _asked(self, plans: tuple, parts: list, opts: MediaOptions, gen: GenerationOptions) -> RemoteRequest:
         if gen.boxes is not None:
             text = grounding.prompt(self.family(), gen.boxes)
         else:
             text = gen.prompt if gen.prompt is not None else default_prompt(plans)
-        parts.append({"type": "text", "text": text})
-        messages = ([{"role": "system", "content": gen.system}] if gen.system is not None else []) + [{"role": "user", "content": parts}]
-        return RemoteRequest(tuple(plans), messages, opts)
+        content = [*parts, {"type": "text", "text": text}]
+        messages = ([{"role": "system", "content": gen.system}] if gen.system is not None else []) + [{"role": "user", "content": content}]
+        return RemoteRequest(plans, messages, opts)
 
     def complete(self, request: RemoteRequest, gen: GenerationOptions, on_text=None, cancel: Event | None = None) -> Result:
         """One request, streamed to `on_text`; once `cancel` is set, the stream is closed (the server

@@ -58,7 +58,7 @@ Engine = Annotated[
     ),
 ]
 
-Prompt = Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="The question. Give -p again to ask several of the same media: they are decoded, encoded and prefilled once, and each answer comes under its question (--json: a record each, with \"question\"). Default: \"Describe this image.\" (or video, or these images).", show_default=False, rich_help_panel=GEN_PANEL)]
+Prompt = Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="The question. Give -p again to ask several of the same media: they are decoded, encoded and prefilled once, and each answer comes under its question (--json, --each: a record per question, with \"question\"). Default: \"Describe this image.\" (or video, or these images).", show_default=False, rich_help_panel=GEN_PANEL)]
 System = Annotated[Optional[str], typer.Option(help="System message. Default: the chat template's (Qwen2-VL, Qwen2.5-VL: \"You are a helpful assistant.\"; Qwen3-VL: none).", rich_help_panel=GEN_PANEL)]
 MaxNewTokens = Annotated[int, typer.Option(min=1, help="Most tokens to generate.", rich_help_panel=GEN_PANEL)]
 MinNewTokens = Annotated[Optional[int], typer.Option(min=0, help="Generate at least this many tokens, even past the end (for benchmarks).", rich_help_panel=GEN_PANEL)]

@@ -113,6 +113,28 @@ def test_output_file_is_never_overwritten(qvl, tiny_model, media_dir, tmp_path):
     assert r.exit_code == 2 and "--output works with --each" in r.stderr
 
 
+def test_several_questions_give_a_record_each_and_resume_by_question(qvl, tiny_model, media_dir, tmp_path):
+    """-p twice with --each: per input, a record per question (with it), each the answer a run of
+    its own gives, a bad input an error record per question; a resume with a third question adds
+    only its records."""
+    photo, square, missing = media_dir / "photo.png", media_dir / "square.png", media_dir / "missing.png"
+    out = tmp_path / "out.jsonl"
+    r = qvl("describe", "--each", photo, missing, square, "--model", tiny_model, *FAST, "-p", "What?", "-p", "Where?", "-o", out)
+    assert r.exit_code == 1 and r.stdout == ""
+    got = records(out.read_text())
+    assert [(o["index"], o["question"]) for o in got] == [(i, q) for i in range(3) for q in ("What?", "Where?")]
+    assert "error" in got[2] and "error" in got[3] and "4 done, 2 failed, 0 skipped" in r.stderr
+    alone = records(qvl("describe", "--each", photo, square, "--model", tiny_model, *FAST, "-p", "Where?").stdout)
+    assert [got[1]["text"], got[5]["text"]] == [a["text"] for a in alone]
+    assert got[1]["request_key"] == alone[0]["request_key"] != got[0]["request_key"]
+    r = qvl("describe", "--each", photo, missing, square, "--model", tiny_model, *FAST, "-p", "What?", "-p", "Where?", "-p", "When?",
+            "--resume", out)
+    assert r.exit_code == 1 and "2 done, 3 failed, 4 skipped" in r.stderr  # the missing file is tried again for each question
+    added = records(out.read_text())[6:]
+    assert [(o["index"], o["question"], "error" in o) for o in added] == [
+        (0, "When?", False), (1, "What?", True), (1, "Where?", True), (1, "When?", True), (2, "When?", False)]
+
+
 def test_resume_skips_what_is_done_and_redoes_changed_options(qvl, tiny_model, media_dir, tmp_path):
     out = tmp_path / "captions.jsonl"
     first = [media_dir / "square.png", media_dir / "notes.txt", media_dir / "photo.png"]
