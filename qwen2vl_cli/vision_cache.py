@@ -46,8 +46,12 @@ class VisionCache:
             found = {i: self._entries[k] for i, k in enumerate(keys) if k in self._entries}
             for i in found:
                 self._entries.move_to_end(keys[i])
-        missing = [i for i in range(len(keys)) if i not in found]
-        self.hits += len(found)
+        first = {}  # a medium twice in one call (one picture, several questions in a batch) goes through the tower once
+        for i in range(len(keys)):
+            if i not in found:
+                first.setdefault(keys[i], i)
+        missing = list(first.values())
+        self.hits += len(keys) - len(missing)
         self.misses += len(missing)
         made = {}
         kind = next(iter(found.values()))[0] if found else None
@@ -59,9 +63,9 @@ class VisionCache:
             own = (lambda t: t.clone()) if len(missing) > 1 else (lambda t: t)  # a view would keep its neighbours' bytes alive
             for n, i in enumerate(missing):
                 layers = tuple(own(layer[n]) for layer in deep) if deep is not None else None
-                made[i] = (kind, own(out.pooler_output[n]), layers)
-            self._keep({keys[i]: made[i] for i in missing})
-        entries = [found.get(i) or made[i] for i in range(len(keys))]
+                made[keys[i]] = (kind, own(out.pooler_output[n]), layers)
+            self._keep(made)
+        entries = [found.get(i) or made[keys[i]] for i in range(len(keys))]
         out = kind(pooler_output=tuple(e[1] for e in entries))
         if entries[0][2] is not None:
             out.deepstack_features = [tuple(e[2][layer] for e in entries) for layer in range(len(entries[0][2]))]

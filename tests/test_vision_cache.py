@@ -72,6 +72,13 @@ def test_the_cache_is_keyed_by_content_and_stays_within_its_bytes(tiny_model, me
     encode(small, picture)
     assert small.misses == 4
 
+    twice = VisionCache(2**30)  # one picture twice in one call (several questions in a batch): the tower runs once
+    p = backend.prepare((str(media_dir / "photo.png"),), MediaOptions(), gen)
+    inputs = runner.inputs(p.text, list(p.loaded))
+    with torch.inference_mode():
+        out = twice.encode(runner.model, "image", torch.cat([inputs["pixel_values"]] * 2), torch.cat([inputs["image_grid_thw"]] * 2))
+    assert (twice.misses, twice.hits, len(twice)) == (1, 1, 1) and torch.equal(out.pooler_output[0], first)
+
 
 def test_a_cache_size_that_is_not_a_size_is_a_usage_error(qvl, tiny_model):
     r = qvl("serve", "--model", tiny_model, "--cache-size", "lots")
