@@ -11,7 +11,7 @@ import resource
 import sys
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 from typing import Callable
@@ -21,60 +21,12 @@ from qwen2vl_cli.config import debug_enabled
 from qwen2vl_cli.errors import GenerationInterrupted, ModelError, one_line
 from qwen2vl_cli.families import QWEN2_VL, Family, family_of_config
 from qwen2vl_cli.modelinfo import BUILDING, read_config, vision_spec_from_dict
-from qwen2vl_cli.types import GenerationOptions, Loaded, RuntimeOptions, VisionSpec
-from qwen2vl_cli.video_processor import ChunkedVideoProcessor
+from qwen2vl_cli import reference
+from qwen2vl_cli.reference import RepetitionGuard
+from qwen2vl_cli.types import Generation, GenerationOptions, Loaded, RuntimeOptions, VisionSpec
 from qwen2vl_cli.prefix_cache import PrefixCache
+from qwen2vl_cli.video_processor import ChunkedVideoProcessor
 from qwen2vl_cli.vision_cache import VisionCache, default_bytes
-
-
-@dataclass(frozen=True)
-class Generation:
-    text: str
-    tokens: tuple[int, ...]
-    prompt_tokens: int
-    visual_tokens: int
-    generated_tokens: int
-    ttft_s: float | None
-    decode_tokens_per_s: float | None
-    finish_reason: str  # stop | length | repetition
-    engine: str = "hf"  # the loop that ran: hf, static, or graph
-    vision_s: float | None = None  # of the time to first token: the vision tower's part (the rest is prefill)
-    inputs_s: float = 0.0  # building the processor inputs (pixel normalisation, prompt tokens)
-    compile_s: float | None = None  # compiling or capturing the decode step (compiled and graph engines)
-
-
-class RepetitionGuard:
-    """Stops a row whose last tokens are one short n-gram over and over (QwenLM/Qwen2-VL#1611).
-
-    A row is caught when its tail of max(MIN_SPAN, REPEATS x n) tokens has period n for some
-    n <= MAX_PERIOD: the same n-gram at least REPEATS times in a row, covering MIN_SPAN tokens.
-    """
-
-    MAX_PERIOD = 32
-    REPEATS = 4
-    MIN_SPAN = 48
-
-    def __init__(self, prompt_width: int):
-        self.prompt_width = prompt_width
-        self.stopped_at: dict[int, int] = {}  # row -> generated length when caught
-
-    def __call__(self, input_ids, scores, **kwargs):
-        import torch
-
-        rows = input_ids.shape[0]
-        done = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
-        generated = input_ids.shape[1] - self.prompt_width
-        if generated < self.MIN_SPAN:
-            return done
-        for n in range(1, self.MAX_PERIOD + 1):
-            span = max(self.MIN_SPAN, self.REPEATS * n)
-            if span > generated:
-                break
-            tail = input_ids[:, -span:]
-            done |= (tail[:, n:] == tail[:, :-n]).all(dim=1)
-        for row in done.nonzero().flatten().tolist():
-            self.stopped_at.setdefault(row, generated)
-        return done
 
 
 class LoopFinder:
@@ -303,7 +255,7 @@ class Runner:
         """One prompt, streamed to `on_text`; setting `cancel` stops it within a chunk of tokens."""
         if self.engine == "hf":
             with VisionClock(self.model) as clock:
-                generation = self._generate_hf(inputs, gen, on_text, cancel)
+                generation = reference.generate_one(self, inputs, gen, on_text, cancel)
             return replace(generation, vision_s=clock.seconds())
         stream = TextStream(self.processor.tokenizer, on_text)
         inputs = inputs.to(self.model.device)
@@ -358,7 +310,7 @@ class Runner:
             raise ValueError("transformers' generate streams one row at a time and takes no joining rows: stream a batch of one")
         with VisionClock(self.model) as clock:
             if self.engine == "hf":
-                generations = [replace(g, inputs_s=inputs_s) for g in self._generate_batch_hf(inputs, len(good), gen, kept(cancels))]
+                generations = [replace(g, inputs_s=inputs_s) for g in reference.generate_rows(self, inputs, len(good), gen, kept(cancels))]
                 if on_done is not None:
                     for row, generation in enumerate(generations):
                         renumbered(row, generation)
@@ -412,7 +364,7 @@ class Runner:
         def ended(row: int, outcome: decode.Outcome | Exception) -> None:
             if not isinstance(outcome, Exception):
                 tokens = outcome.tokens[: outcome.cancelled_at]  # a row whose client left ends where it was stopped
-                g = self._generation(tokens, *prompts[row], outcome.ttft_s, outcome.decode_tokens_per_s, outcome.looped_at)
+                g = self.generation(tokens, *prompts[row], outcome.ttft_s, outcome.decode_tokens_per_s, outcome.looped_at)
                 if streams[row] is not None:
                     streams[row].update(list(g.tokens), final=True)
                 outcome = finished[row] = replace(g, engine=engine, compile_s=run.setup_s if self.engine in ("compiled", "graph") else None,
@@ -459,129 +411,7 @@ class Runner:
         ids = inputs["input_ids"][row][inputs["attention_mask"][row].bool()]
         return int(ids.shape[0]), int(((ids == config.image_token_id) | (ids == config.video_token_id)).sum())
 
-    def _generate_hf(self, inputs, gen: GenerationOptions, on_text, cancel) -> Generation:
-        """transformers' `generate` (--engine hf): the reference, streamed from a worker thread."""
-        import torch
-
-        from qwen2vl_cli.decode import stop_when
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
-
-        tokenizer = self.processor.tokenizer
-        inputs = inputs.to(self.model.device)
-        prompt_tokens = int(inputs["input_ids"].shape[1])
-        config = self.model.config
-        ids = inputs["input_ids"]
-        visual_tokens = int(((ids == config.image_token_id) | (ids == config.video_token_id)).sum())
-
-        stop = cancel if cancel is not None else threading.Event()
-        token_times: list[float] = []
-
-        class _Streamer(TextIteratorStreamer):
-            def put(self, value):
-                if not self.next_tokens_are_prompt:
-                    token_times.append(time.perf_counter())
-                super().put(value)
-
-        class _Stop(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
-
-        streamer = _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        guard = RepetitionGuard(prompt_tokens)
-        kwargs = dict(
-            **inputs,
-            max_new_tokens=gen.max_new_tokens,
-            streamer=streamer,
-            stopping_criteria=StoppingCriteriaList([_Stop()] + ([guard] if gen.repeat_guard else [])),
-            **sampling_kwargs(gen),
-        )
-        outcome: dict = {}
-
-        def work():
-            try:
-                if gen.seed is not None:
-                    torch.manual_seed(gen.seed)
-                with torch.inference_mode(), stop_when(self.model, [stop]):
-                    outcome["sequences"] = self.model.generate(**kwargs)
-            except BaseException as e:  # surfaces in the main thread
-                outcome["error"] = e
-                streamer.end()
-
-        parts: list[str] = []
-        start = time.perf_counter()
-        thread = threading.Thread(target=work, name="qvl-generate", daemon=True)
-        thread.start()
-        try:
-            for chunk in streamer:
-                parts.append(chunk)
-                if on_text is not None and chunk:
-                    on_text(chunk)
-        except BaseException as e:  # Ctrl-C, or the reader of stdout went away: stop generating first
-            stop.set()
-            thread.join(timeout=30)
-            if isinstance(e, KeyboardInterrupt):
-                raise GenerationInterrupted("".join(parts)) from None
-            raise
-        thread.join()
-        if "error" in outcome:
-            raise outcome["error"]
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-        ttft, rate = _timings(start, token_times)
-        new = outcome["sequences"][0, prompt_tokens:]
-        return self._generation(new, prompt_tokens, visual_tokens, ttft, rate, guard.stopped_at.get(0))
-
-    def _generate_batch_hf(self, inputs, rows: int, gen: GenerationOptions, cancels: list[threading.Event] | None) -> list[Generation]:
-        import torch
-
-        from qwen2vl_cli.decode import stop_when
-        from transformers import StoppingCriteria
-        from transformers.generation.streamers import BaseStreamer
-
-        class _Cancelled(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return torch.tensor([c.is_set() for c in cancels], dtype=torch.bool, device=input_ids.device)
-
-        token_times: list[float] = []
-
-        class _Clock(BaseStreamer):  # the text streamer takes batch size 1 only; this one just times
-            def __init__(self):
-                self.prompt_seen = False
-
-            def put(self, value):
-                if self.prompt_seen:
-                    token_times.append(time.perf_counter())
-                self.prompt_seen = True
-
-            def end(self):
-                pass
-
-        inputs = inputs.to(self.model.device)
-        width = int(inputs["input_ids"].shape[1])
-        guard = RepetitionGuard(width)
-        start = time.perf_counter()
-        if gen.seed is not None:
-            torch.manual_seed(gen.seed)
-        with torch.inference_mode(), stop_when(self.model, cancels):
-            sequences = self.model.generate(
-                **inputs,
-                max_new_tokens=gen.max_new_tokens,
-                streamer=_Clock(),
-                stopping_criteria=([guard] if gen.repeat_guard else []) + ([_Cancelled()] if cancels else []) or None,
-                **sampling_kwargs(gen),
-            )
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-        ttft, rate = _timings(start, token_times)
-        config = self.model.config
-        out = []
-        for row in range(rows):
-            ids = inputs["input_ids"][row][inputs["attention_mask"][row].bool()]
-            visual = int(((ids == config.image_token_id) | (ids == config.video_token_id)).sum())
-            out.append(self._generation(sequences[row, width:], int(ids.shape[0]), visual, ttft, rate, guard.stopped_at.get(row)))
-        return out
-
-    def _generation(
+    def generation(
         self, new, prompt_tokens: int, visual_tokens: int, ttft: float | None, rate: float | None, looped_at: int | None = None
     ) -> Generation:
         """Text, token count and finish reason of one row; anything after its end (end-of-sequence,
@@ -631,31 +461,3 @@ def stack_rows(rows: list, pad_id: int):
             parts = [torch.cat([p.new_full((1, width - p.shape[1]), fill), p], dim=1) for p in parts]
         data[key] = torch.cat(parts)
     return BatchFeature(data=data)
-
-
-def _timings(start: float, token_times: list[float]) -> tuple[float | None, float | None]:
-    """Time to first token and decode tokens/s (per sequence) from the times new tokens arrived."""
-    ttft = token_times[0] - start if token_times else None
-    rate = None
-    if len(token_times) > 1 and token_times[-1] > token_times[0]:
-        rate = (len(token_times) - 1) / (token_times[-1] - token_times[0])
-    return ttft, rate
-
-
-def sampling_kwargs(gen: GenerationOptions) -> dict:
-    """generate() arguments: greedy unless a temperature above 0 is given."""
-    if gen.temperature <= 0:
-        out: dict = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    else:
-        # Only the filters the user gave: Qwen's generation_config sets top_k=1, which would undo sampling.
-        out = {
-            "do_sample": True,
-            "temperature": gen.temperature,
-            "top_p": gen.top_p if gen.top_p is not None else 1.0,
-            "top_k": gen.top_k if gen.top_k is not None else 0,
-        }
-    if gen.repetition_penalty is not None:
-        out["repetition_penalty"] = gen.repetition_penalty
-    if gen.min_new_tokens:
-        out["min_new_tokens"] = min(gen.min_new_tokens, gen.max_new_tokens)
-    return out

@@ -194,6 +194,24 @@ class RuntimeOptions:
 
 
 @dataclass(frozen=True)
+class Generation:
+    """One row as the runner made it: its text and tokens, and how it went."""
+
+    text: str
+    tokens: tuple[int, ...]
+    prompt_tokens: int
+    visual_tokens: int
+    generated_tokens: int
+    ttft_s: float | None
+    decode_tokens_per_s: float | None
+    finish_reason: str  # stop | length | repetition
+    engine: str = "hf"  # the loop that ran: hf, static, or graph
+    vision_s: float | None = None  # of the time to first token: the vision tower's part (the rest is prefill)
+    inputs_s: float = 0.0  # building the processor inputs (pixel normalisation, prompt tokens)
+    compile_s: float | None = None  # compiling or capturing the decode step (compiled and graph engines)
+
+
+@dataclass(frozen=True)
 class Result:
     text: str
     model: str

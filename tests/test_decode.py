@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from qwen2vl_cli.backend import LocalBackend
-from qwen2vl_cli.runner import LoopFinder, RepetitionGuard
+from qwen2vl_cli.reference import RepetitionGuard
+from qwen2vl_cli.runner import LoopFinder
 from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions
 from tests.helpers import Quiet
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import AutoProcessor
 
-from qwen2vl_cli.runner import Runner, sampling_kwargs
+from qwen2vl_cli.reference import sampling_kwargs
+from qwen2vl_cli.runner import Runner
 from qwen2vl_cli.types import GenerationOptions, RuntimeOptions
 from qwen2vl_cli.video_processor import ChunkedVideoProcessor
 
@@ -59,7 +60,7 @@ def test_greedy_unless_temperature():
 
 
 def _guard_hits(tail: list[int], prompt: int = 5) -> bool:
-    from qwen2vl_cli.runner import RepetitionGuard
+    from qwen2vl_cli.reference import RepetitionGuard
 
     ids = torch.tensor([[7] * prompt + tail])
     return bool(RepetitionGuard(prompt)(ids, None)[0])
