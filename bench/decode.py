@@ -131,7 +131,7 @@ def measure(args) -> None:
         def stage(self, text):
             pass
 
-    from qwen2vl_cli.decode import use_compile_cache
+    from qwen2vl_cli.steps import use_compile_cache
 
     cache_dir = Path(use_compile_cache())
     warm_cache = cache_dir.is_dir() and any(cache_dir.iterdir())

@@ -185,10 +185,10 @@ class Runner:
 
     def _check_engine(self) -> None:
         """The static loop needs transformers' current cache API; without it, auto means hf."""
-        from qwen2vl_cli import decode
+        from qwen2vl_cli import decode, steps
 
         if self.engine == "compiled":
-            decode.use_compile_cache()
+            steps.use_compile_cache()
         if self.engine in ("static", "compiled", "graph") and (reason := decode.unsupported(self.model)):
             if self.runtime.engine != "auto":
                 raise ModelError(f"--engine {self.engine}: {reason}; use --engine hf")

@@ -194,7 +194,7 @@ def test_a_batch_runs_in_its_bucket_with_filler_rows(tiny_model, media_dir, tmp_
     import subprocess
     import sys
 
-    from qwen2vl_cli.decode import batch_bucket
+    from qwen2vl_cli.steps import batch_bucket
 
     assert [batch_bucket(n) for n in (1, 2, 3, 5, 8, 9, 32, 33, 40)] == [1, 2, 4, 8, 8, 16, 32, 48, 48]
     from qwen2vl_cli.decode import _pad_rows
@@ -219,24 +219,24 @@ def test_a_batch_runs_in_its_bucket_with_filler_rows(tiny_model, media_dir, tmp_
 def _teacher_forced_logits(session, inputs, tokens: list[int], kind: str) -> torch.Tensor:
     """The step's logits for `tokens` fed one after another (the same tokens whatever the step
     picks), from the same prefill: steps compare position by position."""
-    from qwen2vl_cli import decode
+    from qwen2vl_cli import decode, steps
 
     model, attn = session.runner.model, session.runner.attn
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     rows_n, width = ids.shape
-    length = decode.cache_bucket(width + len(tokens) + 1)
-    cache = decode.static_cache(model, length)
+    length = steps.cache_bucket(width + len(tokens) + 1)
+    cache = steps.static_cache(model, length)
     with torch.inference_mode():
         _, deltas = decode.prefill(model, dict(inputs), cache)
-        rows = decode._Rows(
+        rows = steps.Rows(
             attend=torch.cat([mask.bool(), torch.zeros((rows_n, length - width), dtype=torch.bool, device=ids.device)], dim=1),
             text_position=mask.long().sum(dim=1), rope_deltas=deltas, seen=None,
             ended=torch.zeros(rows_n, dtype=torch.bool, device=ids.device), step=torch.zeros((), dtype=torch.long, device=ids.device),
-            out=torch.zeros((rows_n, len(tokens)), dtype=torch.long, device=ids.device), cache_argument=decode._cache_argument(model),
+            out=torch.zeros((rows_n, len(tokens)), dtype=torch.long, device=ids.device), cache_argument=steps.cache_argument(model),
         )
         first = torch.full((rows_n,), tokens[0], dtype=torch.long, device=ids.device)
-        one = decode.compiled_step() if kind == "compiled" else decode.decode_one_token
-        step = decode.GraphedStep(model, rows, first, cache, attn) if kind == "graph" else (lambda t: one(model, rows, t, cache, attn))
+        one = steps.compiled_step() if kind == "compiled" else steps.decode_one_token
+        step = steps.GraphedStep(model, rows, first, cache, attn) if kind == "graph" else (lambda t: one(model, rows, t, cache, attn))
         return torch.stack([step(torch.full((rows_n,), t, dtype=torch.long, device=ids.device)).clone() for t in tokens])
 
 
@@ -449,7 +449,7 @@ def test_the_compiled_step_is_made_once_for_requests_of_one_shape(tiny_model, me
 def test_a_replay_is_checked_against_the_direct_step():
     """The check a captured step passes before it is used: bf16 rounding passes; other logits,
     another shape or a NaN do not."""
-    from qwen2vl_cli.decode import agrees
+    from qwen2vl_cli.steps import agrees
 
     direct = torch.randn(4, 300, generator=torch.Generator().manual_seed(0)) * 8
     assert agrees(direct, direct.clone()) and agrees(direct, direct.to(torch.bfloat16).float())
