@@ -127,11 +127,8 @@ def measure(args) -> None:
     bandwidth = copy_bandwidth(args.device)
     limit = bandwidth / text_weight_bytes(model)
 
-    class Quiet:
-        def stage(self, text):
-            pass
-
     from qwen2vl_cli.steps import use_compile_cache
+    from tests.helpers import Quiet, answer, answers
 
     cache_dir = Path(use_compile_cache())
     warm_cache = cache_dir.is_dir() and any(cache_dir.iterdir())
@@ -153,14 +150,14 @@ def measure(args) -> None:
         inputs = runner.inputs(photo.text, list(photo.loaded))
         # Warm-up, one per shape (a compiled or captured step is made once per batch size and cache length).
         start = time.perf_counter()
-        warm = runner.generate(inputs, GenerationOptions(max_new_tokens=8, min_new_tokens=8, repeat_guard=False))
+        warm = answer(runner, inputs, GenerationOptions(max_new_tokens=8, min_new_tokens=8, repeat_guard=False))
         setup = time.perf_counter() - start if warm.compile_s is not None else None
         for part in (images[:1], images[:8]):  # the batches timed below: their cache length and batch size
-            runner.generate_batch([p.text for p in part], [list(p.loaded) for p in part], gen)
+            answers(runner, part, gen)
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        one = runner.generate(inputs, gen)
+        one = answer(runner, inputs, gen)
         sync(args.device)
         wall = time.perf_counter() - start
         rates = {}
@@ -168,7 +165,7 @@ def measure(args) -> None:
             start = time.perf_counter()
             for i in range(0, len(images), batch):
                 part = images[i : i + batch]
-                runner.generate_batch([p.text for p in part], [list(p.loaded) for p in part], gen)
+                answers(runner, part, gen)
             sync(args.device)
             rates[batch] = len(images) / (time.perf_counter() - start)
         rows.append((engine, one, wall, rates, peak_memory_bytes(args.device), setup))

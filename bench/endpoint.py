@@ -44,10 +44,7 @@ def main() -> None:
     from qwen2vl_cli.endpoint import EndpointBackend, EndpointOptions
     from qwen2vl_cli.backend import LocalBackend
     from qwen2vl_cli.types import RuntimeOptions
-
-    class Quiet:
-        def stage(self, text):
-            pass
+    from tests.helpers import Quiet
 
     model = str(model_dir(args.model))
     images = make_images(args.images)

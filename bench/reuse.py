@@ -45,7 +45,7 @@ def main() -> None:
     from qwen2vl_cli.prefix_cache import PrefixCache
     from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions
     from qwen2vl_cli.vision_cache import VisionCache, default_bytes
-    from tests.helpers import Quiet
+    from tests.helpers import Quiet, answers
 
     torch.manual_seed(0)
     session = LocalBackend(RuntimeOptions(str(model_dir("tiny")), device="cpu", dtype="float32", engine="static"), Quiet())
@@ -57,7 +57,7 @@ def main() -> None:
         gen = GenerationOptions(max_new_tokens=1, prompt=question, repeat_guard=False)
         p = session.prepare((str(ROOT / "samples" / "photo.jpg"),), media, gen)
         runner.vision, runner.prefixes = vision, prefixes
-        [g] = runner.generate_batch([p.text], [list(p.loaded)], gen)
+        [g] = answers(runner, [p], gen)
         return g.ttft_s + g.inputs_s
 
     ask("Warm up.", None, None)

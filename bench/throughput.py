@@ -137,10 +137,7 @@ def measure(name: str, args) -> dict:
 
     from qwen2vl_cli.backend import LocalBackend
     from qwen2vl_cli.types import RuntimeOptions
-
-    class Quiet:
-        def stage(self, text):
-            pass
+    from tests.helpers import Quiet
 
     path = model_dir(name)
     images = make_images(args.images)

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import replace
 from threading import Event
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from qwen2vl_cli import grounding
 from qwen2vl_cli.errors import MediaError, QvlError, UsageError
@@ -23,7 +23,10 @@ from qwen2vl_cli.messages import build_messages
 from qwen2vl_cli.modelinfo import locate_model
 from qwen2vl_cli.pipeline import Hooks, Probed, check_boxes, cpu_budget_note, decode_all, is_out_of_memory, make_result, plan_all, probe_all
 from qwen2vl_cli.sources import SourceResolver
-from qwen2vl_cli.types import GenerationOptions, MediaOptions, Prepared, Request, Result, RuntimeOptions
+from qwen2vl_cli.types import Generation, GenerationOptions, MediaOptions, Prepared, Request, Result, RuntimeOptions
+
+if TYPE_CHECKING:  # torch comes with them: loaded when a model is
+    from qwen2vl_cli.rows import Row, Running
 
 
 class Backend(Protocol):
@@ -214,59 +217,37 @@ class LocalBackend:
         running batch (`admit`), or streams only a batch of one."""
         return self.runner.streams_batches
 
-    def generate(self, batch: list[Prepared], gen: GenerationOptions, on_text=None, cancels=None, on_texts=None, admit=None, on_result=None,
-                 capacity: int = 0, gens: list[GenerationOptions] | None = None) -> list[Result | Exception]:
+    def generate(self, batch: list[Prepared], gen: GenerationOptions, on_text=None, cancels=None, on_texts=None) -> list[Result | Exception]:
         """One batch through the model, each row's result or the exception that kept it from running
-        (its inputs could not be built; the other rows run). `on_text` streams the answer of a batch of one; `on_texts`
-        (where `streams_batches`) one callback per row, None for a row that is not streamed;
-        setting a row's event in `cancels` stops that row (its client went away).
-
-        Continuous batching (where `streams_batches`): the batch runs in `capacity` rows, and as rows
-        end, `admit(free, fits)` hands over at most `free` waiting requests, each with `prepared`,
-        `gen`, `cancel` and `on_text` (None: not streamed), that pass `fits(request)`; they join at
-        the next step. Rows may differ in length only (`gens`: each row's options, sampling the same
-        as `gen`'s). `on_result(row, result or exception)` hears of each row as it ends, the batch's
-        first, then the joined ones in the order they were handed over."""
-        from qwen2vl_cli.runner import peak_memory_bytes
+        (its inputs could not be built; the other rows run). `on_text` streams the answer of a batch of one
+        (what fails is raised); `on_texts` (where `streams_batches`) one callback per row, None for a
+        row that is not streamed; setting a row's event in `cancels` stops that row (its client went away)."""
+        from qwen2vl_cli.rows import Row, generate
 
         self.ready()
-        if on_texts is not None and len(batch) == 1 and admit is None:
-            on_text, on_texts = on_texts[0], None
         if on_text is not None:
-            [one] = batch
-            start = time.perf_counter()
-            inputs = self.runner.inputs(one.text, list(one.loaded))
-            inputs_s = time.perf_counter() - start
-            generation = replace(self.runner.generate(inputs, gen, on_text=on_text, cancel=cancels[0] if cancels else None), inputs_s=inputs_s)
-            return [make_result(self.runner, generation, one.plans, peak_memory_bytes(self.runner.device), gen, one.media_s)]
-        prepared = list(batch)  # grows as requests join
-        options = list(gens or [gen] * len(batch))
+            on_texts = [on_text]
+        rows = [Row(p.text, list(p.loaded), gen, cancels[i] if cancels else None, on_texts[i] if on_texts else None) for i, p in enumerate(batch)]
+        results = [self.finish(p, g, gen) for p, g in zip(batch, generate(self.runner, rows))]
+        if on_text is not None and isinstance(results[0], Exception):
+            raise results[0]
+        return results
 
-        def joining(free: int, fits_width) -> list:
-            built: dict[int, object] = {}
+    def start(self, rows: list[Row], capacity: int = 0) -> Running:
+        """A batch of these rows, running: its caller advances it and, within `capacity` rows
+        (continuous batching, where `streams_batches`), joins others as rows end."""
+        from qwen2vl_cli.rows import Running
 
-            def fits(request) -> bool:
-                inputs = built[id(request)] = self.runner.inputs(request.prepared.text, list(request.prepared.loaded))
-                return fits_width(int(inputs["input_ids"].shape[1]), request.gen.max_new_tokens)
+        self.ready()
+        return Running(self.runner, rows, capacity)
 
-            handed = admit(free, fits)
-            prepared.extend(h.prepared for h in handed)
-            options.extend(h.gen for h in handed)
-            return [(built[id(h)], h.cancel, h.on_text, _length(h.gen)) for h in handed]
+    def finish(self, prepared: Prepared, generation: Generation | Exception, gen: GenerationOptions) -> Result | Exception:
+        """A row's Generation as the request's Result (its plans, its options); an exception stays one."""
+        from qwen2vl_cli.runner import peak_memory_bytes
 
-        def result(row: int, generation) -> Result | Exception:
-            if isinstance(generation, Exception):
-                return generation
-            p = prepared[row]
-            return make_result(self.runner, generation, p.plans, peak_memory_bytes(self.runner.device), options[row], p.media_s)
-
-        on_done = None if on_result is None else (lambda row, generation: on_result(row, result(row, generation)))
-        generations = self.runner.generate_batch([p.text for p in batch], [list(p.loaded) for p in batch], gen, cancels=cancels, on_texts=on_texts,
-                                          admit=joining if admit is not None else None, on_done=on_done, capacity=capacity,
-                                          lengths=[_length(g) for g in gens] if gens is not None else None)
-        peak = peak_memory_bytes(self.runner.device)
-        return [g if isinstance(g, Exception) else make_result(self.runner, g, p.plans, peak, o, p.media_s)
-                for p, g, o in zip(batch, generations, options)]
+        if isinstance(generation, Exception):
+            return generation
+        return make_result(self.runner, generation, prepared.plans, peak_memory_bytes(self.runner.device), gen, prepared.media_s)
 
 
 # The chat template writes <|vision_start|><|image_pad|><|vision_end|> (or <|video_pad|>) for a
@@ -282,11 +263,6 @@ def _typed(chat: list[dict], kinds) -> list[dict]:
         else {**m, "content": [{"type": next(kinds)} if part["type"] == "media" else part for part in m["content"]]}
         for m in chat
     ]
-
-
-def _length(gen: GenerationOptions) -> tuple[int, int]:
-    """A row's (max_new_tokens, min_new_tokens)."""
-    return gen.max_new_tokens, min(gen.min_new_tokens or 0, gen.max_new_tokens)
 
 
 def run(request: Request, hooks: Hooks, stdin: BinaryIO | None = None) -> Result:

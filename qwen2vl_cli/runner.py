@@ -1,5 +1,6 @@
-"""Load a Qwen2-VL, Qwen2.5-VL or Qwen3-VL with transformers, build processor inputs, and generate with streaming:
-through decode.py's engine, or transformers' `generate` (--engine hf).
+"""Load a Qwen2-VL, Qwen2.5-VL or Qwen3-VL with transformers and build processor inputs; the
+pieces a batch of rows (rows.py) needs from the loaded model: its sampling, its end tokens, the
+text of a row's tokens, how text streams, how long the vision tower took.
 
 The runner never prints: text goes to the `on_text` callback, numbers come back in the result.
 """
@@ -9,22 +10,18 @@ from __future__ import annotations
 import re
 import resource
 import sys
-import threading
 import time
-from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
 from qwen2vl_cli import devices
 from qwen2vl_cli.config import debug_enabled
-from qwen2vl_cli.errors import GenerationInterrupted, ModelError, one_line
+from qwen2vl_cli.errors import ModelError, one_line
 from qwen2vl_cli.families import QWEN2_VL, Family, family_of_config
 from qwen2vl_cli.modelinfo import BUILDING, read_config, vision_spec_from_dict
-from qwen2vl_cli import reference
 from qwen2vl_cli.reference import RepetitionGuard
 from qwen2vl_cli.types import Generation, GenerationOptions, Loaded, RuntimeOptions, VisionSpec
-from qwen2vl_cli.prefix_cache import PrefixCache
 from qwen2vl_cli.video_processor import ChunkedVideoProcessor
 from qwen2vl_cli.vision_cache import VisionCache, default_bytes
 
@@ -137,6 +134,8 @@ class Runner:
         self.load_s = 0.0
         size = runtime.cache_size if runtime.cache_size is not None else default_bytes(self.device)
         self.vision = VisionCache(size // 4) if size > 0 else None  # a medium's tower output is a tenth of its keys and values
+        from qwen2vl_cli.prefix_cache import PrefixCache
+
         self.prefixes = PrefixCache(size - size // 4) if size > 0 else None
 
     def load_processor(self, model_dir: Path) -> None:
@@ -249,149 +248,14 @@ class Runner:
             return_tensors="pt",
         )
 
-    def generate(
-        self, inputs, gen: GenerationOptions, on_text: Callable[[str], None] | None = None, cancel: threading.Event | None = None
-    ) -> Generation:
-        """One prompt, streamed to `on_text`; setting `cancel` stops it within a chunk of tokens."""
-        if self.engine == "hf":
-            with VisionClock(self.model) as clock:
-                generation = reference.generate_one(self, inputs, gen, on_text, cancel)
-            return replace(generation, vision_s=clock.seconds())
-        stream = TextStream(self.processor.tokenizer, on_text)
-        inputs = inputs.to(self.model.device)
-        try:
-            with VisionClock(self.model) as clock:
-                [generation] = self._generate_engine(inputs, gen, [stream], [cancel or threading.Event()])
-        except KeyboardInterrupt:
-            raise GenerationInterrupted(stream.sent) from None
-        return replace(generation, vision_s=clock.seconds())
-
     @property
     def streams_batches(self) -> bool:
         """Whether a batch can stream every row's text (qvl's loop can; transformers' streamer takes one row)."""
         return self.engine != "hf"
 
-    def generate_batch(
-        self, texts: list[str], media: list[list[Loaded]], gen: GenerationOptions, cancels: list[threading.Event] | None = None,
-        on_texts: list[Callable[[str], None] | None] | None = None, admit=None, on_done=None, capacity: int = 0,
-        lengths: list[tuple[int, int]] | None = None,
-    ) -> list[Generation | Exception]:
-        """Several prompts in one left-padded batch; greedy results equal one-by-one generation.
-        Each row's inputs are built apart: a row whose inputs fail gets its exception in its place
-        (and through `on_done`), and the others run. Setting a row's event in `cancels` ends that row
-        within a chunk of tokens; `on_texts` streams each row's text to its own callback (None: that
-        row is not streamed), where `streams_batches`.
-
-        Continuous batching (where `streams_batches`): with `admit(free, fits)`, requests join the
-        running batch of `capacity` rows as others end; it returns (inputs, cancel, on_text,
-        (max_new_tokens, min_new_tokens)) of at most `free` prompts that pass `fits(width,
-        max_new_tokens)`. `on_done(row, generation or exception)` hears of each row as it ends, the
-        joined ones numbered after the batch's. `lengths`: each row's own (max_new_tokens,
-        min_new_tokens) instead of `gen`'s, where `streams_batches`."""
-        start = time.perf_counter()
-        built = [_attempt(self.inputs, text, items) for text, items in zip(texts, media)]
-        inputs_s = time.perf_counter() - start
-        good = [row for row, b in enumerate(built) if not isinstance(b, Exception)]
-        for row in set(range(len(texts))) - set(good):
-            if on_done is not None:
-                on_done(row, built[row])
-        if not good:
-            return built
-        inputs = stack_rows([built[row] for row in good], self.processor.tokenizer.pad_token_id)
-
-        def kept(values):
-            return None if values is None else [values[row] for row in good]
-
-        def renumbered(row: int, outcome) -> None:  # the engine's rows are the good ones, then those that joined
-            on_done(good[row] if row < len(good) else len(texts) + row - len(good), outcome)
-
-        streams = [TextStream(self.processor.tokenizer, f) if f is not None else None for f in kept(on_texts) or [None] * len(good)]
-        if (any(streams) or admit is not None or lengths is not None) and not self.streams_batches:
-            raise ValueError("transformers' generate streams one row at a time and takes no joining rows: stream a batch of one")
-        with VisionClock(self.model) as clock:
-            if self.engine == "hf":
-                generations = [replace(g, inputs_s=inputs_s) for g in reference.generate_rows(self, inputs, len(good), gen, kept(cancels))]
-                if on_done is not None:
-                    for row, generation in enumerate(generations):
-                        renumbered(row, generation)
-            else:
-                generations = self._generate_engine(inputs.to(self.model.device), gen, streams, kept(cancels) or [threading.Event() for _ in good],
-                                                    admit, renumbered if on_done is not None else None, capacity, inputs_s, kept(lengths))
-        out: list[Generation | Exception] = list(built)
-        for row, generation in zip(good, generations):
-            out[row] = replace(generation, vision_s=clock.seconds())
-        return out
-
     def eos_ids(self) -> list[int]:
         eos = self.model.generation_config.eos_token_id
         return list(eos) if isinstance(eos, (list, tuple)) else [eos]
-
-    def _end(self, tokens: list[int], looped: int | None) -> int:
-        """How much of a row is answer so far: up to its end-of-sequence token or where it looped."""
-        eos = set(self.eos_ids())
-        end = next((i + 1 for i, t in enumerate(tokens) if t in eos), len(tokens))
-        return min(end, looped) if looped is not None else end
-
-    def _generate_engine(
-        self, inputs, gen: GenerationOptions, streams: list, cancels: list[threading.Event], admit=None, on_done=None, capacity: int = 0,
-        inputs_s: float = 0.0, lengths: list[tuple[int, int]] | None = None,
-    ) -> list[Generation]:
-        """decode.py's Batch over a static cache, driven here: one Generation per row of `inputs`
-        (and, through `on_done`, one for each row that joined). At each read, `admit(free, fits)`
-        hands over the requests that join."""
-        from qwen2vl_cli import decode
-
-        sampling, eos, pad = self.sampling(gen), self.eos_ids(), self.pad_id()
-        streams = list(streams)
-        batch = inputs["input_ids"].shape[0]
-        prompts = [self._prompt_counts(inputs, row) for row in range(batch)]  # grows as rows join
-
-        run = decode.Batch(
-            self.model, dict(inputs), [most for most, _ in lengths] if lengths else gen.max_new_tokens, sampling, eos, pad, self.attn,
-            guard=LoopFinder() if gen.repeat_guard else None, cancels=cancels,
-            graph=self.engine == "graph" or (self.engine == "compiled" and self.device == "cuda"), compiled=self.engine == "compiled",
-            capacity=max(capacity, 1) if admit is not None else 0, min_new_tokens=[least for _, least in lengths] if lengths else None,
-            vision=self.vision, prefixes=self.prefixes,
-        )
-        engine = "compiled" if run.compiled else "graph" if run.graphed else "static"  # a step that could not be made ran eagerly
-        finished: dict[int, Generation] = {}
-
-        def show(moved: list[tuple[int, list[int], int | None]]) -> None:
-            for row, tokens, looped in moved:
-                if streams[row] is not None:
-                    streams[row].update(tokens[: self._end(tokens, looped)])
-
-        def ended(row: int, outcome: decode.Outcome | Exception) -> None:
-            if not isinstance(outcome, Exception):
-                tokens = outcome.tokens[: outcome.cancelled_at]  # a row whose client left ends where it was stopped
-                g = self.generation(tokens, *prompts[row], outcome.ttft_s, outcome.decode_tokens_per_s, outcome.looped_at)
-                if streams[row] is not None:
-                    streams[row].update(list(g.tokens), final=True)
-                outcome = finished[row] = replace(g, engine=engine, compile_s=run.setup_s if self.engine in ("compiled", "graph") else None,
-                                                  inputs_s=inputs_s if row < batch else 0.0)
-            if on_done is not None:
-                on_done(row, outcome)
-
-        while run.live:
-            update = run.advance()
-            show(update.moved)
-            for row, outcome in update.ended:
-                ended(row, outcome)
-            for row_inputs, cancel, on_text, (most, least) in admit(len(run.free), run.fits) if admit is not None and run.open() else ():
-                row_inputs = row_inputs.to(self.model.device)
-                prompts.append(self._prompt_counts(row_inputs, 0))
-                streams.append(TextStream(self.processor.tokenizer, on_text) if on_text is not None else None)
-                try:
-                    row, tokens = run.join(decode.Joining(dict(row_inputs), cancel, most, least))
-                except Exception as e:  # noqa: BLE001 - this request's failure (out of memory in its prefill), not the batch's
-                    ended(len(run.outcomes) - 1, e)
-                    continue
-                show([(row, tokens, None)])
-        if self.device == "cuda":
-            import torch
-
-            torch.cuda.synchronize()
-        return [finished[row] for row in range(batch)]
 
     def sampling(self, gen: GenerationOptions):
         """The engine's sampling for these options, the model's own repetition penalty where they set none."""
@@ -404,12 +268,6 @@ class Runner:
     def pad_id(self) -> int:
         pad = self.model.generation_config.pad_token_id
         return pad if pad is not None else self.eos_ids()[0]
-
-    def _prompt_counts(self, inputs, row: int) -> tuple[int, int]:
-        """A row's prompt tokens (padding left out) and how many of them are visual."""
-        config = self.model.config
-        ids = inputs["input_ids"][row][inputs["attention_mask"][row].bool()]
-        return int(ids.shape[0]), int(((ids == config.image_token_id) | (ids == config.video_token_id)).sum())
 
     def generation(
         self, new, prompt_tokens: int, visual_tokens: int, ttft: float | None, rate: float | None, looped_at: int | None = None
@@ -432,14 +290,6 @@ class Runner:
 # Special tokens a prompt holds as text: Qwen2-VL's grounding markers (its own grounding prompt
 # is "Find <|object_ref_start|>the cat<|object_ref_end|>"). Turns and media stay the template's alone.
 TEXT_MARKERS = frozenset({"<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>"})
-
-
-def _attempt(function, *args):
-    """`function(*args)`, or the exception it raised."""
-    try:
-        return function(*args)
-    except Exception as e:  # noqa: BLE001 - handed to the caller as that row's outcome
-        return e
 
 
 # Processor outputs with one entry per prompt token, padded on the left as the processor pads them.

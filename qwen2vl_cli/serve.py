@@ -343,58 +343,55 @@ class Engine:
         continuous batching, waiting requests with the same sampling join it as its rows end, in
         the order they came: once the next in line cannot join, no one else does, so nobody waits
         behind later arrivals."""
-        jobs = list(batch)  # the batch's, then those that joined it
-        gen = batch[0].gen
-        closed = False  # the head of the line cannot join: the batch takes no one else, ends, and the head starts the next
+        from qwen2vl_cli.rows import Row
 
-        def admit(free: int, fits) -> list[Job]:
-            """Waiting requests, first come first served, while the next in line can join."""
-            nonlocal closed
-            taken: list[Job] = []
-            while not closed and len(taken) < free:
-                with self._changed:
-                    self._drop_cancelled()
-                    if not self._line:
-                        break
-                    if not self._joins(self._line[0], gen):
+        jobs = list(batch)  # by row number: the batch's, then those that joined it
+        gen = batch[0].gen
+
+        def row(job: Job) -> Row:
+            return Row(job.prepared.text, list(job.prepared.loaded), job.gen, job.cancel, job.on_text if job.stream else None)
+
+        try:
+            running = self.session.start([row(j) for j in batch], self.batch_size if self.continuous else 0)
+            closed = not self.continuous  # once the head of the line cannot join, the batch takes no one else
+            while running.live:
+                for number, outcome in running.advance():
+                    self._hand_over(jobs[number], outcome)
+                while not closed and running.open():
+                    with self._changed:
+                        self._drop_cancelled()
+                        if not self._line:
+                            break
+                        if not self._joins(self._line[0], gen):
+                            closed = True
+                            break
+                        job = self._line.popleft()
+                    joining = row(job)
+                    try:
+                        fits = running.fits(joining)  # its processor inputs are made here, outside the lock
+                    except Exception as e:  # noqa: BLE001 - that request's failure alone
+                        _settle(job.future, error=e)
+                        continue
+                    if not fits:  # too long for the room left: it heads the line for the next batch
+                        with self._changed:
+                            self._line.appendleft(job)
                         closed = True
                         break
-                    job = self._line.popleft()
-                try:
-                    fitting = fits(job)  # its processor inputs are made here, outside the lock
-                except Exception as e:  # noqa: BLE001 - that request's failure alone
-                    _settle(job.future, error=e)
-                    continue
-                if fitting:
-                    taken.append(job)
-                else:  # too long for the room left
-                    with self._changed:
-                        self._line.appendleft(job)
-                    closed = True
-            jobs.extend(taken)
-            return taken
-
-        def on_result(row: int, outcome) -> None:
-            if isinstance(outcome, Exception):
-                _settle(jobs[row].future, error=outcome)
-            else:
-                _settle(jobs[row].future, outcome)
-
-        continuous = self.continuous
-        try:
-            results = self.session.generate([j.prepared for j in batch], gen, cancels=[j.cancel for j in batch],
-                                            on_texts=[j.on_text if j.stream else None for j in batch],
-                                            admit=admit if continuous else None, on_result=on_result,
-                                            capacity=self.batch_size, gens=[j.gen for j in batch] if continuous else None)
+                    jobs.append(job)
+                    try:
+                        running.join(joining)
+                    except Exception as e:  # noqa: BLE001 - its failure (out of memory in its prefill), not the batch's
+                        _settle(job.future, error=e)
         except Exception as e:  # every request of the batch, and every one that joined it, gets the error
             for job in jobs:
                 _settle(job.future, error=e)
-            return
-        for job, result in zip(batch, results):  # a row whose inputs failed has its own error; the others ran
-            if isinstance(result, Exception):
-                _settle(job.future, error=result)
-            else:
-                _settle(job.future, result)
+
+    def _hand_over(self, job: Job, outcome) -> None:
+        result = self.session.finish(job.prepared, outcome, job.gen)
+        if isinstance(result, Exception):
+            _settle(job.future, error=result)
+        else:
+            _settle(job.future, result)
 
 
 async def fetch_all(pool: ThreadPoolExecutor, fetch, urls: list[str], at_once: int = FETCHES_PER_REQUEST) -> None:

@@ -1,4 +1,4 @@
-"""Helpers several test modules share: hooks that say nothing, and `qvl serve` started on a free port."""
+"""Helpers several test modules share: hooks that say nothing, rows through the runner, and `qvl serve` started on a free port."""
 
 from __future__ import annotations
 
@@ -12,6 +12,23 @@ class Quiet:
 
     def stage(self, text):
         pass
+
+
+def answers(runner, prepared, gen, cancels=None) -> list:
+    """Prepared requests as one batch of rows (rows.Running to the end): each Generation or exception."""
+    from qwen2vl_cli.rows import Row, generate
+
+    return generate(runner, [Row(p.text, list(p.loaded), gen, cancels[i] if cancels else None) for i, p in enumerate(prepared)])
+
+
+def answer(runner, inputs, gen, on_text=None):
+    """One prompt's processor inputs, made by the caller, through the runner: its Generation."""
+    from qwen2vl_cli.rows import Row, generate
+
+    [out] = generate(runner, [Row(None, None, gen, on_text=on_text, inputs=inputs)])
+    if isinstance(out, Exception):
+        raise out
+    return out
 
 
 def start_server(tiny_model, *extra, seen: list[str] | None = None) -> tuple[subprocess.Popen, str]:

@@ -53,8 +53,6 @@ def test_several_questions_of_the_same_media_each_answered_under_it(qvl, tiny_mo
     assert j.exit_code == 0, j.stderr
     records = [json.loads(line) for line in j.stdout.splitlines()]
     assert [(x["question"], x["text"]) for x in records] == [("What is it?", alone[0]), ("Which colours?", alone[1])]
-    each = qvl("describe", photo, "--each", "--model", tiny_model, "-p", "a", "-p", "b")
-    assert each.exit_code == 2 and each.stdout == ""
 
 
 def test_json_schema_and_numbers(qvl, tiny_model, media_dir):
@@ -366,27 +364,27 @@ def test_max_visual_tokens_budget(qvl, tiny_model, media_dir):
 def test_out_of_memory_before_the_first_token_retries_at_half_the_budget(qvl, tiny_model, media_dir, monkeypatch):
     import torch
 
-    from qwen2vl_cli.runner import Runner
+    from qwen2vl_cli.rows import Running
 
-    real = Runner.generate
+    real = Running.__init__
     calls = []
 
-    def flaky(self, inputs, gen, on_text=None, **kwargs):  # the error a GPU raises in the vision tower
-        calls.append(int(inputs["image_grid_thw"].prod(dim=1).sum()) // 4)
+    def flaky(self, runner, rows, capacity=0):  # the error a GPU raises in the vision tower
+        calls.append(int(rows[0].built(runner)["image_grid_thw"].prod(dim=1).sum()) // 4)
         if len(calls) == 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return real(self, inputs, gen, on_text, **kwargs)
+        real(self, runner, rows, capacity)
 
-    monkeypatch.setattr(Runner, "generate", flaky)
+    monkeypatch.setattr(Running, "__init__", flaky)
     r = qvl("describe", media_dir / "photo.png", "--model", tiny_model, *FAST, "--json")
     assert r.exit_code == 0, r.stderr
     assert calls == [154, json.loads(r.stdout)["visual_tokens"]] and calls[1] <= 77
     assert "out of memory with 154 visual tokens: trying again with --max-visual-tokens 77" in r.stderr
 
-    def always(self, inputs, gen, on_text=None, **kwargs):
+    def always(self, runner, rows, capacity=0):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(Runner, "generate", always)
+    monkeypatch.setattr(Running, "__init__", always)
     r = qvl("describe", media_dir / "photo.png", "--model", tiny_model, *FAST)
     assert r.exit_code == 1
     assert r.stderr.strip().endswith("out of memory even with 77 visual tokens: try --max-visual-tokens 38, or a smaller --max-new-tokens")

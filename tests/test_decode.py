@@ -13,7 +13,7 @@ from qwen2vl_cli.backend import LocalBackend
 from qwen2vl_cli.reference import RepetitionGuard
 from qwen2vl_cli.runner import LoopFinder
 from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions
-from tests.helpers import Quiet
+from tests.helpers import Quiet, answer, answers
 
 
 SAMPLES = Path(__file__).parent.parent / "samples"
@@ -34,7 +34,7 @@ def both(sessions, media_dir, names, gen, **kwargs):
     out = {}
     for engine, session in sessions.items():
         batch = prepared(session, media_dir, names, gen)
-        out[engine] = session.runner.generate_batch([p.text for p in batch], [list(p.loaded) for p in batch], gen, **kwargs)
+        out[engine] = answers(session.runner, batch, gen, **kwargs)
     return out
 
 
@@ -59,7 +59,7 @@ def test_several_media_in_one_prompt_and_the_repetition_penalty(sessions, media_
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "video"}, {"type": "text", "text": "Compare."}]}]
         runner = session.runner
         inputs = runner.inputs(runner.prompt_text(messages), [m for p in media for m in p.loaded])
-        results[engine] = runner.generate(inputs, gen)
+        results[engine] = answer(runner, inputs, gen)
     assert results["static"].tokens == results["hf"].tokens and results["static"].generated_tokens >= 20
 
 
@@ -86,7 +86,7 @@ def test_streamed_text_is_the_answer(sessions, media_dir):
     gen = GenerationOptions(max_new_tokens=50)
     [p] = prepared(sessions["static"], media_dir, ["photo.jpg"], gen)
     chunks: list[str] = []
-    result = runner.generate(runner.inputs(p.text, list(p.loaded)), gen, on_text=chunks.append)
+    result = answer(runner, runner.inputs(p.text, list(p.loaded)), gen, on_text=chunks.append)
     assert len(chunks) > 1 and "".join(chunks) == result.text
 
 
@@ -96,7 +96,7 @@ def test_a_cancelled_row_stops_within_a_chunk_and_the_others_go_on(sessions, med
     batch = prepared(sessions["static"], media_dir, ["square.png", "photo.png"], gen)
     cancels = [threading.Event(), threading.Event()]
     cancels[0].set()
-    out = runner.generate_batch([p.text for p in batch], [list(p.loaded) for p in batch], gen, cancels=cancels)
+    out = answers(runner, batch, gen, cancels=cancels)
     assert out[0].generated_tokens <= 8 and out[1].generated_tokens == 64  # stopped at the first read, the other went on
     assert out[1].tokens == both({"static": sessions["static"]}, media_dir, ["square.png", "photo.png"], gen)["static"][1].tokens
 
@@ -116,12 +116,12 @@ def test_a_prefill_whose_clients_all_left_stops_between_layers(sessions, media_d
              layers[1].register_forward_hook(lambda *args: reached.append(1))]
     try:
         with pytest.raises(Cancelled):
-            runner.generate_batch([p.text], [list(p.loaded)], gen, cancels=[cancel])
+            answers(runner, [p], gen, cancels=[cancel])
     finally:
         for hook in hooks:
             hook.remove()
     assert cancel.is_set() and reached == []
-    assert runner.generate_batch([p.text], [list(p.loaded)], gen, cancels=[threading.Event()])[0].generated_tokens > 0  # the hooks are gone
+    assert answers(runner, [p], gen, cancels=[threading.Event()])[0].generated_tokens > 0  # the hooks are gone
 
 
 @pytest.mark.parametrize("tokens", [[5] * 60, [1, 2, 3] * 30, list(range(40)) + [7, 8] * 30, list(range(100))])
@@ -279,7 +279,7 @@ def test_the_graphed_step_gives_the_eager_steps_tokens_on_cuda(tiny_model, media
     for engine in ("static", "graph"):
         session = LocalBackend(RuntimeOptions(str(tiny_model), device="cuda", dtype="float32", attn="sdpa", engine=engine), Quiet())
         batch = prepared(session, media_dir, ["square.png", "photo.png", "clip.mp4"], gen)
-        out[engine] = session.runner.generate_batch([p.text for p in batch], [list(p.loaded) for p in batch], gen)
+        out[engine] = answers(session.runner, batch, gen)
     assert all(g.engine == "graph" for g in out["graph"]), "the step was not captured"
     assert [g.tokens for g in out["graph"]] == [g.tokens for g in out["static"]]
 
@@ -304,32 +304,32 @@ def sessions_model(tiny_model):
 
 
 def _continuous(session, first, arrivals, gen, capacity, cancelled=()):
-    """`first` runs as a batch of `capacity` rows; each arrival is handed over at the first read
-    with a free slot and room (in order). Returns every row's generation by row number, and the
-    number of steps the first row had taken when each arrival joined."""
+    """`first` runs as a batch of `capacity` rows; each arrival joins at the first read with a
+    free slot and room (in order). Returns every row's generation by row number, and how many rows
+    had ended when each arrival joined."""
+    from qwen2vl_cli.rows import Row, Running
+
     runner = session.runner
     waiting = list(arrivals)
     done: dict[int, object] = {}
     joined_while: list[int] = []
-
-    def admit(free, fits):
-        handed = []
-        while waiting and len(handed) < free:
-            inputs = runner.inputs(waiting[0].text, list(waiting[0].loaded))
-            if not fits(int(inputs["input_ids"].shape[1]), gen.max_new_tokens):
+    running = Running(runner, [Row(p.text, list(p.loaded), gen) for p in first], capacity)
+    while running.live:
+        for row, g in running.advance():
+            done[row] = g
+        while waiting and running.open():
+            row = Row(waiting[0].text, list(waiting[0].loaded), gen, threading.Event())
+            if not running.fits(row):
                 break
-            cancel = threading.Event()
             if len(joined_while) in cancelled:  # its client is gone by the time it joins
-                cancel.set()
-            handed.append((inputs, cancel, None, (gen.max_new_tokens, gen.min_new_tokens or 0)))
+                row.cancel.set()
             joined_while.append(len(done))
             waiting.pop(0)
-        return handed
-
-    out = runner.generate_batch([p.text for p in first], [list(p.loaded) for p in first], gen, admit=admit,
-                                on_done=lambda row, g: done.setdefault(row, g), capacity=capacity)
+            try:
+                running.join(row)
+            except Exception as e:  # noqa: BLE001 - that row's failure, kept under its number
+                done[len(running.rows) - 1] = e
     assert not waiting, "an arrival never joined"
-    assert [done[row].tokens for row in range(len(first))] == [g.tokens for g in out]
     return done, joined_while
 
 
@@ -343,7 +343,7 @@ def test_requests_that_join_a_running_batch_get_their_answers_alone(sessions, me
     on past it), and more arrivals than free slots (they take the slots finished rows leave)."""
     session = sessions["static"]
     names = first + arrivals
-    alone = [session.runner.generate_batch([p.text], [list(p.loaded)], gen)[0] for p in prepared(session, media_dir, names, gen)]
+    alone = [answers(session.runner, [p], gen)[0] for p in prepared(session, media_dir, names, gen)]
     batch = prepared(session, media_dir, names, gen)
     done, joined_while = _continuous(session, batch[: len(first)], batch[len(first) :], gen, capacity=2)
     rows = range(len(names))
@@ -411,7 +411,7 @@ def test_a_joining_row_that_fails_or_is_cancelled_leaves_the_others_alone(sessio
     session = sessions["static"]
     gen = GenerationOptions(max_new_tokens=40, min_new_tokens=40)
     names = ["photo.png", "square.png", "clip.mp4", "anim.gif"]
-    alone = [session.runner.generate_batch([p.text], [list(p.loaded)], gen)[0] for p in prepared(session, media_dir, names, gen)]
+    alone = [answers(session.runner, [p], gen)[0] for p in prepared(session, media_dir, names, gen)]
     join = decode._join
     clip_width = alone[2].prompt_tokens
     assert clip_width > alone[0].prompt_tokens
@@ -440,7 +440,7 @@ def test_the_compiled_step_is_made_once_for_requests_of_one_shape(tiny_model, me
     made = []
     for name in ("photo.png", "square.png", "anim.gif"):
         [p] = prepared(session, media_dir, [name], gen)
-        [g] = session.runner.generate_batch([p.text], [list(p.loaded)], gen)
+        [g] = answers(session.runner, [p], gen)
         assert g.engine == "compiled"
         made.append(counters["stats"]["unique_graphs"])
     assert made[0] >= 1 and made[1] == made[2] == made[0], made
@@ -470,20 +470,20 @@ def test_a_wide_request_joins_only_where_the_rows_already_running_keep_their_roo
     clip_width, photo_width = (int(runner.inputs(p.text, list(p.loaded))["input_ids"].shape[1]) for p in (clip, photo))
 
     def offered(most: int, offers: list[tuple[int, int]]) -> list[bool]:
-        """What `fits` says of each offer at the first read of a batch running the square for `most` tokens."""
-        said: list[bool] = []
-
-        def admit(free, fits):
-            if not said:
-                said.extend(fits(width, max_new) for width, max_new in offers)
-            return []
+        """What the batch's `fits` says of each offer at the first read of a batch running the square for `most` tokens."""
+        from qwen2vl_cli.rows import Row, Running
 
         gen = GenerationOptions(max_new_tokens=most, min_new_tokens=most)
-        [out] = runner.generate_batch([square.text], [list(square.loaded)], gen, admit=admit, on_done=lambda row, g: None, capacity=4)
-        assert out.tokens == runner.generate_batch([square.text], [list(square.loaded)], gen)[0].tokens
+        running = Running(runner, [Row(square.text, list(square.loaded), gen)], capacity=4)
+        said: list[bool] = []
+        while running.live:
+            ended = running.advance()
+            if not said:
+                said.extend(running.batch.fits(width, max_new) for width, max_new in offers)
+        assert ended[0][1].tokens == answers(runner, [square], gen)[0].tokens
         return said
 
-    square_width = runner.generate_batch([square.text], [list(square.loaded)], GenerationOptions(max_new_tokens=1))[0].prompt_tokens
+    square_width = answers(runner, [square], GenerationOptions(max_new_tokens=1))[0].prompt_tokens
     # Running 100 tokens (cache 2 x (prompt + 100)): the clip's prompt would push the square's last 99 past the cache.
     assert clip_width + 10 <= 2 * (square_width + 100) < clip_width + 99
     assert offered(100, [(clip_width, 10)]) == [False]

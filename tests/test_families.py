@@ -22,6 +22,7 @@ from qwen2vl_cli.pipeline import Probed, plan_all
 from qwen2vl_cli.runner import Runner
 from qwen2vl_cli.sources import Source
 from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions
+from tests.helpers import answer
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
 VIDEO_PIXEL_TOLERANCE = 0.5  # mean uint8 difference, PyAV + Pillow against decord + torchvision (test_fidelity.py)
@@ -98,7 +99,7 @@ def test_image_inputs_and_greedy_answer_equal_the_reference(fam, media_dir, name
     same_inputs(inputs, ref)
     # qvl's own decode loop drives every family (where transformers' static cache counts itself; else generate)
     assert fam.runner.engine == ("static" if decode.unsupported(fam.runner.model) is None else "hf")
-    gen = fam.runner.generate(inputs, GenerationOptions(max_new_tokens=16))
+    gen = answer(fam.runner, inputs, GenerationOptions(max_new_tokens=16))
     assert list(gen.tokens) == greedy(fam, ref)
     assert sum(p.tokens_with_markers for p in plans) == int((ref["input_ids"] == fam.runner.model.config.image_token_id).sum()) + 2 * len(names)
 
@@ -128,7 +129,7 @@ def test_video_follows_the_reference_and_answers_alike(fam, media_dir, name, opt
     if fam.spec.time_stamps:
         stamps = [f"<{t:.1f} seconds>" for t in time_stamps(tuple(meta["frames_indices"]), meta["fps"], 2)]
         assert "".join(stamps) in fam.ref.tokenizer.decode(ref["input_ids"][0]).replace("<|vision_start|>", "").replace("<|vision_end|>", "").replace("<|video_pad|>", "")
-    gen = fam.runner.generate(inputs, GenerationOptions(max_new_tokens=16))
+    gen = answer(fam.runner, inputs, GenerationOptions(max_new_tokens=16))
     assert list(gen.tokens) == greedy(fam, ref)
 
 
@@ -154,7 +155,7 @@ def test_animated_gif_is_a_video_of_the_family(fam, media_dir):
     ref = reference(fam, [{"type": "video", "video": str(path)}], "Describe this video.", videos=[frames], metadata=[meta])
     same_inputs(inputs, ref)
     assert plan.tokens_with_markers == int(ref["input_ids"].shape[1]) - _prompt_without_media(fam)
-    gen = fam.runner.generate(inputs, GenerationOptions(max_new_tokens=12))
+    gen = answer(fam.runner, inputs, GenerationOptions(max_new_tokens=12))
     assert list(gen.tokens) == greedy(fam, ref, 12)
 
 
@@ -165,16 +166,16 @@ def test_batched_equals_one_by_one(fam, media_dir):
 
     gen = GenerationOptions(max_new_tokens=12)
     requests = [ours(fam, [media_dir / "photo.png"], "Describe this image."), ours(fam, [media_dir / "clip.webm"], "Describe this video.")]
-    alone = [fam.runner.generate(inputs, gen).tokens for inputs, _, _ in requests]
+    alone = [answer(fam.runner, inputs, gen).tokens for inputs, _, _ in requests]
     texts = [fam.runner.prompt_text(build_messages(plans, GenerationOptions(prompt=p))) for (_, plans, _), p in
              zip(requests, ["Describe this image.", "Describe this video."])]
     media = [loaded for _, _, loaded in requests]
     same_inputs(stack_rows([inputs for inputs, _, _ in requests], fam.runner.processor.tokenizer.pad_token_id), fam.runner.inputs(texts, media[0] + media[1]))
     broken = fam.runner.prompt_text([{"role": "user", "content": "<|image_pad|> with no image"}])
-    heard: dict = {}
-    batched = fam.runner.generate_batch([texts[0], broken, texts[1]], [media[0], [], media[1]], gen, on_done=heard.setdefault)
+    from qwen2vl_cli.rows import Row, generate
+
+    batched = generate(fam.runner, [Row(texts[0], media[0], gen), Row(broken, [], gen), Row(texts[1], media[1], gen)])
     assert [batched[0].tokens, batched[2].tokens] == alone and isinstance(batched[1], ValueError)
-    assert sorted(heard) == [0, 1, 2] and heard[1] is batched[1]
 
 
 def test_a_video_that_joins_a_running_batch_answers_as_alone(fam, media_dir):
@@ -186,18 +187,18 @@ def test_a_video_that_joins_a_running_batch_answers_as_alone(fam, media_dir):
     gen, short = GenerationOptions(max_new_tokens=96, min_new_tokens=96), GenerationOptions(max_new_tokens=16, min_new_tokens=16)
     image, plans, image_loaded = ours(fam, [media_dir / "photo.png"], "Describe this image.")
     video, _, _ = ours(fam, [media_dir / "clip.webm"], "Describe this video.")
-    alone = [fam.runner.generate(image, gen).tokens, fam.runner.generate(video, short).tokens]
+    alone = [answer(fam.runner, image, gen).tokens, answer(fam.runner, video, short).tokens]
     text = fam.runner.prompt_text(build_messages(plans, GenerationOptions(prompt="Describe this image.")))
-    waiting = [video]
+    from qwen2vl_cli.rows import Row, Running
+
+    waiting = [Row(None, None, short, threading.Event(), inputs=video)]
     done: dict = {}
-
-    def admit(free, fits):
-        if not waiting or not fits(int(waiting[0]["input_ids"].shape[1]), 16):
-            return []
-        return [(waiting.pop(), threading.Event(), None, (16, 16))]
-
-    fam.runner.generate_batch([text], [image_loaded], gen, admit=admit, on_done=done.setdefault, capacity=2)
-    assert sorted(done) == [0, 1] and [done[0].tokens, done[1].tokens] == alone
+    running = Running(fam.runner, [Row(text, image_loaded, gen)], capacity=2)
+    while running.live:
+        done.update(running.advance())
+        if waiting and running.open() and running.fits(waiting[0]):
+            running.join(waiting.pop())
+    assert not waiting and sorted(done) == [0, 1] and [done[0].tokens, done[1].tokens] == alone
 
 
 def test_inspect_sizes_equal_the_reference(fam, tmp_path):

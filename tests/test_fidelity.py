@@ -19,6 +19,7 @@ from qwen2vl_cli.pipeline import Probed, plan_all
 from qwen2vl_cli.runner import Runner
 from qwen2vl_cli.sources import Source
 from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions
+from tests.helpers import answer
 from tests.media_factory import write_video
 
 PROMPT = "Describe this image."
@@ -72,7 +73,7 @@ def test_image_inputs_are_identical(runner, ref_processor, media_dir, names):
 
 def test_greedy_answer_is_token_identical(runner, ref_processor, media_dir):
     ours, _, _ = qvl_inputs(runner, [media_dir / "photo.png"])
-    gen = runner.generate(ours, GenerationOptions(max_new_tokens=24))
+    gen = answer(runner, ours, GenerationOptions(max_new_tokens=24))
     ref = reference_inputs(ref_processor, [{"type": "image", "image": str(media_dir / "photo.png")}])
     with torch.inference_mode():
         out = runner.model.generate(**ref, max_new_tokens=24, do_sample=False)

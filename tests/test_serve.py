@@ -214,22 +214,22 @@ def test_unreachable_endpoint_is_one_line(qvl, media_dir):
 
 
 def recorded_session(tiny_model):
-    """The tiny model in this process, for driving the engine directly: its backend's generate is
-    wrapped to record each batch it is given (whether each row streams). Returns the backend, that
-    record, and the unwrapped generate (answers alone, unrecorded)."""
+    """The tiny model in this process, for driving the engine directly: the batches its backend
+    starts are recorded (whether each first row streams). Returns the backend, that record, and
+    its generate (answers alone, unrecorded)."""
     from qwen2vl_cli.backend import LocalBackend
     from qwen2vl_cli.types import RuntimeOptions
 
     session = LocalBackend(RuntimeOptions(str(tiny_model), device="cpu", dtype="float32"), Quiet())
     batches: list[list[bool]] = []
-    generate = session.generate
+    start = session.start
 
-    def recording(batch, gen, **kwargs):
-        batches.append([f is not None for f in kwargs.get("on_texts") or [kwargs.get("on_text")] * len(batch)])
-        return generate(batch, gen, **kwargs)
+    def recording(rows, capacity=0):
+        batches.append([row.on_text is not None for row in rows])
+        return start(rows, capacity)
 
-    session.generate = recording
-    return session, batches, generate
+    session.start = recording
+    return session, batches, session.generate
 
 
 def test_streaming_requests_are_batched_and_each_streams_its_own_answer(tiny_model, media_dir):

@@ -8,7 +8,7 @@ import torch
 from qwen2vl_cli.backend import LocalBackend
 from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions
 from qwen2vl_cli.vision_cache import VisionCache
-from tests.helpers import Quiet
+from tests.helpers import Quiet, answers
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
@@ -24,7 +24,7 @@ def test_media_seen_again_skip_the_tower_and_the_tokens_stay_the_same(family_mod
 
     def run(backend, sources):
         p = backend.prepare(sources, MediaOptions(), gen)
-        return backend.runner.generate_batch([p.text], [list(p.loaded)], gen)[0]
+        return answers(backend.runner, [p], gen)[0]
 
     for names in (["photo.png", "square.png", "clip.mp4"], ["anim.gif"]):
         sources = tuple(str(media_dir / n) for n in names)
