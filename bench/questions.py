@@ -2,7 +2,8 @@
 
 One model in memory (loading is left out of both sides), the static engine, float32, the 1280x720
 sample photo at qvl's CPU sizing. "-p x3" is what `qvl describe photo.jpg -p A -p B -p C` does:
-the photo decoded once, the caches on (the later questions take the first's kept prompt); "three
+the photo decoded once, the caches on, the later questions joining the first's batch with its
+kept prompt, all three decoding together; "three
 runs" decodes the photo and runs the tower and the whole prefill for each question, as three
 `qvl describe` calls do. The two sides alternate, --rounds times. Models: `tiny` (the test model)
 and `2b` (Qwen2-VL-2B's shapes with random weights, bench/decode.py's).
@@ -39,7 +40,7 @@ def main() -> None:
 
     import torch
 
-    from qwen2vl_cli.backend import LocalBackend
+    from qwen2vl_cli.backend import LocalBackend, together
     from qwen2vl_cli.prefix_cache import PrefixCache
     from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions
     from qwen2vl_cli.vision_cache import VisionCache, default_bytes
@@ -53,12 +54,12 @@ def main() -> None:
     media = MediaOptions()
     gens = [GenerationOptions(max_new_tokens=args.tokens, min_new_tokens=args.tokens, prompt=q, repeat_guard=False) for q in QUESTIONS]
 
-    def together() -> tuple[float, list]:
+    def asked_together() -> tuple[float, list]:
         start = time.perf_counter()
         size = default_bytes("cpu")
         runner.vision, runner.prefixes = VisionCache(size // 4), PrefixCache(size - size // 4)
         first = session.prepare(photo, media, gens[0])
-        out = [session.generate([first if n == 0 else session.ask(first, gen)], gen)[0] for n, gen in enumerate(gens)]
+        out = list(together(session, first.plans, first.loaded, gens, Quiet(), first.media_s))
         return time.perf_counter() - start, [r.text for r in out]
 
     def apart() -> tuple[float, list]:
@@ -70,7 +71,7 @@ def main() -> None:
     session.generate([session.prepare(photo, media, gens[0])], gens[0])  # warm-up
     sides = {"-p x3": [], "three runs": []}
     for round_ in range(args.rounds):
-        order = [("-p x3", together), ("three runs", apart)]
+        order = [("-p x3", asked_together), ("three runs", apart)]
         for name, run in order if round_ % 2 == 0 else order[::-1]:
             seconds, texts = run()
             sides[name].append((seconds, texts))

@@ -18,7 +18,7 @@ from threading import Event
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from qwen2vl_cli import grounding
-from qwen2vl_cli.errors import MediaError, QvlError, UsageError
+from qwen2vl_cli.errors import GenerationInterrupted, MediaError, QvlError, UsageError
 from qwen2vl_cli.messages import build_messages
 from qwen2vl_cli.modelinfo import locate_model
 from qwen2vl_cli.pipeline import Hooks, Probed, check_boxes, cpu_budget_note, decode_all, is_out_of_memory, make_result, plan_all, probe_all
@@ -293,14 +293,62 @@ def answers(request: Request, gens: list[GenerationOptions], hooks: Hooks, stdin
             hooks.inputs(plans)
             if note := cpu_budget_note(probed, plans, backend.spec, backend.sized(request.media)):
                 hooks.note(note)
-            for gen in gens:
-                result = _generate_or_shrink(backend, probed, plans, loaded, replace(request, generation=gen), hooks, media_s)
-                if request.draw is not None:
-                    grounding.save_drawing(probed[0].source, result.boxes or (), request.draw)
-                yield result
-                media_s = 0.0  # decoded once, for the first question
+            if len(gens) > 1:
+                yield from together(backend, plans, loaded, gens, hooks, media_s)
+                return
+            result = _generate_or_shrink(backend, probed, plans, loaded, request, hooks, media_s)
+            if request.draw is not None:
+                grounding.save_drawing(probed[0].source, result.boxes or (), request.draw)
+            yield result
         finally:
             backend.close()
+
+
+def together(backend: LocalBackend, plans, loaded, gens: list[GenerationOptions], hooks: Hooks, media_s: float) -> Iterator[Result]:
+    """Several questions of the same media in one batch: the first is prefilled (its prompt kept),
+    the others join at once and take the prompt up to their question from the cache, and all
+    decode together. Answers are handed back in order; one's text streams while it is the one
+    shown, the others' is held until theirs is."""
+    from qwen2vl_cli.rows import Row
+
+    backend.ready()
+    hooks.stage("Encoding media and reading the prompt")
+    prepared = [Prepared(tuple(plans), tuple(loaded), backend.prompt(plans, gen), media_s if n == 0 else 0.0) for n, gen in enumerate(gens)]
+    held: list[list[str] | None] = [None] + [[] for _ in gens[1:]]  # None: shown as it comes
+
+    def on_text(n: int) -> Callable[[str], None]:
+        def text(chunk: str) -> None:
+            if held[n] is None:
+                hooks.text(chunk)
+            else:
+                held[n].append(chunk)
+        return text
+
+    rows = [Row(p.text, list(p.loaded), gen, on_text=on_text(n)) for n, (p, gen) in enumerate(zip(prepared, gens))]
+    question = {id(row): n for n, row in enumerate(rows)}
+    waiting, done, shown = list(rows), {}, 0
+    running = None
+    try:
+        while shown < len(gens):
+            if shown in done:
+                result = backend.finish(prepared[shown], done.pop(shown), gens[shown])
+                if isinstance(result, Exception):
+                    raise result
+                yield result
+                shown += 1
+                if shown < len(gens):
+                    for chunk in held[shown]:
+                        hooks.text(chunk)
+                    held[shown] = None
+                continue
+            if running is None or not running.live:  # the first question, or those that could not join (transformers' generate)
+                running = backend.start([waiting.pop(0)], capacity=len(waiting) + 1)
+            for number, generation in running.advance():
+                done[question[id(running.rows[number])]] = generation
+            while waiting and running.open() and running.fits(waiting[0]):
+                running.join(waiting.pop(0))
+    except KeyboardInterrupt:
+        raise GenerationInterrupted("") from None
 
 
 def _generate_or_shrink(backend: LocalBackend, probed, plans, loaded, request: Request, hooks: Hooks, media_s: float) -> Result:

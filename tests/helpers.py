@@ -8,9 +8,12 @@ import time
 
 
 class Quiet:
-    """A LocalBackend's hooks that report no stage."""
+    """A LocalBackend's hooks that report no stage and show no text."""
 
     def stage(self, text):
+        pass
+
+    def text(self, chunk):
         pass
 
 
