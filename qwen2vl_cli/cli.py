@@ -547,7 +547,8 @@ def serve(
     if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
         raise UsageError("qvl serve needs its extra: pip install 'qwen2vl-cli[serve]'")
     from qwen2vl_cli.render import Reporter
-    from qwen2vl_cli.serve import Limits, serve as run_server  # imports fastapi
+    from qwen2vl_cli.serve import serve as run_server  # imports fastapi
+    from qwen2vl_cli.serve_requests import Limits
     from qwen2vl_cli.sources import parse_size
 
     batching = _choice("batching", batching, ("auto", "continuous", "fixed"))

@@ -332,9 +332,6 @@ class Batch:
         inputs = _pad_rows(inputs, slots, pad_id)
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         width = ids.shape[1]
-        # A batch of one with no padding may start from a kept prefix (a joining row always may).
-        prompts = signatures(model, first) if prefixes is not None else [None] * batch
-        alone = batch == 1 and bool(first["attention_mask"].all())
         device = ids.device
         limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * batch
         minimums = [min(least, limit) for least, limit in zip(min_new_tokens or [sampling.min_new_tokens] * batch, limits)]
@@ -342,6 +339,11 @@ class Batch:
         length = (width + longest) * (2 if capacity else 1)  # room for rows that join, some wider
         self.length = length = cache_bucket(length) if graph or compiled else length
         self.cache = cache = static_cache(model, length)
+        if not can_join(cache):  # a sliding window keeps no row's whole keys: nothing to keep or take
+            self.prefixes = prefixes = None
+        # A batch of one with no padding may start from a kept prefix (a joining row always may).
+        prompts = signatures(model, first) if prefixes is not None else [None] * batch
+        alone = batch == 1 and bool(first["attention_mask"].all())
         self.eos = torch.tensor(eos_ids, device=device)
         self.generator = None
         if sampling.temperature > 0 and sampling.seed is not None:

@@ -1,12 +1,12 @@
 """`qvl serve`: an OpenAI-compatible chat-completions server over the local backend (the model loaded once).
 
 A server is a security boundary. Every request is bounded before work starts: its body size
-(from Content-Length, then while reading), its fields (types and ranges; 400 naming the field),
-its tokens, media count and visual tokens, its URLs (public addresses only, see urlpolicy.py,
-with size and time limits). Media are fetched and decoded on a small pool of its own, so slow
+(from Content-Length, then while reading), its fields (types and ranges; 400 naming the field;
+serve_requests.py), its tokens, media count and visual tokens, its URLs (public addresses only,
+see urlpolicy.py, with size and time limits). Media are fetched and decoded on a small pool of its own, so slow
 sources cannot take the threads others need. Prepared requests wait in a bounded queue (full:
-503 with Retry-After, decided before any stream starts); one worker thread owns the model and
-takes what is waiting, up to the batch size, as one batch of requests with the same sampling
+503 with Retry-After, decided before any stream starts); one worker thread owns the model
+(scheduler.py) and takes what is waiting, up to the batch size, as one batch of requests with the same sampling
 settings, and each answer goes back as soon as its row ends; with continuous batching (the
 default on a GPU), requests that arrive while a batch runs join it as its rows end. A client
 that goes away stops its row within a few tokens. This module needs the `serve` extra (FastAPI,
@@ -19,379 +19,40 @@ import asyncio
 import hmac
 import json
 import logging
-import math
 import os
 import sys
-import threading
 import time
 import uuid
-from collections import deque
 from contextlib import asynccontextmanager
-from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
-from dataclasses import dataclass, field, fields, replace
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from qwen2vl_cli.backend import LocalBackend
 from qwen2vl_cli.config import debug_enabled
 from qwen2vl_cli.errors import Cancelled, QvlError, UsageError, describe_exception, error_type
 from qwen2vl_cli.output import printable
-from qwen2vl_cli.backend import LocalBackend
 from qwen2vl_cli.pipeline import Hooks, is_out_of_memory
-from qwen2vl_cli.types import GenerationOptions, MediaOptions, Prepared, Result, RuntimeOptions, check_generation
+from qwen2vl_cli.scheduler import Engine, Job, log_bug
+from qwen2vl_cli.serve_requests import (
+    CPU_PROMPT_TOKENS,
+    ApiError,
+    Limits,
+    check_length,
+    check_request,
+    check_texts,
+    generation_options,
+    invalid,
+    media_options,
+    to_chat,
+)
+from qwen2vl_cli.types import Prepared, Result, RuntimeOptions
 
-# The per-request sizing options, under vLLM's name for them.
-MM_KWARGS = {f.name for f in fields(MediaOptions)} - {"cpu_budget", "resize", "max_download"}
-URL_SCHEMES = ("http://", "https://", "data:")
-DEFAULT_MAX_TOKENS = 512  # when a request gives none
 FETCHES_PER_REQUEST = 4  # media URLs of one request fetched at once
 ACCEPT_BURST = 128  # connections asyncio accepts in one go (uvicorn's backlog)
-CPU_PROMPT_TOKENS = 8192  # --max-prompt-tokens on a CPU, where a prefill's time grows with the square of its length
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may cost; each is a `qvl serve` option."""
-
-    max_tokens: int = 4096  # per request; more is a 400
-    max_body_bytes: int = 64 * 1024**2
-    max_media: int = 16  # image and video parts per request
-    max_visual_tokens: int = 16384  # all media of a request together (qvl picks the sizes under it)
-    max_source_pixels: int = 50_000_000  # width x height of an image or video as stored
-    max_download: int = 256 * 1024**2  # per URL
-    fetch_deadline_s: float = 60.0  # per URL, from connecting to the last byte
-    media_workers: int = max(2, min(8, os.cpu_count() or 2))  # decoding at once: bounds the pixels in memory
-    fetch_workers: int = 32  # downloads at once (each bounded by max_download and fetch_deadline_s)
-    allowed_networks: tuple[str, ...] = ()  # CIDRs that URLs may reach besides public addresses
-    allow_private_urls: bool = False
-    max_prompt_tokens: int | None = None  # text and media of one request; None: CPU_PROMPT_TOKENS on a CPU, else the model's context
-    read_timeout_s: float = 30.0  # for a request's headers, and then for its body
-    max_connections: int | None = None  # open at once; None: from the process's file limit (see connection_cap)
-
-    @property
-    def max_buffered_bytes(self) -> int:
-        """Request bodies held at once, all requests together."""
-        return 4 * self.max_body_bytes
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, kind: str, message: str, param: str | None = None, code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.kind, self.message, self.param, self.code, self.headers = status, kind, message, param, code, headers
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-
-def invalid(message: str, param: str | None = None) -> ApiError:
-    return ApiError(400, "invalid_request_error", message, param)
-
-
-def to_chat(messages, max_media: int) -> tuple[list[dict], list[str]]:
-    """OpenAI messages to the model's chat messages; media parts become placeholders, in order."""
-    if not isinstance(messages, list) or not messages:
-        raise invalid("messages must be a non-empty list", "messages")
-    chat, urls = [], []
-    for message in messages:
-        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
-            raise invalid("each message needs a role of system, user or assistant", "messages")
-        content = message.get("content")
-        if isinstance(content, str):
-            chat.append({"role": message["role"], "content": content})
-            continue
-        if not isinstance(content, list):
-            raise invalid("content must be a string or a list of parts", "messages")
-        parts = []
-        for part in content:
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text":
-                if not isinstance(part.get("text", ""), str):
-                    raise invalid("a text part's text must be a string", "messages")
-                parts.append({"type": "text", "text": part.get("text", "")})
-            elif kind in ("image_url", "video_url"):
-                url = (part.get(kind) or {}).get("url") if isinstance(part.get(kind), dict) else part.get(kind)
-                if not isinstance(url, str) or not url[:8].lower().startswith(URL_SCHEMES):
-                    raise invalid(f"{kind}: give an http(s):// or data: URL", "messages")
-                parts.append({"type": "media"})  # image or video: decided by the bytes
-                urls.append(url)
-            else:
-                raise invalid(f"unsupported content part type {str(kind)[:40]!r}", "messages")
-        chat.append({"role": message["role"], "content": parts})
-    if len(urls) > max_media:
-        raise invalid(f"{len(urls)} images and videos in one request; this server takes at most {max_media}", "messages")
-    return chat, urls
-
-
-def check_texts(chat: list[dict], session: LocalBackend, most_tokens: int) -> None:
-    """Every text is text (valid Unicode, none of the chat template's control tokens), and the
-    conversation cannot be over `most_tokens` by a bound that needs no tokenizing: each turn is at
-    least two tokens, and a text at least its length over the vocabulary's longest token."""
-    least = 0
-    too_long = invalid(f"messages: more than {most_tokens:,} tokens, this server's bound on a prompt (--max-prompt-tokens)", "messages")
-    for message in chat:
-        content = message["content"]
-        least += 2  # <|im_start|> and <|im_end|>
-        for text in [content] if isinstance(content, str) else [part["text"] for part in content if part["type"] == "text"]:
-            least += -(-len(text) // session.runner.longest_token)
-            if least > most_tokens:  # before the text is read through
-                raise too_long
-            try:
-                session.check_text(text, "messages")
-            except UsageError as e:
-                raise invalid(str(e), "messages") from None
-        if least > most_tokens:
-            raise too_long
-
-
-def check_length(tokens: int, gen: GenerationOptions, most_tokens: int, context: int, what: str = "the prompt") -> None:
-    """`tokens` of a prompt (or of its text alone) within the server's bound, and with its answer
-    within the model's context."""
-    if tokens > most_tokens:
-        raise invalid(f"messages: {what} is {tokens:,} tokens, over this server's {most_tokens:,} (--max-prompt-tokens): "
-                      "shorten it, or send smaller media (mm_processor_kwargs max_pixels)", "messages")
-    if tokens + gen.max_new_tokens > context:
-        raise invalid(f"max_tokens {gen.max_new_tokens}: with {what}'s {tokens:,} tokens it is over the model's context of "
-                      f"{context:,}; ask for at most {max(0, context - tokens)}", "max_tokens")
-
-
-def media_options(kwargs, limits: Limits) -> MediaOptions:
-    """The request's sizing options, held to the server's visual-token budget and download limit."""
-    from qwen2vl_cli.sizing import check_options
-
-    if kwargs is None:
-        kwargs = {}
-    if not isinstance(kwargs, dict):
-        raise invalid("mm_processor_kwargs must be an object, such as {\"max_pixels\": 401408}", "mm_processor_kwargs")
-    unknown = set(kwargs) - MM_KWARGS
-    if unknown:
-        raise invalid(f"mm_processor_kwargs: unknown {sorted(map(str, unknown))[:8]}; known: {sorted(MM_KWARGS)}", "mm_processor_kwargs")
-    try:
-        opts = check_options(MediaOptions(**kwargs))
-    except (UsageError, TypeError) as e:
-        raise invalid(f"mm_processor_kwargs: {str(e).lstrip('-')}", "mm_processor_kwargs") from None
-    budget = opts.max_visual_tokens
-    if budget is not None and budget > limits.max_visual_tokens:
-        raise invalid(f"mm_processor_kwargs: max_visual_tokens {budget} is over this server's {limits.max_visual_tokens}", "mm_processor_kwargs")
-    return replace(opts, max_download=limits.max_download)  # the session holds every request to max_visual_tokens
-
-
-def _whole(value, name: str) -> int | None:
-    """An integer field: JSON integers (and floats with no fraction); not booleans, not NaN or infinity."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not (math.isfinite(value) and value.is_integer())):
-        raise invalid(f"{name} must be a whole number", name)
-    return int(value)
-
-
-def _real(value, name: str) -> float | None:
-    """A number field: JSON numbers a float can hold (10**400 cannot), not booleans, NaN or infinity."""
-    if value is None:
-        return None
-    try:
-        number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
-    except OverflowError:
-        number = math.nan
-    if not math.isfinite(number):
-        raise invalid(f"{name} must be a finite number", name)
-    return number
-
-
-def generation_options(body: dict, limits: Limits) -> GenerationOptions:
-    given = [n for n in ("max_completion_tokens", "max_tokens") if body.get(n) is not None]
-    length = given[0] if given else "max_tokens"
-    max_tokens = _whole(body.get(length), length) if given else min(DEFAULT_MAX_TOKENS, limits.max_tokens)
-    if not 1 <= max_tokens <= limits.max_tokens:
-        raise invalid(f"{length} {max_tokens}: must be from 1 to {limits.max_tokens} on this server", length)
-    temperature = _real(body.get("temperature"), "temperature")
-    top_k = _whole(body.get("top_k"), "top_k")
-    gen = GenerationOptions(
-        max_new_tokens=max_tokens,
-        min_new_tokens=_whole(body.get("min_tokens"), "min_tokens"),
-        temperature=temperature if temperature is not None else 0.0,  # greedy, as the CLI
-        top_p=_real(body.get("top_p"), "top_p"),
-        top_k=None if top_k == -1 else top_k,  # -1: off, as vLLM takes it
-        repetition_penalty=_real(body.get("repetition_penalty"), "repetition_penalty"),
-        seed=_whole(body.get("seed"), "seed"),
-    )
-    names = {"max-new-tokens": length, "min-new-tokens": "min_tokens"}  # the CLI's names in check_generation's messages
-    try:
-        return check_generation(gen)
-    except UsageError as e:
-        message = str(e).lstrip("-")
-        for cli, api in names.items():
-            message = message.replace(f"--{cli}", api).replace(cli, api)
-        name = message.split(" ", 1)[0]
-        raise invalid(message, names.get(name, name).replace("-", "_")) from None
-
-
-def check_request(body: dict, model_name: str) -> tuple[bool, bool]:
-    """The fields qvl does not act on beyond a check; returns (stream, include_usage)."""
-    model = body.get("model")
-    if model is not None and model != model_name:
-        raise ApiError(404, "invalid_request_error", f"the model {str(model)[:200]!r} does not exist; this server serves {model_name!r}",
-                       "model", "model_not_found")
-    if body.get("n") not in (None, 1):
-        raise invalid("n: this server gives one choice per request (n 1)", "n")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise invalid("stream must be true or false", "stream")
-    options = body.get("stream_options")
-    if options is not None and not (isinstance(options, dict) and isinstance(options.get("include_usage", False), bool)):
-        raise invalid("stream_options must be an object such as {\"include_usage\": true}", "stream_options")
-    if options is not None and not stream:
-        raise invalid("stream_options needs stream true", "stream_options")
-    return stream, bool((options or {}).get("include_usage"))
-
-
-@dataclass
-class Job:
-    prepared: Prepared
-    gen: GenerationOptions
-    stream: bool
-    future: Future = field(default_factory=Future)
-    on_text: object = None  # streaming: called with each chunk from the worker thread
-    cancel: threading.Event = field(default_factory=threading.Event)  # the client went away
-
-
-def _settle(future: Future, result=None, error: BaseException | None = None) -> None:
-    """Hand a result over; a future that is already settled or cancelled is left as it is."""
-    try:
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
-    except InvalidStateError:
-        pass
-
-
-class Engine:
-    """The model's one worker thread and its bounded line of waiting jobs.
-
-    Jobs whose client went away leave the line at once: they hold no place against new arrivals.
-    """
-
-    def __init__(self, session: LocalBackend, batch_size: int, queue_size: int, continuous: bool | None = None):
-        """`continuous`: requests join running batches (None: on a GPU, where a decode step costs
-        about the same for one row or many; on a CPU every row costs its share, and fixed batches
-        of equal settings measured faster, bench/RESULTS.md)."""
-        self.session, self.batch_size, self.queue_size = session, batch_size, queue_size
-        wanted = session.device != "cpu" if continuous is None else continuous
-        self.continuous = wanted and batch_size > 1 and session.streams_batches
-        self._line: deque[Job] = deque()
-        self._changed = threading.Condition()
-        threading.Thread(target=self._work, name="qvl-engine", daemon=True).start()
-
-    def _drop_cancelled(self) -> None:  # holding self._changed
-        for job in [j for j in self._line if j.cancel.is_set()]:
-            self._line.remove(job)
-            _settle(job.future, error=Cancelled())
-
-    def submit(self, job: Job) -> Future:
-        with self._changed:
-            self._drop_cancelled()
-            if len(self._line) >= self.queue_size:
-                raise ApiError(503, "server_overloaded", f"{self.queue_size} requests are waiting: retry later", headers={"Retry-After": "1"})
-            self._line.append(job)
-            self._changed.notify()
-        return job.future
-
-    def _next(self, block: bool) -> Job | None:
-        """The next job whose client is still there."""
-        with self._changed:
-            while True:
-                self._drop_cancelled()
-                if self._line:
-                    return self._line.popleft()
-                if not block:
-                    return None
-                self._changed.wait()
-
-    def _work(self) -> None:
-        while True:  # nothing a request does may end this thread
-            try:
-                job = self._next(block=True)
-                if job.stream and not self.session.streams_batches:  # transformers' generate streams one row
-                    self._run([job])
-                    continue
-                batch, later = [job], []
-                while len(batch) < self.batch_size and (other := self._next(block=False)) is not None:
-                    (batch if self._joins(other, job.gen) else later).append(other)
-                if later:  # back at the head of the line, ahead of new arrivals: the next batch takes them
-                    with self._changed:
-                        self._line.extendleft(reversed(later))
-                self._run(batch)
-            except BaseException as e:  # noqa: BLE001 - log and serve the next request
-                _log_bug("the engine loop", e)
-
-    def _joins(self, job: Job, gen: GenerationOptions) -> bool:
-        """Whether `job` may run in a batch of `gen`'s: the same options (a stream only where the
-        engine streams batches), or with continuous batching, the same sampling (rows keep their own lengths)."""
-        if not self.session.streams_batches:
-            return job.gen == gen and not job.stream
-        if not self.continuous:
-            return job.gen == gen
-        return replace(job.gen, max_new_tokens=1, min_new_tokens=None) == replace(gen, max_new_tokens=1, min_new_tokens=None)
-
-    def _run(self, batch: list[Job]) -> None:
-        """A batch through the model; each answer is handed over as soon as its row ends. With
-        continuous batching, waiting requests with the same sampling join it as its rows end, in
-        the order they came: once the next in line cannot join, no one else does, so nobody waits
-        behind later arrivals."""
-        from qwen2vl_cli.rows import Row
-
-        jobs = list(batch)  # by row number: the batch's, then those that joined it
-        gen = batch[0].gen
-
-        def row(job: Job) -> Row:
-            return Row(job.prepared.text, list(job.prepared.loaded), job.gen, job.cancel, job.on_text if job.stream else None)
-
-        try:
-            running = self.session.start([row(j) for j in batch], self.batch_size if self.continuous else 0)
-            closed = not self.continuous  # once the head of the line cannot join, the batch takes no one else
-            while running.live:
-                for number, outcome in running.advance():
-                    self._hand_over(jobs[number], outcome)
-                while not closed and running.open():
-                    with self._changed:
-                        self._drop_cancelled()
-                        if not self._line:
-                            break
-                        if not self._joins(self._line[0], gen):
-                            closed = True
-                            break
-                        job = self._line.popleft()
-                    joining = row(job)
-                    try:
-                        fits = running.fits(joining)  # its processor inputs are made here, outside the lock
-                    except Exception as e:  # noqa: BLE001 - that request's failure alone
-                        _settle(job.future, error=e)
-                        continue
-                    if not fits:  # too long for the room left: it heads the line for the next batch
-                        with self._changed:
-                            self._line.appendleft(job)
-                        closed = True
-                        break
-                    jobs.append(job)
-                    try:
-                        running.join(joining)
-                    except Exception as e:  # noqa: BLE001 - its failure (out of memory in its prefill), not the batch's
-                        _settle(job.future, error=e)
-        except Exception as e:  # every request of the batch, and every one that joined it, gets the error
-            for job in jobs:
-                _settle(job.future, error=e)
-
-    def _hand_over(self, job: Job, outcome) -> None:
-        result = self.session.finish(job.prepared, outcome, job.gen)
-        if isinstance(result, Exception):
-            _settle(job.future, error=result)
-        else:
-            _settle(job.future, result)
 
 
 async def fetch_all(pool: ThreadPoolExecutor, fetch, urls: list[str], at_once: int = FETCHES_PER_REQUEST) -> None:
@@ -413,16 +74,6 @@ async def fetch_all(pool: ThreadPoolExecutor, fetch, urls: list[str], at_once: i
     await asyncio.gather(*(one(u) for u in urls))
     if failed:
         raise failed[0]
-
-
-def _log_bug(where: str, e: BaseException) -> None:
-    """A 500 is a bug: one line on the server's stderr, the traceback with QVL_DEBUG=1."""
-    if debug_enabled():
-        import traceback
-
-        traceback.print_exception(e)
-    message = " ".join(str(e).split())[:300]
-    print(printable(f"qvl serve: error in {where}: {type(e).__name__}: {message}", lines=False), file=sys.stderr, flush=True)
 
 
 def completion_body(request_id: str, model: str, result: Result, created: int, prepared: Prepared) -> dict:
@@ -626,7 +277,7 @@ class Edge:
         try:
             await self.app(scope, receive, sending)
         except Exception as e:  # noqa: BLE001 - the one place a bug is answered
-            _log_bug(scope.get("path", "?"), e)
+            log_bug(scope.get("path", "?"), e)
             if not started:  # else the stream just ends
                 await _send_json(send, ApiError(500, "server_error", "internal error in qvl serve (its log has the details)"))
 
@@ -669,7 +320,7 @@ def _runtime_error(e: BaseException) -> ApiError:
         return ApiError(499, "cancelled", "the client went away")
     if is_out_of_memory(e):
         return ApiError(507, error_type(e), message)
-    _log_bug("generation", e)
+    log_bug("generation", e)
     return ApiError(500, "server_error", "internal error in qvl serve (its log has the details)")
 
 

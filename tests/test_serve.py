@@ -236,7 +236,7 @@ def test_streaming_requests_are_batched_and_each_streams_its_own_answer(tiny_mod
     """Streams that wait while the model is busy with other settings run as one batch; every client gets its own text,
     chunk by chunk, equal to its answer alone. (The engine is driven in-process; its backend's
     generate is wrapped to record the batches it is given.)"""
-    from qwen2vl_cli.serve import Engine, Job
+    from qwen2vl_cli.scheduler import Engine, Job
     from qwen2vl_cli.types import GenerationOptions, MediaOptions
 
     session, batches, generate = recorded_session(tiny_model)
@@ -267,7 +267,7 @@ def test_requests_that_arrive_while_a_batch_runs_join_it(tiny_model, media_dir):
     """Continuous batching in the engine: requests with the running batch's sampling that arrive
     while it decodes join it (no second batch runs), whatever their lengths; each gets its answer
     alone, streamed or not, handed over when its own row ends (the short one first)."""
-    from qwen2vl_cli.serve import Engine, Job
+    from qwen2vl_cli.scheduler import Engine, Job
     from qwen2vl_cli.types import GenerationOptions, MediaOptions
 
     session, batches, generate = recorded_session(tiny_model)
@@ -302,7 +302,7 @@ def test_a_request_that_cannot_join_gets_its_error_and_the_batch_goes_on(tiny_mo
     error (not left waiting for ever), and the batch and the next request carry on."""
     from dataclasses import replace
 
-    from qwen2vl_cli.serve import Engine, Job
+    from qwen2vl_cli.scheduler import Engine, Job
     from qwen2vl_cli.types import GenerationOptions, MediaOptions
 
     session, _, _ = recorded_session(tiny_model)
@@ -349,7 +349,7 @@ def test_batching_continuous_says_when_it_cannot_join_anything(tiny_model):
 def test_in_a_fixed_batch_each_answer_goes_back_when_its_row_ends(tiny_model, media_dir):
     """--batching fixed: a row that ends early (the sample GIF's answer ends on its own after 37
     tokens) is answered then, not when the batch's longest row ends."""
-    from qwen2vl_cli.serve import Engine, Job
+    from qwen2vl_cli.scheduler import Engine, Job
     from qwen2vl_cli.types import GenerationOptions, MediaOptions
 
     session, batches, generate = recorded_session(tiny_model)
@@ -379,7 +379,7 @@ def test_a_request_whose_inputs_fail_fails_alone_in_its_batch(tiny_model, media_
     with no image): it gets its error, the other three their answers alone."""
     from dataclasses import replace
 
-    from qwen2vl_cli.serve import Engine, Job
+    from qwen2vl_cli.scheduler import Engine, Job
     from qwen2vl_cli.types import GenerationOptions, MediaOptions
 
     session, batches, generate = recorded_session(tiny_model)
@@ -410,7 +410,7 @@ def test_hosts_named_are_the_only_ones_answered():
 
 
 def test_the_default_length_stays_within_the_servers_bound():
-    from qwen2vl_cli.serve import Limits, generation_options
+    from qwen2vl_cli.serve_requests import Limits, generation_options
 
     assert generation_options({}, Limits(max_tokens=100)).max_new_tokens == 100  # was 512: a 400 for every request
     assert generation_options({}, Limits()).max_new_tokens == 512

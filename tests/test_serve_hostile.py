@@ -462,7 +462,7 @@ def test_the_server_logged_no_traceback(hostile_server, url):
 
 def test_the_engine_thread_survives_cancelled_futures(tiny_model, media_dir):
     from qwen2vl_cli.backend import LocalBackend
-    from qwen2vl_cli.serve import Engine, Job
+    from qwen2vl_cli.scheduler import Engine, Job
     from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions
 
     session = LocalBackend(RuntimeOptions(str(tiny_model), device="cpu", dtype="float32"), Quiet())

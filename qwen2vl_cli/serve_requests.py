@@ -1,0 +1,226 @@
+"""What a chat-completions request may ask of `qvl serve`, checked before any work: its fields
+(types and ranges, a 400 naming the field), its messages and media URLs, its sizing options
+under vLLM's names, and its prompt against the server's bounds."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, fields, replace
+
+from qwen2vl_cli.backend import LocalBackend
+from qwen2vl_cli.errors import UsageError
+from qwen2vl_cli.types import GenerationOptions, MediaOptions, check_generation
+
+
+# The per-request sizing options, under vLLM's name for them.
+MM_KWARGS = {f.name for f in fields(MediaOptions)} - {"cpu_budget", "resize", "max_download"}
+
+
+URL_SCHEMES = ("http://", "https://", "data:")
+
+
+DEFAULT_MAX_TOKENS = 512  # when a request gives none
+
+
+CPU_PROMPT_TOKENS = 8192  # --max-prompt-tokens on a CPU, where a prefill's time grows with the square of its length
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may cost; each is a `qvl serve` option."""
+
+    max_tokens: int = 4096  # per request; more is a 400
+    max_body_bytes: int = 64 * 1024**2
+    max_media: int = 16  # image and video parts per request
+    max_visual_tokens: int = 16384  # all media of a request together (qvl picks the sizes under it)
+    max_source_pixels: int = 50_000_000  # width x height of an image or video as stored
+    max_download: int = 256 * 1024**2  # per URL
+    fetch_deadline_s: float = 60.0  # per URL, from connecting to the last byte
+    media_workers: int = max(2, min(8, os.cpu_count() or 2))  # decoding at once: bounds the pixels in memory
+    fetch_workers: int = 32  # downloads at once (each bounded by max_download and fetch_deadline_s)
+    allowed_networks: tuple[str, ...] = ()  # CIDRs that URLs may reach besides public addresses
+    allow_private_urls: bool = False
+    max_prompt_tokens: int | None = None  # text and media of one request; None: CPU_PROMPT_TOKENS on a CPU, else the model's context
+    read_timeout_s: float = 30.0  # for a request's headers, and then for its body
+    max_connections: int | None = None  # open at once; None: from the process's file limit (see connection_cap)
+
+    @property
+    def max_buffered_bytes(self) -> int:
+        """Request bodies held at once, all requests together."""
+        return 4 * self.max_body_bytes
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, kind: str, message: str, param: str | None = None, code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.kind, self.message, self.param, self.code, self.headers = status, kind, message, param, code, headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+    def response(self):
+        from fastapi.responses import JSONResponse
+
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def invalid(message: str, param: str | None = None) -> ApiError:
+    return ApiError(400, "invalid_request_error", message, param)
+
+
+def to_chat(messages, max_media: int) -> tuple[list[dict], list[str]]:
+    """OpenAI messages to the model's chat messages; media parts become placeholders, in order."""
+    if not isinstance(messages, list) or not messages:
+        raise invalid("messages must be a non-empty list", "messages")
+    chat, urls = [], []
+    for message in messages:
+        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
+            raise invalid("each message needs a role of system, user or assistant", "messages")
+        content = message.get("content")
+        if isinstance(content, str):
+            chat.append({"role": message["role"], "content": content})
+            continue
+        if not isinstance(content, list):
+            raise invalid("content must be a string or a list of parts", "messages")
+        parts = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                if not isinstance(part.get("text", ""), str):
+                    raise invalid("a text part's text must be a string", "messages")
+                parts.append({"type": "text", "text": part.get("text", "")})
+            elif kind in ("image_url", "video_url"):
+                url = (part.get(kind) or {}).get("url") if isinstance(part.get(kind), dict) else part.get(kind)
+                if not isinstance(url, str) or not url[:8].lower().startswith(URL_SCHEMES):
+                    raise invalid(f"{kind}: give an http(s):// or data: URL", "messages")
+                parts.append({"type": "media"})  # image or video: decided by the bytes
+                urls.append(url)
+            else:
+                raise invalid(f"unsupported content part type {str(kind)[:40]!r}", "messages")
+        chat.append({"role": message["role"], "content": parts})
+    if len(urls) > max_media:
+        raise invalid(f"{len(urls)} images and videos in one request; this server takes at most {max_media}", "messages")
+    return chat, urls
+
+
+def check_texts(chat: list[dict], session: LocalBackend, most_tokens: int) -> None:
+    """Every text is text (valid Unicode, none of the chat template's control tokens), and the
+    conversation cannot be over `most_tokens` by a bound that needs no tokenizing: each turn is at
+    least two tokens, and a text at least its length over the vocabulary's longest token."""
+    least = 0
+    too_long = invalid(f"messages: more than {most_tokens:,} tokens, this server's bound on a prompt (--max-prompt-tokens)", "messages")
+    for message in chat:
+        content = message["content"]
+        least += 2  # <|im_start|> and <|im_end|>
+        for text in [content] if isinstance(content, str) else [part["text"] for part in content if part["type"] == "text"]:
+            least += -(-len(text) // session.runner.longest_token)
+            if least > most_tokens:  # before the text is read through
+                raise too_long
+            try:
+                session.check_text(text, "messages")
+            except UsageError as e:
+                raise invalid(str(e), "messages") from None
+        if least > most_tokens:
+            raise too_long
+
+
+def check_length(tokens: int, gen: GenerationOptions, most_tokens: int, context: int, what: str = "the prompt") -> None:
+    """`tokens` of a prompt (or of its text alone) within the server's bound, and with its answer
+    within the model's context."""
+    if tokens > most_tokens:
+        raise invalid(f"messages: {what} is {tokens:,} tokens, over this server's {most_tokens:,} (--max-prompt-tokens): "
+                      "shorten it, or send smaller media (mm_processor_kwargs max_pixels)", "messages")
+    if tokens + gen.max_new_tokens > context:
+        raise invalid(f"max_tokens {gen.max_new_tokens}: with {what}'s {tokens:,} tokens it is over the model's context of "
+                      f"{context:,}; ask for at most {max(0, context - tokens)}", "max_tokens")
+
+
+def media_options(kwargs, limits: Limits) -> MediaOptions:
+    """The request's sizing options, held to the server's visual-token budget and download limit."""
+    from qwen2vl_cli.sizing import check_options
+
+    if kwargs is None:
+        kwargs = {}
+    if not isinstance(kwargs, dict):
+        raise invalid("mm_processor_kwargs must be an object, such as {\"max_pixels\": 401408}", "mm_processor_kwargs")
+    unknown = set(kwargs) - MM_KWARGS
+    if unknown:
+        raise invalid(f"mm_processor_kwargs: unknown {sorted(map(str, unknown))[:8]}; known: {sorted(MM_KWARGS)}", "mm_processor_kwargs")
+    try:
+        opts = check_options(MediaOptions(**kwargs))
+    except (UsageError, TypeError) as e:
+        raise invalid(f"mm_processor_kwargs: {str(e).lstrip('-')}", "mm_processor_kwargs") from None
+    budget = opts.max_visual_tokens
+    if budget is not None and budget > limits.max_visual_tokens:
+        raise invalid(f"mm_processor_kwargs: max_visual_tokens {budget} is over this server's {limits.max_visual_tokens}", "mm_processor_kwargs")
+    return replace(opts, max_download=limits.max_download)  # the session holds every request to max_visual_tokens
+
+
+def _whole(value, name: str) -> int | None:
+    """An integer field: JSON integers (and floats with no fraction); not booleans, not NaN or infinity."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not (math.isfinite(value) and value.is_integer())):
+        raise invalid(f"{name} must be a whole number", name)
+    return int(value)
+
+
+def _real(value, name: str) -> float | None:
+    """A number field: JSON numbers a float can hold (10**400 cannot), not booleans, NaN or infinity."""
+    if value is None:
+        return None
+    try:
+        number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    except OverflowError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise invalid(f"{name} must be a finite number", name)
+    return number
+
+
+def generation_options(body: dict, limits: Limits) -> GenerationOptions:
+    given = [n for n in ("max_completion_tokens", "max_tokens") if body.get(n) is not None]
+    length = given[0] if given else "max_tokens"
+    max_tokens = _whole(body.get(length), length) if given else min(DEFAULT_MAX_TOKENS, limits.max_tokens)
+    if not 1 <= max_tokens <= limits.max_tokens:
+        raise invalid(f"{length} {max_tokens}: must be from 1 to {limits.max_tokens} on this server", length)
+    temperature = _real(body.get("temperature"), "temperature")
+    top_k = _whole(body.get("top_k"), "top_k")
+    gen = GenerationOptions(
+        max_new_tokens=max_tokens,
+        min_new_tokens=_whole(body.get("min_tokens"), "min_tokens"),
+        temperature=temperature if temperature is not None else 0.0,  # greedy, as the CLI
+        top_p=_real(body.get("top_p"), "top_p"),
+        top_k=None if top_k == -1 else top_k,  # -1: off, as vLLM takes it
+        repetition_penalty=_real(body.get("repetition_penalty"), "repetition_penalty"),
+        seed=_whole(body.get("seed"), "seed"),
+    )
+    names = {"max-new-tokens": length, "min-new-tokens": "min_tokens"}  # the CLI's names in check_generation's messages
+    try:
+        return check_generation(gen)
+    except UsageError as e:
+        message = str(e).lstrip("-")
+        for cli, api in names.items():
+            message = message.replace(f"--{cli}", api).replace(cli, api)
+        name = message.split(" ", 1)[0]
+        raise invalid(message, names.get(name, name).replace("-", "_")) from None
+
+
+def check_request(body: dict, model_name: str) -> tuple[bool, bool]:
+    """The fields qvl does not act on beyond a check; returns (stream, include_usage)."""
+    model = body.get("model")
+    if model is not None and model != model_name:
+        raise ApiError(404, "invalid_request_error", f"the model {str(model)[:200]!r} does not exist; this server serves {model_name!r}",
+                       "model", "model_not_found")
+    if body.get("n") not in (None, 1):
+        raise invalid("n: this server gives one choice per request (n 1)", "n")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise invalid("stream must be true or false", "stream")
+    options = body.get("stream_options")
+    if options is not None and not (isinstance(options, dict) and isinstance(options.get("include_usage", False), bool)):
+        raise invalid("stream_options must be an object such as {\"include_usage\": true}", "stream_options")
+    if options is not None and not stream:
+        raise invalid("stream_options needs stream true", "stream_options")
+    return stream, bool((options or {}).get("include_usage"))
