@@ -390,6 +390,8 @@ class Batch:
         self.free = list(range(batch, slots))
         self.position = width  # where the next step writes, in every slot
         self.joinable = capacity > 0 and can_join(cache)
+        # A compiled step is specialised to the thread count it was compiled for: only eager steps change it.
+        self._threads = StepThreads(self.tokens.device.type == "cpu" and not self.compiled)
         self._read_at: int | None = None  # the step count of the last read
         self._planned = self._needed = 0  # what the requests offered since the last read need (`fits`)
 
@@ -444,7 +446,7 @@ class Batch:
     def advance(self) -> Update:
         """The steps up to the next read, then the read: the rows that moved and those that ended
         (their slots free for `join`). Nothing when no row is live."""
-        with torch.inference_mode():
+        with torch.inference_mode(), self._threads.steps() as timed:
             while self.live:
                 if self._due() and self._read_at != self.done:
                     return self._read()
@@ -455,6 +457,7 @@ class Batch:
                                        self.eos, self.pad_id)
                 self.done += 1
                 self.position += 1
+                timed.steps += 1
         return Update([], [])
 
     def _read(self) -> Update:
@@ -523,6 +526,56 @@ class Batch:
         for r in self.live:
             if r.index == row:
                 r.stop = True
+
+
+class StepThreads:
+    """On a CPU, the threads the decode steps run on, chosen by the clock. A step is many small
+    kernels, each a barrier for every thread; where other work takes the cores, a thread waiting at
+    one loses its time slice, and one thread can step faster than all of them (bench/RESULTS.md:
+    a busy machine). So the steps between reads run in turn on the process's threads and on one,
+    twice each, and the faster (its best time a step: a time slice lost is noise, not speed) is
+    kept; both are tried again every PROBE reads. Prefills (joins included) keep every thread: they
+    are few large kernels. Eager steps only: inductor's code is made for one thread count, and
+    another would compile it again."""
+
+    PROBE = 64
+    TRIALS = 2  # reads timed on each count
+
+    def __init__(self, cpu: bool):
+        self.many = torch.get_num_threads() if cpu else 1
+        self.order = [self.many, 1] * self.TRIALS  # what the next reads try, then none
+        self.per_step: dict[int, float] = {}  # threads -> the best seconds a step seen in this probe
+        self.chosen = self.many
+        self.reads = 0
+
+    @contextmanager
+    def steps(self):
+        if self.many <= 1:
+            yield _Steps()
+            return
+        threads = self.order[0] if self.order else self.chosen
+        torch.set_num_threads(threads)
+        timed, start = _Steps(), time.perf_counter()
+        try:
+            yield timed
+        finally:
+            torch.set_num_threads(self.many)
+        if not timed.steps:
+            return
+        if self.order:
+            self.order.pop(0)
+            seconds = (time.perf_counter() - start) / timed.steps
+            self.per_step[threads] = min(seconds, self.per_step.get(threads, seconds))
+            if not self.order:
+                self.chosen = min(self.per_step, key=self.per_step.get)
+        self.reads += 1
+        if self.reads % self.PROBE == 0:
+            self.order, self.per_step = [self.many, 1] * self.TRIALS, {}
+
+
+@dataclass
+class _Steps:
+    steps: int = 0
 
 
 def _read(rows: Rows, live: list[_Live], done: int, guard) -> tuple[list[bool], list[tuple[int, list[int], int | None]]]:

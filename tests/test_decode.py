@@ -446,6 +446,32 @@ def test_the_compiled_step_is_made_once_for_requests_of_one_shape(tiny_model, me
     assert made[0] >= 1 and made[1] == made[2] == made[0], made
 
 
+def test_the_steps_run_on_every_thread_and_on_one_and_leave_the_count_as_it_was(sessions, media_dir):
+    """On a CPU the steps between two reads are timed on the process's threads and on one (the
+    faster is kept); the prefill keeps every thread, and afterwards the count is as it was."""
+    many = torch.get_num_threads()
+    if many < 2:
+        pytest.skip("this process has one thread")
+    session = sessions["static"]
+    gen = GenerationOptions(max_new_tokens=40, min_new_tokens=40)
+    [p] = prepared(session, media_dir, ["square.png"], gen)
+    seen: list[tuple[int, int]] = []  # (tokens in the layer's input, threads)
+    layer = session.runner.model.model.language_model.layers[0]
+
+    def heard(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        seen.append((hidden.shape[1], torch.get_num_threads()))
+
+    hook = layer.register_forward_pre_hook(heard, with_kwargs=True)
+    try:
+        [out] = answers(session.runner, [p], gen)
+    finally:
+        hook.remove()
+    assert out.generated_tokens == 40 and torch.get_num_threads() == many
+    assert seen[0] == (out.prompt_tokens, many)  # the prefill
+    assert {threads for width, threads in seen[1:]} == {1, many}  # the steps: both tried
+
+
 def test_a_replay_is_checked_against_the_direct_step():
     """The check a captured step passes before it is used: bf16 rounding passes; other logits,
     another shape or a NaN do not."""
