@@ -293,11 +293,14 @@ def run_each(
     require_video: bool = False,
     on_progress: Callable[[], None] = lambda: None,
     more: list[tuple[GenerationOptions, str]] = (),
+    refill: bool | None = None,
 ) -> None:
     """Prepare ahead on a worker thread; generate in batches on this one. `more`: further
     questions (several -p), each with its own request key, asked of every input's media as
     prepared once; then a record is per input and question, with the question in it, and the
-    emitter orders them by input, then question."""
+    emitter orders them by input, then question. `refill`: ended rows' slots are taken by the next
+    inputs at once (None: on a GPU, with a batch size over one; a CPU pays for every row, and runs
+    fixed batches)."""
     questions = [(gen, key), *more]
     asked = len(questions)
     ahead: queue.Queue = queue.Queue(maxsize=max(2, 2 * batch_size))
@@ -336,10 +339,40 @@ def run_each(
             out["question"] = questions[q][0].prompt
         return out
 
+    def take(item):
+        """An item from the queue: skipped and failed inputs are said here; one to run is returned."""
+        unit, index, source, q, prepared, error = item
+        if unit is None:
+            raise error
+        if prepared is None and error is None:
+            tally.skipped += 1
+            emitter.emit(unit, None)
+        elif error is not None:
+            emitter.emit(unit, record(index, source, q, None, error))
+            tally.failed += 1
+        else:
+            on_progress()
+            return unit, index, source, q, prepared
+        on_progress()
+        return None
+
+    def out(item, result, error) -> None:
+        unit, index, source, q, _ = item
+        emitter.emit(unit, record(index, source, q, result, error))  # counted once it is out
+        if error is None:
+            tally.done += 1
+        else:
+            tally.failed += 1
+        on_progress()
+
     worker = threading.Thread(target=prefetch, name="qvl-prefetch", daemon=True)
     worker.start()
     tally.started = time.perf_counter()
     try:
+        if refill is None:  # a GPU steps a batch for about the cost of one row: keep its slots full
+            refill = backend.device not in ("cpu", "endpoint") and batch_size > 1
+        if refill and getattr(backend, "streams_batches", False):
+            return _refilled(backend, ahead, batch_size, gen, take, out)
         finished = False
         while not finished:
             batch: list[tuple[int, int, str, int, object]] = []
@@ -348,30 +381,67 @@ def run_each(
                 if item is _END:
                     finished = True
                     break
-                unit, index, source, q, prepared, error = item
-                if unit is None:
-                    raise error
-                if prepared is None and error is None:
-                    tally.skipped += 1
-                    emitter.emit(unit, None)
-                elif error is not None:
-                    emitter.emit(unit, record(index, source, q, None, error))
-                    tally.failed += 1
-                else:
-                    batch.append((unit, index, source, q, prepared))
-                on_progress()
+                if (ready := take(item)) is not None:
+                    batch.append(ready)
             # The questions differ in their prompts only, which their prepared texts hold: one batch.
-            for (unit, index, source, q, _), result, error in _generate(backend, batch, gen) if batch else ():
-                emitter.emit(unit, record(index, source, q, result, error))  # counted once it is out
-                if error is None:
-                    tally.done += 1
-                else:
-                    tally.failed += 1
-                on_progress()
+            for item, result, error in _generate(backend, batch, gen) if batch else ():
+                out(item, result, error)
     finally:
         stop.set()
         # Its decoding must not outlive the run: native threads still running at exit abort the process.
         worker.join(timeout=60)
+
+
+def _refilled(backend, ahead: queue.Queue, batch_size: int, gen: GenerationOptions, take, out) -> None:
+    """--each with rows refilled: a batch of `batch_size` rows whose ended rows' slots the next
+    inputs take at once (rows.py's join), instead of waiting for the batch's longest answer. An
+    input too long for the room left starts the next batch."""
+    from qwen2vl_cli.rows import Row
+
+    finished, carried = False, []
+    while True:
+        batch = carried
+        carried = []
+        while not finished and len(batch) < batch_size:  # a batch starts full, as a fixed one does
+            item = ahead.get()
+            if item is _END:
+                finished = True
+            elif (ready := take(item)) is not None:
+                batch.append(ready)
+        if not batch:
+            return
+        running = backend.start([Row(p.text, list(p.loaded), gen) for *_, p in batch], capacity=batch_size)
+        rows = dict(enumerate(batch))
+        while running.live:
+            for number, generation in running.advance():
+                result = backend.finish(rows[number][-1], generation, gen)
+                out(rows.pop(number), *((None, result) if isinstance(result, Exception) else (result, None)))
+            while not finished and not carried and running.open():
+                try:
+                    item = ahead.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _END:
+                    finished = True
+                    break
+                if (ready := take(item)) is None:
+                    continue
+                row = Row(ready[-1].text, list(ready[-1].loaded), gen)
+                try:
+                    fits = running.fits(row)
+                except Exception as e:  # noqa: BLE001 - its inputs cannot be built: this input's failure
+                    out(ready, None, e)
+                    continue
+                if not fits:
+                    carried.append(ready)
+                    break
+                number = len(running.rows)
+                rows[number] = ready
+                try:
+                    running.join(row)
+                except Exception as e:  # noqa: BLE001 - this input's failure (out of memory in its prefill), not the batch's
+                    rows.pop(number)
+                    out(ready, None, e)
 
 
 def _generate(backend: Backend, batch, gen):

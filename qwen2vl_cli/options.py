@@ -114,7 +114,7 @@ Format = Annotated[str, typer.Option(help="jsonl: one JSON object per input. tex
 Ordered = Annotated[bool, typer.Option("--ordered/--unordered", help="Records in input order, or as each finishes.", rich_help_panel=EACH_PANEL)]
 Output = Annotated[Optional[str], typer.Option("--output", "-o", metavar="FILE", help="Write records to FILE (a new file), flushed after each.", rich_help_panel=EACH_PANEL)]
 Resume = Annotated[Optional[str], typer.Option(metavar="FILE", help="Continue FILE: skip inputs it already answered with the same prompt and options, append the rest.", rich_help_panel=EACH_PANEL)]
-BatchSize = Annotated[Optional[int], typer.Option(min=1, help="Inputs generated together (left-padded). Default: 8 on CUDA, 4 on MPS, 1 on CPU.", rich_help_panel=EACH_PANEL)]
+BatchSize = Annotated[Optional[int], typer.Option(min=1, help="Inputs generated together (left-padded; on a GPU an ended row's slot goes to the next input at once). Default: 8 on CUDA, 4 on MPS, 1 on CPU.", rich_help_panel=EACH_PANEL)]
 
 SERVE_PANEL = "Server"
 SERVE_LIMITS_PANEL = "What one request may cost"

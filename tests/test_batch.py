@@ -69,6 +69,37 @@ def test_batched_equals_unbatched_under_greedy(qvl, tiny_model, media_dir):
     assert [o["prompt_tokens"] for o in one] == [o["prompt_tokens"] for o in many]
 
 
+def test_refilled_rows_give_the_records_of_fixed_batches(tiny_model, media_dir):
+    """--each with ended rows' slots taken by the next inputs at once (the default on a GPU): the
+    same records, in order, as one input at a time; a bad input is its own error record."""
+    from qwen2vl_cli.backend import LocalBackend
+    from qwen2vl_cli.batch import Emitter, Tally, run_each
+    from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions
+    from tests.helpers import Quiet
+
+    backend = LocalBackend(RuntimeOptions(str(tiny_model), device="cpu", dtype="float32"), Quiet())
+    bounce = Path(__file__).parent.parent / "samples" / "bounce.gif"  # its answer ends on its own after 37 tokens
+    names = ["square.png", "photo.png", "notes.txt", bounce, "clip.mp4", bounce, "photo.jpg"]
+    gen = GenerationOptions(max_new_tokens=48)
+
+    def run(refill: bool, batch_size: int) -> list[dict]:
+        got: list[str] = []
+        tally = Tally()
+        run_each(iter(str(media_dir / n) for n in names), backend, MediaOptions(), gen, "k", batch_size, Emitter(got.append, "jsonl", True),
+                 tally, refill=refill)
+        assert (tally.done, tally.failed) == (6, 1)
+        return [json.loads(line) for line in got]
+
+    started = []
+    start = backend.start
+    backend.start = lambda rows, capacity=0: started.append(len(rows)) or start(rows, capacity)
+    fixed, refilled = run(False, 1), run(True, 3)
+    assert started[0] == 3 and sum(started) < 6  # later inputs took the slots of rows that ended
+    assert [r["index"] for r in refilled] == list(range(len(names)))
+    assert [(r.get("text"), r.get("generated_tokens")) for r in refilled] == [(r.get("text"), r.get("generated_tokens")) for r in fixed]
+    assert "error" in refilled[2] and len({r["generated_tokens"] for r in refilled if "text" in r}) > 1  # answers of different lengths
+
+
 def test_text_format_escapes_both_columns_and_says_failures_on_stderr(qvl, tiny_model, media_dir, tmp_path):
     odd = tmp_path / "tab\there\nnewline.png"
     shutil.copy(media_dir / "square.png", odd)
