@@ -12,7 +12,6 @@ import itertools
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
 from dataclasses import replace
 from threading import Event
 from typing import TYPE_CHECKING, BinaryIO, Protocol
@@ -213,8 +212,8 @@ class LocalBackend:
 
     @property
     def streams_batches(self) -> bool:
-        """Whether `generate` streams every row of a batch (`on_texts`) and takes rows that join a
-        running batch (`admit`), or streams only a batch of one."""
+        """Whether `generate` streams every row of a batch (`on_texts`) and a batch `start`ed takes
+        rows that join it as others end, or a batch of one streams and none joins (--engine hf)."""
         return self.runner.streams_batches
 
     def generate(self, batch: list[Prepared], gen: GenerationOptions, on_text=None, cancels=None, on_texts=None) -> list[Result | Exception]:
@@ -265,15 +264,9 @@ def _typed(chat: list[dict], kinds) -> list[dict]:
     ]
 
 
-def run(request: Request, hooks: Hooks, stdin: BinaryIO | None = None) -> Result:
-    """`describe` and `video` on this machine: a batch of one through the local backend."""
-    with closing(answers(request, [request.generation], hooks, stdin)) as each:
-        return next(each)
-
-
 def answers(request: Request, gens: list[GenerationOptions], hooks: Hooks, stdin: BinaryIO | None = None) -> Iterator[Result]:
-    """One answer about the request's media for each of `gens` (several -p), in turn, as each
-    ends. The media are probed before the model is looked for (a bad file fails before any
+    """`describe` and `video` on this machine: one answer about the request's media for each of
+    `gens` (several -p), in turn, as each ends. The media are probed before the model is looked for (a bad file fails before any
     download), decoded once while the weights load, and (where the runner keeps them) their
     vision outputs and the prompt's keys and values serve every later question. Out of memory
     before the first token (vision tower, prefill): once more at half the visual tokens, saying so.
