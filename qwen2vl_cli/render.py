@@ -168,6 +168,7 @@ class Reporter:
         self.stream = stream
         self._status = None
         self._wrote = False
+        self._heading: str | None = None  # several -p: the next answer's question, written with its first text
         self._ends_with_newline = True
 
     def stage(self, text: str) -> None:
@@ -199,24 +200,30 @@ class Reporter:
         if not self.quiet:
             self.console.print(styled("note:", "yellow", text))
 
+    def question(self, text: str, first: bool) -> None:
+        """Several -p: each answer comes under its question, quoted (on stdout, where answers
+        stream), written with the answer's first text: after what is said of the media."""
+        if self.stream:
+            self._heading = ("" if first else "\n") + "".join(f"> {line}\n" for line in text.splitlines() or [""])
+
+    def _write_heading(self) -> None:
+        if self._heading is not None:
+            write_stdout(self._heading)
+            self._heading = None
+            self._wrote = self._ends_with_newline = True
+
     def text(self, chunk: str) -> None:
         self.stop()
         if not self.stream:
             return
+        self._write_heading()
         write_stdout(chunk)
         self._wrote = True
         self._ends_with_newline = chunk.endswith("\n")
 
-    def question(self, text: str, first: bool) -> None:
-        """Several -p: each answer comes under its question, quoted (on stdout, where answers stream)."""
-        self.stop()
-        if not self.stream:
-            return
-        write_stdout(("" if first else "\n") + "".join(f"> {line}\n" for line in text.splitlines() or [""]))
-        self._wrote = self._ends_with_newline = True
-
     def end_text(self) -> None:
         self.stop()
+        self._write_heading()  # an answer with no text still comes under its question
         if self.stream and (not self._wrote or not self._ends_with_newline):
             write_stdout("\n")
             self._wrote = self._ends_with_newline = True
