@@ -1,6 +1,6 @@
 """The decode engine: prefill through the transformers model, then one loop over a static KV cache.
 
-Read top to bottom, as gpt-fast's generate.py: `prefill` runs the whole model once (vision
+Read top to bottom, as gpt-fast's generate.py: `prefill` (prefill.py) runs the whole model once (vision
 tower, M-RoPE positions, the prompt into the cache; from a kept prefix, prefix_cache.py, only the
 rest) and gives the first logits; `decode_one_token` (steps.py, with the ways a step is made) is
 one step for every row (embed, the language model over the cache, the head); `choose` picks
@@ -22,18 +22,18 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 
 from qwen2vl_cli.config import debug_enabled
-from qwen2vl_cli.errors import Cancelled
-from qwen2vl_cli.prefix_cache import PrefixCache, Prompt, after, layers_of, load, signatures
+from qwen2vl_cli.prefill import prefill, prefill_alone, seat, stop_when
+from qwen2vl_cli.prefix_cache import PrefixCache, Prompt, layers_of, signatures
 from qwen2vl_cli.steps import (
     GraphedStep,
     Rows,
+    StepThreads,
     batch_bucket,
     cache_argument,
     cache_bucket,
@@ -43,7 +43,6 @@ from qwen2vl_cli.steps import (
     show,
     static_cache,
 )
-from qwen2vl_cli.vision_cache import encoded
 
 
 @dataclass(frozen=True)
@@ -135,53 +134,6 @@ def _pad_rows(inputs: dict, rows: int, pad_id: int) -> dict:
     return out
 
 
-def prefill(model, inputs: dict, cache, vision=None, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole model over the prompt (from `start` on, where the cache holds the tokens before
-    it); the cache holds it afterwards. `vision`: a VisionCache for the media's tower outputs.
-
-    Returns the last logits (B, V) and each row's M-RoPE offset for the text that follows. The
-    positions are transformers' `generate`'s: text positions skip the left padding, and media
-    get their 3D positions from the model's own `get_rope_index`, over the whole prompt.
-    """
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    grids = {k: inputs[k] for k in ("image_grid_thw", "video_grid_thw") if inputs.get(k) is not None}
-    if grids and inputs.get("mm_token_type_ids") is not None:
-        if inputs.get("second_per_grid_ts") is not None:  # Qwen2.5-VL: frames placed in absolute time
-            grids["second_per_grid_ts"] = inputs["second_per_grid_ts"]
-        spatial, deltas = model.model.get_rope_index(ids, mm_token_type_ids=inputs["mm_token_type_ids"], attention_mask=mask, **grids)
-    else:
-        spatial, deltas = text[None].expand(3, -1, -1), torch.zeros((ids.shape[0], 1), dtype=torch.long, device=ids.device)
-    positions = torch.cat([text[None], spatial.to(text.device)], dim=0)  # the text row first, as `generate` passes them
-    if start:
-        inputs, positions = after(model, inputs, start), positions[:, :, start:]
-    out = model(**encoded(model, inputs, vision), position_ids=positions, use_cache=True, logits_to_keep=1, **{cache_argument(model): cache})
-    return out.logits[:, -1, :].float(), deltas.to(ids.device)
-
-
-@contextmanager
-def stop_when(model, events: list[threading.Event] | None):
-    """While inside: once every event is set (every row's client went away), the next vision
-    block or decoder layer raises Cancelled, so a long prompt's prefill does not run on for nobody.
-    Eager code only (a compiled step would break its graph on the check)."""
-    if not events or any(e is None for e in events):
-        yield
-        return
-
-    def check(module, args) -> None:
-        if all(e.is_set() for e in events):
-            raise Cancelled()
-
-    inner = model.model
-    layers = list(getattr(inner.language_model, "layers", ())) + list(getattr(getattr(inner, "visual", None), "blocks", ()))
-    handles = [layer.register_forward_pre_hook(check) for layer in layers]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def choose(logits: torch.Tensor, seen: torch.Tensor | None, young: torch.Tensor | bool | None, sampling: Sampling, eos: torch.Tensor,
            generator) -> torch.Tensor:
     """The next token of every row, on the device. `seen`: the rows' tokens so far (repetition
@@ -221,35 +173,6 @@ def _advance(rows: Rows, chosen: torch.Tensor, eos: torch.Tensor, pad: int) -> t
     return chosen
 
 
-def _alone(model, inputs: dict, vision, prefixes: PrefixCache | None, prompt: Prompt | None):
-    """Prompts prefilled into a cache of their own, as wide as they are: for a batch of one with
-    `prefixes`, from the longest prefix kept there (its keys and values copied in, the rest
-    prefilled), its own then kept. Returns the last logits, the M-RoPE offsets and the cache."""
-    width = inputs["input_ids"].shape[1]
-    own = static_cache(model, width)
-    start = 0
-    if prompt is not None:
-        start, entry = prefixes.find(prompt)
-        if entry is not None:
-            load(own, entry, start)
-    logits, deltas = prefill(model, inputs, own, vision, start)
-    if prompt is not None:
-        prefixes.keep(prompt, [(layer.keys[0, :, :width], layer.values[0, :, :width]) for layer in own.layers])
-    return logits, deltas, own
-
-
-def _seat(cache, own, slots: int) -> None:
-    """Prompts prefilled alone (`own`, as wide as they are) into the first rows of a batch's cache
-    of `slots` rows, which then writes next past them."""
-    for layer, alone in zip(cache.layers, own.layers):
-        if not layer.is_initialized:
-            layer.lazy_initialization(alone.keys[:1, :, :1].expand(slots, -1, -1, -1), alone.values[:1, :, :1].expand(slots, -1, -1, -1))
-        rows, width = alone.keys.shape[0], alone.keys.shape[2]
-        layer.keys[:rows, :, :width].copy_(alone.keys)
-        layer.values[:rows, :, :width].copy_(alone.values)
-        layer.cumulative_length.fill_(width)
-
-
 def _join(model, rows: Rows, cache, slot: int, inputs: dict, vision=None, prefixes: PrefixCache | None = None,
           prompt: Prompt | None = None) -> torch.Tensor:
     """One prompt prefilled alone (from a kept prefix where `prefixes` has one), then moved into
@@ -258,7 +181,7 @@ def _join(model, rows: Rows, cache, slot: int, inputs: dict, vision=None, prefix
     compiled step goes on as it was. Returns its last logits."""
     ids = inputs["input_ids"]
     width = ids.shape[1]
-    logits, deltas, own = _alone(model, inputs, vision, prefixes, prompt)
+    logits, deltas, own = prefill_alone(model, inputs, vision, prefixes, prompt)
     for layer, alone in zip(cache.layers, own.layers):
         layer.keys[slot, :, :width].copy_(alone.keys[0])
         layer.values[slot, :, :width].copy_(alone.values[0])
@@ -365,8 +288,8 @@ class Batch:
                 if slots == batch and not (alone and prefixes is not None) or not can_join(cache):
                     logits, deltas = prefill(model, inputs, cache, vision)
                 else:  # the caller's rows alone (filler rows are not prefilled), then seated in the batch's cache
-                    logits, deltas, own = _alone(model, first, vision, prefixes if alone else None, prompts[0] if alone else None)
-                    _seat(cache, own, slots)
+                    logits, deltas, own = prefill_alone(model, first, vision, prefixes if alone else None, prompts[0] if alone else None)
+                    seat(cache, own, slots)
                     del own
                     logits = torch.cat([logits, logits.new_zeros((slots - batch, logits.shape[1]))])
                     deltas = torch.cat([deltas, deltas.new_zeros((slots - batch, 1))])
@@ -526,56 +449,6 @@ class Batch:
         for r in self.live:
             if r.index == row:
                 r.stop = True
-
-
-class StepThreads:
-    """On a CPU, the threads the decode steps run on, chosen by the clock. A step is many small
-    kernels, each a barrier for every thread; where other work takes the cores, a thread waiting at
-    one loses its time slice, and one thread can step faster than all of them (bench/RESULTS.md:
-    a busy machine). So the steps between reads run in turn on the process's threads and on one,
-    twice each, and the faster (its best time a step: a time slice lost is noise, not speed) is
-    kept; both are tried again every PROBE reads. Prefills (joins included) keep every thread: they
-    are few large kernels. Eager steps only: inductor's code is made for one thread count, and
-    another would compile it again."""
-
-    PROBE = 64
-    TRIALS = 2  # reads timed on each count
-
-    def __init__(self, cpu: bool):
-        self.many = torch.get_num_threads() if cpu else 1
-        self.order = [self.many, 1] * self.TRIALS  # what the next reads try, then none
-        self.per_step: dict[int, float] = {}  # threads -> the best seconds a step seen in this probe
-        self.chosen = self.many
-        self.reads = 0
-
-    @contextmanager
-    def steps(self):
-        if self.many <= 1:
-            yield _Steps()
-            return
-        threads = self.order[0] if self.order else self.chosen
-        torch.set_num_threads(threads)
-        timed, start = _Steps(), time.perf_counter()
-        try:
-            yield timed
-        finally:
-            torch.set_num_threads(self.many)
-        if not timed.steps:
-            return
-        if self.order:
-            self.order.pop(0)
-            seconds = (time.perf_counter() - start) / timed.steps
-            self.per_step[threads] = min(seconds, self.per_step.get(threads, seconds))
-            if not self.order:
-                self.chosen = min(self.per_step, key=self.per_step.get)
-        self.reads += 1
-        if self.reads % self.PROBE == 0:
-            self.order, self.per_step = [self.many, 1] * self.TRIALS, {}
-
-
-@dataclass
-class _Steps:
-    steps: int = 0
 
 
 def _read(rows: Rows, live: list[_Live], done: int, guard) -> tuple[list[bool], list[tuple[int, list[int], int | None]]]:

@@ -48,7 +48,7 @@ def generate_one(runner, inputs, gen: GenerationOptions, on_text, cancel) -> Gen
     """One prompt through transformers' `generate`, streamed from a worker thread."""
     import torch
 
-    from qwen2vl_cli.decode import stop_when
+    from qwen2vl_cli.prefill import stop_when
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
     tokenizer = runner.processor.tokenizer
@@ -120,7 +120,7 @@ def generate_rows(runner, inputs, rows: int, gen: GenerationOptions, cancels: li
     """A left-padded batch through transformers' `generate` (its streamer takes one row: this one only times)."""
     import torch
 
-    from qwen2vl_cli.decode import stop_when
+    from qwen2vl_cli.prefill import stop_when
     from transformers import StoppingCriteria
     from transformers.generation.streamers import BaseStreamer
 

@@ -1,10 +1,13 @@
 """One decode step for every row of a batch, and the ways it is made: eager (reading only the
 cache positions written so far), compiled by inductor, or captured in a CUDA graph. The batch
-(decode.py) chooses once, when it starts, and runs the step it got."""
+(decode.py) chooses once, when it starts, and runs the step it got; on a CPU, StepThreads picks
+the threads its eager steps run on."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 
@@ -226,3 +229,53 @@ def compile_or_eager(model, rows: Rows, tokens: torch.Tensor, cache, attn: str) 
         ok = False
     restore()
     return (step, True) if ok else (decode_one_token, False)
+
+
+class StepThreads:
+    """On a CPU, the threads the decode steps run on, chosen by the clock. A step is many small
+    kernels, each a barrier for every thread; where other work takes the cores, a thread waiting at
+    one loses its time slice, and one thread can step faster than all of them (bench/RESULTS.md:
+    a busy machine). So the steps between reads run in turn on the process's threads and on one,
+    twice each, and the faster (its best time a step: a time slice lost is noise, not speed) is
+    kept; both are tried again every PROBE reads. Prefills (joins included) keep every thread: they
+    are few large kernels. Eager steps only: inductor's code is made for one thread count, and
+    another would compile it again."""
+
+    PROBE = 64
+    TRIALS = 2  # reads timed on each count
+
+    def __init__(self, cpu: bool):
+        self.many = torch.get_num_threads() if cpu else 1
+        self.order = [self.many, 1] * self.TRIALS  # what the next reads try, then none
+        self.per_step: dict[int, float] = {}  # threads -> the best seconds a step seen in this probe
+        self.chosen = self.many
+        self.reads = 0
+
+    @contextmanager
+    def steps(self):
+        if self.many <= 1:
+            yield _Steps()
+            return
+        threads = self.order[0] if self.order else self.chosen
+        torch.set_num_threads(threads)
+        timed, start = _Steps(), time.perf_counter()
+        try:
+            yield timed
+        finally:
+            torch.set_num_threads(self.many)
+        if not timed.steps:
+            return
+        if self.order:
+            self.order.pop(0)
+            seconds = (time.perf_counter() - start) / timed.steps
+            self.per_step[threads] = min(seconds, self.per_step.get(threads, seconds))
+            if not self.order:
+                self.chosen = min(self.per_step, key=self.per_step.get)
+        self.reads += 1
+        if self.reads % self.PROBE == 0:
+            self.order, self.per_step = [self.many, 1] * self.TRIALS, {}
+
+
+@dataclass
+class _Steps:
+    steps: int = 0

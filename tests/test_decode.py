@@ -219,7 +219,7 @@ def test_a_batch_runs_in_its_bucket_with_filler_rows(tiny_model, media_dir, tmp_
 def _teacher_forced_logits(session, inputs, tokens: list[int], kind: str) -> torch.Tensor:
     """The step's logits for `tokens` fed one after another (the same tokens whatever the step
     picks), from the same prefill: steps compare position by position."""
-    from qwen2vl_cli import decode, steps
+    from qwen2vl_cli import prefill, steps
 
     model, attn = session.runner.model, session.runner.attn
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
@@ -227,7 +227,7 @@ def _teacher_forced_logits(session, inputs, tokens: list[int], kind: str) -> tor
     length = steps.cache_bucket(width + len(tokens) + 1)
     cache = steps.static_cache(model, length)
     with torch.inference_mode():
-        _, deltas = decode.prefill(model, dict(inputs), cache)
+        _, deltas = prefill.prefill(model, dict(inputs), cache)
         rows = steps.Rows(
             attend=torch.cat([mask.bool(), torch.zeros((rows_n, length - width), dtype=torch.bool, device=ids.device)], dim=1),
             text_position=mask.long().sum(dim=1), rope_deltas=deltas, seen=None,
