@@ -143,7 +143,7 @@ class LocalBackend:
         if caps and sum(p.visual_tokens for p in plans) > min(caps):
             cap = min(caps)
             plans = plan_all(probed, self.spec, replace(opts, max_visual_tokens=min(cap, opts.max_visual_tokens or cap)), count)
-        return decode_all(probed, plans, opts, self.max_source_pixels)
+        return decode_all(probed, plans, opts, self.max_source_pixels, self.runner.media)
 
     def check_text(self, text: str, what: str) -> None:
         """Text is text: valid Unicode, and none of the chat template's control tokens, which the

@@ -538,7 +538,7 @@ def serve(
     allow_private_urls: Annotated[bool, typer.Option("--allow-private-urls", help="Let media URLs reach any address, loopback and private networks included.", rich_help_panel=O.SERVE_LIMITS_PANEL)] = False,
     read_timeout: Annotated[float, typer.Option(min=0.1, metavar="SECONDS", help="Time for a request's headers to arrive (from connecting, or from the last answer), then for its body.", rich_help_panel=O.SERVE_LIMITS_PANEL)] = 30.0,
     max_connections: Annotated[Optional[int], typer.Option(min=1, help="Connections open at once; past it, the one longest without a request is closed (else the new one). Default: from the open-file limit, at most 4096.", show_default=False, rich_help_panel=O.SERVE_LIMITS_PANEL)] = None,
-    cache_size: Annotated[Optional[str], typer.Option(metavar="SIZE", help="Room kept for what a later request can reuse: finished prompts' and answers' keys and values (a conversation's earlier turns, another question about the same picture), and vision-tower outputs, e.g. 512M; 0 turns both off. Default: 1G on a CPU, 2G on a GPU.", show_default=False, rich_help_panel=O.SERVE_PANEL)] = None,
+    cache_size: Annotated[Optional[str], typer.Option(metavar="SIZE", help="Room kept for what a later request can reuse: finished prompts' and answers' keys and values (a conversation's earlier turns, another question about the same picture), vision-tower outputs and decoded media, e.g. 512M; 0 turns them off. Default: 1G on a CPU, 2G on a GPU.", show_default=False, rich_help_panel=O.SERVE_PANEL)] = None,
     quiet: O.Quiet = False,
 ) -> None:
     """An OpenAI-compatible server: POST /v1/chat/completions (image_url, video_url, stream), GET /v1/models."""

@@ -92,10 +92,15 @@ def inspect(
         return (plan_all(probed, spec, opts, count) if probed else []), failed
 
 
-def decode_all(probed: list[Probed], plans: list[MediaPlan], opts: MediaOptions, max_frame_pixels: int | None = None
-               ) -> tuple[list[MediaPlan], list[media.Loaded]]:
-    """Pixels for every input, and plans updated with what decoding found (real frame times, notes)."""
-    loaded = [media.load(p.source, p.info, pl, opts.seek == "keyframe", max_frame_pixels) for p, pl in zip(probed, plans)]
+def decode_all(probed: list[Probed], plans: list[MediaPlan], opts: MediaOptions, max_frame_pixels: int | None = None,
+               cache=None) -> tuple[list[MediaPlan], list[media.Loaded]]:
+    """Pixels for every input, and plans updated with what decoding found (real frame times, notes);
+    `cache` (a MediaCache) keeps them for a later request that sends the same bytes."""
+    def load(p: Probed, pl: MediaPlan) -> media.Loaded:
+        decode = lambda: media.load(p.source, p.info, pl, opts.seek == "keyframe", max_frame_pixels)  # noqa: E731
+        return decode() if cache is None else cache.load(p.source, pl, opts.seek, decode)
+
+    loaded = [load(p, pl) for p, pl in zip(probed, plans)]
     plans = [
         replace(pl, frame_times_s=ld.frame_times_s, notes=pl.notes + ld.notes) if pl.kind == "video" else pl
         for pl, ld in zip(plans, loaded)

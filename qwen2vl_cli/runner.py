@@ -19,6 +19,7 @@ from qwen2vl_cli import devices
 from qwen2vl_cli.config import debug_enabled
 from qwen2vl_cli.errors import ModelError, one_line
 from qwen2vl_cli.families import QWEN2_VL, Family, family_of_config
+from qwen2vl_cli.media_cache import MediaCache
 from qwen2vl_cli.modelinfo import BUILDING, read_config, vision_spec_from_dict
 from qwen2vl_cli.reference import RepetitionGuard
 from qwen2vl_cli.types import Generation, GenerationOptions, Loaded, RuntimeOptions, VisionSpec
@@ -132,11 +133,13 @@ class Runner:
         self.family: Family = QWEN2_VL
         self.context_tokens = 32768  # the model's max_position_embeddings, once its config is read
         self.load_s = 0.0
-        size = runtime.cache_size if runtime.cache_size is not None else default_bytes(self.device)
-        self.vision = VisionCache(size // 4) if size > 0 else None  # a medium's tower output is a tenth of its keys and values
-        from qwen2vl_cli.prefix_cache import PrefixCache
+        from qwen2vl_cli.prefix_cache import PrefixCache  # torch with it
 
-        self.prefixes = PrefixCache(size - size // 4) if size > 0 else None
+        size = runtime.cache_size if runtime.cache_size is not None else default_bytes(self.device)
+        # A medium's tower output is a tenth of its keys and values; its decoded pixels less again.
+        self.media = MediaCache(size // 8) if size > 0 else None
+        self.vision = VisionCache(size // 4) if size > 0 else None
+        self.prefixes = PrefixCache(size - size // 4 - size // 8) if size > 0 else None
 
     def load_processor(self, model_dir: Path) -> None:
         """The family (from config.json), the tokenizer and image/video processors: fast, and they decide the sizes."""

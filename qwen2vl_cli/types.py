@@ -190,7 +190,7 @@ class RuntimeOptions:
     dtype: str = "auto"
     attn: str = "auto"
     engine: str = "auto"  # the decode loop: decode.py's over a static cache, or transformers' generate
-    cache_size: int | None = 0  # bytes of vision outputs kept for media seen again (0: none, as one run needs; None: the device's default)
+    cache_size: int | None = 0  # bytes kept for reuse: prefixes, vision outputs, decoded media (0: none, as one run needs; None: the device's default)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ def test_media_seen_again_skip_the_tower_and_the_tokens_stay_the_same(family_mod
         assert first.tokens == alone.tokens == again.tokens
         assert first.vision_s is not None and again.vision_s is None  # the tower ran the first time only
     assert kept.runner.vision.hits == 4 and kept.runner.vision.misses == 4
+    assert (kept.runner.media.hits, kept.runner.media.misses) == (4, 4)  # nor were they decoded again
 
 
 def test_the_cache_is_keyed_by_content_and_stays_within_its_bytes(tiny_model, media_dir, tmp_path):
@@ -78,6 +79,46 @@ def test_the_cache_is_keyed_by_content_and_stays_within_its_bytes(tiny_model, me
     with torch.inference_mode():
         out = twice.encode(runner.model, "image", torch.cat([inputs["pixel_values"]] * 2), torch.cat([inputs["image_grid_thw"]] * 2))
     assert (twice.misses, twice.hits, len(twice)) == (1, 1, 1) and torch.equal(out.pooler_output[0], first)
+
+
+def test_decoded_media_are_kept_by_their_bytes_and_plan_within_their_bound(tiny_model, media_dir, tmp_path):
+    """The same bytes at the same plan are not decoded again; other bytes under the same name,
+    another size or another seek mode are; past its bound the least recently used goes first."""
+    import numpy as np
+    from PIL import Image
+
+    from qwen2vl_cli.media_cache import MediaCache
+
+    backend = LocalBackend(RuntimeOptions(str(tiny_model), device="cpu", dtype="float32"), Quiet())
+    assert backend.runner.media is None  # one run keeps nothing
+    cache = backend.runner.media = MediaCache(2**30)
+    gen = GenerationOptions(max_new_tokens=1)
+
+    def pixels(path, **opts):
+        loaded = backend.prepare((str(path),), MediaOptions(**opts), gen).loaded[0]
+        return np.asarray(loaded.image) if loaded.image is not None else loaded.frames
+
+    picture = tmp_path / "picture.png"
+    Image.open(media_dir / "photo.png").save(picture)
+    first = pixels(picture)
+    assert np.array_equal(pixels(picture), first) and (cache.hits, cache.misses) == (1, 1)
+    Image.open(media_dir / "square.png").resize(Image.open(picture).size).save(picture)  # the same name, other pixels
+    other = pixels(picture)
+    assert (cache.hits, cache.misses) == (1, 2) and not np.array_equal(other, first)
+    assert pixels(picture, max_pixels=28 * 28 * 16).shape != other.shape and cache.misses == 3
+    clip = media_dir / "clip.mp4"
+    exact = pixels(clip)
+    assert np.array_equal(pixels(clip, seek="keyframe"), exact) is False and cache.misses == 5
+    assert np.array_equal(pixels(clip), exact) and cache.hits == 2
+
+    one = first.nbytes
+    small = backend.runner.media = MediaCache(2 * one)  # room for two of these pictures
+    for path in (media_dir / "photo.png", picture, media_dir / "photo.png", media_dir / "square.png"):
+        pixels(path, max_pixels=first.shape[0] * first.shape[1])
+    assert small.bytes <= small.max_bytes and len(small) == 2
+    pixels(media_dir / "photo.png", max_pixels=first.shape[0] * first.shape[1])
+    pixels(picture, max_pixels=first.shape[0] * first.shape[1])
+    assert (small.hits, small.misses) == (2, 4)  # photo.png stayed; `picture`, the least recently used, went
 
 
 def test_a_cache_size_that_is_not_a_size_is_a_usage_error(qvl, tiny_model):
