@@ -265,12 +265,18 @@ def _typed(chat: list[dict], kinds) -> list[dict]:
 
 
 def answers(request: Request, gens: list[GenerationOptions], hooks: Hooks, stdin: BinaryIO | None = None) -> Iterator[Result]:
-    """`describe` and `video` on this machine: one answer about the request's media for each of
-    `gens` (several -p), in turn, as each ends. The media are probed before the model is looked for (a bad file fails before any
+    """`describe` and `video`: one answer about the request's media for each of `gens` (several
+    -p), in turn, as each ends; through the endpoint where the request names one (endpoint.py).
+    Here, the media are probed before the model is looked for (a bad file fails before any
     download), decoded once while the weights load, and (where the runner keeps them) their
     vision outputs and the prompt's keys and values serve every later question. Out of memory
     before the first token (vision tower, prefill): once more at half the visual tokens, saying so.
     """
+    if request.endpoint is not None:
+        from qwen2vl_cli.endpoint import answers as remote
+
+        yield from remote(request, gens, hooks)
+        return
     with SourceResolver(stdin=stdin, max_bytes=request.media.max_download) as resolver:
         hooks.stage("Reading media")
         probed = probe_all(resolver, request.sources, request.media, request.require_video)

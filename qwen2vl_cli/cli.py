@@ -6,23 +6,19 @@ No torch import here: `qvl --help` and `qvl inspect` start fast.
 from __future__ import annotations
 
 import inspect as _inspect
-import itertools
 import os
-import re
 import sys
 import traceback
 import warnings
-from contextlib import closing
 from dataclasses import replace
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from typer.core import TyperCommand, TyperGroup
 
 from qwen2vl_cli import __version__, config as C, options as O
-from qwen2vl_cli.errors import EXIT_INTERRUPTED, EXIT_USAGE, GenerationInterrupted, OutputClosed, UsageError, describe_exception
-from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions, check_generation
+from qwen2vl_cli.answer import answer
+from qwen2vl_cli.errors import EXIT_INTERRUPTED, EXIT_USAGE, OutputClosed, UsageError, describe_exception
 
 
 # Typer raises its click layer's ClickException for usage errors; find it without naming click.
@@ -122,169 +118,9 @@ def _root(
     pass
 
 
-def parse_resize(text: str | None) -> tuple[int, int] | None:
-    if text is None:
-        return None
-    m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", text)
-    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
-        raise UsageError(f"--resize {text}: give WIDTHxHEIGHT, for example --resize 448x448")
-    return int(m.group(1)), int(m.group(2))
-
-
-# Option groups, each declared once as a signature; commands are assembled from them below.
-def _sizing_options(
-    min_pixels: O.MinPixels = None,
-    max_pixels: O.MaxPixels = None,
-    resize: O.Resize = None,
-    first_frame: O.FirstFrame = False,
-    fps: O.Fps = None,
-    nframes: O.Nframes = None,
-    min_frames: O.MinFrames = None,
-    max_frames: O.MaxFrames = None,
-    start: O.Start = None,
-    end: O.End = None,
-    total_pixels: O.TotalPixels = None,
-    seek: O.Seek = "exact",
-    max_visual_tokens: O.MaxVisualTokens = None,
-    max_download: O.MaxDownload = "2G",
-) -> MediaOptions:
-    from qwen2vl_cli.sources import parse_size
-
-    opts = MediaOptions(
-        min_pixels=min_pixels,
-        max_pixels=max_pixels,
-        total_pixels=total_pixels,
-        resize=parse_resize(resize),
-        fps=fps,
-        nframes=nframes,
-        min_frames=min_frames,
-        max_frames=max_frames,
-        start=start,
-        end=end,
-        first_frame=first_frame,
-        seek=seek,
-        max_visual_tokens=max_visual_tokens,
-        max_download=parse_size(max_download),
-    )
-    from qwen2vl_cli.sizing import check_options
-
-    return check_options(opts)
-
-
-def _generation_options(
-    prompt: O.Prompt = None,
-    system: O.System = None,
-    max_new_tokens: O.MaxNewTokens = C.DEFAULT_MAX_NEW_TOKENS,
-    min_new_tokens: O.MinNewTokens = None,
-    temperature: O.Temperature = 0.0,
-    top_p: O.TopP = None,
-    top_k: O.TopK = None,
-    repetition_penalty: O.RepetitionPenalty = None,
-    seed: O.Seed = None,
-    repeat_guard: O.RepeatGuard = True,
-) -> GenerationOptions:
-    first = prompt[0] if prompt else None  # several: _answer asks each in turn
-    return check_generation(
-        GenerationOptions(first, system, max_new_tokens, min_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, repeat_guard)
-    )
-
-
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise UsageError(f"--{name} {value}: choose one of {', '.join(allowed)}")
-    return value
-
-
-def _runtime_options(
-    model: O.Model = C.DEFAULT_MODEL, device: O.Device = "auto", dtype: O.Dtype = "auto", attn: O.Attn = "auto", engine: O.Engine = "auto"
-) -> RuntimeOptions:
-    from qwen2vl_cli.devices import ATTNS, DEVICES, DTYPES, ENGINES
-
-    return RuntimeOptions(
-        model, _choice("device", device, DEVICES), _choice("dtype", dtype, DTYPES), _choice("attn", attn, ATTNS), _choice("engine", engine, ENGINES)
-    )
-
-
-def _grounding_options(boxes: O.Boxes = None, draw: O.Draw = None) -> tuple[str | None, str | None]:
-    if draw is not None and boxes is None:
-        raise UsageError("--draw shows what --boxes found: add --boxes WHAT")
-    if boxes is not None and not boxes.strip():
-        raise UsageError("--boxes needs what to find, e.g. --boxes 'the red car'")
-    if draw is not None:
-        from qwen2vl_cli.grounding import drawing_format
-
-        drawing_format(draw)  # a name Pillow cannot write, or a file already there, fails before the model loads
-    return boxes, draw
-
-
-def _output_options(json_out: O.Json = False, quiet: O.Quiet = False) -> tuple[bool, bool]:
-    return json_out, quiet
-
-
-def _each_options(
-    each: O.Each = False,
-    from_file: O.FromFile = None,
-    null: O.Null = False,
-    format: O.Format = "jsonl",
-    ordered: O.Ordered = True,
-    output: O.Output = None,
-    resume: O.Resume = None,
-    batch_size: O.BatchSize = None,
-):
-    """None without --each/--from (and then none of the other options may be given)."""
-    from qwen2vl_cli.batch import EachOptions
-
-    if not (each or from_file):
-        given = [name for name, value in (("--null", null), ("--output", output), ("--resume", resume), ("--batch-size", batch_size),
-                 ("--format", format != "jsonl"), ("--unordered", not ordered)) if value]
-        if given:
-            raise UsageError(f"{given[0]} works with --each (or --from FILE)")
-        return None
-    if output and resume and Path(output).expanduser().resolve() != Path(resume).expanduser().resolve():
-        raise UsageError("--output and --resume name different files: give one")
-    if resume and format == "text":
-        raise UsageError("--resume continues a JSON Lines file: drop --format text")
-    return EachOptions(from_file, null, _choice("format", format, ("jsonl", "text")), ordered, output, resume, batch_size)
-
-
-def _endpoint_options(
-    endpoint: O.Endpoint = None,
-    api_key: O.ApiKey = None,
-    pass_urls: O.PassUrls = False,
-    concurrency: O.Concurrency = 4,
-):
-    if endpoint is None:
-        if pass_urls or concurrency != 4:
-            raise UsageError(f"{'--pass-urls' if pass_urls else '--concurrency'} works with --endpoint URL")
-        return None
-    if not endpoint.startswith(("http://", "https://")):
-        raise UsageError(f"--endpoint {endpoint}: give an http(s):// URL, such as http://127.0.0.1:8000/v1")
-    from qwen2vl_cli.endpoint import EndpointOptions
-
-    return EndpointOptions(endpoint.rstrip("/"), api_key, pass_urls, concurrency)
-
-
-def _inspect_options(
-    model: Annotated[Optional[str], typer.Option("--model", "-m", envvar=C.ENV_MODEL, help="Read sizing settings from this model (local dir or HF cache; never downloads). Without MEDIA: summarize the model.", rich_help_panel=O.RUN_PANEL)] = None,
-    device: Annotated[str, typer.Option(envvar=C.ENV_DEVICE, help="Size as this device would: cpu uses smaller defaults. auto guesses without importing torch.", rich_help_panel=O.RUN_PANEL,
-                                        autocompletion=O.complete(*O.DEVICES))] = "auto",
-    json_out: Annotated[bool, typer.Option("--json", help="JSON Lines: one object per input.", rich_help_panel=O.OUT_PANEL)] = False,
-) -> tuple[str | None, str, bool]:
-    return model, _choice("device", device, ("auto", "cuda", "cpu", "mps")), json_out
-
-
-def _params(group) -> list[_inspect.Parameter]:
-    return list(_inspect.signature(group, eval_str=True).parameters.values())
-
-
-def _take(group, kwargs: dict):
-    """Call an option group with its own options, removed from kwargs."""
-    return group(**{p.name: kwargs.pop(p.name) for p in _params(group)})
-
-
 def _command(name: str, argument: _inspect.Parameter, groups: list, body, doc: str, no_args_is_help: bool = True) -> None:
     """Register `body(argument, **options)` as a Typer command whose options are the groups' options."""
-    params = [argument] + [p for group in groups for p in _params(group)]
+    params = [argument] + [p for group in groups for p in O.params(group)]
 
     def command(**kwargs) -> None:
         body(kwargs.pop(argument.name), kwargs)
@@ -300,157 +136,14 @@ def _argument(name: str, annotation, default=_inspect.Parameter.empty) -> _inspe
     return _inspect.Parameter(name, _inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=annotation, default=default)
 
 
-def _answer(sources: list[str] | None, require_video: bool, options: dict) -> None:
-    """The body of `describe` and `video`: build the request, run it, render."""
-    from qwen2vl_cli.backend import answers
-    from qwen2vl_cli.render import Reporter, print_json
-    from qwen2vl_cli.types import Request
-
-    json_out, quiet = _take(_output_options, options)
-    each = _take(_each_options, options)
-    endpoint = _take(_endpoint_options, options)
-    boxes, draw = _take(_grounding_options, options) if "boxes" in options else (None, None)
-    questions = list(options.get("prompt") or ())
-    generation = _take(_generation_options, options)
-    if boxes is not None:
-        if generation.prompt is not None:
-            raise UsageError("--boxes asks with the model's own grounding prompt: drop --prompt")
-        if draw is not None and each is not None:
-            raise UsageError("--draw writes one picture: drop it with --each (the records carry the boxes)")
-        generation = replace(generation, boxes=boxes.strip())
-    gens = [check_generation(replace(generation, prompt=q)) for q in questions] if len(questions) > 1 else [generation]
-    runtime = _take(_runtime_options, options)
-    if len(gens) > 1:  # the first question's media and prompt are kept for the others (the caches' default size)
-        runtime = replace(runtime, cache_size=None)
-    request = Request(
-        sources=tuple(sources or ()),
-        media=_take(_sizing_options, options),
-        generation=generation,
-        runtime=runtime,
-        require_video=require_video,
-        draw=draw,
-    )
-    if endpoint is not None and request.media.resize is not None:
-        raise UsageError("--resize is not sent to an endpoint: give --min-pixels and --max-pixels (the same number) instead")
-    if each is not None:
-        return _answer_each(request, each, quiet, endpoint, gens[1:])
-    if not request.sources:
-        raise UsageError("give MEDIA to describe (or --each --from FILE)")
-    if require_video and len(request.sources) > 1:
-        raise UsageError("qvl video takes one CLIP; add --each for one answer per clip")
-    reporter = Reporter(quiet=quiet, stream=not json_out and boxes is None)
-    several = len(gens) > 1
-    if endpoint is not None:
-        from qwen2vl_cli import endpoint as remote
-
-        results = (remote.run(request.sources, request.media, gen, request.runtime.model, endpoint, reporter, require_video, request.draw)
-                   for gen in gens)
-    else:
-        results = answers(request, gens, reporter)
-    with closing(results):
-        for n, gen in enumerate(gens):
-            if several:
-                reporter.question(gen.prompt, first=n == 0)
-            try:
-                result = next(results)
-            except GenerationInterrupted:
-                reporter.end_text()
-                raise
-            finally:
-                reporter.stop()
-            reporter.end_text()
-            if request.runtime.engine in ("compiled", "graph") and endpoint is None and result.engine != request.runtime.engine and n == 0:
-                reporter.note(f"--engine {request.runtime.engine}: the decode step could not be made here (QVL_DEBUG=1 says why); "
-                              f"it ran as {result.engine}, with the same answer")
-            if result.boxes is not None:
-                reporter.boxes(result, draw, listed=not json_out)
-            reporter.summary(result)
-            if json_out:
-                print_json({"question": gen.prompt, **result.to_dict()} if several else result.to_dict())
-
-
-def _answer_each(request, each, quiet: bool, endpoint=None, more: list[GenerationOptions] = ()) -> None:
-    """`--each`: one record per input, the model loaded once (or a remote engine, --concurrency at a time)."""
-    from qwen2vl_cli import batch
-    from qwen2vl_cli.render import BatchProgress, Reporter, print_error
-
-    if not request.sources and each.from_file is None:
-        raise UsageError("--each needs inputs: give MEDIA, or --from FILE (- for stdin) with one source per line")
-    sources = batch.iter_sources(request.sources, each.from_file, each.null)
-    first = next(sources, None)  # an empty list is said before any file is made or model loaded
-    if first is None:
-        raise UsageError(f"--from {each.from_file}: no sources in it (one per line; blank lines and # comments are skipped)")
-    sources = itertools.chain([first], sources)
-    records = batch.RecordFile(each.resume or each.output, resume=each.resume is not None) if (each.resume or each.output) else None
-    progress = None
-
-    def failed(record: dict) -> None:  # --format text: a failure is said on stderr, not written as a caption
-        message, source = record["error"]["message"], record["source"]
-        text = message if message.startswith(source) else f"{source}: {message}"
-        if progress is not None:
-            progress.failure(text)
-        else:
-            print_error(text)
-
-    # Bound before any live display starts: records go to the real stdout, whatever it is.
-    plain = batch.sink_for(records, sys.stdout)
-
-    def sink(line: str) -> None:
-        if progress is not None and records is None:
-            progress.above(lambda: plain(line))
-        else:
-            plain(line)
-
-    emitter = batch.Emitter(sink, each.format, each.ordered, failed)
-    tally = batch.Tally()
-    try:
-        reporter = Reporter(quiet=quiet, stream=False)
-        try:
-            if endpoint is not None:
-                from qwen2vl_cli.endpoint import EndpointBackend
-
-                backend = EndpointBackend(endpoint, request.runtime.model)
-            else:
-                from qwen2vl_cli.backend import LocalBackend
-
-                backend = LocalBackend(request.runtime, reporter)
-                for gen in [request.generation, *more]:
-                    backend.check_generation(gen)
-        finally:
-            reporter.stop()
-        sources_total = batch.count_sources(request.sources, each.from_file, each.null)
-        progress = BatchProgress(quiet, total=None if sources_total is None else sources_total * (1 + len(more)))  # a record per question
-        batch.run_each(
-            sources,
-            backend,
-            request.media,
-            request.generation,
-            key=batch.request_key(request.media, request.generation, request.runtime),
-            batch_size=endpoint.concurrency if endpoint else each.batch_size or batch.default_batch_size(backend.device),
-            emitter=emitter,
-            tally=tally,
-            done=records.done if records is not None and each.resume else frozenset(),
-            require_video=request.require_video,
-            on_progress=lambda: progress.update(tally),
-            more=[(gen, batch.request_key(request.media, gen, request.runtime)) for gen in more],
-        )
-    finally:
-        if progress is not None:
-            progress.close(tally)
-        if records is not None:
-            records.close()
-    if tally.failed:
-        raise typer.Exit(1)
-
-
 def _inspect_body(media: list[str] | None, options: dict) -> None:
     """Sizes, frames and token counts from headers and the model's settings; or a model summary."""
     from qwen2vl_cli import render
     from qwen2vl_cli.modelinfo import stamp_counter, vision_spec
     from qwen2vl_cli.pipeline import inspect as inspect_media
 
-    model, device, json_out = _take(_inspect_options, options)
-    opts = _take(_sizing_options, options)
+    model, device, json_out = O.take(O.inspect_options, options)
+    opts = O.take(O.sizing_options, options)
     if not media:
         if model is None:
             raise UsageError("give MEDIA to inspect, or --model M for a model summary")
@@ -483,26 +176,26 @@ def _inspect_body(media: list[str] | None, options: dict) -> None:
         raise typer.Exit(EXIT_USAGE)
 
 
-_ANSWER_GROUPS = [_generation_options, _sizing_options, _runtime_options, _output_options, _each_options, _endpoint_options]
+_ANSWER_GROUPS = [O.generation_options, O.sizing_options, O.runtime_options, O.output_options, O.each_options, O.endpoint_options]
 _MEDIA_HELP = "Image, animated image or video: path, http(s):// URL, file:// URI, data: URI, or - for stdin."
 _command(
     "describe",
     _argument("media", Annotated[Optional[list[str]], typer.Argument(metavar="MEDIA", help=_MEDIA_HELP + " Several go into one prompt, in order (with --each: one answer each).", show_default=False)], None),
-    _ANSWER_GROUPS + [_grounding_options],
-    lambda media, options: _answer(media, False, options),
+    _ANSWER_GROUPS + [O.grounding_options],
+    lambda media, options: answer(media, False, options),
     "Describe images, animated images or videos; the answer streams to stdout. --boxes finds things in an image.",
 )
 _command(
     "video",
     _argument("clip", Annotated[Optional[list[str]], typer.Argument(metavar="CLIP", help="Video or animated image: path, http(s):// URL, file:// URI, or - for stdin (several with --each).", show_default=False)], None),
     _ANSWER_GROUPS,
-    lambda clip, options: _answer(clip, True, options),
+    lambda clip, options: answer(clip, True, options),
     "Describe a video clip, sampled with the Qwen frame rules (2 frames per second by default).",
 )
 _command(
     "inspect",
     _argument("media", Annotated[Optional[list[str]], typer.Argument(metavar="MEDIA", help=_MEDIA_HELP, show_default=False)], None),
-    [_inspect_options, _sizing_options],
+    [O.inspect_options, O.sizing_options],
     _inspect_body,
     "Sizes, frames and token counts, without loading weights. With only --model: the model's summary.",
     no_args_is_help=False,
@@ -551,7 +244,7 @@ def serve(
     from qwen2vl_cli.serve_requests import Limits
     from qwen2vl_cli.sources import parse_size
 
-    batching = _choice("batching", batching, ("auto", "continuous", "fixed"))
+    batching = O.choice("batching", batching, ("auto", "continuous", "fixed"))
     limits = Limits(
         max_tokens=max_tokens,
         max_body_bytes=parse_size(max_body, "--max-body"),
@@ -572,7 +265,7 @@ def serve(
         reporter.stop()
         reporter.console.print(f"qvl: serving {model} on {url} (Ctrl-C to stop)")
 
-    runtime = replace(_runtime_options(model, device, dtype, attn, engine),
+    runtime = replace(O.runtime_options(model, device, dtype, attn, engine),
                       cache_size=None if cache_size is None else parse_size(cache_size, "--cache-size"))  # None: the device's default
     run_server(runtime, host, port, api_key, batch_size, queue_size, reporter, announce,
                limits, tuple(allowed_hosts or ()), None if batching == "auto" else batching == "continuous")

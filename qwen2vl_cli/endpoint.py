@@ -12,6 +12,7 @@ import base64
 import mimetypes
 import time
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from threading import Event
 
@@ -23,18 +24,10 @@ from qwen2vl_cli.modelinfo import read_config, vision_spec
 from qwen2vl_cli.pipeline import Hooks, check_boxes, probe_all, plan_all
 from qwen2vl_cli.runner import peak_memory_bytes
 from qwen2vl_cli.sources import Source, SourceResolver
-from qwen2vl_cli.types import GenerationOptions, MediaOptions, MediaPlan, Result, VisionSpec
+from qwen2vl_cli.types import EndpointOptions, GenerationOptions, MediaOptions, MediaPlan, Request, Result, VisionSpec
 
 MAX_RETRIES = 3
 _MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp", "BMP": "image/bmp", "TIFF": "image/tiff"}
-
-
-@dataclass(frozen=True)
-class EndpointOptions:
-    url: str
-    api_key: str | None = None
-    pass_urls: bool = False
-    concurrency: int = 4
 
 
 @dataclass(frozen=True)
@@ -230,18 +223,21 @@ def _server_message(e) -> str:
     return " ".join(str(e).split())[:300]
 
 
-def run(sources: tuple[str, ...], opts: MediaOptions, gen: GenerationOptions, model: str, options: EndpointOptions,
-        hooks: Hooks, require_video: bool = False, draw: str | None = None) -> Result:
-    """One request to the endpoint; `draw`: the boxes drawn on the picture, read again from its source."""
-    if draw is not None and sources == ("-",):
+def answers(request: Request, gens: list[GenerationOptions], hooks: Hooks) -> Iterator[Result]:
+    """`describe` and `video` through the endpoint: one answer about the request's media for each
+    of `gens` (several -p), the media read and encoded once. With --draw, the boxes are drawn on
+    the picture, read again from its source."""
+    if request.draw is not None and request.sources == ("-",):
         raise UsageError("--draw with --endpoint reads the picture again: give a file or URL, not stdin")
-    backend = EndpointBackend(options, model)
+    backend = EndpointBackend(request.endpoint, request.runtime.model)
     hooks.stage("Reading media")
-    request = backend.prepare(sources, replace(opts, cpu_budget=False), gen, require_video)
-    hooks.stage(f"Waiting for {options.url}")
-    [result] = backend.generate([request], gen, on_text=hooks.text)
-    hooks.inputs(list(result.inputs))  # the sizes the server used, when it says
-    if draw is not None:
-        with SourceResolver(max_bytes=opts.max_download) as resolver:
-            grounding.save_drawing(resolver.resolve(sources[0]), result.boxes or (), draw)
-    return result
+    prepared = backend.prepare(request.sources, replace(request.media, cpu_budget=False), gens[0], request.require_video)
+    for n, gen in enumerate(gens):
+        hooks.stage(f"Waiting for {request.endpoint.url}")
+        [result] = backend.generate([prepared if n == 0 else backend.ask(prepared, gen)], gen, on_text=hooks.text)
+        if n == 0:
+            hooks.inputs(list(result.inputs))  # the sizes the server used, when it says
+        if request.draw is not None:
+            with SourceResolver(max_bytes=request.media.max_download) as resolver:
+                grounding.save_drawing(resolver.resolve(request.sources[0]), result.boxes or (), request.draw)
+        yield result

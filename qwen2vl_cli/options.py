@@ -1,13 +1,19 @@
-"""Options shared by several commands, declared once as Annotated aliases."""
+"""Options shared by several commands: declared once as Annotated aliases, and gathered into the
+groups (each a signature) the commands are assembled from, each group making its part of a request."""
 
 from __future__ import annotations
 
+import inspect as _inspect
+import re
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from qwen2vl_cli import config as C
 from qwen2vl_cli.devices import ATTNS, DEVICES, DTYPES, ENGINES
+from qwen2vl_cli.errors import UsageError
+from qwen2vl_cli.types import EndpointOptions, GenerationOptions, MediaOptions, RuntimeOptions, check_generation
 
 MEDIA_PANEL = "Image sizing"
 VIDEO_PANEL = "Video frames"
@@ -137,3 +143,160 @@ Draw = Annotated[
     Optional[str],
     typer.Option(metavar="FILE", help="With --boxes: write the picture with the boxes drawn to this new .png/.jpg/.webp file.", rich_help_panel=GROUND_PANEL),
 ]
+
+
+def parse_resize(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", text)
+    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+        raise UsageError(f"--resize {text}: give WIDTHxHEIGHT, for example --resize 448x448")
+    return int(m.group(1)), int(m.group(2))
+
+
+def sizing_options(
+    min_pixels: MinPixels = None,
+    max_pixels: MaxPixels = None,
+    resize: Resize = None,
+    first_frame: FirstFrame = False,
+    fps: Fps = None,
+    nframes: Nframes = None,
+    min_frames: MinFrames = None,
+    max_frames: MaxFrames = None,
+    start: Start = None,
+    end: End = None,
+    total_pixels: TotalPixels = None,
+    seek: Seek = "exact",
+    max_visual_tokens: MaxVisualTokens = None,
+    max_download: MaxDownload = "2G",
+) -> MediaOptions:
+    from qwen2vl_cli.sources import parse_size
+
+    opts = MediaOptions(
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        total_pixels=total_pixels,
+        resize=parse_resize(resize),
+        fps=fps,
+        nframes=nframes,
+        min_frames=min_frames,
+        max_frames=max_frames,
+        start=start,
+        end=end,
+        first_frame=first_frame,
+        seek=seek,
+        max_visual_tokens=max_visual_tokens,
+        max_download=parse_size(max_download),
+    )
+    from qwen2vl_cli.sizing import check_options
+
+    return check_options(opts)
+
+
+def generation_options(
+    prompt: Prompt = None,
+    system: System = None,
+    max_new_tokens: MaxNewTokens = C.DEFAULT_MAX_NEW_TOKENS,
+    min_new_tokens: MinNewTokens = None,
+    temperature: Temperature = 0.0,
+    top_p: TopP = None,
+    top_k: TopK = None,
+    repetition_penalty: RepetitionPenalty = None,
+    seed: Seed = None,
+    repeat_guard: RepeatGuard = True,
+) -> GenerationOptions:
+    first = prompt[0] if prompt else None  # several: _answer asks each in turn
+    return check_generation(
+        GenerationOptions(first, system, max_new_tokens, min_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, repeat_guard)
+    )
+
+
+def choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise UsageError(f"--{name} {value}: choose one of {', '.join(allowed)}")
+    return value
+
+
+def runtime_options(
+    model: Model = C.DEFAULT_MODEL, device: Device = "auto", dtype: Dtype = "auto", attn: Attn = "auto", engine: Engine = "auto"
+) -> RuntimeOptions:
+    from qwen2vl_cli.devices import ATTNS, DEVICES, DTYPES, ENGINES
+
+    return RuntimeOptions(
+        model, choice("device", device, DEVICES), choice("dtype", dtype, DTYPES), choice("attn", attn, ATTNS), choice("engine", engine, ENGINES)
+    )
+
+
+def grounding_options(boxes: Boxes = None, draw: Draw = None) -> tuple[str | None, str | None]:
+    if draw is not None and boxes is None:
+        raise UsageError("--draw shows what --boxes found: add --boxes WHAT")
+    if boxes is not None and not boxes.strip():
+        raise UsageError("--boxes needs what to find, e.g. --boxes 'the red car'")
+    if draw is not None:
+        from qwen2vl_cli.grounding import drawing_format
+
+        drawing_format(draw)  # a name Pillow cannot write, or a file already there, fails before the model loads
+    return boxes, draw
+
+
+def output_options(json_out: Json = False, quiet: Quiet = False) -> tuple[bool, bool]:
+    return json_out, quiet
+
+
+def each_options(
+    each: Each = False,
+    from_file: FromFile = None,
+    null: Null = False,
+    format: Format = "jsonl",
+    ordered: Ordered = True,
+    output: Output = None,
+    resume: Resume = None,
+    batch_size: BatchSize = None,
+):
+    """None without --each/--from (and then none of the other options may be given)."""
+    from qwen2vl_cli.batch import EachOptions
+
+    if not (each or from_file):
+        given = [name for name, value in (("--null", null), ("--output", output), ("--resume", resume), ("--batch-size", batch_size),
+                 ("--format", format != "jsonl"), ("--unordered", not ordered)) if value]
+        if given:
+            raise UsageError(f"{given[0]} works with --each (or --from FILE)")
+        return None
+    if output and resume and Path(output).expanduser().resolve() != Path(resume).expanduser().resolve():
+        raise UsageError("--output and --resume name different files: give one")
+    if resume and format == "text":
+        raise UsageError("--resume continues a JSON Lines file: drop --format text")
+    return EachOptions(from_file, null, choice("format", format, ("jsonl", "text")), ordered, output, resume, batch_size)
+
+
+def endpoint_options(
+    endpoint: Endpoint = None,
+    api_key: ApiKey = None,
+    pass_urls: PassUrls = False,
+    concurrency: Concurrency = 4,
+):
+    if endpoint is None:
+        if pass_urls or concurrency != 4:
+            raise UsageError(f"{'--pass-urls' if pass_urls else '--concurrency'} works with --endpoint URL")
+        return None
+    if not endpoint.startswith(("http://", "https://")):
+        raise UsageError(f"--endpoint {endpoint}: give an http(s):// URL, such as http://127.0.0.1:8000/v1")
+    return EndpointOptions(endpoint.rstrip("/"), api_key, pass_urls, concurrency)
+
+
+def inspect_options(
+    model: Annotated[Optional[str], typer.Option("--model", "-m", envvar=C.ENV_MODEL, help="Read sizing settings from this model (local dir or HF cache; never downloads). Without MEDIA: summarize the model.", rich_help_panel=RUN_PANEL)] = None,
+    device: Annotated[str, typer.Option(envvar=C.ENV_DEVICE, help="Size as this device would: cpu uses smaller defaults. auto guesses without importing torch.", rich_help_panel=RUN_PANEL,
+                                        autocompletion=complete(*DEVICES))] = "auto",
+    json_out: Annotated[bool, typer.Option("--json", help="JSON Lines: one object per input.", rich_help_panel=OUT_PANEL)] = False,
+) -> tuple[str | None, str, bool]:
+    return model, choice("device", device, ("auto", "cuda", "cpu", "mps")), json_out
+
+
+def params(group) -> list[_inspect.Parameter]:
+    return list(_inspect.signature(group, eval_str=True).parameters.values())
+
+
+def take(group, kwargs: dict):
+    """Call an option group with its own options, removed from kwargs."""
+    return group(**{p.name: kwargs.pop(p.name) for p in params(group)})

@@ -299,3 +299,12 @@ class Request:
     runtime: RuntimeOptions
     require_video: bool = False
     draw: str | None = None  # --draw: write the picture with the boxes found here
+    endpoint: EndpointOptions | None = None  # --endpoint: answered there
+
+
+@dataclass(frozen=True)
+class EndpointOptions:
+    url: str
+    api_key: str | None = None
+    pass_urls: bool = False
+    concurrency: int = 4

@@ -59,6 +59,16 @@ def test_endpoint_gives_the_local_answer(qvl, tiny_model, media_dir, server, nam
     assert f"{name}:" in streamed.stderr and "tok/s" in streamed.stderr
 
 
+def test_several_questions_through_the_endpoint_are_answered_as_here(qvl, tiny_model, media_dir, server):
+    photo = media_dir / "photo.png"
+    expected = [local_text(qvl, tiny_model, photo, "-p", q) for q in ("What?", "Where?")]
+    r = qvl("describe", photo, "--endpoint", server, "--api-key", KEY, "--model", tiny_model, *FAST, "-p", "What?", "-p", "Where?", "--json")
+    assert r.exit_code == 0, r.stderr
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [(x["question"], x["text"]) for x in records] == list(zip(("What?", "Where?"), expected))
+    assert r.stderr.count("photo.png:") == 1  # the media were read once
+
+
 def test_openai_client_models_and_completions(client, media_dir, tiny_model):
     models = client.models.list()
     assert [m.id for m in models.data] == [str(tiny_model)]

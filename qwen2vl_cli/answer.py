@@ -1,0 +1,153 @@
+"""The body of `describe` and `video`: a request built from the options, answered here or by an
+endpoint, and rendered; `--each` as records."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from contextlib import closing
+from dataclasses import replace
+
+import typer
+
+from qwen2vl_cli import options as O
+from qwen2vl_cli.errors import GenerationInterrupted, UsageError
+from qwen2vl_cli.types import GenerationOptions, check_generation
+
+
+def answer(sources: list[str] | None, require_video: bool, options: dict) -> None:
+    """The body of `describe` and `video`: build the request, run it, render."""
+    from qwen2vl_cli.backend import answers
+    from qwen2vl_cli.render import Reporter, print_json
+    from qwen2vl_cli.types import Request
+
+    json_out, quiet = O.take(O.output_options, options)
+    each = O.take(O.each_options, options)
+    endpoint = O.take(O.endpoint_options, options)
+    boxes, draw = O.take(O.grounding_options, options) if "boxes" in options else (None, None)
+    questions = list(options.get("prompt") or ())
+    generation = O.take(O.generation_options, options)
+    if boxes is not None:
+        if generation.prompt is not None:
+            raise UsageError("--boxes asks with the model's own grounding prompt: drop --prompt")
+        if draw is not None and each is not None:
+            raise UsageError("--draw writes one picture: drop it with --each (the records carry the boxes)")
+        generation = replace(generation, boxes=boxes.strip())
+    gens = [check_generation(replace(generation, prompt=q)) for q in questions] if len(questions) > 1 else [generation]
+    runtime = O.take(O.runtime_options, options)
+    if len(gens) > 1:  # the first question's media and prompt are kept for the others (the caches' default size)
+        runtime = replace(runtime, cache_size=None)
+    request = Request(
+        sources=tuple(sources or ()),
+        media=O.take(O.sizing_options, options),
+        generation=generation,
+        runtime=runtime,
+        require_video=require_video,
+        draw=draw,
+        endpoint=endpoint,
+    )
+    if endpoint is not None and request.media.resize is not None:
+        raise UsageError("--resize is not sent to an endpoint: give --min-pixels and --max-pixels (the same number) instead")
+    if each is not None:
+        return answer_each(request, each, quiet, endpoint, gens[1:])
+    if not request.sources:
+        raise UsageError("give MEDIA to describe (or --each --from FILE)")
+    if require_video and len(request.sources) > 1:
+        raise UsageError("qvl video takes one CLIP; add --each for one answer per clip")
+    reporter = Reporter(quiet=quiet, stream=not json_out and boxes is None)
+    several = len(gens) > 1
+    results = answers(request, gens, reporter)
+    with closing(results):
+        for n, gen in enumerate(gens):
+            if several:
+                reporter.question(gen.prompt, first=n == 0)
+            try:
+                result = next(results)
+            except GenerationInterrupted:
+                reporter.end_text()
+                raise
+            finally:
+                reporter.stop()
+            reporter.end_text()
+            if request.runtime.engine in ("compiled", "graph") and endpoint is None and result.engine != request.runtime.engine and n == 0:
+                reporter.note(f"--engine {request.runtime.engine}: the decode step could not be made here (QVL_DEBUG=1 says why); "
+                              f"it ran as {result.engine}, with the same answer")
+            if result.boxes is not None:
+                reporter.boxes(result, draw, listed=not json_out)
+            reporter.summary(result)
+            if json_out:
+                print_json({"question": gen.prompt, **result.to_dict()} if several else result.to_dict())
+
+
+def answer_each(request, each, quiet: bool, endpoint=None, more: list[GenerationOptions] = ()) -> None:
+    """`--each`: one record per input, the model loaded once (or a remote engine, --concurrency at a time)."""
+    from qwen2vl_cli import batch
+    from qwen2vl_cli.render import BatchProgress, Reporter, print_error
+
+    if not request.sources and each.from_file is None:
+        raise UsageError("--each needs inputs: give MEDIA, or --from FILE (- for stdin) with one source per line")
+    sources = batch.iter_sources(request.sources, each.from_file, each.null)
+    first = next(sources, None)  # an empty list is said before any file is made or model loaded
+    if first is None:
+        raise UsageError(f"--from {each.from_file}: no sources in it (one per line; blank lines and # comments are skipped)")
+    sources = itertools.chain([first], sources)
+    records = batch.RecordFile(each.resume or each.output, resume=each.resume is not None) if (each.resume or each.output) else None
+    progress = None
+
+    def failed(record: dict) -> None:  # --format text: a failure is said on stderr, not written as a caption
+        message, source = record["error"]["message"], record["source"]
+        text = message if message.startswith(source) else f"{source}: {message}"
+        if progress is not None:
+            progress.failure(text)
+        else:
+            print_error(text)
+
+    # Bound before any live display starts: records go to the real stdout, whatever it is.
+    plain = batch.sink_for(records, sys.stdout)
+
+    def sink(line: str) -> None:
+        if progress is not None and records is None:
+            progress.above(lambda: plain(line))
+        else:
+            plain(line)
+
+    emitter = batch.Emitter(sink, each.format, each.ordered, failed)
+    tally = batch.Tally()
+    try:
+        reporter = Reporter(quiet=quiet, stream=False)
+        try:
+            if endpoint is not None:
+                from qwen2vl_cli.endpoint import EndpointBackend
+
+                backend = EndpointBackend(endpoint, request.runtime.model)
+            else:
+                from qwen2vl_cli.backend import LocalBackend
+
+                backend = LocalBackend(request.runtime, reporter)
+                for gen in [request.generation, *more]:
+                    backend.check_generation(gen)
+        finally:
+            reporter.stop()
+        sources_total = batch.count_sources(request.sources, each.from_file, each.null)
+        progress = BatchProgress(quiet, total=None if sources_total is None else sources_total * (1 + len(more)))  # a record per question
+        batch.run_each(
+            sources,
+            backend,
+            request.media,
+            request.generation,
+            key=batch.request_key(request.media, request.generation, request.runtime),
+            batch_size=endpoint.concurrency if endpoint else each.batch_size or batch.default_batch_size(backend.device),
+            emitter=emitter,
+            tally=tally,
+            done=records.done if records is not None and each.resume else frozenset(),
+            require_video=request.require_video,
+            on_progress=lambda: progress.update(tally),
+            more=[(gen, batch.request_key(request.media, gen, request.runtime)) for gen in more],
+        )
+    finally:
+        if progress is not None:
+            progress.close(tally)
+        if records is not None:
+            records.close()
+    if tally.failed:
+        raise typer.Exit(1)
