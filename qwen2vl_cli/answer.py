@@ -81,17 +81,17 @@ def answer(sources: list[str] | None, require_video: bool, options: dict) -> Non
 
 def answer_each(request, each, quiet: bool, endpoint=None, more: list[GenerationOptions] = ()) -> None:
     """`--each`: one record per input, the model loaded once (or a remote engine, --concurrency at a time)."""
-    from qwen2vl_cli import batch
+    from qwen2vl_cli import batch, records as files
     from qwen2vl_cli.render import BatchProgress, Reporter, print_error
 
     if not request.sources and each.from_file is None:
         raise UsageError("--each needs inputs: give MEDIA, or --from FILE (- for stdin) with one source per line")
-    sources = batch.iter_sources(request.sources, each.from_file, each.null)
+    sources = files.iter_sources(request.sources, each.from_file, each.null)
     first = next(sources, None)  # an empty list is said before any file is made or model loaded
     if first is None:
         raise UsageError(f"--from {each.from_file}: no sources in it (one per line; blank lines and # comments are skipped)")
     sources = itertools.chain([first], sources)
-    records = batch.RecordFile(each.resume or each.output, resume=each.resume is not None) if (each.resume or each.output) else None
+    records = files.RecordFile(each.resume or each.output, resume=each.resume is not None) if (each.resume or each.output) else None
     progress = None
 
     def failed(record: dict) -> None:  # --format text: a failure is said on stderr, not written as a caption
@@ -103,7 +103,7 @@ def answer_each(request, each, quiet: bool, endpoint=None, more: list[Generation
             print_error(text)
 
     # Bound before any live display starts: records go to the real stdout, whatever it is.
-    plain = batch.sink_for(records, sys.stdout)
+    plain = files.sink_for(records, sys.stdout)
 
     def sink(line: str) -> None:
         if progress is not None and records is None:
@@ -128,21 +128,21 @@ def answer_each(request, each, quiet: bool, endpoint=None, more: list[Generation
                     backend.check_generation(gen)
         finally:
             reporter.stop()
-        sources_total = batch.count_sources(request.sources, each.from_file, each.null)
+        sources_total = files.count_sources(request.sources, each.from_file, each.null)
         progress = BatchProgress(quiet, total=None if sources_total is None else sources_total * (1 + len(more)))  # a record per question
         batch.run_each(
             sources,
             backend,
             request.media,
             request.generation,
-            key=batch.request_key(request.media, request.generation, request.runtime),
+            key=files.request_key(request.media, request.generation, request.runtime),
             batch_size=endpoint.concurrency if endpoint else each.batch_size or batch.default_batch_size(backend.device),
             emitter=emitter,
             tally=tally,
             done=records.done if records is not None and each.resume else frozenset(),
             require_video=request.require_video,
             on_progress=lambda: progress.update(tally),
-            more=[(gen, batch.request_key(request.media, gen, request.runtime)) for gen in more],
+            more=[(gen, files.request_key(request.media, gen, request.runtime)) for gen in more],
         )
     finally:
         if progress is not None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from qwen2vl_cli.batch import RecordFile, iter_sources
+from qwen2vl_cli.records import RecordFile, iter_sources
 
 FAST = ("--max-new-tokens", "6", "--dtype", "float32")
 

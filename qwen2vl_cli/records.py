@@ -1,0 +1,234 @@
+"""The files of `--each`: the list of inputs (arguments, or `--from FILE` read lazily), the JSON
+Lines file its records go to (locked, resumed, never a record qvl did not write touched), and a
+record's shape and format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import BinaryIO, TextIO
+
+from qwen2vl_cli.errors import QvlError, UsageError, describe_exception, error_type
+from qwen2vl_cli.output import json_line, printable
+from qwen2vl_cli.types import GenerationOptions, MediaOptions, Result, RuntimeOptions
+
+
+def iter_sources(args: Iterable[str], from_file: str | None, null: bool, stdin: BinaryIO | None = None) -> Iterator[str]:
+    """The command line's sources, then the list file's, read lazily (a list may be huge)."""
+    yield from args
+    if from_file is None:
+        return
+    if from_file == "-":
+        import sys
+
+        stream = stdin if stdin is not None else sys.stdin.buffer
+        yield from _entries(stream, null)
+        return
+    path = Path(from_file).expanduser()
+    if not path.exists():
+        raise UsageError(f"--from {from_file}: no such file")
+    if path.is_dir():
+        raise UsageError(f"--from {from_file}: is a directory; give a file with one source per line")
+    try:
+        stream = open(path, "rb")  # a pipe (`--from <(find ...)`) is read as it comes
+    except OSError as e:
+        raise UsageError(f"--from {from_file}: cannot read it ({e.strerror or e})") from None
+    with stream:
+        yield from _entries(stream, null)
+
+
+def count_sources(args: tuple[str, ...], from_file: str | None, null: bool) -> int | None:
+    """How many inputs there are, when that is cheap to know (not for stdin)."""
+    if from_file is None:
+        return len(args)
+    if from_file == "-":
+        return None
+    path = Path(from_file).expanduser()
+    if not path.is_file():  # a pipe can be read only once: by the run
+        return None
+    with open(path, "rb") as stream:
+        return len(args) + sum(1 for _ in _entries(stream, null))
+
+
+def _entries(stream: BinaryIO, null: bool) -> Iterator[str]:
+    if null:
+        pending = b""
+        while chunk := stream.read(1 << 16):
+            pending += chunk
+            *items, pending = pending.split(b"\0")
+            yield from (os.fsdecode(i) for i in items if i)
+        if pending:
+            yield os.fsdecode(pending)
+        return
+    for raw in stream:
+        line = os.fsdecode(raw.rstrip(b"\r\n"))
+        if line.strip() and not line.lstrip().startswith("#"):
+            yield line.strip()
+
+
+def request_key(media: MediaOptions, gen: GenerationOptions, runtime: RuntimeOptions) -> str:
+    """Identifies "the same prompt and options" for --resume."""
+    fields = {"media": asdict(media), "generation": asdict(gen), "model": runtime.model}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# Every record qvl writes starts so: a result ("text" first) or an error record ("source" first).
+_RECORD_STARTS = (b'{"text": ', b'{"source": ')
+MAX_RECORD_BYTES = 64 * 1024**2  # a longer line is not a record qvl wrote
+
+
+class RecordFile:
+    """JSON Lines on disk: append-only, flushed and synced per record, resumable after a kill, one
+    writer at a time (an advisory lock). A file qvl did not write is refused and left as it is."""
+
+    def __init__(self, path: str, resume: bool):
+        self.option = "--resume" if resume else "--output"
+        self.path = Path(path).expanduser()
+        self.done: set[tuple[int, str, str]] = set()  # (index, source, request_key) of the successful records
+        self._broken = False
+        shown = f"{self.option} {path}"
+        if self.path.is_dir():
+            raise UsageError(f"{shown}: is a directory; give a file name, such as {Path(path) / 'records.jsonl'}")
+        existing = self.path.exists()
+        if existing and not resume:
+            raise UsageError(f"--output {path}: the file exists; continue it with --resume {path}, or choose a new name")
+        if existing and not self.path.is_file():
+            raise UsageError(f"{shown}: not a regular file; give the JSON Lines file that qvl --each wrote")
+        if not existing and self.path.is_symlink():
+            raise UsageError(f"{shown}: a symbolic link to nothing (or a loop of them); give the file itself")
+        try:
+            self._file = open(self.path, "r+b" if existing else "xb")
+        except OSError as e:
+            raise UsageError(f"{shown}: {_path_problem(e, self.path)}") from None
+        try:
+            _lock(self._file, shown)
+            if existing:
+                self._read_and_repair(shown)
+            self._file.seek(0, os.SEEK_END)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _read_and_repair(self, shown: str) -> None:
+        """Records already written; a last line cut short by a kill is dropped (when it is plainly
+        the start of a record), anything else that is not a record refuses the file."""
+        good_end, number = 0, 0
+        f = self._file
+        while line := f.readline(MAX_RECORD_BYTES + 1):
+            number += 1
+            if not line.endswith(b"\n"):
+                if len(line) > MAX_RECORD_BYTES or not line.startswith(_RECORD_STARTS):
+                    raise UsageError(f"{shown}: line {number} is not a record qvl wrote; give a file that qvl --each wrote")
+                break  # a record cut short by a kill: it is dropped and redone
+            good_end += len(line)
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if not (isinstance(record, dict) and isinstance(record.get("source"), str) and isinstance(record.get("index"), int)
+                    and isinstance(record.get("request_key"), str)):
+                raise UsageError(f"{shown}: line {number} is not a record qvl wrote; give a file that qvl --each wrote")
+            if "error" not in record:
+                self.done.add((record["index"], record["source"], record["request_key"]))
+        if good_end != os.fstat(f.fileno()).st_size:
+            f.truncate(good_end)
+
+    def write(self, line: str) -> None:
+        try:
+            self._file.write(line.encode("utf-8", "surrogateescape") + b"\n")
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as e:  # a full disk or a quota: the records before this one are on disk
+            self._broken = True
+            raise self._error(e) from None
+
+    def _error(self, e: OSError) -> QvlError:
+        return QvlError(f"{self.option} {self.path}: cannot write ({e.strerror or e}); the records before this one are kept, "
+                        f"and --resume {self.path} carries on once there is room")
+
+    def close(self) -> None:
+        try:
+            self._file.close()  # closes the file (and lets go of its lock) even when its last flush fails
+        except OSError as e:
+            if not self._broken:  # else already said, by write()
+                raise self._error(e) from None
+
+
+def _lock(f, shown: str) -> None:
+    """An advisory lock held while the file is open: a second qvl on the same file is refused."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here
+        return
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise UsageError(f"{shown}: another qvl is writing to it; let it finish, or choose another file") from None
+    except OSError:  # a file system without locks (some network mounts): go on unlocked
+        pass
+
+
+def _path_problem(e: OSError, path: Path) -> str:
+    """Why a file cannot be opened, said so the user can fix it."""
+    import errno
+
+    if e.errno == errno.ENOENT:
+        return f"no such directory {str(path.parent)!r}; create it first"
+    if e.errno == errno.ENOTDIR:
+        return "a part of the path is a file, not a directory"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write there ({e.strerror}); choose a place you can write"
+    if e.errno == errno.ELOOP:
+        return "a loop of symbolic links"
+    return f"cannot open it ({e.strerror or e})"
+
+
+def record_for(index: int, source: str, key: str, result: Result | None, error: BaseException | None) -> dict:
+    if error is not None:
+        message, _ = describe_exception(error)
+        return {"source": source, "index": index, "request_key": key, "error": {"type": error_type(error), "message": message}}
+    out = result.to_dict()
+    out.update(source=source, index=index, request_key=key)
+    return out
+
+
+def _escaped(text: str) -> str:
+    """One field of a tab-separated line: backslashes, tabs and line breaks escaped."""
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\r", "\\r").replace("\n", "\\n")
+
+
+def format_record(record: dict, fmt: str) -> str:
+    if fmt == "text":
+        question = f"{_escaped(record['question'])}\t" if "question" in record else ""
+        return f"{_escaped(record['source'])}\t{question}{_escaped(record['text'])}"
+    return json_line(record)
+
+
+def sink_for(output: RecordFile | None, stdout: TextIO) -> Callable[[str], None]:
+    if output is not None:
+        return output.write
+
+    terminal = stdout.isatty()
+
+    def write(line: str) -> None:
+        try:
+            # A file name that is not UTF-8 (text format) goes back out as the bytes it was.
+            data = ((printable(line) if terminal else line) + "\n").encode("utf-8", "surrogateescape")
+            if hasattr(stdout, "buffer"):
+                stdout.buffer.write(data)
+            else:
+                stdout.write(data.decode("utf-8", "replace"))
+            stdout.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise QvlError(f"cannot write the records to stdout ({e.strerror or e})") from None
+
+    return write
