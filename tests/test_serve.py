@@ -412,7 +412,7 @@ def test_a_request_whose_inputs_fail_fails_alone_in_its_batch(tiny_model, media_
 
 
 def test_hosts_named_are_the_only_ones_answered():
-    from qwen2vl_cli.serve import allowed_hosts
+    from qwen2vl_cli.serve_http import allowed_hosts
 
     assert set(allowed_hosts("0.0.0.0", ("qvl.example",))) == {"qvl.example", "localhost", "127.0.0.1", "[::1]"}  # not any name
     assert allowed_hosts("::", ()) == ["*"]
@@ -430,7 +430,7 @@ def test_a_bug_is_one_json_500_and_one_log_line(capfd):
     """A route that fails: OpenAI's JSON 500, and one line on stderr where uvicorn would log 60."""
     from starlette.testclient import TestClient
 
-    from qwen2vl_cli.serve import Edge, flood
+    from qwen2vl_cli.serve_http import Edge, flood
 
     async def broken(scope, receive, send):
         raise RuntimeError("a bug\nover two lines")
