@@ -3,7 +3,7 @@
 Read top to bottom, as gpt-fast's generate.py: `prefill` (prefill.py) runs the whole model once (vision
 tower, M-RoPE positions, the prompt into the cache; from a kept prefix, prefix_cache.py, only the
 rest) and gives the first logits; `decode_one_token` (steps.py, with the ways a step is made) is
-one step for every row (embed, the language model over the cache, the head); `choose` picks
+one step for every row (embed, the language model over the cache, the head); `choose` (sampling.py) picks
 the next tokens on the device (repetition penalty, minimum length, then greedy or sampled);
 `Batch` is the loop as its caller drives it (`advance`, `join`, `cancel`; the step made once, when
 the batch is), and the host reads the new tokens only every `chunk` steps: to stream them, to see
@@ -28,8 +28,9 @@ from functools import partial
 import torch
 
 from qwen2vl_cli.config import debug_enabled
-from qwen2vl_cli.prefill import prefill, prefill_alone, seat, stop_when
+from qwen2vl_cli.prefill import into_slot, pad_rows, prefill, prefill_alone, seat, stop_when
 from qwen2vl_cli.prefix_cache import PrefixCache, Prompt, layers_of, signatures
+from qwen2vl_cli.sampling import Sampling, choose
 from qwen2vl_cli.steps import (
     GraphedStep,
     Rows,
@@ -43,18 +44,6 @@ from qwen2vl_cli.steps import (
     show,
     static_cache,
 )
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How the next token is chosen; the same fields and order as transformers' processors."""
-
-    temperature: float = 0.0  # 0: greedy
-    top_p: float | None = None
-    top_k: int | None = None
-    repetition_penalty: float | None = None
-    min_new_tokens: int = 0
-    seed: int | None = None
 
 
 @dataclass
@@ -101,66 +90,6 @@ class _Live:
     prompt: Prompt | None = None  # its tokens and media, where its keys and values are kept when it ends
 
 
-def unsupported(model) -> str | None:
-    """Why this loop cannot drive `model` with the installed transformers, or None when it can.
-    It relies on static cache layers that count their own length (transformers 5.2x); elsewhere
-    the runner falls back to `generate`."""
-    from transformers.cache_utils import StaticLayer
-
-    if not hasattr(model, "model") or not hasattr(model.model, "language_model") or not hasattr(model.model, "get_rope_index"):
-        return f"{type(model).__name__} is not a Qwen vision-language model qvl knows"
-    if cache_argument(model) is None:
-        return "this transformers release takes the KV cache under a name qvl does not know"
-    if not hasattr(StaticLayer(max_cache_len=1), "cumulative_length"):
-        return "this transformers release's static cache does not count its own length"
-    return None
-
-
-def _pad_rows(inputs: dict, rows: int, pad_id: int) -> dict:
-    """`inputs` with filler rows up to `rows`: padding that attends only to its last position (a
-    fully masked row would give NaN), text only, so the vision tower never sees them."""
-    ids = inputs["input_ids"]
-    extra = rows - ids.shape[0]
-    if extra <= 0:
-        return inputs
-    out = dict(inputs)
-    out["input_ids"] = torch.cat([ids, ids.new_full((extra, ids.shape[1]), pad_id)])
-    mask = inputs["attention_mask"].new_zeros((extra, ids.shape[1]))
-    mask[:, -1] = 1
-    out["attention_mask"] = torch.cat([inputs["attention_mask"], mask])
-    if inputs.get("mm_token_type_ids") is not None:
-        types = inputs["mm_token_type_ids"]
-        out["mm_token_type_ids"] = torch.cat([types, types.new_zeros((extra, types.shape[1]))])
-    return out
-
-
-def choose(logits: torch.Tensor, seen: torch.Tensor | None, young: torch.Tensor | bool | None, sampling: Sampling, eos: torch.Tensor,
-           generator) -> torch.Tensor:
-    """The next token of every row, on the device. `seen`: the rows' tokens so far (repetition
-    penalty); `young`: the rows still short of the minimum length, which may not end yet (True: all)."""
-    if seen is not None:  # transformers' RepetitionPenaltyLogitsProcessor, as a mask
-        p = sampling.repetition_penalty
-        penalized = torch.where(logits < 0, logits * p, logits / p)
-        logits = torch.where(seen[:, : logits.shape[-1]], penalized, logits)
-    if young is True:  # no end before the minimum
-        logits = logits.index_fill(1, eos, float("-inf"))
-    elif young is not None:
-        ends = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device).index_fill_(0, eos, True)
-        logits = logits.masked_fill(young[:, None] & ends, float("-inf"))
-    if sampling.temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits / sampling.temperature
-    if sampling.top_k:
-        kth = torch.topk(logits, min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if sampling.top_p is not None and sampling.top_p < 1.0:
-        ordered, order = torch.sort(logits, descending=False)
-        drop = ordered.softmax(dim=-1).cumsum(dim=-1) <= (1 - sampling.top_p)
-        drop[:, -1] = False  # keep at least one
-        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
-
-
 def _advance(rows: Rows, chosen: torch.Tensor, eos: torch.Tensor, pad: int) -> torch.Tensor:
     """Record the chosen tokens; a row that ended gets padding from then on. (A row that has all its
     tokens is ended by the host, which knows every row's length: no work on the device each step.)"""
@@ -171,30 +100,6 @@ def _advance(rows: Rows, chosen: torch.Tensor, eos: torch.Tensor, pad: int) -> t
         rows.seen.scatter_(1, chosen[:, None], True)
     rows.step += 1
     return chosen
-
-
-def _join(model, rows: Rows, cache, slot: int, inputs: dict, vision=None, prefixes: PrefixCache | None = None,
-          prompt: Prompt | None = None) -> torch.Tensor:
-    """One prompt prefilled alone (from a kept prefix where `prefixes` has one), then moved into
-    `slot` of the running batch: its keys and values at the slot's first positions (the others'
-    next write is past them), its positions, its mask. Every change is in place, so a captured or
-    compiled step goes on as it was. Returns its last logits."""
-    ids = inputs["input_ids"]
-    width = ids.shape[1]
-    logits, deltas, own = prefill_alone(model, inputs, vision, prefixes, prompt)
-    for layer, alone in zip(cache.layers, own.layers):
-        layer.keys[slot, :, :width].copy_(alone.keys[0])
-        layer.values[slot, :, :width].copy_(alone.values[0])
-    rows.attend[slot].fill_(False)
-    rows.attend[slot, :width].fill_(True)
-    rows.text_position[slot] = width
-    rows.rope_deltas[slot] = deltas[0]
-    if rows.seen is not None:
-        rows.seen[slot].fill_(False)
-        rows.seen[slot].scatter_(0, ids[0].clamp(max=rows.seen.shape[1] - 1), True)
-    rows.ended[slot] = False
-    rows.start[slot] = rows.step - 1  # its first token takes the last column written (padding in an ended slot)
-    return logits
 
 
 @dataclass(frozen=True)
@@ -252,7 +157,7 @@ class Batch:
         if graph or compiled:
             slots = batch_bucket(slots)
         first = inputs
-        inputs = _pad_rows(inputs, slots, pad_id)
+        inputs = pad_rows(inputs, slots, pad_id)
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         width = ids.shape[1]
         device = ids.device
@@ -498,7 +403,7 @@ def _take(model, rows: Rows, cache, slot: int, joining: Joining, room: int, posi
     began = time.perf_counter()
     prompt = signatures(model, joining.inputs)[0] if prefixes is not None and bool(joining.inputs["attention_mask"].all()) else None
     with stop_when(model, [joining.cancel]):  # what may fail (memory, a client gone) comes before any move
-        logits = _join(model, rows, cache, slot, joining.inputs, vision, prefixes if prompt is not None else None, prompt)
+        logits = into_slot(model, rows, cache, slot, joining.inputs, vision, prefixes if prompt is not None else None, prompt)
     if width > position:  # every row's next write goes past its prompt; the gap stays masked
         for layer in cache.layers:
             layer.cumulative_length.fill_(width)

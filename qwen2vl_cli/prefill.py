@@ -1,6 +1,7 @@
 """A prompt into the KV cache: the whole model over it once (vision tower, M-RoPE positions over
 the whole prompt), from a kept prefix where the prefix cache has one, into a cache of its own
-that a batch then takes rows of (`seat`, decode.py's joins)."""
+that a batch then takes rows of (`seat` for its first rows, `into_slot` for one that joins it), and
+the filler rows that pad a batch to its bucket (`pad_rows`)."""
 
 from __future__ import annotations
 
@@ -89,3 +90,45 @@ def seat(cache, own, slots: int) -> None:
         layer.keys[:rows, :, :width].copy_(alone.keys)
         layer.values[:rows, :, :width].copy_(alone.values)
         layer.cumulative_length.fill_(width)
+
+
+def pad_rows(inputs: dict, rows: int, pad_id: int) -> dict:
+    """`inputs` with filler rows up to `rows`: padding that attends only to its last position (a
+    fully masked row would give NaN), text only, so the vision tower never sees them."""
+    ids = inputs["input_ids"]
+    extra = rows - ids.shape[0]
+    if extra <= 0:
+        return inputs
+    out = dict(inputs)
+    out["input_ids"] = torch.cat([ids, ids.new_full((extra, ids.shape[1]), pad_id)])
+    mask = inputs["attention_mask"].new_zeros((extra, ids.shape[1]))
+    mask[:, -1] = 1
+    out["attention_mask"] = torch.cat([inputs["attention_mask"], mask])
+    if inputs.get("mm_token_type_ids") is not None:
+        types = inputs["mm_token_type_ids"]
+        out["mm_token_type_ids"] = torch.cat([types, types.new_zeros((extra, types.shape[1]))])
+    return out
+
+
+def into_slot(model, rows, cache, slot: int, inputs: dict, vision=None, prefixes: PrefixCache | None = None,
+              prompt: Prompt | None = None) -> torch.Tensor:
+    """One prompt prefilled alone (from a kept prefix where `prefixes` has one), then moved into
+    `slot` of the running batch: its keys and values at the slot's first positions (the others'
+    next write is past them), its positions, its mask. Every change is in place, so a captured or
+    compiled step goes on as it was. Returns its last logits."""
+    ids = inputs["input_ids"]
+    width = ids.shape[1]
+    logits, deltas, own = prefill_alone(model, inputs, vision, prefixes, prompt)
+    for layer, alone in zip(cache.layers, own.layers):
+        layer.keys[slot, :, :width].copy_(alone.keys[0])
+        layer.values[slot, :, :width].copy_(alone.values[0])
+    rows.attend[slot].fill_(False)
+    rows.attend[slot, :width].fill_(True)
+    rows.text_position[slot] = width
+    rows.rope_deltas[slot] = deltas[0]
+    if rows.seen is not None:
+        rows.seen[slot].fill_(False)
+        rows.seen[slot].scatter_(0, ids[0].clamp(max=rows.seen.shape[1] - 1), True)
+    rows.ended[slot] = False
+    rows.start[slot] = rows.step - 1  # its first token takes the last column written (padding in an ended slot)
+    return logits

@@ -187,11 +187,11 @@ class Runner:
 
     def _check_engine(self) -> None:
         """The static loop needs transformers' current cache API; without it, auto means hf."""
-        from qwen2vl_cli import decode, steps
+        from qwen2vl_cli import steps
 
         if self.engine == "compiled":
             steps.use_compile_cache()
-        if self.engine in ("static", "compiled", "graph") and (reason := decode.unsupported(self.model)):
+        if self.engine in ("static", "compiled", "graph") and (reason := steps.unsupported(self.model)):
             if self.runtime.engine != "auto":
                 raise ModelError(f"--engine {self.engine}: {reason}; use --engine hf")
             self.engine = "hf"
@@ -262,11 +262,11 @@ class Runner:
 
     def sampling(self, gen: GenerationOptions):
         """The engine's sampling for these options, the model's own repetition penalty where they set none."""
-        from qwen2vl_cli import decode
+        from qwen2vl_cli.sampling import Sampling
 
         penalty = gen.repetition_penalty if gen.repetition_penalty is not None else self.model.generation_config.repetition_penalty
-        return decode.Sampling(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k, repetition_penalty=penalty,
-                               min_new_tokens=min(gen.min_new_tokens or 0, gen.max_new_tokens), seed=gen.seed)
+        return Sampling(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k, repetition_penalty=penalty,
+                        min_new_tokens=min(gen.min_new_tokens or 0, gen.max_new_tokens), seed=gen.seed)
 
     def pad_id(self) -> int:
         pad = self.model.generation_config.pad_token_id

@@ -279,3 +279,18 @@ class StepThreads:
 @dataclass
 class _Steps:
     steps: int = 0
+
+
+def unsupported(model) -> str | None:
+    """Why this loop cannot drive `model` with the installed transformers, or None when it can.
+    It relies on static cache layers that count their own length (transformers 5.2x); elsewhere
+    the runner falls back to `generate`."""
+    from transformers.cache_utils import StaticLayer
+
+    if not hasattr(model, "model") or not hasattr(model.model, "language_model") or not hasattr(model.model, "get_rope_index"):
+        return f"{type(model).__name__} is not a Qwen vision-language model qvl knows"
+    if cache_argument(model) is None:
+        return "this transformers release takes the KV cache under a name qvl does not know"
+    if not hasattr(StaticLayer(max_cache_len=1), "cumulative_length"):
+        return "this transformers release's static cache does not count its own length"
+    return None

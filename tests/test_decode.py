@@ -197,10 +197,10 @@ def test_a_batch_runs_in_its_bucket_with_filler_rows(tiny_model, media_dir, tmp_
     from qwen2vl_cli.steps import batch_bucket
 
     assert [batch_bucket(n) for n in (1, 2, 3, 5, 8, 9, 32, 33, 40)] == [1, 2, 4, 8, 8, 16, 32, 48, 48]
-    from qwen2vl_cli.decode import _pad_rows
+    from qwen2vl_cli.prefill import pad_rows
 
     ids = torch.tensor([[0, 5, 6], [7, 8, 9], [0, 0, 4]])
-    padded = _pad_rows({"input_ids": ids, "attention_mask": (ids != 0).long(), "mm_token_type_ids": torch.zeros_like(ids),
+    padded = pad_rows({"input_ids": ids, "attention_mask": (ids != 0).long(), "mm_token_type_ids": torch.zeros_like(ids),
                         "pixel_values": torch.ones(2, 3)}, 4, pad_id=0)
     assert padded["input_ids"].shape == (4, 3) and torch.equal(padded["input_ids"][:3], ids)
     assert padded["attention_mask"][3].tolist() == [0, 0, 1]  # attends to one position: no NaN, no media
@@ -285,10 +285,10 @@ def test_the_graphed_step_gives_the_eager_steps_tokens_on_cuda(tiny_model, media
 
 
 def test_a_transformers_the_loop_cannot_drive_falls_back_to_generate(qvl, tiny_model, media_dir, monkeypatch):
-    from qwen2vl_cli import decode
+    from qwen2vl_cli import steps
 
-    assert decode.unsupported(sessions_model(tiny_model)) is None  # the installed transformers is driven by the loop
-    monkeypatch.setattr(decode, "unsupported", lambda model: "this transformers release takes the KV cache under a name qvl does not know")
+    assert steps.unsupported(sessions_model(tiny_model)) is None  # the installed transformers is driven by the loop
+    monkeypatch.setattr(steps, "unsupported", lambda model: "this transformers release takes the KV cache under a name qvl does not know")
     args = ("describe", media_dir / "square.png", "--model", tiny_model, "--max-new-tokens", "4", "--dtype", "float32")
     r = qvl(*args, "--json")
     assert r.exit_code == 0 and '"engine": "hf"' in r.stdout
@@ -412,7 +412,7 @@ def test_a_joining_row_that_fails_or_is_cancelled_leaves_the_others_alone(sessio
     gen = GenerationOptions(max_new_tokens=40, min_new_tokens=40)
     names = ["photo.png", "square.png", "clip.mp4", "anim.gif"]
     alone = [answers(session.runner, [p], gen)[0] for p in prepared(session, media_dir, names, gen)]
-    join = decode._join
+    join = decode.into_slot
     clip_width = alone[2].prompt_tokens
     assert clip_width > alone[0].prompt_tokens
 
@@ -421,7 +421,7 @@ def test_a_joining_row_that_fails_or_is_cancelled_leaves_the_others_alone(sessio
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return join(model, rows, cache, slot, inputs, *rest)
 
-    monkeypatch.setattr(decode, "_join", failing)
+    monkeypatch.setattr(decode, "into_slot", failing)
     batch = prepared(session, media_dir, names, gen)
     done, _ = _continuous(session, batch[:1], batch[1:], gen, capacity=2, cancelled={0})
     assert isinstance(done[1], Cancelled)
