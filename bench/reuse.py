@@ -58,7 +58,7 @@ def main() -> None:
         p = session.prepare((str(ROOT / "samples" / "photo.jpg"),), media, gen)
         runner.vision, runner.prefixes = vision, prefixes
         [g] = answers(runner, [p], gen)
-        return g.ttft_s + g.inputs_s
+        return g.ttft_s + g.media_s
 
     ask("Warm up.", None, None)
     sides = {"first (caches empty)": [], "second, prompt kept": [], "second, vision output kept only": [], "second, --cache-size 0": []}

@@ -20,9 +20,9 @@ from qwen2vl_cli import grounding
 from qwen2vl_cli.errors import GenerationInterrupted, MediaError, QvlError, UsageError
 from qwen2vl_cli.messages import build_messages
 from qwen2vl_cli.modelinfo import locate_model
-from qwen2vl_cli.pipeline import Hooks, Probed, check_boxes, cpu_budget_note, decode_all, is_out_of_memory, make_result, plan_all, probe_all
+from qwen2vl_cli.pipeline import Hooks, Probed, check_boxes, cpu_budget_note, decode_all, is_out_of_memory, plan_all, probe_all
 from qwen2vl_cli.sources import SourceResolver
-from qwen2vl_cli.types import Generation, GenerationOptions, MediaOptions, Prepared, Request, Result, RuntimeOptions
+from qwen2vl_cli.types import GenerationOptions, MediaOptions, Prepared, Request, Result, RuntimeOptions
 
 if TYPE_CHECKING:  # torch comes with them: loaded when a model is
     from qwen2vl_cli.rows import Row, Running
@@ -227,7 +227,7 @@ class LocalBackend:
         if on_text is not None:
             on_texts = [on_text]
         rows = [Row(p.text, list(p.loaded), gen, cancels[i] if cancels else None, on_texts[i] if on_texts else None) for i, p in enumerate(batch)]
-        results = [self.finish(p, g, gen) for p, g in zip(batch, generate(self.runner, rows))]
+        results = [self.finish(p, r, gen) for p, r in zip(batch, generate(self.runner, rows))]
         if on_text is not None and isinstance(results[0], Exception):
             raise results[0]
         return results
@@ -240,13 +240,14 @@ class LocalBackend:
         self.ready()
         return Running(self.runner, rows, capacity)
 
-    def finish(self, prepared: Prepared, generation: Generation | Exception, gen: GenerationOptions) -> Result | Exception:
-        """A row's Generation as the request's Result (its plans, its options); an exception stays one."""
-        from qwen2vl_cli.runner import peak_memory_bytes
-
-        if isinstance(generation, Exception):
-            return generation
-        return make_result(self.runner, generation, prepared.plans, peak_memory_bytes(self.runner.device), gen, prepared.media_s)
+    def finish(self, prepared: Prepared, result: Result | Exception, gen: GenerationOptions) -> Result | Exception:
+        """A row's Result as the request's: its plans, the time its media took, and with --boxes
+        the boxes read from the answer; an exception stays one."""
+        if isinstance(result, Exception):
+            return result
+        found = grounding.read(self.runner.family, result.text, prepared.plans[0], gen.boxes) if gen.boxes else None
+        return replace(result, inputs=tuple(prepared.plans), media_s=prepared.media_s + (result.media_s or 0.0),
+                       boxes=found.boxes if found else None, box_problems=found.problems if found else ())
 
 
 # The chat template writes <|vision_start|><|image_pad|><|vision_end|> (or <|video_pad|>) for a

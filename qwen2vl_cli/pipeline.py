@@ -9,12 +9,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import BinaryIO, Protocol
 
-from qwen2vl_cli import grounding, media
+from qwen2vl_cli import media
 from qwen2vl_cli.errors import MediaError, UsageError
 from qwen2vl_cli.families import stamp_tokens
 from qwen2vl_cli.sizing import SizingError, fit_budget, plan
 from qwen2vl_cli.sources import Source, SourceResolver
-from qwen2vl_cli.types import GenerationOptions, MediaInfo, MediaOptions, MediaPlan, Result, VisionSpec
+from qwen2vl_cli.types import GenerationOptions, MediaInfo, MediaOptions, MediaPlan, VisionSpec
 
 
 class Hooks(Protocol):
@@ -106,37 +106,6 @@ def decode_all(probed: list[Probed], plans: list[MediaPlan], opts: MediaOptions,
         for pl, ld in zip(plans, loaded)
     ]
     return plans, loaded
-
-
-def make_result(runner, gen, plans, peak_memory: int, options: GenerationOptions | None = None, media_s: float | None = None) -> Result:
-    """The result of one request: the generation's text and counts, the runner's settings, the
-    plans, the time to first token in its parts, and with --boxes the boxes read from the answer."""
-    vision = gen.vision_s
-    prefill = max(0.0, gen.ttft_s - (vision or 0.0)) if gen.ttft_s is not None else None
-    found = grounding.read(runner.family, gen.text, plans[0], options.boxes) if options is not None and options.boxes else None
-    return Result(
-        text=gen.text,
-        model=runner.runtime.model,
-        device=runner.device,
-        dtype=runner.dtype,
-        attn=runner.attn,
-        prompt_tokens=gen.prompt_tokens,
-        visual_tokens=gen.visual_tokens,
-        generated_tokens=gen.generated_tokens,
-        load_s=runner.load_s,
-        ttft_s=gen.ttft_s,
-        decode_tokens_per_s=gen.decode_tokens_per_s,
-        peak_memory_bytes=peak_memory,
-        finish_reason=gen.finish_reason,
-        inputs=tuple(plans),
-        engine=gen.engine,
-        media_s=None if media_s is None else media_s + gen.inputs_s,
-        vision_s=vision,
-        prefill_s=prefill,
-        compile_s=gen.compile_s,
-        boxes=found.boxes if found else None,
-        box_problems=found.problems if found else (),
-    )
 
 
 def check_boxes(inputs: list[tuple[str, str]], gen: GenerationOptions) -> None:

@@ -7,7 +7,7 @@ import threading
 import time
 
 from qwen2vl_cli.errors import GenerationInterrupted
-from qwen2vl_cli.types import Generation, GenerationOptions
+from qwen2vl_cli.types import GenerationOptions, Result
 
 
 class RepetitionGuard:
@@ -44,7 +44,7 @@ class RepetitionGuard:
         return done
 
 
-def generate_one(runner, inputs, gen: GenerationOptions, on_text, cancel) -> Generation:
+def generate_one(runner, inputs, gen: GenerationOptions, on_text, cancel) -> Result:
     """One prompt through transformers' `generate`, streamed from a worker thread."""
     import torch
 
@@ -114,9 +114,9 @@ def generate_one(runner, inputs, gen: GenerationOptions, on_text, cancel) -> Gen
         torch.cuda.synchronize()
     ttft, rate = _timings(start, token_times)
     new = outcome["sequences"][0, prompt_tokens:]
-    return runner.generation(new, prompt_tokens, visual_tokens, ttft, rate, guard.stopped_at.get(0))
+    return runner.result(new, prompt_tokens, visual_tokens, ttft, rate, guard.stopped_at.get(0))
 
-def generate_rows(runner, inputs, rows: int, gen: GenerationOptions, cancels: list[threading.Event] | None) -> list[Generation]:
+def generate_rows(runner, inputs, rows: int, gen: GenerationOptions, cancels: list[threading.Event] | None) -> list[Result]:
     """A left-padded batch through transformers' `generate` (its streamer takes one row: this one only times)."""
     import torch
 
@@ -164,7 +164,7 @@ def generate_rows(runner, inputs, rows: int, gen: GenerationOptions, cancels: li
     for row in range(rows):
         ids = inputs["input_ids"][row][inputs["attention_mask"][row].bool()]
         visual = int(((ids == config.image_token_id) | (ids == config.video_token_id)).sum())
-        out.append(runner.generation(sequences[row, width:], int(ids.shape[0]), visual, ttft, rate, guard.stopped_at.get(row)))
+        out.append(runner.result(sequences[row, width:], int(ids.shape[0]), visual, ttft, rate, guard.stopped_at.get(row)))
     return out
 
 

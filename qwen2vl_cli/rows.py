@@ -1,5 +1,5 @@
 """A batch of rows as its callers drive it, in the runner's terms: each row's prompt text and
-media in, its Generation out as soon as it ends, its text streamed as it comes.
+media in, its Result out as soon as it ends, its text streamed as it comes.
 
 serve's scheduler, `--each` and `describe` all drive one: `Running(runner, rows, capacity)`, then
 `advance()` until `live` is false; between two advances a row may `join` where `fits` says it has
@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from qwen2vl_cli import reference
 from qwen2vl_cli.errors import GenerationInterrupted
 from qwen2vl_cli.runner import LoopFinder, TextStream, VisionClock, stack_rows
-from qwen2vl_cli.types import Generation, GenerationOptions
+from qwen2vl_cli.types import GenerationOptions, Result
 
 
 @dataclass
@@ -41,7 +41,7 @@ class Row:
 
 class Running:
     """The rows given, then those that join, numbered in that order; `advance` hands back
-    (row number, Generation or the exception that kept it from running) of every row that ended.
+    (row number, Result or the exception that kept it from running) of every row that ended.
     A row whose inputs cannot be built is handed back at the first advance; the others run."""
 
     def __init__(self, runner, rows: list[Row], capacity: int = 0):
@@ -51,7 +51,7 @@ class Running:
         start = time.perf_counter()
         built = [_attempt(r.built, runner) for r in rows]
         self.inputs_s = time.perf_counter() - start
-        self._ended: list[tuple[int, Generation | Exception]] = [(i, b) for i, b in enumerate(built) if isinstance(b, Exception)]
+        self._ended: list[tuple[int, Result | Exception]] = [(i, b) for i, b in enumerate(built) if isinstance(b, Exception)]
         self._order = [i for i, b in enumerate(built) if not isinstance(b, Exception)]  # the engine's rows: row numbers
         self._prompts = {i: prompt_counts(runner.model.config, built[i], 0) for i in self._order}
         self._streams: dict[int, TextStream] = {}
@@ -88,7 +88,7 @@ class Running:
     def live(self) -> bool:
         return bool(self._ended) or self._hf is not None or (self.batch is not None and bool(self.batch.live))
 
-    def advance(self) -> list[tuple[int, Generation | Exception]]:
+    def advance(self) -> list[tuple[int, Result | Exception]]:
         """The steps up to the next read: the rows that ended since the last advance."""
         ended, self._ended = self._ended, []
         if self._hf is not None:
@@ -98,7 +98,7 @@ class Running:
         update = self.batch.advance()
         self._show(update.moved)
         for engine_row, outcome in update.ended:
-            ended.append((self._order[engine_row], self._generation(self._order[engine_row], outcome)))
+            ended.append((self._order[engine_row], self._result(self._order[engine_row], outcome)))
         if not self.batch.live and self.runner.device == "cuda":
             import torch
 
@@ -154,17 +154,17 @@ class Running:
         end = next((i + 1 for i, t in enumerate(tokens) if t in eos), len(tokens))
         return min(end, looped) if looped is not None else end
 
-    def _generation(self, row: int, outcome) -> Generation | Exception:
+    def _result(self, row: int, outcome) -> Result | Exception:
         if isinstance(outcome, Exception):
             return outcome
         tokens = outcome.tokens[: outcome.cancelled_at]  # a row whose client left ends where it was stopped
-        g = self.runner.generation(tokens, *self._prompts[row], outcome.ttft_s, outcome.decode_tokens_per_s, outcome.looped_at)
+        r = self.runner.result(tokens, *self._prompts[row], outcome.ttft_s, outcome.decode_tokens_per_s, outcome.looped_at, self.engine)
         if row in self._streams:
-            self._streams[row].update(list(g.tokens), final=True)
+            self._streams[row].update(list(r.tokens), final=True)
         compile_s = self.batch.setup_s if self.runner.engine in ("compiled", "graph") else None
-        return replace(g, engine=self.engine, compile_s=compile_s, inputs_s=self._inputs_s[row], vision_s=self._vision.get(row))
+        return replace(r, compile_s=compile_s, media_s=self._inputs_s[row]).timed(self._vision.get(row))
 
-    def _reference(self) -> list[tuple[int, Generation]]:
+    def _reference(self) -> list[tuple[int, Result]]:
         inputs, self._hf = self._hf, None
         runner, order = self.runner, self._order
         with VisionClock(runner.model) as clock:
@@ -174,19 +174,19 @@ class Running:
             else:
                 cancels = [self.rows[i].cancel or threading.Event() for i in order]
                 out = reference.generate_rows(runner, inputs, len(order), self.gen, cancels)
-        return [(i, replace(g, inputs_s=self.inputs_s, vision_s=clock.seconds())) for i, g in zip(order, out)]
+        return [(i, replace(r, media_s=self.inputs_s).timed(clock.seconds())) for i, r in zip(order, out)]
 
 
-def generate(runner, rows: list[Row], capacity: int = 0) -> list[Generation | Exception]:
-    """Rows through one Running, to the end: each row's Generation, or the exception that kept it
+def generate(runner, rows: list[Row], capacity: int = 0) -> list[Result | Exception]:
+    """Rows through one Running, to the end: each row's Result, or the exception that kept it
     from running, in order. Ctrl-C while a batch of one streams: GenerationInterrupted with its text so far."""
     running = None
-    out: list[Generation | Exception | None] = [None] * len(rows)
+    out: list[Result | Exception | None] = [None] * len(rows)
     try:
         running = Running(runner, rows, capacity)
         while running.live:
-            for row, generation in running.advance():
-                out[row] = generation
+            for row, result in running.advance():
+                out[row] = result
     except KeyboardInterrupt:
         raise GenerationInterrupted(running.sent(0) if running is not None else "") from None
     return out

@@ -22,7 +22,7 @@ from qwen2vl_cli.families import QWEN2_VL, Family, family_of_config
 from qwen2vl_cli.media_cache import MediaCache
 from qwen2vl_cli.modelinfo import BUILDING, read_config, vision_spec_from_dict
 from qwen2vl_cli.reference import RepetitionGuard
-from qwen2vl_cli.types import Generation, GenerationOptions, Loaded, RuntimeOptions, VisionSpec
+from qwen2vl_cli.types import GenerationOptions, Loaded, Result, RuntimeOptions, VisionSpec
 from qwen2vl_cli.video_processor import ChunkedVideoProcessor
 from qwen2vl_cli.vision_cache import VisionCache, default_bytes
 
@@ -272,11 +272,11 @@ class Runner:
         pad = self.model.generation_config.pad_token_id
         return pad if pad is not None else self.eos_ids()[0]
 
-    def generation(
-        self, new, prompt_tokens: int, visual_tokens: int, ttft: float | None, rate: float | None, looped_at: int | None = None
-    ) -> Generation:
-        """Text, token count and finish reason of one row; anything after its end (end-of-sequence,
-        or where the repetition guard stopped it) is padding."""
+    def result(self, new, prompt_tokens: int, visual_tokens: int, ttft: float | None, rate: float | None, looped_at: int | None = None,
+               engine: str = "hf") -> Result:
+        """One row's Result: its text, tokens and finish reason (anything after its end, the
+        end-of-sequence token or where the repetition guard stopped it, is padding), and this
+        runner's settings; the request's plans and media time are the backend's to add."""
         eos_ids = set(self.eos_ids())
         tokens = [int(t) for t in new]
         eos_end = next((i + 1 for i, t in enumerate(tokens) if t in eos_ids), None)
@@ -286,8 +286,12 @@ class Runner:
             tokens, finish = tokens[:looped_at], "repetition"
         else:
             finish = "length"
-        text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True)
-        return Generation(text, tuple(tokens), prompt_tokens, visual_tokens, len(tokens), ttft, rate, finish)
+        return Result(
+            text=self.processor.tokenizer.decode(tokens, skip_special_tokens=True), model=self.runtime.model, device=self.device,
+            dtype=self.dtype, attn=self.attn, prompt_tokens=prompt_tokens, visual_tokens=visual_tokens, generated_tokens=len(tokens),
+            load_s=self.load_s, ttft_s=ttft, decode_tokens_per_s=rate, peak_memory_bytes=peak_memory_bytes(self.device),
+            finish_reason=finish, engine=engine, tokens=tuple(tokens),
+        )
 
 
 # Special tokens a prompt holds as text: Qwen2-VL's grounding markers (its own grounding prompt

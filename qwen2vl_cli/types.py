@@ -194,24 +194,6 @@ class RuntimeOptions:
 
 
 @dataclass(frozen=True)
-class Generation:
-    """One row as the runner made it: its text and tokens, and how it went."""
-
-    text: str
-    tokens: tuple[int, ...]
-    prompt_tokens: int
-    visual_tokens: int
-    generated_tokens: int
-    ttft_s: float | None
-    decode_tokens_per_s: float | None
-    finish_reason: str  # stop | length | repetition
-    engine: str = "hf"  # the loop that ran: hf, static, or graph
-    vision_s: float | None = None  # of the time to first token: the vision tower's part (the rest is prefill)
-    inputs_s: float = 0.0  # building the processor inputs (pixel normalisation, prompt tokens)
-    compile_s: float | None = None  # compiling or capturing the decode step (compiled and graph engines)
-
-
-@dataclass(frozen=True)
 class Result:
     text: str
     model: str
@@ -236,6 +218,12 @@ class Result:
     compile_s: float | None = None  # the compiled and graph engines: making the step, before decoding
     boxes: tuple[dict, ...] | None = None  # --boxes: found in the answer, in the original image's pixels
     box_problems: tuple[str, ...] = ()  # --boxes: what the answer held that could not be read as a box
+    tokens: tuple[int, ...] = ()  # the answer's token ids (a local model's; not in the record)
+
+    def timed(self, vision_s: float | None) -> Result:
+        """With the vision tower's part of the time to first token; the rest of it is prefill."""
+        prefill = max(0.0, self.ttft_s - (vision_s or 0.0)) if self.ttft_s is not None else None
+        return replace(self, vision_s=vision_s, prefill_s=prefill)
 
     def to_dict(self) -> dict:
         return {

@@ -18,14 +18,14 @@ class Quiet:
 
 
 def answers(runner, prepared, gen, cancels=None) -> list:
-    """Prepared requests as one batch of rows (rows.Running to the end): each Generation or exception."""
+    """Prepared requests as one batch of rows (rows.Running to the end): each Result or exception."""
     from qwen2vl_cli.rows import Row, generate
 
     return generate(runner, [Row(p.text, list(p.loaded), gen, cancels[i] if cancels else None) for i, p in enumerate(prepared)])
 
 
 def answer(runner, inputs, gen, on_text=None):
-    """One prompt's processor inputs, made by the caller, through the runner: its Generation."""
+    """One prompt's processor inputs, made by the caller, through the runner: its Result."""
     from qwen2vl_cli.rows import Row, generate
 
     [out] = generate(runner, [Row(None, None, gen, on_text=on_text, inputs=inputs)])

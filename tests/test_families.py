@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from qwen2vl_cli import decode, media, sizing
+from qwen2vl_cli import media, sizing, steps
 from qwen2vl_cli.devices import Capabilities
 from qwen2vl_cli.errors import ModelError
 from qwen2vl_cli.families import family_for, time_stamps
@@ -98,7 +98,7 @@ def test_image_inputs_and_greedy_answer_equal_the_reference(fam, media_dir, name
     ref = reference(fam, [{"type": "image", "image": str(media_dir / n)} for n in names], "Describe these images.")
     same_inputs(inputs, ref)
     # qvl's own decode loop drives every family (where transformers' static cache counts itself; else generate)
-    assert fam.runner.engine == ("static" if decode.unsupported(fam.runner.model) is None else "hf")
+    assert fam.runner.engine == ("static" if steps.unsupported(fam.runner.model) is None else "hf")
     gen = answer(fam.runner, inputs, GenerationOptions(max_new_tokens=16))
     assert list(gen.tokens) == greedy(fam, ref)
     assert sum(p.tokens_with_markers for p in plans) == int((ref["input_ids"] == fam.runner.model.config.image_token_id).sum()) + 2 * len(names)
