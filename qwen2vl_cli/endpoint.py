@@ -11,8 +11,8 @@ from __future__ import annotations
 import base64
 import mimetypes
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from threading import Event
 
