@@ -54,7 +54,12 @@ def answer(sources: list[str] | None, require_video: bool, options: dict) -> Non
         raise UsageError("give MEDIA to describe (or --each --from FILE)")
     if require_video and len(request.sources) > 1:
         raise UsageError("qvl video takes one CLIP; add --each for one answer per clip")
-    reporter = Reporter(quiet=quiet, stream=not json_out and boxes is None)
+    if generation.schema is not None:
+        if boxes is not None:
+            raise UsageError("--boxes writes the model's own answer: drop --schema or --json-object")
+        if endpoint is not None:
+            raise UsageError("--schema and --json-object are not sent to an endpoint: run the model here (drop --endpoint)")
+    reporter = Reporter(quiet=quiet, stream=not json_out and boxes is None and generation.schema is None)
     several = len(gens) > 1
     results = answers(request, gens, reporter)
     with closing(results):
@@ -74,6 +79,8 @@ def answer(sources: list[str] | None, require_video: bool, options: dict) -> Non
                               f"it ran as {result.engine}, with the same answer")
             if result.boxes is not None:
                 reporter.boxes(result, draw, listed=not json_out)
+            if result.structured and not json_out:
+                print_json(result.data)  # whole, once complete: never half an object
             reporter.summary(result)
             if json_out:
                 print_json({"question": gen.prompt, **result.to_dict()} if several else result.to_dict())

@@ -246,8 +246,26 @@ class LocalBackend:
         if isinstance(result, Exception):
             return result
         found = grounding.read(self.runner.family, result.text, prepared.plans[0], gen.boxes) if gen.boxes else None
-        return replace(result, inputs=tuple(prepared.plans), media_s=prepared.media_s + (result.media_s or 0.0),
-                       boxes=found.boxes if found else None, box_problems=found.problems if found else ())
+        result = replace(result, inputs=tuple(prepared.plans), media_s=prepared.media_s + (result.media_s or 0.0),
+                         boxes=found.boxes if found else None, box_problems=found.problems if found else ())
+        return structured(result, gen) if gen.schema is not None else result
+
+
+def structured(result: Result, gen: GenerationOptions) -> Result | QvlError:
+    """A --schema answer with its JSON parsed into `data`; one that stopped before its JSON was
+    complete is an error saying how to give it room, never half an object."""
+    import json
+
+    if result.finish_reason == "stop":
+        try:
+            return replace(result, structured=True, data=json.loads(result.text))
+        except json.JSONDecodeError:
+            pass
+    if result.finish_reason == "repetition":
+        return QvlError("the answer looped before its JSON was complete (the repetition guard stopped it): "
+                        "try --no-repeat-guard, or a schema with fewer free strings")
+    return QvlError(f"the answer reached --max-new-tokens {gen.max_new_tokens} before its JSON was complete: "
+                    f"give it room, e.g. --max-new-tokens {2 * gen.max_new_tokens}")
 
 
 # The chat template writes <|vision_start|><|image_pad|><|vision_end|> (or <|video_pad|>) for a

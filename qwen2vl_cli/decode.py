@@ -27,6 +27,7 @@ from functools import partial
 
 import torch
 
+from qwen2vl_cli import grammar
 from qwen2vl_cli.config import debug_enabled
 from qwen2vl_cli.prefill import into_slot, pad_rows, prefill, prefill_alone, seat, stop_when
 from qwen2vl_cli.prefix_cache import PrefixCache, Prompt, layers_of, signatures
@@ -66,6 +67,7 @@ class Joining:
     cancel: threading.Event
     max_new_tokens: int
     min_new_tokens: int = 0
+    matcher: object = None  # its grammar's matcher (grammar.py), where its answer must follow one
 
 
 @dataclass
@@ -148,6 +150,7 @@ class Batch:
         min_new_tokens: list[int] | None = None,  # each row's own minimum (else the sampling's for every row)
         vision=None,  # a VisionCache: media seen before skip the vision tower
         prefixes: PrefixCache | None = None,  # prompts' and answers' keys and values: a prompt's kept prefix is not prefilled again
+        matchers: list | None = None,  # each row's grammar matcher (grammar.py), None for a row whose answer is free
     ):
         self.vision, self.prefixes = vision, prefixes
         self.model, self.sampling, self.eos_ids, self.pad_id, self.attn = model, sampling, eos_ids, pad_id, attn
@@ -198,7 +201,7 @@ class Batch:
                     del own
                     logits = torch.cat([logits, logits.new_zeros((slots - batch, logits.shape[1]))])
                     deltas = torch.cat([deltas, deltas.new_zeros((slots - batch, 1))])
-            self.rows = rows = Rows(
+            self.rows = Rows(
                 attend=torch.cat([mask.bool(), torch.zeros((slots, length - width), dtype=torch.bool, device=device)], dim=1),
                 text_position=mask.long().sum(dim=1),
                 rope_deltas=deltas,
@@ -210,7 +213,8 @@ class Batch:
                 start=torch.zeros(slots, dtype=torch.long, device=device),
                 minimum=torch.tensor(minimums + [0] * (slots - batch), device=device),
             )
-            self.tokens = _advance(rows, choose(logits, rows.seen, self._young(), sampling, self.eos, self.generator), self.eos, pad_id)
+            self.matchers = {r: m for r, m in enumerate(matchers or ()) if m is not None}  # slot -> matcher, while its row lives
+            self.tokens = self._choose(logits)
             self.done = 1
             self._step = self._make_step(graph, compiled, making=longest > 1 or capacity > 0)
         for r in self.live:
@@ -281,12 +285,21 @@ class Batch:
                 if self.position >= self.length:  # every row's room was checked when it started: a bug if reached
                     raise RuntimeError(f"the decode loop ran past its cache ({self.length} positions)")
                 logits = self._step(self.tokens)
-                self.tokens = _advance(self.rows, choose(logits, self.rows.seen, self._young(), self.sampling, self.eos, self.generator),
-                                       self.eos, self.pad_id)
+                self.tokens = self._choose(logits)
                 self.done += 1
                 self.position += 1
                 timed.steps += 1
         return Update([], [])
+
+    def _choose(self, logits: torch.Tensor) -> torch.Tensor:
+        """Every row's next token, recorded; a row with a grammar takes only what it allows, and its
+        matcher is handed the token at once (the mask is made on the host while a GPU runs the step)."""
+        allowed = grammar.allowed(self.matchers, logits.shape[0], logits.shape[-1])
+        chosen = choose(logits, self.rows.seen, self._young(), self.sampling, self.eos, self.generator, allowed)
+        tokens = _advance(self.rows, chosen, self.eos, self.pad_id)
+        if self.matchers:
+            grammar.take(self.matchers, tokens.tolist())
+        return tokens
 
     def _read(self) -> Update:
         rows, done = self.rows, self.done
@@ -297,6 +310,7 @@ class Batch:
             rows.ended[r.slot] = True  # padding from now on, until the slot is taken again
             self.live.remove(r)
             self.free.append(r.slot)
+            self.matchers.pop(r.slot, None)
             self.outcomes[r.index] = _outcome(r, done, self.eos_ids)
             gone.append((r.index, self.outcomes[r.index]))
             if r.prompt is not None:
@@ -347,6 +361,8 @@ class Batch:
         with torch.inference_mode():
             self.tokens[slot] = joined.tokens[0]
         self.live.append(joined)
+        if joining.matcher is not None:
+            self.matchers[slot] = joining.matcher
         return index, joined.tokens
 
     def cancel(self, row: int) -> None:
@@ -409,7 +425,10 @@ def _take(model, rows: Rows, cache, slot: int, joining: Joining, room: int, posi
             layer.cumulative_length.fill_(width)
         position = width
     rows.minimum[slot] = minimum
-    first = choose(logits, None if rows.seen is None else rows.seen[slot : slot + 1], True if minimum else None, sampling, eos, generator)
+    own = {0: joining.matcher} if joining.matcher is not None else {}
+    first = choose(logits, None if rows.seen is None else rows.seen[slot : slot + 1], True if minimum else None, sampling, eos, generator,
+                   grammar.allowed(own, 1, logits.shape[-1]))
+    grammar.take(own, first.tolist())
     rows.out[slot, done - 1] = first[0]
     if rows.seen is not None:
         rows.seen[slot, first[0]] = True

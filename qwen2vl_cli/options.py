@@ -74,6 +74,8 @@ TopK = Annotated[Optional[int], typer.Option(min=0, help="Top-k sampling (with -
 RepetitionPenalty = Annotated[Optional[float], typer.Option(help="Default: the model's generation_config (1.05 for Qwen2-VL-Instruct, none for Qwen3-VL).", rich_help_panel=GEN_PANEL)]
 RepeatGuard = Annotated[bool, typer.Option("--repeat-guard/--no-repeat-guard", help="Stop when the answer loops on one short phrase (finish_reason \"repetition\").", rich_help_panel=GEN_PANEL)]
 Seed = Annotated[Optional[int], typer.Option(help="Random seed for sampling.", rich_help_panel=GEN_PANEL)]
+Schema = Annotated[Optional[str], typer.Option(metavar="SCHEMA", help="The answer is JSON that follows this schema, always: a JSON Schema (inline, or a file), or fields such as 'caption, objects: list[str], outdoor: bool' (types str, int, float, bool, list[...]; all required). stdout gets the JSON; --json and --each records carry it as \"data\".", show_default=False, rich_help_panel=GEN_PANEL)]
+JsonObject = Annotated[bool, typer.Option("--json-object", help="The answer is a JSON object (any), always; as --schema for its output.", rich_help_panel=GEN_PANEL)]
 
 MinPixels = Annotated[Optional[int], typer.Option(min=1, help="Least pixels per image or frame (images: the model's setting, 3136 for Qwen2-VL and Qwen2.5-VL, 65536 for Qwen3-VL; frames: 128 tokens' worth).", rich_help_panel=MEDIA_PANEL)]
 MaxPixels = Annotated[
@@ -204,10 +206,18 @@ def generation_options(
     repetition_penalty: RepetitionPenalty = None,
     seed: Seed = None,
     repeat_guard: RepeatGuard = True,
+    schema: Schema = None,
+    json_object: JsonObject = False,
 ) -> GenerationOptions:
+    from qwen2vl_cli import schemas
+
+    if schema is not None and json_object:
+        raise UsageError("--schema and --json-object both given: --json-object is any object; give one")
     first = prompt[0] if prompt else None  # several: _answer asks each in turn
+    grammar = schemas.parse(schema) if schema is not None else schemas.canonical(schemas.JSON_OBJECT) if json_object else None
     return check_generation(
-        GenerationOptions(first, system, max_new_tokens, min_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, repeat_guard)
+        GenerationOptions(first, system, max_new_tokens, min_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, repeat_guard,
+                          schema=grammar)
     )
 
 

@@ -44,8 +44,9 @@ class RepetitionGuard:
         return done
 
 
-def generate_one(runner, inputs, gen: GenerationOptions, on_text, cancel) -> Result:
-    """One prompt through transformers' `generate`, streamed from a worker thread."""
+def generate_one(runner, inputs, gen: GenerationOptions, on_text, cancel, matchers: list | None = None) -> Result:
+    """One prompt through transformers' `generate`, streamed from a worker thread; `matchers`:
+    its grammar's (grammar.py), where its answer must follow one."""
     import torch
 
     from qwen2vl_cli.prefill import stop_when
@@ -79,6 +80,7 @@ def generate_one(runner, inputs, gen: GenerationOptions, on_text, cancel) -> Res
         streamer=streamer,
         stopping_criteria=StoppingCriteriaList([_Stop()] + ([guard] if gen.repeat_guard else [])),
         **sampling_kwargs(gen),
+        **grammar_kwargs(matchers, prompt_tokens),
     )
     outcome: dict = {}
 
@@ -116,7 +118,8 @@ def generate_one(runner, inputs, gen: GenerationOptions, on_text, cancel) -> Res
     new = outcome["sequences"][0, prompt_tokens:]
     return runner.result(new, prompt_tokens, visual_tokens, ttft, rate, guard.stopped_at.get(0))
 
-def generate_rows(runner, inputs, rows: int, gen: GenerationOptions, cancels: list[threading.Event] | None) -> list[Result]:
+def generate_rows(runner, inputs, rows: int, gen: GenerationOptions, cancels: list[threading.Event] | None,
+                  matchers: list | None = None) -> list[Result]:
     """A left-padded batch through transformers' `generate` (its streamer takes one row: this one only times)."""
     import torch
 
@@ -155,6 +158,7 @@ def generate_rows(runner, inputs, rows: int, gen: GenerationOptions, cancels: li
             streamer=_Clock(),
             stopping_criteria=([guard] if gen.repeat_guard else []) + ([_Cancelled()] if cancels else []) or None,
             **sampling_kwargs(gen),
+            **grammar_kwargs(matchers, width),
         )
     if runner.device == "cuda":
         torch.cuda.synchronize()
@@ -194,3 +198,14 @@ def sampling_kwargs(gen: GenerationOptions) -> dict:
     if gen.min_new_tokens:
         out["min_new_tokens"] = min(gen.min_new_tokens, gen.max_new_tokens)
     return out
+
+
+def grammar_kwargs(matchers: list | None, prompt_width: int) -> dict:
+    """generate() arguments for rows whose answers follow a grammar: its logits processor."""
+    if not matchers or all(m is None for m in matchers):
+        return {}
+    from transformers import LogitsProcessorList
+
+    from qwen2vl_cli.grammar import Logits
+
+    return {"logits_processor": LogitsProcessorList([Logits(matchers, prompt_width)])}

@@ -78,7 +78,7 @@ class Running:
                 cancels=[rows[i].cancel or threading.Event() for i in self._order],
                 graph=runner.engine == "graph" or (runner.engine == "compiled" and runner.device == "cuda"),
                 compiled=runner.engine == "compiled", capacity=capacity, min_new_tokens=[least for _, least in lengths],
-                vision=runner.vision, prefixes=runner.prefixes,
+                vision=runner.vision, prefixes=runner.prefixes, matchers=[runner.matcher(rows[i].gen) for i in self._order],
             )
         self._vision.update(dict.fromkeys(self._order, clock.seconds()))
         # A step that could not be made ran eagerly, with the same tokens.
@@ -132,7 +132,7 @@ class Running:
         least = min(row.gen.min_new_tokens or 0, row.gen.max_new_tokens)
         with VisionClock(self.runner.model) as clock:
             _, tokens = self.batch.join(decode.Joining(dict(inputs.to(self.runner.model.device)), row.cancel or threading.Event(),
-                                                       row.gen.max_new_tokens, least))
+                                                       row.gen.max_new_tokens, least, self.runner.matcher(row.gen)))
         self._vision[number] = clock.seconds()
         self._show([(len(self._order) - 1, tokens, None)])
         return number
@@ -168,12 +168,13 @@ class Running:
         inputs, self._hf = self._hf, None
         runner, order = self.runner, self._order
         with VisionClock(runner.model) as clock:
+            matchers = [runner.matcher(self.rows[i].gen) for i in order]
             if len(order) == 1:
                 row = self.rows[order[0]]
-                out = [reference.generate_one(runner, inputs, self.gen, row.on_text, row.cancel)]
+                out = [reference.generate_one(runner, inputs, self.gen, row.on_text, row.cancel, matchers)]
             else:
                 cancels = [self.rows[i].cancel or threading.Event() for i in order]
-                out = reference.generate_rows(runner, inputs, len(order), self.gen, cancels)
+                out = reference.generate_rows(runner, inputs, len(order), self.gen, cancels, matchers)
         return [(i, replace(r, media_s=self.inputs_s).timed(clock.seconds())) for i, r in zip(order, out)]
 
 

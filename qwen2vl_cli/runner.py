@@ -208,6 +208,17 @@ class Runner:
         return len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     @cached_property
+    def grammars(self):
+        """Compiled JSON Schemas for rows whose answers must follow one (grammar.py)."""
+        from qwen2vl_cli.grammar import Grammars
+
+        return Grammars(self.processor.tokenizer, self.model.get_output_embeddings().out_features, self.eos_ids())
+
+    def matcher(self, gen: GenerationOptions):
+        """A fresh grammar matcher for a row with these options; None for a free answer."""
+        return self.grammars.matcher(gen.schema) if gen.schema is not None else None
+
+    @cached_property
     def longest_token(self) -> int:
         """Characters of the vocabulary's longest token: a text of n characters is at least
         n / this many tokens (byte-level entries are at least as long as the text they stand for)."""

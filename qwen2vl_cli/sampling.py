@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from qwen2vl_cli import grammar
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -22,9 +24,10 @@ class Sampling:
 
 
 def choose(logits: torch.Tensor, seen: torch.Tensor | None, young: torch.Tensor | bool | None, sampling: Sampling, eos: torch.Tensor,
-           generator) -> torch.Tensor:
+           generator, allowed: torch.Tensor | None = None) -> torch.Tensor:
     """The next token of every row, on the device. `seen`: the rows' tokens so far (repetition
-    penalty); `young`: the rows still short of the minimum length, which may not end yet (True: all)."""
+    penalty); `young`: the rows still short of the minimum length, which may not end yet (True: all);
+    `allowed`: the tokens each row's grammar lets it take (grammar.allowed's bitmask)."""
     if seen is not None:  # transformers' RepetitionPenaltyLogitsProcessor, as a mask
         p = sampling.repetition_penalty
         penalized = torch.where(logits < 0, logits * p, logits / p)
@@ -34,6 +37,8 @@ def choose(logits: torch.Tensor, seen: torch.Tensor | None, young: torch.Tensor 
     elif young is not None:
         ends = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device).index_fill_(0, eos, True)
         logits = logits.masked_fill(young[:, None] & ends, float("-inf"))
+    if allowed is not None:
+        logits = grammar.apply(logits.clone(), allowed)
     if sampling.temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits / sampling.temperature

@@ -150,6 +150,7 @@ class GenerationOptions:
     seed: int | None = None
     repeat_guard: bool = True  # stop a generation caught in a loop
     boxes: str | None = None  # grounding: what to find; the family's own prompt asks for it
+    schema: str | None = None  # a JSON Schema (grammar.canonical's text) the answer follows
 
 
 def check_generation(gen: GenerationOptions) -> GenerationOptions:
@@ -173,6 +174,8 @@ def check_generation(gen: GenerationOptions) -> GenerationOptions:
     for name, value, integer, ok, rule in checks:
         if value is not None and not (number(value, integer) and ok(value)):
             raise UsageError(f"--{name} {f'{value:g}' if isinstance(value, float) else value}: {rule}")
+    if gen.schema is not None and gen.min_new_tokens:
+        raise UsageError("--min-new-tokens with --schema: a JSON answer ends where it is complete; drop --min-new-tokens")
     if gen.min_new_tokens is not None and gen.min_new_tokens > gen.max_new_tokens:
         raise UsageError(f"--min-new-tokens {gen.min_new_tokens} is above --max-new-tokens {gen.max_new_tokens}: raise --max-new-tokens")
     if 0 < gen.temperature < GREEDY_BELOW:  # dividing by it would overflow the logits; the limit of sampling is greedy
@@ -219,6 +222,8 @@ class Result:
     boxes: tuple[dict, ...] | None = None  # --boxes: found in the answer, in the original image's pixels
     box_problems: tuple[str, ...] = ()  # --boxes: what the answer held that could not be read as a box
     tokens: tuple[int, ...] = ()  # the answer's token ids (a local model's; not in the record)
+    structured: bool = False  # --schema, --json-object: the answer is JSON, parsed into `data`
+    data: object = None
 
     def timed(self, vision_s: float | None) -> Result:
         """With the vision tower's part of the time to first token; the rest of it is prefill."""
@@ -246,7 +251,8 @@ class Result:
             "peak_memory_bytes": self.peak_memory_bytes,
             "finish_reason": self.finish_reason,
             "inputs": [p.to_dict() for p in self.inputs],
-        } | ({"boxes": list(self.boxes), "box_problems": list(self.box_problems)} if self.boxes is not None else {})
+        } | ({"boxes": list(self.boxes), "box_problems": list(self.box_problems)} if self.boxes is not None else {}) | (
+            {"data": self.data} if self.structured else {})
 
 
 def _round(x: float | None, digits: int = 4) -> float | None:

@@ -1,0 +1,85 @@
+"""What `--schema` takes, as the JSON Schema text the grammar compiles (no torch here: the CLI
+reads it before any model loads).
+
+Three forms: a JSON Schema inline (`'{"type": "object", ...}'`), a file holding one, or fields
+in short: `'caption, objects: list[str], outdoor: bool'`, each `name` or `name: type`, every field
+required, no others allowed. Types: str (the default), int, float, bool, and list[...] of those.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from qwen2vl_cli.errors import UsageError
+
+JSON_OBJECT = {"type": "object"}  # --json-object: any JSON object
+_TYPES = {"str": {"type": "string"}, "int": {"type": "integer"}, "float": {"type": "number"}, "bool": {"type": "boolean"}}
+_FIELD = re.compile(r"\s*([A-Za-z_][\w-]*)\s*(?::\s*(\w+(?:\[\s*\w+\s*\])?)\s*)?")
+_EXAMPLE = "'caption, objects: list[str], outdoor: bool'"
+
+
+def parse(text: str) -> str:
+    """The schema `--schema` names, checked and written out (grammar.canonical's form)."""
+    stripped = text.strip()
+    if stripped.startswith("{"):
+        return canonical(_json(stripped, "--schema"))
+    path = Path(text).expanduser()
+    if path.is_file():
+        try:
+            body = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--schema {text}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+        return canonical(_json(body, f"--schema {text}"))
+    return canonical(_fields(text))
+
+
+def canonical(schema: dict) -> str:
+    """A schema's text as it is compiled and kept, checked: compact, its fields in the order
+    given (the answer writes them in that order)."""
+    import llguidance
+
+    text = json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
+    if problem := llguidance.LLMatcher.validate_grammar(grammar(text)):
+        raise UsageError(f"--schema: {' '.join(problem.split())}")
+    return text
+
+
+def grammar(text: str) -> str:
+    """The grammar llguidance compiles for a schema: its JSON exactly, no whitespace between tokens."""
+    import llguidance
+
+    return llguidance.LLMatcher.grammar_from_json_schema(text, defaults={"whitespace_flexible": False})
+
+
+def _json(body: str, what: str) -> dict:
+    try:
+        schema = json.loads(body)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{what}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    if not isinstance(schema, dict):
+        raise UsageError(f"{what}: a JSON Schema is an object, such as {{\"type\": \"object\", \"properties\": {{...}}}}")
+    return schema
+
+
+def _fields(text: str) -> dict:
+    properties: dict[str, dict] = {}
+    for part in text.split(","):
+        match = _FIELD.fullmatch(part)
+        if match is None or not part.strip():
+            raise UsageError(f"--schema {text}: not a file, a JSON Schema, or fields such as {_EXAMPLE}")
+        name, kind = match.group(1), re.sub(r"\s", "", match.group(2) or "str")
+        if name in properties:
+            raise UsageError(f"--schema {text}: the field {name} is given twice")
+        properties[name] = _type(kind, text)
+    return {"type": "object", "properties": properties, "required": list(properties), "additionalProperties": False}
+
+
+def _type(kind: str, text: str) -> dict:
+    if kind in _TYPES:
+        return dict(_TYPES[kind])
+    inner = re.fullmatch(r"list\[(\w+)\]", kind)
+    if inner and inner.group(1) in _TYPES:
+        return {"type": "array", "items": dict(_TYPES[inner.group(1)])}
+    raise UsageError(f"--schema {text}: unknown type {kind}; use str, int, float, bool or list[...] of them")

@@ -1,0 +1,137 @@
+"""Answers that parse: --schema and --json-object on the tiny model, whose free answers are noise."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from qwen2vl_cli import schemas
+from qwen2vl_cli.backend import LocalBackend
+from qwen2vl_cli.rows import Row, Running
+from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions
+from tests.helpers import Quiet, answers
+
+PHOTO = Path(__file__).parent.parent / "samples" / "photo.jpg"
+
+# Bounded strings and arrays: any path through them ends well inside the token budget.
+SCHEMAS = [
+    {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 9},
+                                      "kind": {"enum": ["a", "b"]}, "tag": {"type": "string", "maxLength": 5}},
+     "required": ["ok", "n", "kind", "tag"], "additionalProperties": False},
+    {"type": "object", "properties": {"where": {"type": "object", "properties": {"city": {"type": "string", "pattern": "^[a-z]{1,4}$"}},
+                                                "required": ["city"], "additionalProperties": False},
+                                      "tags": {"type": "array", "items": {"enum": ["x", "y"]}, "minItems": 1, "maxItems": 3},
+                                      "score": {"type": "number", "minimum": 0, "maximum": 1}},
+     "required": ["where", "tags"], "additionalProperties": False},
+    {"type": "array", "items": {"type": "boolean"}, "maxItems": 4},
+]
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_model):
+    return {engine: LocalBackend(RuntimeOptions(str(tiny_model), device="cpu", dtype="float32", engine=engine), Quiet())
+            for engine in ("static", "hf")}
+
+
+def test_constrained_rows_parse_beside_free_rows_whose_tokens_do_not_change(engines):
+    """Each schema's answer validates, greedy and sampled, the same tokens on both engines; in one
+    batch with free rows, those rows' tokens are their tokens without the constrained row."""
+    free = GenerationOptions(max_new_tokens=48)
+    for n, schema in enumerate(SCHEMAS):
+        for sampling in ({}, {"temperature": 1.0, "seed": n}):
+            gen = GenerationOptions(max_new_tokens=96, schema=schemas.canonical(schema), **sampling)
+            got = {}
+            for engine, backend in engines.items():
+                [p] = [backend.prepare((str(PHOTO),), MediaOptions(), gen)]
+                got[engine] = answers(backend.runner, [p, p], gen)
+                for r in got[engine]:
+                    assert r.finish_reason == "stop", r.text
+                    jsonschema.validate(json.loads(r.text), schema)
+            if not sampling:
+                assert [r.tokens for r in got["static"]] == [r.tokens for r in got["hf"]]
+    backend = engines["static"]
+    p = backend.prepare((str(PHOTO),), MediaOptions(), free)
+    alone = answers(backend.runner, [p], free)[0]
+    constrained = GenerationOptions(max_new_tokens=48, schema=schemas.canonical(SCHEMAS[0]))
+    rows = [Row(p.text, list(p.loaded), free), Row(p.text, list(p.loaded), constrained), Row(p.text, list(p.loaded), free)]
+    running, out = Running(backend.runner, rows), {}
+    while running.live:
+        out.update(running.advance())
+    assert out[0].tokens == out[2].tokens == alone.tokens
+    jsonschema.validate(json.loads(out[1].text), SCHEMAS[0])
+
+
+def test_a_row_that_joins_a_running_batch_follows_its_schema(engines):
+    backend = engines["static"]
+    free = GenerationOptions(max_new_tokens=64, min_new_tokens=64)
+    gen = GenerationOptions(max_new_tokens=80, schema=schemas.canonical(SCHEMAS[1]))
+    p = backend.prepare((str(PHOTO),), MediaOptions(), gen)
+    alone = answers(backend.runner, [p], gen)[0]
+    running, out = Running(backend.runner, [Row(p.text, list(p.loaded), free)], capacity=2), {}
+    out.update(running.advance())
+    joiner = Row(p.text, list(p.loaded), gen)
+    assert running.open() and running.fits(joiner)
+    number = running.join(joiner)
+    while running.live:
+        out.update(running.advance())
+    assert out[number].tokens == alone.tokens and out[number].finish_reason == "stop"
+    jsonschema.validate(json.loads(out[number].text), SCHEMAS[1])
+
+
+def test_describe_with_a_schema_writes_only_complete_json(qvl, tiny_model, tmp_path):
+    fields = "caption, objects: list[str], outdoor: bool"
+    r = qvl("describe", PHOTO, "--model", tiny_model, "--dtype", "float32", "--schema", fields, "--max-new-tokens", "64")
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout.count("\n") == 1
+    data = json.loads(r.stdout)
+    assert list(data) == ["caption", "objects", "outdoor"] and isinstance(data["outdoor"], bool)
+    j = qvl("describe", PHOTO, "--model", tiny_model, "--dtype", "float32", "--schema", fields, "--max-new-tokens", "64", "--json")
+    record = json.loads(j.stdout)
+    assert j.exit_code == 0 and record["data"] == data and json.loads(record["text"]) == data
+
+    schema_file = tmp_path / "answer schema.json"
+    schema_file.write_text(json.dumps(SCHEMAS[0]))
+    f = qvl("describe", PHOTO, "--model", tiny_model, "--dtype", "float32", "--schema", schema_file, "--max-new-tokens", "64")
+    assert f.exit_code == 0, f.stderr
+    jsonschema.validate(json.loads(f.stdout), SCHEMAS[0])
+
+    cut = qvl("describe", PHOTO, "--model", tiny_model, "--dtype", "float32", "--schema", fields, "--max-new-tokens", "6")
+    assert cut.exit_code == 1 and cut.stdout == ""
+    assert cut.stderr.endswith("qvl: error: the answer reached --max-new-tokens 6 before its JSON was complete: "
+                               "give it room, e.g. --max-new-tokens 12\n")
+
+
+def test_each_with_a_schema_gives_data_or_an_error_record(qvl, tiny_model, media_dir):
+    args = ("describe", "--each", PHOTO, media_dir / "square.png", "--model", tiny_model, "--dtype", "float32", "--schema", "caption")
+    r = qvl(*args, "--max-new-tokens", "64")
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    assert r.exit_code == 0 and len(records) == 2
+    assert all(set(x["data"]) == {"caption"} and json.loads(x["text"]) == x["data"] for x in records)
+    short = qvl(*args, "--max-new-tokens", "2")
+    records = [json.loads(line) for line in short.stdout.splitlines()]
+    assert short.exit_code == 1 and [x["error"]["message"].split(":")[0] for x in records] == [
+        "the answer reached --max-new-tokens 2 before its JSON was complete"] * 2
+    assert all("data" not in x for x in records)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--schema", "a: dict"), "--schema a: dict: unknown type dict; use str, int, float, bool or list[...] of them"),
+    (("--schema", "a, a"), "--schema a, a: the field a is given twice"),
+    (("--schema", "{not json"), "--schema: not valid JSON (Expecting property name enclosed in double quotes at line 1 column 2)"),
+    (("--schema", "[1]"), "--schema [1]: not a file, a JSON Schema, or fields such as 'caption, objects: list[str], outdoor: bool'"),
+    (("--schema", "a", "--json-object"), "--schema and --json-object both given: --json-object is any object; give one"),
+    (("--schema", "a", "--min-new-tokens", "3"), "--min-new-tokens with --schema: a JSON answer ends where it is complete; drop --min-new-tokens"),
+    (("--json-object", "--boxes", "the cat"), "--boxes writes the model's own answer: drop --schema or --json-object"),
+])
+def test_schema_mistakes_are_usage_errors(qvl, tiny_model, args, message):
+    r = qvl("describe", PHOTO, "--model", tiny_model, *args)
+    assert r.exit_code == 2 and r.stdout == ""
+    assert r.stderr == f"qvl: error: {message}\n"
+
+
+def test_a_schema_the_grammar_cannot_take_is_a_usage_error(qvl, tiny_model):
+    r = qvl("describe", PHOTO, "--model", tiny_model, "--dtype", "float32", "--schema", '{"type": "object", "properties": {"a": {"type": "nope"}}}')
+    assert r.exit_code == 2 and r.stdout == "" and r.stderr.startswith("qvl: error: --schema: ") and r.stderr.count("\n") == 1
