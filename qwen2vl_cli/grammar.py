@@ -75,14 +75,18 @@ _BITS = {}  # device -> the 32 bit positions of a mask word
 
 
 def apply(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """`logits` with the tokens `mask` leaves out at -inf (in place): the words unpacked on the
-    logits' device, a byte a token."""
+    """`logits` with the tokens `mask` leaves out at -inf (in place). On a CPU the words are
+    unpacked by numpy in one call; elsewhere on the logits' device (32 times fewer bytes to send)."""
+    vocab = logits.shape[-1]
+    if logits.device.type == "cpu":
+        blocked = np.unpackbits(mask.numpy().view(np.uint8), axis=1, bitorder="little")[:, :vocab] == 0
+        return logits.masked_fill_(torch.from_numpy(blocked), float("-inf"))
     device = logits.device
     bits = _BITS.get(device)
     if bits is None:
         bits = _BITS[device] = torch.arange(32, dtype=torch.int32, device=device)
     words = mask.to(device, non_blocking=True)
-    keep = ((words[:, :, None] >> bits) & 1).bool().flatten(1)[:, : logits.shape[-1]]
+    keep = ((words[:, :, None] >> bits) & 1).bool().flatten(1)[:, :vocab]
     return logits.masked_fill_(~keep, float("-inf"))
 
 

@@ -38,7 +38,7 @@ def choose(logits: torch.Tensor, seen: torch.Tensor | None, young: torch.Tensor 
         ends = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device).index_fill_(0, eos, True)
         logits = logits.masked_fill(young[:, None] & ends, float("-inf"))
     if allowed is not None:
-        logits = grammar.apply(logits.clone(), allowed)
+        logits = grammar.apply(logits, allowed)  # in place: nothing reads these logits again
     if sampling.temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits / sampling.temperature
