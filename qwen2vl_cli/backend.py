@@ -240,20 +240,23 @@ class LocalBackend:
         self.ready()
         return Running(self.runner, rows, capacity)
 
-    def finish(self, prepared: Prepared, result: Result | Exception, gen: GenerationOptions) -> Result | Exception:
-        """A row's Result as the request's: its plans, the time its media took, and with --boxes
-        the boxes read from the answer; an exception stays one."""
+    def finish(self, prepared: Prepared, result: Result | Exception, gen: GenerationOptions, whole_json: bool = True) -> Result | Exception:
+        """A row's Result as the request's: its plans, the time its media took, with --boxes the
+        boxes read from the answer, with --schema its JSON; an exception stays one. `whole_json`:
+        an answer whose JSON was cut off is an error (the CLI's rule; a server answers it with
+        finish_reason length, as OpenAI does)."""
         if isinstance(result, Exception):
             return result
         found = grounding.read(self.runner.family, result.text, prepared.plans[0], gen.boxes) if gen.boxes else None
         result = replace(result, inputs=tuple(prepared.plans), media_s=prepared.media_s + (result.media_s or 0.0),
                          boxes=found.boxes if found else None, box_problems=found.problems if found else ())
-        return structured(result, gen) if gen.schema is not None else result
+        return structured(result, gen, whole_json) if gen.schema is not None else result
 
 
-def structured(result: Result, gen: GenerationOptions) -> Result | QvlError:
+def structured(result: Result, gen: GenerationOptions, whole_json: bool = True) -> Result | QvlError:
     """A --schema answer with its JSON parsed into `data`; one that stopped before its JSON was
-    complete is an error saying how to give it room, never half an object."""
+    complete is, with `whole_json`, an error saying how to give it room (never half an object),
+    else the answer with no data."""
     import json
 
     if result.finish_reason == "stop":
@@ -261,6 +264,8 @@ def structured(result: Result, gen: GenerationOptions) -> Result | QvlError:
             return replace(result, structured=True, data=json.loads(result.text))
         except json.JSONDecodeError:
             pass
+    if not whole_json:
+        return replace(result, structured=True)
     if result.finish_reason == "repetition":
         return QvlError("the answer looped before its JSON was complete (the repetition guard stopped it): "
                         "try --no-repeat-guard, or a schema with fewer free strings")

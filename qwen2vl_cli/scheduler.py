@@ -156,7 +156,7 @@ class Engine:
                 _settle(job.future, error=e)
 
     def _hand_over(self, job: Job, outcome) -> None:
-        result = self.session.finish(job.prepared, outcome, job.gen)
+        result = self.session.finish(job.prepared, outcome, job.gen, whole_json=False)
         if isinstance(result, Exception):
             _settle(job.future, error=result)
         else:

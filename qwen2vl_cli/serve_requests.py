@@ -195,6 +195,7 @@ def generation_options(body: dict, limits: Limits) -> GenerationOptions:
         top_k=None if top_k == -1 else top_k,  # -1: off, as vLLM takes it
         repetition_penalty=_real(body.get("repetition_penalty"), "repetition_penalty"),
         seed=_whole(body.get("seed"), "seed"),
+        schema=response_schema(body.get("response_format")),
     )
     names = {"max-new-tokens": length, "min-new-tokens": "min_tokens"}  # the CLI's names in check_generation's messages
     try:
@@ -207,8 +208,45 @@ def generation_options(body: dict, limits: Limits) -> GenerationOptions:
         raise invalid(message, names.get(name, name).replace("-", "_")) from None
 
 
+def response_schema(value) -> str | None:
+    """`response_format` as the schema the answer follows: none for text, any object for
+    json_object, the given JSON Schema for json_schema (OpenAI's shapes)."""
+    from qwen2vl_cli import schemas
+
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return schemas.canonical(schemas.JSON_OBJECT)
+    if kind != "json_schema":
+        raise invalid("response_format must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                      "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}", "response_format")
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not isinstance(spec.get("schema", {}), dict):
+        raise invalid("response_format.json_schema must be an object with a name and a schema object", "response_format")
+    try:
+        return schemas.canonical(spec.get("schema", {}))
+    except UsageError as e:
+        raise invalid(f"response_format.json_schema.schema: {str(e).removeprefix('--schema: ')}", "response_format") from None
+
+
+# Fields that change what comes back, which this server does not do: given with a value other than
+# these (OpenAI's defaults), the request is refused naming the field, never answered as if absent.
+NOT_DONE = {
+    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "parallel_tool_calls": (None, True, False), "logprobs": (None, False), "top_logprobs": (None, 0), "stop": (None, [], ""),
+    "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "audio": (None,),
+    "modalities": (None, ["text"]), "prediction": (None,), "web_search_options": (None,), "reasoning_effort": (None,),
+}
+
+
 def check_request(body: dict, model_name: str) -> tuple[bool, bool]:
     """The fields qvl does not act on beyond a check; returns (stream, include_usage)."""
+    for name, fine in NOT_DONE.items():
+        if name in body and not any(body[name] == f and type(body[name]) is type(f) for f in fine):
+            raise invalid(f"{name}: this server does not do it; leave it out", name)
     model = body.get("model")
     if model is not None and model != model_name:
         raise ApiError(404, "invalid_request_error", f"the model {str(model)[:200]!r} does not exist; this server serves {model_name!r}",

@@ -91,6 +91,35 @@ def test_openai_client_models_and_completions(client, media_dir, tiny_model):
     assert chunks[-2].choices[0].finish_reason in ("stop", "length")
 
 
+def test_response_format_is_followed_and_fields_not_done_are_refused(client, media_dir, tiny_model):
+    import jsonschema
+    import openai
+
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "tag": {"enum": ["a", "b"]}}, "required": ["ok", "tag"],
+              "additionalProperties": False}
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(media_dir / "square.png", "image/png")}},
+                                             {"type": "text", "text": "JSON, please."}]}]
+    asked = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+    done = client.chat.completions.create(model=str(tiny_model), messages=messages, max_tokens=48, response_format=asked)
+    assert done.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(done.choices[0].message.content), schema)
+    chunks = client.chat.completions.create(model=str(tiny_model), messages=messages, max_tokens=48, response_format=asked, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == done.choices[0].message.content
+    cut = client.chat.completions.create(model=str(tiny_model), messages=messages, max_tokens=3, response_format=asked)
+    assert cut.choices[0].finish_reason == "length" and len(cut.choices[0].message.content) > 0  # as OpenAI answers it
+    for fields, param in (({"response_format": {"type": "xml"}}, "response_format"),
+                          ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
+                           "response_format"),
+                          ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+                          ({"logprobs": True}, "logprobs"), ({"stop": ["\n"]}, "stop"), ({"frequency_penalty": 0.5}, "frequency_penalty")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=str(tiny_model), messages=messages, max_tokens=4, **fields)
+        assert e.value.body["param"] == param, e.value.body
+    fine = client.chat.completions.create(model=str(tiny_model), messages=messages, max_tokens=2, logprobs=False, tool_choice="none",
+                                          response_format={"type": "text"}, user="someone", frequency_penalty=0)
+    assert fine.choices[0].message.content is not None
+
+
 def test_mm_processor_kwargs_set_the_sizes(client, media_dir, tiny_model):
     content = [{"type": "image_url", "image_url": {"url": data_url(media_dir / "photo.png", "image/png")}}, {"type": "text", "text": "?"}]
     small = client.chat.completions.create(model=str(tiny_model), messages=[{"role": "user", "content": content}], max_tokens=2,
