@@ -239,7 +239,13 @@ NOT_DONE = {
     "parallel_tool_calls": (None, True, False), "logprobs": (None, False), "top_logprobs": (None, 0), "stop": (None, [], ""),
     "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "audio": (None,),
     "modalities": (None, ["text"]), "prediction": (None,), "web_search_options": (None,), "reasoning_effort": (None,),
+    "verbosity": (None,), "moderation": (None,),
 }
+# Fields this server acts on (vLLM's extras among them), and those that do not change the answer.
+HONOURED = {"messages", "model", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "n",
+            "response_format", "top_k", "repetition_penalty", "min_tokens", "mm_processor_kwargs"}
+HARMLESS = {"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key", "prompt_cache_retention",
+            "prompt_cache_options"}
 
 
 def check_request(body: dict, model_name: str) -> tuple[bool, bool]:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from qwen2vl_cli import schemas
 from qwen2vl_cli.backend import LocalBackend
@@ -28,6 +29,32 @@ SCHEMAS = [
      "required": ["where", "tags"], "additionalProperties": False},
     {"type": "array", "items": {"type": "boolean"}, "maxItems": 4},
 ]
+
+
+def bounded_schemas() -> st.SearchStrategy:
+    """JSON Schemas whose every answer is short: strings and arrays bounded, objects small."""
+    names = st.text("abcdefgh", min_size=1, max_size=6)
+    leaves = st.one_of(
+        st.just({"type": "boolean"}),
+        st.just({"type": "null"}),
+        st.integers(-50, 50).flatmap(lambda low: st.integers(low, low + 100).map(lambda high: {"type": "integer", "minimum": low, "maximum": high})),
+        st.just({"type": "integer"}),
+        st.just({"type": "number"}),
+        st.floats(-10, 10).map(lambda low: {"type": "number", "minimum": round(low, 2)}),
+        st.lists(st.text("xyz", min_size=1, max_size=3), min_size=1, max_size=4, unique=True).map(lambda values: {"enum": values}),
+        st.integers(1, 8).map(lambda most: {"type": "string", "maxLength": most}),
+        st.sampled_from(["^[a-z]{1,4}$", "^(cat|dog)$", "^[0-9]{2}-[a-z]$"]).map(lambda p: {"type": "string", "pattern": p}),
+    )
+
+    def objects(children):
+        return st.dictionaries(names, children, min_size=1, max_size=3).flatmap(lambda props: st.lists(st.sampled_from(sorted(props)), unique=True).map(
+            lambda required: {"type": "object", "properties": props, "required": required, "additionalProperties": False}))
+
+    def arrays(children):
+        return st.tuples(children, st.integers(0, 1), st.integers(1, 3)).map(
+            lambda t: {"type": "array", "items": t[0], "minItems": t[1], "maxItems": max(t[1], t[2])})
+
+    return st.recursive(leaves, lambda children: st.one_of(objects(children), arrays(children)), max_leaves=5)
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +89,33 @@ def test_constrained_rows_parse_beside_free_rows_whose_tokens_do_not_change(engi
         out.update(running.advance())
     assert out[0].tokens == out[2].tokens == alone.tokens
     jsonschema.validate(json.loads(out[1].text), SCHEMAS[0])
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(st.lists(bounded_schemas(), min_size=8, max_size=8), st.booleans())
+def test_two_hundred_generated_schemas_always_parse_and_validate(engines, media_dir, drawn, sampled):
+    """25 batches of 8 rows, each row with a schema of its own, greedy or sampled."""
+    backend = engines["static"]
+    gens = [GenerationOptions(max_new_tokens=256, schema=schemas.canonical(schema), temperature=1.0 if sampled else 0.0, seed=7)
+            for schema in drawn]
+    p = backend.prepare((str(media_dir / "square.png"),), MediaOptions(max_pixels=28 * 28 * 16), gens[0])
+    out = {}
+    running = Running(backend.runner, [Row(p.text, list(p.loaded), gen) for gen in gens])
+    while running.live:
+        out.update(running.advance())
+    for n, schema in enumerate(drawn):
+        assert out[n].finish_reason == "stop", (schema, out[n].text)
+        jsonschema.validate(json.loads(out[n].text), schema)
+
+
+def test_every_family_follows_a_schema(family_models):
+    gen = GenerationOptions(max_new_tokens=96, schema=schemas.canonical(SCHEMAS[0]))
+    for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        backend = LocalBackend(RuntimeOptions(str(family_models(family)), device="cpu", dtype="float32"), Quiet())
+        p = backend.prepare((str(PHOTO),), MediaOptions(), gen)
+        for r in answers(backend.runner, [p, p], gen):
+            assert r.finish_reason == "stop", (family, r.text)
+            jsonschema.validate(json.loads(r.text), SCHEMAS[0])
 
 
 def test_a_row_that_joins_a_running_batch_follows_its_schema(engines):

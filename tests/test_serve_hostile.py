@@ -475,3 +475,16 @@ def test_the_engine_thread_survives_cancelled_futures(tiny_model, media_dir):
         job.future.cancel()  # the waiter gave up before the engine got to it
     survivor = Job(prepared, gen, stream=False)
     assert engine.submit(survivor).result(timeout=HANG_S).generated_tokens == 3
+
+
+def test_every_field_of_the_openai_request_is_honoured_refused_or_harmless():
+    """A field the installed openai package can send is either done, refused with a 400 naming it
+    (unless at its default), or one that does not change the answer: none is dropped unseen."""
+    from openai.types.chat import completion_create_params
+
+    from qwen2vl_cli.serve_requests import HARMLESS, HONOURED, NOT_DONE
+
+    fields = set(completion_create_params.CompletionCreateParamsBase.__annotations__) | {"stream"}
+    assert fields - HONOURED - HARMLESS - set(NOT_DONE) == set()
+    assert not (HONOURED & set(NOT_DONE)) and not (HARMLESS & set(NOT_DONE))
+
