@@ -30,6 +30,8 @@ def answer(sources: list[str] | None, require_video: bool, options: dict) -> Non
     if boxes is not None:
         if generation.prompt is not None:
             raise UsageError("--boxes asks with the model's own grounding prompt: drop --prompt")
+        if generation.schema is not None:
+            raise UsageError("--boxes writes the model's own answer: drop --schema or --json-object")
         if draw is not None and each is not None:
             raise UsageError("--draw writes one picture: drop it with --each (the records carry the boxes)")
         generation = replace(generation, boxes=boxes.strip())
@@ -54,11 +56,6 @@ def answer(sources: list[str] | None, require_video: bool, options: dict) -> Non
         raise UsageError("give MEDIA to describe (or --each --from FILE)")
     if require_video and len(request.sources) > 1:
         raise UsageError("qvl video takes one CLIP; add --each for one answer per clip")
-    if generation.schema is not None:
-        if boxes is not None:
-            raise UsageError("--boxes writes the model's own answer: drop --schema or --json-object")
-        if endpoint is not None:
-            raise UsageError("--schema and --json-object are not sent to an endpoint: run the model here (drop --endpoint)")
     reporter = Reporter(quiet=quiet, stream=not json_out and boxes is None and generation.schema is None)
     several = len(gens) > 1
     results = answers(request, gens, reporter)

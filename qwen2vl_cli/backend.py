@@ -16,7 +16,7 @@ from dataclasses import replace
 from threading import Event
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
-from qwen2vl_cli import grounding
+from qwen2vl_cli import grounding, schemas
 from qwen2vl_cli.errors import GenerationInterrupted, MediaError, QvlError, UsageError
 from qwen2vl_cli.messages import build_messages
 from qwen2vl_cli.modelinfo import locate_model
@@ -250,27 +250,7 @@ class LocalBackend:
         found = grounding.read(self.runner.family, result.text, prepared.plans[0], gen.boxes) if gen.boxes else None
         result = replace(result, inputs=tuple(prepared.plans), media_s=prepared.media_s + (result.media_s or 0.0),
                          boxes=found.boxes if found else None, box_problems=found.problems if found else ())
-        return structured(result, gen, whole_json) if gen.schema is not None else result
-
-
-def structured(result: Result, gen: GenerationOptions, whole_json: bool = True) -> Result | QvlError:
-    """A --schema answer with its JSON parsed into `data`; one that stopped before its JSON was
-    complete is, with `whole_json`, an error saying how to give it room (never half an object),
-    else the answer with no data."""
-    import json
-
-    if result.finish_reason == "stop":
-        try:
-            return replace(result, structured=True, data=json.loads(result.text))
-        except json.JSONDecodeError:
-            pass
-    if not whole_json:
-        return replace(result, structured=True)
-    if result.finish_reason == "repetition":
-        return QvlError("the answer looped before its JSON was complete (the repetition guard stopped it): "
-                        "try --no-repeat-guard, or a schema with fewer free strings")
-    return QvlError(f"the answer reached --max-new-tokens {gen.max_new_tokens} before its JSON was complete: "
-                    f"give it room, e.g. --max-new-tokens {2 * gen.max_new_tokens}")
+        return schemas.structured(result, gen, whole_json) if gen.schema is not None else result
 
 
 # The chat template writes <|vision_start|><|image_pad|><|vision_end|> (or <|video_pad|>) for a

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, replace
 from threading import Event
 
 from qwen2vl_cli.errors import Cancelled, MediaError, ModelError, QvlError, UsageError
-from qwen2vl_cli import grounding
+from qwen2vl_cli import grounding, schemas
 from qwen2vl_cli.families import Family, family_for
 from qwen2vl_cli.messages import default_prompt
 from qwen2vl_cli.modelinfo import read_config, vision_spec
@@ -128,6 +128,7 @@ class EndpointBackend:
                 extra[name] = getattr(gen, name)
         if gen.min_new_tokens:
             extra["min_tokens"] = gen.min_new_tokens
+        asked = schemas.response_format(gen.schema) if gen.schema is not None else openai.NOT_GIVEN
         start = time.perf_counter()
         times, parts, usage, finish, served = [], [], None, "stop", None
         try:
@@ -138,6 +139,7 @@ class EndpointBackend:
                 temperature=gen.temperature,
                 top_p=gen.top_p if gen.top_p is not None else openai.NOT_GIVEN,
                 seed=gen.seed if gen.seed is not None else openai.NOT_GIVEN,
+                response_format=asked,
                 stream=True,
                 stream_options={"include_usage": True},
                 extra_body=extra or None,
@@ -178,7 +180,7 @@ class EndpointBackend:
         rate = (completion - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else None
         text = "".join(parts)
         found = grounding.read(self.family(), text, plans[0], gen.boxes) if gen.boxes is not None else None
-        return Result(
+        result = Result(
             text=text,
             model=self.model,
             device="endpoint",
@@ -196,6 +198,12 @@ class EndpointBackend:
             boxes=found.boxes if found else None,
             box_problems=found.problems if found else (),
         )
+        if gen.schema is None:
+            return result
+        checked = schemas.structured(result, gen)
+        if isinstance(checked, Exception):
+            raise checked
+        return checked
 
     def generate(self, batch: list[RemoteRequest], gen: GenerationOptions, on_text=None, cancels=None) -> list[Result | Exception]:
         """A batch of requests, all in flight at once (with `--each`, the batch size is --concurrency);

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
-from qwen2vl_cli.errors import UsageError
+from qwen2vl_cli.errors import QvlError, UsageError
+from qwen2vl_cli.types import GenerationOptions, Result
 
 JSON_OBJECT = {"type": "object"}  # --json-object: any JSON object
 _TYPES = {"str": {"type": "string"}, "int": {"type": "integer"}, "float": {"type": "number"}, "bool": {"type": "boolean"}}
@@ -83,3 +85,28 @@ def _type(kind: str, text: str) -> dict:
     if inner and inner.group(1) in _TYPES:
         return {"type": "array", "items": dict(_TYPES[inner.group(1)])}
     raise UsageError(f"--schema {text}: unknown type {kind}; use str, int, float, bool or list[...] of them")
+
+
+def structured(result: Result, gen: GenerationOptions, whole_json: bool = True) -> Result | QvlError:
+    """A --schema answer with its JSON parsed into `data`; one that stopped before its JSON was
+    complete is, with `whole_json`, an error saying how to give it room (never half an object),
+    else the answer with no data."""
+    if result.finish_reason == "stop":
+        try:
+            return replace(result, structured=True, data=json.loads(result.text))
+        except json.JSONDecodeError:
+            pass
+    if not whole_json:
+        return replace(result, structured=True)
+    if result.finish_reason == "repetition":
+        return QvlError("the answer looped before its JSON was complete (the repetition guard stopped it): "
+                        "try --no-repeat-guard, or a schema with fewer free strings")
+    return QvlError(f"the answer reached --max-new-tokens {gen.max_new_tokens} before its JSON was complete: "
+                    f"give it room, e.g. --max-new-tokens {2 * gen.max_new_tokens}")
+
+
+def response_format(schema: str) -> dict:
+    """The OpenAI `response_format` that asks a server for this schema's answers."""
+    if schema == canonical(JSON_OBJECT):
+        return {"type": "json_object"}
+    return {"type": "json_schema", "json_schema": {"name": "answer", "schema": json.loads(schema), "strict": True}}

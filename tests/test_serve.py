@@ -69,6 +69,17 @@ def test_several_questions_through_the_endpoint_are_answered_as_here(qvl, tiny_m
     assert r.stderr.count("photo.png:") == 1  # the media were read once
 
 
+def test_a_schema_through_the_endpoint_is_sent_as_response_format(qvl, tiny_model, media_dir, server):
+    photo = media_dir / "photo.png"
+    args = ("--schema", "outdoor: bool, count: int", "--max-new-tokens", "64", "--dtype", "float32", "--json")
+    here = qvl("describe", photo, "--model", tiny_model, *args)
+    there = qvl("describe", photo, "--endpoint", server, "--api-key", KEY, "--model", tiny_model, *args)
+    assert here.exit_code == there.exit_code == 0, there.stderr
+    assert json.loads(there.stdout)["data"] == json.loads(here.stdout)["data"] and set(json.loads(here.stdout)["data"]) == {"outdoor", "count"}
+    cut = qvl("describe", photo, "--endpoint", server, "--api-key", KEY, "--model", tiny_model, "--schema", "caption", "--max-new-tokens", "3")
+    assert cut.exit_code == 1 and cut.stdout == "" and "before its JSON was complete" in cut.stderr
+
+
 def test_openai_client_models_and_completions(client, media_dir, tiny_model):
     models = client.models.list()
     assert [m.id for m in models.data] == [str(tiny_model)]
