@@ -140,6 +140,7 @@ class EndpointBackend:
                 top_p=gen.top_p if gen.top_p is not None else openai.NOT_GIVEN,
                 seed=gen.seed if gen.seed is not None else openai.NOT_GIVEN,
                 response_format=asked,
+                stop=list(gen.stop) if gen.stop else openai.NOT_GIVEN,
                 stream=True,
                 stream_options={"include_usage": True},
                 extra_body=extra or None,

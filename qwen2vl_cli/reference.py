@@ -7,6 +7,7 @@ import threading
 import time
 
 from qwen2vl_cli.errors import GenerationInterrupted
+from qwen2vl_cli.streams import StopText
 from qwen2vl_cli.types import GenerationOptions, Result
 
 
@@ -81,6 +82,7 @@ def generate_one(runner, inputs, gen: GenerationOptions, on_text, cancel, matche
         stopping_criteria=StoppingCriteriaList([_Stop()] + ([guard] if gen.repeat_guard else [])),
         **sampling_kwargs(gen),
         **grammar_kwargs(matchers, prompt_tokens),
+        **stop_kwargs(gen, tokenizer),
     )
     outcome: dict = {}
 
@@ -98,16 +100,18 @@ def generate_one(runner, inputs, gen: GenerationOptions, on_text, cancel, matche
     start = time.perf_counter()
     thread = threading.Thread(target=work, name="qvl-generate", daemon=True)
     thread.start()
+    shown = StopText(on_text, gen.stop)
     try:
         for chunk in streamer:
             parts.append(chunk)
-            if on_text is not None and chunk:
-                on_text(chunk)
+            if chunk:
+                shown.feed("".join(parts))
+        shown.feed("".join(parts), final=True)
     except BaseException as e:  # Ctrl-C, or the reader of stdout went away: stop generating first
         stop.set()
         thread.join(timeout=30)
         if isinstance(e, KeyboardInterrupt):
-            raise GenerationInterrupted("".join(parts)) from None
+            raise GenerationInterrupted(shown.sent) from None
         raise
     thread.join()
     if "error" in outcome:
@@ -159,6 +163,7 @@ def generate_rows(runner, inputs, rows: int, gen: GenerationOptions, cancels: li
             stopping_criteria=([guard] if gen.repeat_guard else []) + ([_Cancelled()] if cancels else []) or None,
             **sampling_kwargs(gen),
             **grammar_kwargs(matchers, width),
+            **stop_kwargs(gen, runner.processor.tokenizer),
         )
     if runner.device == "cuda":
         torch.cuda.synchronize()
@@ -209,3 +214,22 @@ def grammar_kwargs(matchers: list | None, prompt_width: int) -> dict:
     from qwen2vl_cli.grammar import Logits
 
     return {"logits_processor": LogitsProcessorList([Logits(matchers, prompt_width)])}
+
+
+def stop_kwargs(gen: GenerationOptions, tokenizer) -> dict:
+    """generate() arguments that end a row at a stop string (its text is trimmed after: trimmed())."""
+    return {"stop_strings": list(gen.stop), "tokenizer": tokenizer} if gen.stop else {}
+
+
+def trimmed(result: Result, gen: GenerationOptions, tokenizer) -> Result:
+    """A row's result ending before the first stop string in it, as OpenAI trims it."""
+    from dataclasses import replace
+
+    from qwen2vl_cli.streams import TextStream
+
+    stream = TextStream(tokenizer, None, gen.stop)
+    stream.update(list(result.tokens), final=True)
+    if not stream.stopped:
+        return result
+    kept = stream.tokens_to_stop(list(result.tokens))
+    return replace(result, text=stream.sent, tokens=tuple(kept), generated_tokens=len(kept), finish_reason="stop")

@@ -17,7 +17,8 @@ from dataclasses import dataclass, replace
 
 from qwen2vl_cli import reference
 from qwen2vl_cli.errors import GenerationInterrupted
-from qwen2vl_cli.runner import LoopFinder, TextStream, VisionClock, stack_rows
+from qwen2vl_cli.runner import LoopFinder, VisionClock, stack_rows
+from qwen2vl_cli.streams import TextStream
 from qwen2vl_cli.types import GenerationOptions, Result
 
 
@@ -68,7 +69,7 @@ class Running:
             return
         from qwen2vl_cli import decode
 
-        self._streams = {i: TextStream(runner.processor.tokenizer, rows[i].on_text) for i in self._order if rows[i].on_text is not None}
+        self._streams = {i: self._stream(rows[i]) for i in self._order if rows[i].on_text is not None or rows[i].gen.stop}
         lengths = [(rows[i].gen.max_new_tokens, min(rows[i].gen.min_new_tokens or 0, rows[i].gen.max_new_tokens)) for i in self._order]
         with VisionClock(runner.model) as clock:
             self.batch = decode.Batch(
@@ -127,8 +128,8 @@ class Running:
         self._order.append(number)  # the engine numbers it next, failed or not
         self._prompts[number] = prompt_counts(self.runner.model.config, inputs, 0)
         self._inputs_s[number] = inputs_s
-        if row.on_text is not None:
-            self._streams[number] = TextStream(self.runner.processor.tokenizer, row.on_text)
+        if row.on_text is not None or row.gen.stop:
+            self._streams[number] = self._stream(row)
         least = min(row.gen.min_new_tokens or 0, row.gen.max_new_tokens)
         with VisionClock(self.runner.model) as clock:
             _, tokens = self.batch.join(decode.Joining(dict(inputs.to(self.runner.model.device)), row.cancel or threading.Event(),
@@ -142,11 +143,16 @@ class Running:
         stream = self._streams.get(row)
         return stream.sent if stream is not None else ""
 
+    def _stream(self, row: Row) -> TextStream:
+        return TextStream(self.runner.processor.tokenizer, row.on_text, row.gen.stop)
+
     def _show(self, moved) -> None:
         for engine_row, tokens, looped in moved:
             stream = self._streams.get(self._order[engine_row])
             if stream is not None:
                 stream.update(tokens[: self._end(tokens, looped)])
+                if stream.stopped:  # a stop string: the row ends at the next read
+                    self.batch.cancel(engine_row)
 
     def _end(self, tokens: list[int], looped: int | None) -> int:
         """How much of a row is answer so far: up to its end-of-sequence token or where it looped."""
@@ -159,8 +165,12 @@ class Running:
             return outcome
         tokens = outcome.tokens[: outcome.cancelled_at]  # a row whose client left ends where it was stopped
         r = self.runner.result(tokens, *self._prompts[row], outcome.ttft_s, outcome.decode_tokens_per_s, outcome.looped_at, self.engine)
-        if row in self._streams:
-            self._streams[row].update(list(r.tokens), final=True)
+        stream = self._streams.get(row)
+        if stream is not None:
+            stream.update(list(r.tokens), final=True)
+            if stream.stopped:
+                kept = stream.tokens_to_stop(list(r.tokens))
+                r = replace(r, text=stream.sent, tokens=tuple(kept), generated_tokens=len(kept), finish_reason="stop")
         compile_s = self.batch.setup_s if self.runner.engine in ("compiled", "graph") else None
         return replace(r, compile_s=compile_s, media_s=self._inputs_s[row]).timed(self._vision.get(row))
 
@@ -175,6 +185,8 @@ class Running:
             else:
                 cancels = [self.rows[i].cancel or threading.Event() for i in order]
                 out = reference.generate_rows(runner, inputs, len(order), self.gen, cancels, matchers)
+        if self.gen.stop:
+            out = [reference.trimmed(r, self.gen, runner.processor.tokenizer) for r in out]
         return [(i, replace(r, media_s=self.inputs_s).timed(clock.seconds())) for i, r in zip(order, out)]
 
 

@@ -1,6 +1,6 @@
 """Load a Qwen2-VL, Qwen2.5-VL or Qwen3-VL with transformers and build processor inputs; the
 pieces a batch of rows (rows.py) needs from the loaded model: its sampling, its end tokens, the
-text of a row's tokens, how text streams, how long the vision tower took.
+a row's tokens as its Result, how long the vision tower took.
 
 The runner never prints: text goes to the `on_text` callback, numbers come back in the result.
 """
@@ -13,7 +13,6 @@ import sys
 import time
 from functools import cached_property
 from pathlib import Path
-from typing import Callable
 
 from qwen2vl_cli import devices
 from qwen2vl_cli.config import debug_enabled
@@ -45,24 +44,6 @@ class LoopFinder:
                     return length
         self.checked[row] = len(tokens)
         return None
-
-
-class TextStream:
-    """Text of a growing token list, handed on as it becomes final (a character cut between two
-    tokens waits for the next)."""
-
-    def __init__(self, tokenizer, on_text: Callable[[str], None] | None):
-        self.tokenizer, self.on_text = tokenizer, on_text
-        self.sent = ""
-
-    def update(self, tokens: list[int], final: bool = False) -> None:
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        if not final:
-            text = text.rstrip("\ufffd")
-        if text.startswith(self.sent) and len(text) > len(self.sent):
-            chunk, self.sent = text[len(self.sent) :], text
-            if self.on_text is not None:
-                self.on_text(chunk)
 
 
 class VisionClock:

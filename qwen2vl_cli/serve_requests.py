@@ -196,6 +196,7 @@ def generation_options(body: dict, limits: Limits) -> GenerationOptions:
         repetition_penalty=_real(body.get("repetition_penalty"), "repetition_penalty"),
         seed=_whole(body.get("seed"), "seed"),
         schema=response_schema(body.get("response_format")),
+        stop=stops(body.get("stop")),
     )
     names = {"max-new-tokens": length, "min-new-tokens": "min_tokens"}  # the CLI's names in check_generation's messages
     try:
@@ -206,6 +207,20 @@ def generation_options(body: dict, limits: Limits) -> GenerationOptions:
             message = message.replace(f"--{cli}", api).replace(cli, api)
         name = message.split(" ", 1)[0]
         raise invalid(message, names.get(name, name).replace("-", "_")) from None
+
+
+def stops(value) -> tuple[str, ...]:
+    """`stop`: a string or a list of up to 4, none empty (OpenAI's rule)."""
+    from qwen2vl_cli.types import MAX_STOPS
+
+    if value is None or value == []:
+        return ()
+    listed = [value] if isinstance(value, str) else value
+    if not isinstance(listed, list) or not 1 <= len(listed) <= MAX_STOPS or not all(isinstance(s, str) and s for s in listed):
+        raise invalid(f"stop must be a string or a list of 1 to {MAX_STOPS} strings, none of them empty", "stop")
+    if any(len(s) > 256 for s in listed):
+        raise invalid("stop: each string at most 256 characters", "stop")
+    return tuple(listed)
 
 
 def response_schema(value) -> str | None:
@@ -236,14 +251,14 @@ def response_schema(value) -> str | None:
 # these (OpenAI's defaults), the request is refused naming the field, never answered as if absent.
 NOT_DONE = {
     "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
-    "parallel_tool_calls": (None, True, False), "logprobs": (None, False), "top_logprobs": (None, 0), "stop": (None, [], ""),
+    "parallel_tool_calls": (None, True, False), "logprobs": (None, False), "top_logprobs": (None, 0),
     "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "audio": (None,),
     "modalities": (None, ["text"]), "prediction": (None,), "web_search_options": (None,), "reasoning_effort": (None,),
     "verbosity": (None,), "moderation": (None,),
 }
 # Fields this server acts on (vLLM's extras among them), and those that do not change the answer.
 HONOURED = {"messages", "model", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "n",
-            "response_format", "top_k", "repetition_penalty", "min_tokens", "mm_processor_kwargs"}
+            "response_format", "stop", "top_k", "repetition_penalty", "min_tokens", "mm_processor_kwargs"}
 HARMLESS = {"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key", "prompt_cache_retention",
             "prompt_cache_options"}
 

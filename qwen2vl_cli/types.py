@@ -150,7 +150,8 @@ class GenerationOptions:
     seed: int | None = None
     repeat_guard: bool = True  # stop a generation caught in a loop
     boxes: str | None = None  # grounding: what to find; the family's own prompt asks for it
-    schema: str | None = None  # a JSON Schema (grammar.canonical's text) the answer follows
+    schema: str | None = None  # a JSON Schema (schemas.canonical's text) the answer follows
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these (OpenAI's `stop`)
 
 
 def check_generation(gen: GenerationOptions) -> GenerationOptions:
@@ -174,6 +175,10 @@ def check_generation(gen: GenerationOptions) -> GenerationOptions:
     for name, value, integer, ok, rule in checks:
         if value is not None and not (number(value, integer) and ok(value)):
             raise UsageError(f"--{name} {f'{value:g}' if isinstance(value, float) else value}: {rule}")
+    if len(gen.stop) > MAX_STOPS or any(not s for s in gen.stop):
+        raise UsageError(f"--stop: give 1 to {MAX_STOPS} strings, none of them empty")
+    if gen.schema is not None and gen.stop:
+        raise UsageError("--stop with --schema: a JSON answer ends where it is complete; drop --stop")
     if gen.schema is not None and gen.min_new_tokens:
         raise UsageError("--min-new-tokens with --schema: a JSON answer ends where it is complete; drop --min-new-tokens")
     if gen.min_new_tokens is not None and gen.min_new_tokens > gen.max_new_tokens:
@@ -183,6 +188,7 @@ def check_generation(gen: GenerationOptions) -> GenerationOptions:
     return gen
 
 
+MAX_STOPS = 4  # stop strings of one answer, as OpenAI takes them
 GREEDY_BELOW = 1e-5  # temperatures under this sample as greedy, as vLLM's do
 
 
