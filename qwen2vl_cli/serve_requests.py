@@ -23,6 +23,9 @@ URL_SCHEMES = ("http://", "https://", "data:")
 DEFAULT_MAX_TOKENS = 512  # when a request gives none
 
 
+MAX_SCHEMA_CHARS = 65536  # a response_format schema, written compactly
+
+
 CPU_PROMPT_TOKENS = 8192  # --max-prompt-tokens on a CPU, where a prefill's time grows with the square of its length
 
 
@@ -242,7 +245,10 @@ def response_schema(value) -> str | None:
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not isinstance(spec.get("schema", {}), dict):
         raise invalid("response_format.json_schema must be an object with a name and a schema object", "response_format")
     try:
-        return schemas.canonical(spec.get("schema", {}))
+        text = schemas.canonical(spec.get("schema", {}))
+        if len(text) > MAX_SCHEMA_CHARS:  # compiled schemas are kept: each is bounded
+            raise invalid(f"response_format.json_schema.schema: at most {MAX_SCHEMA_CHARS:,} characters on this server", "response_format")
+        return text
     except UsageError as e:
         raise invalid(f"response_format.json_schema.schema: {str(e).removeprefix('--schema: ')}", "response_format") from None
 

@@ -121,6 +121,9 @@ def test_response_format_is_followed_and_fields_not_done_are_refused(client, med
     for fields, param in (({"response_format": {"type": "xml"}}, "response_format"),
                           ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
                            "response_format"),
+                          ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+                              "type": "object", "properties": {f"p{i}": {"type": "string", "description": "x" * 100} for i in range(700)}}}}},
+                           "response_format"),
                           ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
                           ({"logprobs": True}, "logprobs"), ({"stop": ["\n"]}, "stop"), ({"frequency_penalty": 0.5}, "frequency_penalty")):
         with pytest.raises(openai.BadRequestError) as e:
