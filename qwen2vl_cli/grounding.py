@@ -40,6 +40,18 @@ def prompt(family: Family, target: str) -> str:
     return f'Locate every instance that belongs to the following categories: "{target}". Report bbox coordinates in JSON format.'
 
 
+def schema(family: Family) -> dict | None:
+    """What a JSON family's box answer must be, for the grammar: a list of labelled boxes, whole
+    numbers on the family's grid (Qwen3-VL: 0..1000); None for Qwen2-VL, whose boxes are not JSON."""
+    if not family.json_boxes:
+        return None
+    number = {"type": "integer", "minimum": 0} | ({"maximum": 1000} if family.coordinates == "relative1000" else {})
+    box = {"type": "object", "properties": {"bbox_2d": {"type": "array", "items": number, "minItems": 4, "maxItems": 4},
+                                            "label": {"type": "string", "maxLength": 80}},
+           "required": ["bbox_2d", "label"], "additionalProperties": False}
+    return {"type": "array", "items": box, "maxItems": 32}
+
+
 def read(family: Family, answer: str, plan: MediaPlan, target: str) -> Found:
     """Boxes of `answer` in the original pixels of the image `plan` describes."""
     raw, problems = (_read_json(answer) if family.json_boxes else _read_qwen2(answer))

@@ -14,7 +14,7 @@ import time
 from functools import cached_property
 from pathlib import Path
 
-from qwen2vl_cli import devices
+from qwen2vl_cli import devices, grounding, schemas
 from qwen2vl_cli.config import debug_enabled
 from qwen2vl_cli.errors import ModelError, one_line
 from qwen2vl_cli.families import QWEN2_VL, Family, family_of_config
@@ -196,8 +196,13 @@ class Runner:
         return Grammars(self.processor.tokenizer, self.model.get_output_embeddings().out_features, self.eos_ids())
 
     def matcher(self, gen: GenerationOptions):
-        """A fresh grammar matcher for a row with these options; None for a free answer."""
-        return self.grammars.matcher(gen.schema) if gen.schema is not None else None
+        """A fresh grammar matcher for a row with these options (--schema; --boxes for the families
+        that answer boxes in JSON, so the answer always parses); None for a free answer."""
+        if gen.schema is not None:
+            return self.grammars.matcher(gen.schema)
+        if gen.boxes is not None and (boxes := grounding.schema(self.family)) is not None:
+            return self.grammars.matcher(schemas.canonical(boxes))
+        return None
 
     @cached_property
     def longest_token(self) -> int:
