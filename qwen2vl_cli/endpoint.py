@@ -9,6 +9,7 @@ connections. Token counts come from the server's `usage`; timings are measured h
 from __future__ import annotations
 
 import base64
+import json
 import mimetypes
 import time
 from collections.abc import Iterator
@@ -204,7 +205,18 @@ class EndpointBackend:
         checked = schemas.structured(result, gen)
         if isinstance(checked, Exception):
             raise checked
+        self._check(checked.data, gen.schema)
         return checked
+
+    def _check(self, data, schema: str) -> None:
+        """A server may not follow `response_format` (or may not read it): its JSON is checked here."""
+        import jsonschema
+
+        try:
+            jsonschema.validate(data, json.loads(schema))
+        except jsonschema.ValidationError as e:
+            raise QvlError(f"--endpoint {self.options.url} answered JSON that does not follow the schema ({' '.join(e.message.split())[:200]}): "
+                           "does it take response_format? qvl serve, vLLM and SGLang do") from None
 
     def generate(self, batch: list[RemoteRequest], gen: GenerationOptions, on_text=None, cancels=None) -> list[Result | Exception]:
         """A batch of requests, all in flight at once (with `--each`, the batch size is --concurrency);

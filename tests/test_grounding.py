@@ -274,3 +274,17 @@ def test_each_record_carries_its_boxes(qvl, family_models, media_dir, grounder):
     assert records[0]["boxes"] == [{"label": "x", "box": [0.0, 0.0, 200.0, 150.0]}]  # photo.png is 400x300
     assert records[2]["boxes"] == [{"label": "x", "box": [0.0, 0.0, 112.0, 112.0]}]  # square.png is 224x224
     assert "--boxes finds things in a still image" in records[1]["error"]["message"]
+
+
+def test_a_server_that_does_not_follow_the_schema_is_caught(qvl, family_models, media_dir, grounder):
+    _Grounder.answer = '{"outdoor": "maybe"}'
+    r = qvl("describe", str(media_dir / "photo.png"), "--endpoint", grounder, "--model", str(family_models("qwen3_vl")),
+            "--schema", "outdoor: bool")
+    assert r.exit_code == 1 and r.stdout == ""
+    assert "answered JSON that does not follow the schema ('maybe' is not of type 'boolean')" in r.stderr
+    assert _Grounder.seen[-1]["response_format"]["json_schema"]["schema"]["properties"] == {"outdoor": {"type": "boolean"}}
+    _Grounder.answer = '{"outdoor": true}'
+    ok = qvl("describe", str(media_dir / "photo.png"), "--endpoint", grounder, "--model", str(family_models("qwen3_vl")),
+             "--schema", "outdoor: bool")
+    assert ok.exit_code == 0 and ok.stdout == '{"outdoor": true}\n'
+
