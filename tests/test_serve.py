@@ -125,7 +125,7 @@ def test_response_format_is_followed_and_fields_not_done_are_refused(client, med
                               "type": "object", "properties": {f"p{i}": {"type": "string", "description": "x" * 100} for i in range(700)}}}}},
                            "response_format"),
                           ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-                          ({"logprobs": True}, "logprobs"), ({"stop": ["\n"]}, "stop"), ({"frequency_penalty": 0.5}, "frequency_penalty")):
+                          ({"logprobs": True}, "logprobs"), ({"stop": [""]}, "stop"), ({"frequency_penalty": 0.5}, "frequency_penalty")):
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model=str(tiny_model), messages=messages, max_tokens=4, **fields)
         assert e.value.body["param"] == param, e.value.body
