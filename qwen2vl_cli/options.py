@@ -74,9 +74,9 @@ TopK = Annotated[Optional[int], typer.Option(min=0, help="Top-k sampling (with -
 RepetitionPenalty = Annotated[Optional[float], typer.Option(help="Default: the model's generation_config (1.05 for Qwen2-VL-Instruct, none for Qwen3-VL).", rich_help_panel=GEN_PANEL)]
 RepeatGuard = Annotated[bool, typer.Option("--repeat-guard/--no-repeat-guard", help="Stop when the answer loops on one short phrase (finish_reason \"repetition\").", rich_help_panel=GEN_PANEL)]
 Seed = Annotated[Optional[int], typer.Option(help="Random seed for sampling.", rich_help_panel=GEN_PANEL)]
-Schema = Annotated[Optional[str], typer.Option(metavar="SCHEMA", help="The answer is JSON that follows this schema, always: a JSON Schema (inline, or a file), or fields such as 'caption, objects: list\\[str], outdoor: bool' (types str, int, float, bool, list\\[...]; all required). stdout gets the JSON; --json and --each records carry it as \"data\".", show_default=False, rich_help_panel=GEN_PANEL)]
+Schema = Annotated[Optional[str], typer.Option(metavar="SCHEMA", help="The answer is JSON that follows this schema, always: a JSON Schema (inline, or a file), or fields such as 'caption, objects: list\\[str], outdoor: bool' (types str, int, float, bool, list\\[...]; all required). stdout gets the JSON once complete; --json and --each records carry it as \"data\". Not with --stop, --min-new-tokens or --boxes.", show_default=False, rich_help_panel=GEN_PANEL)]
 Stop = Annotated[Optional[list[str]], typer.Option(metavar="TEXT", help="End the answer before this text (up to 4; give --stop again for each); the text itself is left out, as OpenAI's stop.", show_default=False, rich_help_panel=GEN_PANEL)]
-JsonObject = Annotated[bool, typer.Option("--json-object", help="The answer is a JSON object (any), always; as --schema for its output.", rich_help_panel=GEN_PANEL)]
+JsonObject = Annotated[bool, typer.Option("--json-object", help="The answer is a JSON object (any), always; output as with --schema.", rich_help_panel=GEN_PANEL)]
 
 MinPixels = Annotated[Optional[int], typer.Option(min=1, help="Least pixels per image or frame (images: the model's setting, 3136 for Qwen2-VL and Qwen2.5-VL, 65536 for Qwen3-VL; frames: 128 tokens' worth).", rich_help_panel=MEDIA_PANEL)]
 MaxPixels = Annotated[

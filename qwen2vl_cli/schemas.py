@@ -9,6 +9,7 @@ required, no others allowed. Types: str (the default), int, float, bool, and lis
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -34,6 +35,9 @@ def parse(text: str) -> str:
         except (OSError, UnicodeDecodeError) as e:
             raise UsageError(f"--schema {text}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
         return canonical(_json(body, f"--schema {text}"))
+    if path.suffix.lower() == ".json" or "/" in text or path.is_dir():
+        problem = "is a directory" if path.is_dir() else "no such file"
+        raise UsageError(f"--schema {text}: {problem}; give a JSON Schema file, inline JSON, or fields such as {_EXAMPLE}")
     return canonical(_fields(text))
 
 
@@ -89,20 +93,43 @@ def _type(kind: str, text: str) -> dict:
 
 def structured(result: Result, gen: GenerationOptions, whole_json: bool = True) -> Result | QvlError:
     """A --schema answer with its JSON parsed into `data`; one that stopped before its JSON was
-    complete is, with `whole_json`, an error saying how to give it room (never half an object),
-    else the answer with no data."""
+    complete (or holds a number no 64-bit float can hold) is, with `whole_json`, an error saying
+    why and how to give it room (never half an object), else the answer with no data."""
     if result.finish_reason == "stop":
         try:
-            return replace(result, structured=True, data=json.loads(result.text))
+            data = json.loads(result.text)
         except json.JSONDecodeError:
-            pass
+            data = _INCOMPLETE
+        if data is not _INCOMPLETE and _finite(data):
+            return replace(result, structured=True, data=data)
+        if data is not _INCOMPLETE and whole_json:
+            return QvlError(f"{_sources(result)}: the answer's JSON holds a number too large for a 64-bit float: ask again, "
+                            "or bound the number in the schema (maximum)")
     if not whole_json:
         return replace(result, structured=True)
     if result.finish_reason == "repetition":
-        return QvlError("the answer looped before its JSON was complete (the repetition guard stopped it): "
+        return QvlError(f"{_sources(result)}: the answer looped before its JSON was complete (the repetition guard stopped it): "
                         "try --no-repeat-guard, or a schema with fewer free strings")
-    return QvlError(f"the answer reached --max-new-tokens {gen.max_new_tokens} before its JSON was complete: "
-                    f"give it room, e.g. --max-new-tokens {2 * gen.max_new_tokens}")
+    return QvlError(f"{_sources(result)}: the answer reached --max-new-tokens {gen.max_new_tokens} before its JSON was complete: "
+                    f"give it room, e.g. --max-new-tokens {max(4 * gen.max_new_tokens, 256)}")
+
+
+_INCOMPLETE = object()
+
+
+def _finite(data) -> bool:
+    """Whether every number in `data` is one (json reads a number past a float's range as inf)."""
+    if isinstance(data, float):
+        return math.isfinite(data)
+    if isinstance(data, dict):
+        return all(_finite(v) for v in data.values())
+    if isinstance(data, list):
+        return all(_finite(v) for v in data)
+    return True
+
+
+def _sources(result: Result) -> str:
+    return ", ".join(p.source for p in result.inputs) or "the answer"
 
 
 def response_format(schema: str) -> dict:

@@ -201,7 +201,8 @@ def generation_options(body: dict, limits: Limits) -> GenerationOptions:
         schema=response_schema(body.get("response_format")),
         stop=stops(body.get("stop")),
     )
-    names = {"max-new-tokens": length, "min-new-tokens": "min_tokens"}  # the CLI's names in check_generation's messages
+    # The CLI's names in check_generation's messages, as this request names them.
+    names = {"max-new-tokens": length, "min-new-tokens": "min_tokens", "stop": "stop", "schema or --json-object": "response_format"}
     try:
         return check_generation(gen)
     except UsageError as e:
@@ -242,10 +243,10 @@ def response_schema(value) -> str | None:
         raise invalid("response_format must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
                       "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}", "response_format")
     spec = value.get("json_schema")
-    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not isinstance(spec.get("schema", {}), dict):
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not isinstance(spec.get("schema"), dict):
         raise invalid("response_format.json_schema must be an object with a name and a schema object", "response_format")
     try:
-        text = schemas.canonical(spec.get("schema", {}))
+        text = schemas.canonical(spec["schema"])
         if len(text) > MAX_SCHEMA_CHARS:  # compiled schemas are kept: each is bounded
             raise invalid(f"response_format.json_schema.schema: at most {MAX_SCHEMA_CHARS:,} characters on this server", "response_format")
         return text

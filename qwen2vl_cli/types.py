@@ -178,9 +178,11 @@ def check_generation(gen: GenerationOptions) -> GenerationOptions:
     if len(gen.stop) > MAX_STOPS or any(not s for s in gen.stop):
         raise UsageError(f"--stop: give 1 to {MAX_STOPS} strings, none of them empty")
     if gen.schema is not None and gen.stop:
-        raise UsageError("--stop with --schema: a JSON answer ends where it is complete; drop --stop")
+        raise UsageError("--stop with --schema or --json-object: a JSON answer ends where it is complete; drop --stop")
     if gen.schema is not None and gen.min_new_tokens:
-        raise UsageError("--min-new-tokens with --schema: a JSON answer ends where it is complete; drop --min-new-tokens")
+        raise UsageError("--min-new-tokens with --schema or --json-object: a JSON answer ends where it is complete; drop --min-new-tokens")
+    if gen.stop and gen.min_new_tokens:
+        raise UsageError("--min-new-tokens with --stop: an answer ends at its stop string; drop one of them")
     if gen.min_new_tokens is not None and gen.min_new_tokens > gen.max_new_tokens:
         raise UsageError(f"--min-new-tokens {gen.min_new_tokens} is above --max-new-tokens {gen.max_new_tokens}: raise --max-new-tokens")
     if 0 < gen.temperature < GREEDY_BELOW:  # dividing by it would overflow the logits; the limit of sampling is greedy

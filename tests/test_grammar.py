@@ -154,8 +154,8 @@ def test_describe_with_a_schema_writes_only_complete_json(qvl, tiny_model, tmp_p
 
     cut = qvl("describe", PHOTO, "--model", tiny_model, "--dtype", "float32", "--schema", fields, "--max-new-tokens", "6")
     assert cut.exit_code == 1 and cut.stdout == ""
-    assert cut.stderr.endswith("qvl: error: the answer reached --max-new-tokens 6 before its JSON was complete: "
-                               "give it room, e.g. --max-new-tokens 12\n")
+    assert cut.stderr.endswith(f"qvl: error: {PHOTO}: the answer reached --max-new-tokens 6 before its JSON was complete: "
+                               "give it room, e.g. --max-new-tokens 256\n")
 
 
 def test_each_with_a_schema_gives_data_or_an_error_record(qvl, tiny_model, media_dir):
@@ -166,7 +166,7 @@ def test_each_with_a_schema_gives_data_or_an_error_record(qvl, tiny_model, media
     assert all(set(x["data"]) == {"caption"} and json.loads(x["text"]) == x["data"] for x in records)
     short = qvl(*args, "--max-new-tokens", "2")
     records = [json.loads(line) for line in short.stdout.splitlines()]
-    assert short.exit_code == 1 and [x["error"]["message"].split(":")[0] for x in records] == [
+    assert short.exit_code == 1 and [x["error"]["message"].split(": ", 1)[1].split(":")[0] for x in records] == [
         "the answer reached --max-new-tokens 2 before its JSON was complete"] * 2
     assert all("data" not in x for x in records)
 
@@ -177,7 +177,12 @@ def test_each_with_a_schema_gives_data_or_an_error_record(qvl, tiny_model, media
     (("--schema", "{not json"), "--schema: not valid JSON (Expecting property name enclosed in double quotes at line 1 column 2)"),
     (("--schema", "[1]"), "--schema [1]: not a file, a JSON Schema, or fields such as 'caption, objects: list[str], outdoor: bool'"),
     (("--schema", "a", "--json-object"), "--schema and --json-object both given: --json-object is any object; give one"),
-    (("--schema", "a", "--min-new-tokens", "3"), "--min-new-tokens with --schema: a JSON answer ends where it is complete; drop --min-new-tokens"),
+    (("--json-object", "--min-new-tokens", "3"),
+     "--min-new-tokens with --schema or --json-object: a JSON answer ends where it is complete; drop --min-new-tokens"),
+    (("--schema", "a", "--stop", "x"), "--stop with --schema or --json-object: a JSON answer ends where it is complete; drop --stop"),
+    (("--stop", "x", "--min-new-tokens", "3"), "--min-new-tokens with --stop: an answer ends at its stop string; drop one of them"),
+    (("--schema", "no such.json"),
+     "--schema no such.json: no such file; give a JSON Schema file, inline JSON, or fields such as 'caption, objects: list[str], outdoor: bool'"),
     (("--json-object", "--boxes", "the cat"), "--boxes writes the model's own answer: drop --schema or --json-object"),
 ])
 def test_schema_mistakes_are_usage_errors(qvl, tiny_model, args, message):
@@ -189,3 +194,22 @@ def test_schema_mistakes_are_usage_errors(qvl, tiny_model, args, message):
 def test_a_schema_the_grammar_cannot_take_is_a_usage_error(qvl, tiny_model):
     r = qvl("describe", PHOTO, "--model", tiny_model, "--dtype", "float32", "--schema", '{"type": "object", "properties": {"a": {"type": "nope"}}}')
     assert r.exit_code == 2 and r.stdout == "" and r.stderr.startswith("qvl: error: --schema: ") and r.stderr.count("\n") == 1
+
+
+def test_a_number_past_a_float_is_an_error_not_infinity():
+    from qwen2vl_cli.types import MediaPlan, Result
+
+    plan = MediaPlan("photo.jpg", "image", 4, 4, 28, 28, (1, 2, 2), 1)
+    result = Result("[1e999]", "m", "cpu", "float32", "sdpa", 9, 1, 3, 0.0, 0.1, 1.0, 0, "stop", inputs=(plan,))
+    gen = GenerationOptions(schema=schemas.canonical({"type": "array"}))
+    error = schemas.structured(result, gen)
+    assert str(error) == "photo.jpg: the answer's JSON holds a number too large for a 64-bit float: ask again, or bound the number in the schema (maximum)"
+    assert schemas.structured(result, gen, whole_json=False).data is None
+    assert schemas.structured(replace_text(result, "[1e300]"), gen).data == [1e300]
+
+
+def replace_text(result, text):
+    from dataclasses import replace
+
+    return replace(result, text=text)
+

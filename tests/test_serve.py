@@ -125,10 +125,13 @@ def test_response_format_is_followed_and_fields_not_done_are_refused(client, med
                               "type": "object", "properties": {f"p{i}": {"type": "string", "description": "x" * 100} for i in range(700)}}}}},
                            "response_format"),
                           ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+                          ({"response_format": {"type": "json_schema", "json_schema": {"name": "no schema"}}}, "response_format"),
+                          ({"response_format": {"type": "json_object"}, "stop": "x"}, "stop"),
                           ({"logprobs": True}, "logprobs"), ({"stop": [""]}, "stop"), ({"frequency_penalty": 0.5}, "frequency_penalty")):
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model=str(tiny_model), messages=messages, max_tokens=4, **fields)
         assert e.value.body["param"] == param, e.value.body
+        assert "--" not in e.value.body["message"], e.value.body  # the request's names, not the CLI's
     fine = client.chat.completions.create(model=str(tiny_model), messages=messages, max_tokens=2, logprobs=False, tool_choice="none",
                                           response_format={"type": "text"}, user="someone", frequency_penalty=0)
     assert fine.choices[0].message.content is not None
