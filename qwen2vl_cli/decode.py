@@ -4,10 +4,11 @@ Read top to bottom, as gpt-fast's generate.py: `prefill` (prefill.py) runs the w
 tower, M-RoPE positions, the prompt into the cache; from a kept prefix, prefix_cache.py, only the
 rest) and gives the first logits; `decode_one_token` (steps.py, with the ways a step is made) is
 one step for every row (embed, the language model over the cache, the head); `choose` (sampling.py) picks
-the next tokens on the device (repetition penalty, minimum length, then greedy or sampled);
-`Batch` is the loop as its caller drives it (`advance`, `join`, `cancel`; the step made once, when
-the batch is), and the host reads the new tokens only every `chunk` steps: to stream them, to see
-which rows ended, and to run the repetition guard, never once a token.
+the next tokens on the device (repetition penalty, minimum length, a row's grammar, then greedy
+or sampled); `Batch` is the loop as its caller drives it (`advance`, `join`, `cancel`; the step
+made once, when the batch is), and the host reads the new tokens only every `chunk` steps: to
+stream them, to see which rows ended, and to run the repetition guard. Only a row with a grammar
+(grammar.py) has its token read every step, for its matcher.
 
 Rows are independent: a row that ended keeps stepping on padding until its slot is taken again
 or the batch ends, as in transformers' `generate`, whose greedy tokens this loop reproduces
