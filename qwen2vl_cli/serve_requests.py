@@ -4,6 +4,7 @@ under vLLM's names, and its prompt against the server's bounds."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass, fields, replace
@@ -245,11 +246,10 @@ def response_schema(value) -> str | None:
     spec = value.get("json_schema")
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not isinstance(spec.get("schema"), dict):
         raise invalid("response_format.json_schema must be an object with a name and a schema object", "response_format")
+    if len(json.dumps(spec["schema"], separators=(",", ":"), ensure_ascii=False)) > MAX_SCHEMA_CHARS:  # checked, compiled and kept: bounded first
+        raise invalid(f"response_format.json_schema.schema: at most {MAX_SCHEMA_CHARS:,} characters on this server", "response_format")
     try:
-        text = schemas.canonical(spec["schema"])
-        if len(text) > MAX_SCHEMA_CHARS:  # compiled schemas are kept: each is bounded
-            raise invalid(f"response_format.json_schema.schema: at most {MAX_SCHEMA_CHARS:,} characters on this server", "response_format")
-        return text
+        return schemas.canonical(spec["schema"])
     except UsageError as e:
         raise invalid(f"response_format.json_schema.schema: {str(e).removeprefix('--schema: ')}", "response_format") from None
 
