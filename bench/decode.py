@@ -63,6 +63,21 @@ def build(name: str, device: str, dtype):
     return model.eval()
 
 
+def cpu_session(name: str):
+    """A LocalBackend on the CPU in float32 with the static engine: the tiny model's processor and
+    tokenizer, `name`'s weights (built here), the seed set."""
+    import torch
+
+    from qwen2vl_cli.backend import LocalBackend
+    from qwen2vl_cli.types import RuntimeOptions
+    from tests.helpers import Quiet
+
+    torch.manual_seed(0)
+    session = LocalBackend(RuntimeOptions(str(model_dir("tiny")), device="cpu", dtype="float32", engine="static"), Quiet())
+    session.runner.model = build(name, "cpu", torch.float32)
+    return session
+
+
 def copy_bandwidth(device: str) -> float:
     """Bytes per second of a large device-to-device copy (read + write), best of five."""
     import torch

@@ -24,9 +24,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from decode import build  # noqa: E402
-from results import machine, write_section  # noqa: E402
-from throughput import model_dir  # noqa: E402
+from decode import cpu_session  # noqa: E402
+from results import machine, publish, spread  # noqa: E402
 
 TEN_FIELDS = {
     "type": "object",
@@ -53,14 +52,11 @@ def main() -> None:
     import torch
 
     from qwen2vl_cli import grammar, schemas
-    from qwen2vl_cli.backend import LocalBackend
-    from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions
-    from tests.helpers import Quiet, answers
+    from qwen2vl_cli.types import GenerationOptions, MediaOptions
+    from tests.helpers import answers
 
-    torch.manual_seed(0)
-    session = LocalBackend(RuntimeOptions(str(model_dir("tiny")), device="cpu", dtype="float32", engine="static"), Quiet())
+    session = cpu_session(args.model)
     runner = session.runner
-    runner.model = build(args.model, "cpu", torch.float32)
     runner.vision = runner.prefixes = None
 
     # Compile times: the tokenizer once per model, then each schema (a new one each time, then kept).
@@ -127,8 +123,7 @@ def main() -> None:
     ]
     for rows in (1, args.batch):
         f, s = rates[("free", rows)], rates[("--schema", rows)]
-        lines.append(f"| {rows} | {statistics.median(f):.1f} ({min(f):.1f}-{max(f):.1f}) | {statistics.median(s):.1f} "
-                     f"({min(s):.1f}-{max(s):.1f}) | {statistics.median(s) / statistics.median(f):.2f}x |")
+        lines.append(f"| {rows} | {spread(f, 1)} | {spread(s, 1)} | {statistics.median(s) / statistics.median(f):.2f}x |")
     per_token.sort()
     lines += [
         "",
@@ -138,8 +133,7 @@ def main() -> None:
         f"tokens, vocabulary {vocab}): median {per_token[len(per_token) // 2]:.0f} us, 90th percentile "
         f"{per_token[int(len(per_token) * 0.9)]:.0f} us.",
     ]
-    write_section("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    publish(lines)
 
 
 def _version() -> str:

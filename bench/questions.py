@@ -24,9 +24,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from decode import build  # noqa: E402
-from results import machine, write_section  # noqa: E402
-from throughput import model_dir  # noqa: E402
+from decode import cpu_session  # noqa: E402
+from results import machine, publish, spread  # noqa: E402
 
 QUESTIONS = ("Describe this image.", "What colours are in it?", "Is there any text in it?")
 
@@ -38,18 +37,14 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16)
     args = parser.parse_args()
 
-    import torch
-
-    from qwen2vl_cli.backend import LocalBackend, together
+    from qwen2vl_cli.backend import together
     from qwen2vl_cli.prefix_cache import PrefixCache
-    from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions
+    from qwen2vl_cli.types import GenerationOptions, MediaOptions
     from qwen2vl_cli.vision_cache import VisionCache, default_bytes
     from tests.helpers import Quiet
 
-    torch.manual_seed(0)
-    session = LocalBackend(RuntimeOptions(str(model_dir("tiny")), device="cpu", dtype="float32", engine="static"), Quiet())
+    session = cpu_session(args.model)
     runner = session.runner
-    runner.model = build(args.model, "cpu", torch.float32)
     photo = (str(ROOT / "samples" / "photo.jpg"),)
     media = MediaOptions()
     gens = [GenerationOptions(max_new_tokens=args.tokens, min_new_tokens=args.tokens, prompt=q, repeat_guard=False) for q in QUESTIONS]
@@ -91,10 +86,8 @@ def main() -> None:
     ]
     for name, got in sides.items():
         seconds = [s for s, _ in got]
-        m = statistics.median(seconds)
-        lines.append(f"| {name} | {m:.2f} s ({min(seconds):.2f}-{max(seconds):.2f}) | {m / apart_s:.2f}x |")
-    write_section("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        lines.append(f"| {name} | {spread(seconds, unit=' s')} | {statistics.median(seconds) / apart_s:.2f}x |")
+    publish(lines)
 
 
 if __name__ == "__main__":

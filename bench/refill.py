@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
 from decode import build  # noqa: E402
-from results import machine, write_section  # noqa: E402
+from results import machine, publish, spread  # noqa: E402
 from throughput import make_images, model_dir  # noqa: E402
 
 LENGTHS = (32, 64, 128)
@@ -111,10 +111,8 @@ def main() -> None:
         "|---|---|---|",
     ]
     for name, got in sides.items():
-        m = statistics.median(got)
-        lines.append(f"| {name} | {m:.2f} ({min(got):.2f}-{max(got):.2f}) | {m / f:.2f}x |")
-    write_section("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        lines.append(f"| {name} | {spread(got)} | {statistics.median(got) / f:.2f}x |")
+    publish(lines)
 
 
 if __name__ == "__main__":

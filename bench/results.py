@@ -26,3 +26,17 @@ def write_section(section: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + section
     PATH.write_text(text)
+
+
+def spread(values, digits: int = 2, unit: str = "") -> str:
+    """A table cell: the median, and the range in brackets."""
+    import statistics
+
+    return f"{statistics.median(values):.{digits}f}{unit} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def publish(lines: list[str]) -> None:
+    """A benchmark's section into RESULTS.md, and on stdout."""
+    write_section("\n".join(lines) + "\n")
+    print("\n".join(lines))
+

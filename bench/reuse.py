@@ -25,8 +25,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from decode import build  # noqa: E402
-from results import machine, write_section  # noqa: E402
+from decode import cpu_session  # noqa: E402
+from results import machine, publish, spread  # noqa: E402
 from throughput import model_dir  # noqa: E402
 
 
@@ -39,18 +39,13 @@ def main() -> None:
     if args.turns:
         return turns(args.rounds)
 
-    import torch
-
-    from qwen2vl_cli.backend import LocalBackend
     from qwen2vl_cli.prefix_cache import PrefixCache
-    from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions
+    from qwen2vl_cli.types import GenerationOptions, MediaOptions
     from qwen2vl_cli.vision_cache import VisionCache, default_bytes
-    from tests.helpers import Quiet, answers
+    from tests.helpers import answers
 
-    torch.manual_seed(0)
-    session = LocalBackend(RuntimeOptions(str(model_dir("tiny")), device="cpu", dtype="float32", engine="static"), Quiet())
+    session = cpu_session(args.model)
     runner = session.runner
-    runner.model = build(args.model, "cpu", torch.float32)
     media = MediaOptions(max_pixels=12845056)  # the reference budget: the photo is 1196 visual tokens
 
     def ask(question: str, vision, prefixes) -> float:
@@ -83,10 +78,8 @@ def main() -> None:
         "|---|---|---|",
     ]
     for side, seconds in sides.items():
-        m = statistics.median(seconds)
-        lines.append(f"| {side} | {m:.2f} s ({min(seconds):.2f}-{max(seconds):.2f}) | {m / first:.3f}x |")
-    write_section("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        lines.append(f"| {side} | {spread(seconds, unit=' s')} | {statistics.median(seconds) / first:.3f}x |")
+    publish(lines)
 
 
 def turns(rounds: int) -> None:
@@ -130,8 +123,7 @@ def turns(rounds: int) -> None:
     for name, got in runs.items():
         med = [statistics.median(t[i] for t in got) for i in range(4)]
         lines.append(f"| {name} | " + " | ".join(f"{m * 1000:.0f} ms" for m in med) + f" | {statistics.mean(med[1:]) / med[0]:.2f}x |")
-    write_section("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    publish(lines)
 
 
 if __name__ == "__main__":
