@@ -65,9 +65,8 @@ def allowed(matchers: dict[int, object], rows: int, vocab: int) -> torch.Tensor 
     import llguidance.numpy  # its torch module compiles its mask kernel with inductor on first use
 
     mask = np.full(llguidance.numpy.get_bitmask_shape(rows, vocab), -1, dtype=np.int32)
-    for row, matcher in matchers.items():
-        if not matcher.is_error():  # a complete answer's matcher allows only its end
-            llguidance.numpy.fill_next_token_bitmask(matcher, mask, row)
+    for row, matcher in matchers.items():  # a complete answer's matcher, or one in error, allows only the end tokens
+        llguidance.numpy.fill_next_token_bitmask(matcher, mask, row)
     return torch.from_numpy(mask)
 
 

@@ -213,3 +213,19 @@ def replace_text(result, text):
 
     return replace(result, text=text)
 
+
+def test_a_matcher_in_error_lets_its_row_only_end(engines):
+    """A row whose matcher took a token its grammar refuses (it never should) is not let loose: only its end tokens stay."""
+    import torch
+
+    from qwen2vl_cli import grammar
+
+    runner = engines["static"].runner
+    matcher = runner.grammars.matcher(schemas.canonical({"type": "boolean"}))
+    matcher.consume_token(runner.processor.tokenizer.encode("zzz", add_special_tokens=False)[0])
+    assert matcher.is_error()
+    vocab = runner.model.get_output_embeddings().out_features
+    logits = grammar.apply(torch.zeros(2, vocab), grammar.allowed({0: matcher}, 2, vocab))
+    assert torch.isfinite(logits[0]).nonzero().flatten().tolist() == sorted(runner.eos_ids())
+    assert torch.isfinite(logits[1]).all()  # a row without a matcher keeps every token
+
