@@ -17,6 +17,7 @@ from threading import Event
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from qwen2vl_cli import grounding, schemas
+from qwen2vl_cli.config import LOADS
 from qwen2vl_cli.errors import GenerationInterrupted, MediaError, QvlError, UsageError
 from qwen2vl_cli.messages import build_messages
 from qwen2vl_cli.modelinfo import locate_model
@@ -42,14 +43,6 @@ class Backend(Protocol):
     ) -> list[Result | Exception]:
         """Results in the batch's order, or the exception of a row that could not run while the
         others did; `on_text` streams a batch of one; `cancels` stops rows."""
-
-
-_LOADS: set = set()  # weights loading in the background, until they are in
-
-
-def loading() -> bool:
-    """Whether weights are still loading on a worker thread (the process would wait for them at exit)."""
-    return any(not f.done() for f in list(_LOADS))
 
 
 class LocalBackend:
@@ -88,8 +81,8 @@ class LocalBackend:
         if background:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qvl-load")
             self._loading = self._pool.submit(self.runner.load_model, model_dir)
-            _LOADS.add(self._loading)
-            self._loading.add_done_callback(_LOADS.discard)
+            LOADS.add(self._loading)
+            self._loading.add_done_callback(LOADS.discard)
         else:
             hooks.stage(self._loading_text())
             self.runner.load_model(model_dir)
@@ -205,10 +198,14 @@ class LocalBackend:
         order; its media sized to take at most `room` prompt tokens (None: no bound)."""
         start = time.perf_counter()
         plans, loaded = self._decode(tuple(urls), opts, resolver=resolver, room=room)
-        media_s = time.perf_counter() - start
+        return replace(self.conversation(chat, plans, loaded), media_s=time.perf_counter() - start)
+
+    def conversation(self, chat: list[dict], plans: list, loaded: list) -> Prepared:
+        """A conversation whose media parts are `{"type": "media"}` placeholders for media already
+        decoded, in order (`qvl chat` keeps them from turn to turn), with its prompt tokens counted."""
         text = self.runner.prompt_text(_typed(chat, (p.kind for p in plans)))
         tokens = self.runner.count_tokens(text) + sum(p.tokens_with_markers - PLACEHOLDER_TOKENS for p in plans)
-        return Prepared(tuple(plans), tuple(loaded), text, media_s, tokens)
+        return Prepared(tuple(plans), tuple(loaded), text, 0.0, tokens)
 
     @property
     def streams_batches(self) -> bool:

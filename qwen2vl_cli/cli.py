@@ -201,7 +201,20 @@ _command(
     no_args_is_help=False,
 )
 
+_command(
+    "chat",
+    _argument("media", Annotated[Optional[list[str]], typer.Argument(metavar="MEDIA", help="Images and videos for the first question (files or URLs); /image and /video add more later.", show_default=False)], None),
+    [O.generation_options, O.sizing_options, O.runtime_options, O.chat_options, O.endpoint_options],
+    lambda media, options: _chat(media, options),
+    "A conversation about pictures and videos: each turn prefills only its own tokens. At a terminal a line editor (/help for its commands); with stdin piped, one turn per line.",
+    no_args_is_help=False,
+)
 
+
+def _chat(media, options) -> None:
+    from qwen2vl_cli.chat_ui import run
+
+    run(media, options)
 
 
 @app.command(cls=QvlCommand)
@@ -282,8 +295,7 @@ def main() -> None:
     try:
         app()
     except SystemExit as e:
-        backend = sys.modules.get("qwen2vl_cli.backend")  # imported only by runs that load a model
-        if backend is not None and backend.loading():
+        if C.loading():
             # Weights still loading for a run that already ended (a bad input): nobody needs them,
             # and the interpreter would wait for the loading thread before exiting.
             sys.stdout.flush()

@@ -47,6 +47,16 @@ MIN_FRAME_DURATION_S = 0.02
 DEFAULT_FRAME_DURATION_S = 0.1
 
 
+# Work on a worker thread that the process would wait for at exit (weights loading in the
+# background): futures, or anything with done(), until they are done.
+LOADS: set = set()
+
+
+def loading() -> bool:
+    """Whether a load is still running on a worker thread (the process would wait for it at exit)."""
+    return any(not f.done() for f in list(LOADS))
+
+
 def debug_enabled() -> bool:
     return os.environ.get(ENV_DEBUG, "") not in ("", "0")
 

@@ -58,6 +58,7 @@ class Outcome:
     cancelled_at: int | None  # tokens the row had when its client went away
     ttft_s: float | None  # from the start of its prefill (for the first rows: less compiling and capturing)
     decode_tokens_per_s: float | None
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ class _Live:
     last_at: float | None = None
     ttft: float | None = None
     prompt: Prompt | None = None  # its tokens and media, where its keys and values are kept when it ends
+    cached: int = 0  # its prompt's first tokens taken from the prefix cache
 
 
 def _advance(rows: Rows, chosen: torch.Tensor, eos: torch.Tensor, pad: int) -> torch.Tensor:
@@ -197,7 +199,8 @@ class Batch:
                 if slots == batch and not (alone and prefixes is not None) or not can_join(cache):
                     logits, deltas = prefill(model, inputs, cache, vision)
                 else:  # the caller's rows alone (filler rows are not prefilled), then seated in the batch's cache
-                    logits, deltas, own = prefill_alone(model, first, vision, prefixes if alone else None, prompts[0] if alone else None)
+                    logits, deltas, own, self.live[0].cached = prefill_alone(model, first, vision, prefixes if alone else None,
+                                                                             prompts[0] if alone else None)
                     seat(cache, own, slots)
                     del own
                     logits = torch.cat([logits, logits.new_zeros((slots - batch, logits.shape[1]))])
@@ -405,7 +408,7 @@ def _outcome(r: _Live, done: int, eos_ids: list[int]) -> Outcome:
     ended_at = next((i + 1 for i, t in enumerate(tokens) if t in eos_ids), None)
     steps = done - r.start - r.first_len  # steps run from its first read to its last
     rate = steps / (r.last_at - r.first_at) if steps > 0 and r.first_at is not None and r.last_at > r.first_at else None
-    return Outcome(tokens, ended_at, r.looped, r.cancelled, r.ttft, rate)
+    return Outcome(tokens, ended_at, r.looped, r.cancelled, r.ttft, rate, r.cached)
 
 
 def _take(model, rows: Rows, cache, slot: int, joining: Joining, room: int, position: int, done: int, sampling: Sampling, eos, generator,
@@ -420,7 +423,7 @@ def _take(model, rows: Rows, cache, slot: int, joining: Joining, room: int, posi
     began = time.perf_counter()
     prompt = signatures(model, joining.inputs)[0] if prefixes is not None and bool(joining.inputs["attention_mask"].all()) else None
     with stop_when(model, [joining.cancel]):  # what may fail (memory, a client gone) comes before any move
-        logits = into_slot(model, rows, cache, slot, joining.inputs, vision, prefixes if prompt is not None else None, prompt)
+        logits, cached = into_slot(model, rows, cache, slot, joining.inputs, vision, prefixes if prompt is not None else None, prompt)
     if width > position:  # every row's next write goes past its prompt; the gap stays masked
         for layer in cache.layers:
             layer.cumulative_length.fill_(width)
@@ -436,7 +439,7 @@ def _take(model, rows: Rows, cache, slot: int, joining: Joining, room: int, posi
     rows.ended[slot] = torch.isin(first, eos)[0] | (limit <= 1)
     value = int(first[0])  # read at once: its time to first token does not wait for the chunk
     row = _Live(index=-1, slot=slot, start=done - 1, limit=limit, minimum=minimum, began=began, cancel=joining.cancel, tokens=[value],
-                prompt=prompt)
+                prompt=prompt, cached=cached)
     row.first_at = row.last_at = time.perf_counter()
     row.first_len, row.ttft = 1, row.first_at - began
     return position, row

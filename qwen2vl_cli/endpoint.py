@@ -101,9 +101,14 @@ class EndpointBackend:
             parts = []
             for text, p, plan in zip(sources, probed, plans):
                 kind = "video_url" if plan.kind == "video" else "image_url"
-                passed = self.options.pass_urls and text.startswith(("http://", "https://"))
-                parts.append({"type": kind, kind: {"url": text if passed else _data_url(p.source, p.info.format, plan.kind)}})
+                parts.append({"type": kind, kind: {"url": self.media_url(text, p.source, p.info.format, plan.kind)}})
         return self._asked(tuple(plans), parts, opts, gen)
+
+    def media_url(self, given: str, source: Source, info_format: str, kind: str) -> str:
+        """What is sent for a medium: its bytes as a data: URL, or with --pass-urls an http(s) URL as given."""
+        if self.options.pass_urls and given.startswith(("http://", "https://")):
+            return given
+        return _data_url(source, info_format, kind)
 
     def ask(self, request: RemoteRequest, gen: GenerationOptions) -> RemoteRequest:
         """The same media with another question: nothing read or encoded again."""
@@ -189,6 +194,7 @@ class EndpointBackend:
             dtype="-",
             attn="-",
             prompt_tokens=usage.prompt_tokens if usage else 0,
+            cached_tokens=_cached(usage),
             visual_tokens=sum(p.visual_tokens for p in plans),
             generated_tokens=completion,
             load_s=0.0,
@@ -233,6 +239,13 @@ class EndpointBackend:
 
         with ThreadPoolExecutor(max_workers=len(batch)) as pool:
             return list(pool.map(one, batch, cancels))
+
+
+def _cached(usage) -> int:
+    """The prompt tokens the server did not prefill again, where it says (OpenAI's prompt_tokens_details)."""
+    details = getattr(usage, "prompt_tokens_details", None) if usage is not None else None
+    cached = getattr(details, "cached_tokens", None) if details is not None else None
+    return cached if isinstance(cached, int) else 0
 
 
 def _server_message(e) -> str:

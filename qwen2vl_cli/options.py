@@ -125,6 +125,11 @@ Output = Annotated[Optional[str], typer.Option("--output", "-o", metavar="FILE",
 Resume = Annotated[Optional[str], typer.Option(metavar="FILE", help="Continue FILE: skip inputs it already answered with the same prompt and options, append the rest.", rich_help_panel=EACH_PANEL)]
 BatchSize = Annotated[Optional[int], typer.Option(min=1, help="Inputs generated together (left-padded; on a GPU an ended row's slot goes to the next input at once). Default: 8 on CUDA, 4 on MPS, 1 on CPU.", rich_help_panel=EACH_PANEL)]
 
+CHAT_PANEL = "Conversation"
+ChatJson = Annotated[bool, typer.Option("--json", help="One JSON object per turn on stdout (the --json object, with \"turn\", \"question\", \"context_tokens\" and \"new_prompt_tokens\") instead of streaming text.", rich_help_panel=CHAT_PANEL)]
+MaxContext = Annotated[Optional[int], typer.Option(min=16, metavar="TOKENS", help="Most tokens the conversation may hold, answers included (default: the model's context). Near it each turn says so; past it a turn is refused, and /clear starts again.", show_default=False, rich_help_panel=CHAT_PANEL)]
+Blocks = Annotated[bool, typer.Option("--blocks", help="With stdin piped: a turn is a block of lines ended by a blank line (default: each line is a turn).", rich_help_panel=CHAT_PANEL)]
+
 SERVE_PANEL = "Server"
 SERVE_LIMITS_PANEL = "What one request may cost"
 ENDPOINT_PANEL = "Remote engine"
@@ -303,6 +308,18 @@ def inspect_options(
     json_out: Annotated[bool, typer.Option("--json", help="JSON Lines: one object per input.", rich_help_panel=OUT_PANEL)] = False,
 ) -> tuple[str | None, str, bool]:
     return model, choice("device", device, ("auto", "cuda", "cpu", "mps")), json_out
+
+
+def chat_options(
+    json_out: ChatJson = False,
+    quiet: Quiet = False,
+    max_context: MaxContext = None,
+    blocks: Blocks = False,
+    cache_size: Annotated[Optional[str], typer.Option(metavar="SIZE", help="Room kept for the conversation's keys and values, vision-tower outputs and decoded media (each turn prefills only its own tokens), e.g. 2G; 0 turns them off (each turn prefills it all). Default: 1G on a CPU, 2G on a GPU.", show_default=False, rich_help_panel=CHAT_PANEL)] = None,
+) -> tuple[bool, bool, int | None, bool, int | None]:
+    from qwen2vl_cli.sources import parse_size
+
+    return json_out, quiet, max_context, blocks, None if cache_size is None else parse_size(cache_size, "--cache-size")
 
 
 def params(group) -> list[_inspect.Parameter]:

@@ -66,7 +66,8 @@ def stop_when(model, events: list[threading.Event] | None):
 def prefill_alone(model, inputs: dict, vision, prefixes: PrefixCache | None, prompt: Prompt | None):
     """Prompts prefilled into a cache of their own, as wide as they are: for a batch of one with
     `prefixes`, from the longest prefix kept there (its keys and values copied in, the rest
-    prefilled), its own then kept. Returns the last logits, the M-RoPE offsets and the cache."""
+    prefilled), its own then kept. Returns the last logits, the M-RoPE offsets, the cache and how
+    many of the prompt's first tokens came from the prefix cache."""
     width = inputs["input_ids"].shape[1]
     own = static_cache(model, width)
     start = 0
@@ -77,7 +78,7 @@ def prefill_alone(model, inputs: dict, vision, prefixes: PrefixCache | None, pro
     logits, deltas = prefill(model, inputs, own, vision, start)
     if prompt is not None:
         prefixes.keep(prompt, [(layer.keys[0, :, :width], layer.values[0, :, :width]) for layer in own.layers])
-    return logits, deltas, own
+    return logits, deltas, own, start
 
 
 def seat(cache, own, slots: int) -> None:
@@ -115,10 +116,10 @@ def into_slot(model, rows, cache, slot: int, inputs: dict, vision=None, prefixes
     """One prompt prefilled alone (from a kept prefix where `prefixes` has one), then moved into
     `slot` of the running batch: its keys and values at the slot's first positions (the others'
     next write is past them), its positions, its mask. Every change is in place, so a captured or
-    compiled step goes on as it was. Returns its last logits."""
+    compiled step goes on as it was. Returns its last logits and its tokens taken from a kept prefix."""
     ids = inputs["input_ids"]
     width = ids.shape[1]
-    logits, deltas, own = prefill_alone(model, inputs, vision, prefixes, prompt)
+    logits, deltas, own, kept = prefill_alone(model, inputs, vision, prefixes, prompt)
     for layer, alone in zip(cache.layers, own.layers):
         layer.keys[slot, :, :width].copy_(alone.keys[0])
         layer.values[slot, :, :width].copy_(alone.values[0])
@@ -131,4 +132,4 @@ def into_slot(model, rows, cache, slot: int, inputs: dict, vision=None, prefixes
         rows.seen[slot].scatter_(0, ids[0].clamp(max=rows.seen.shape[1] - 1), True)
     rows.ended[slot] = False
     rows.start[slot] = rows.step - 1  # its first token takes the last column written (padding in an ended slot)
-    return logits
+    return logits, kept

@@ -172,7 +172,7 @@ class Running:
                 kept = stream.tokens_to_stop(list(r.tokens))
                 r = replace(r, text=stream.sent, tokens=tuple(kept), generated_tokens=len(kept), finish_reason="stop")
         compile_s = self.batch.setup_s if self.runner.engine in ("compiled", "graph") else None
-        return replace(r, compile_s=compile_s, media_s=self._inputs_s[row]).timed(self._vision.get(row))
+        return replace(r, compile_s=compile_s, media_s=self._inputs_s[row], cached_tokens=outcome.cached_tokens).timed(self._vision.get(row))
 
     def _reference(self) -> list[tuple[int, Result]]:
         inputs, self._hf = self._hf, None

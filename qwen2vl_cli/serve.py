@@ -96,7 +96,8 @@ def _finish(result: Result) -> str:
 
 def _usage(result: Result) -> dict:
     return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.generated_tokens,
-            "total_tokens": result.prompt_tokens + result.generated_tokens}
+            "total_tokens": result.prompt_tokens + result.generated_tokens,
+            "prompt_tokens_details": {"cached_tokens": result.cached_tokens}}
 
 
 class Bodies:

@@ -230,6 +230,7 @@ class Result:
     boxes: tuple[dict, ...] | None = None  # --boxes: found in the answer, in the original image's pixels
     box_problems: tuple[str, ...] = ()  # --boxes: what the answer held that could not be read as a box
     tokens: tuple[int, ...] = ()  # the answer's token ids (a local model's; not in the record)
+    cached_tokens: int = 0  # prompt tokens not prefilled: their keys and values were kept (a conversation's earlier turns)
     structured: bool = False  # --schema, --json-object: the answer is JSON, parsed into `data`
     data: object = None
 
@@ -247,6 +248,7 @@ class Result:
             "attn": self.attn,
             "engine": self.engine,
             "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
             "visual_tokens": self.visual_tokens,
             "generated_tokens": self.generated_tokens,
             "load_s": _round(self.load_s),

@@ -37,13 +37,13 @@ def on_the_cpu():
 def no_load_outlives_its_test():
     """A run that fails before its first token leaves its weights loading on a thread (the CLI's
     process exits without them); in this one process the next test's own loads wait for it."""
-    import concurrent.futures
-    import sys
+    import time
+
+    from qwen2vl_cli import config
 
     yield
-    backend = sys.modules.get("qwen2vl_cli.backend")
-    if backend is not None:
-        concurrent.futures.wait(list(backend._LOADS))
+    while config.loading():
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 JSON_KEYS = {
-    "text", "model", "device", "dtype", "attn", "engine", "prompt_tokens", "visual_tokens", "generated_tokens",
+    "text", "model", "device", "dtype", "attn", "engine", "prompt_tokens", "cached_tokens", "visual_tokens", "generated_tokens",
     "load_s", "ttft_s", "media_s", "vision_s", "prefill_s", "compile_s", "decode_tokens_per_s", "peak_memory_bytes", "finish_reason", "inputs",
 }
 IMAGE_KEYS = {"source", "kind", "width", "height", "resized_width", "resized_height", "grid_thw", "visual_tokens", "tokens_with_markers"}

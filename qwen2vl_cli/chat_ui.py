@@ -1,0 +1,405 @@
+"""`qvl chat` at a terminal (prompt_toolkit: a line editor with history) and with stdin piped (one
+turn per line, or per block of lines), both over one `Chat` (chat.py) and one set of commands.
+
+The model loads on a worker thread while the first question is typed: the prompt comes at once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import replace
+from pathlib import Path
+
+from qwen2vl_cli import config as C, options as O
+from qwen2vl_cli.chat import MEDIUM_OPTIONS, Chat, stats
+from qwen2vl_cli.errors import Cancelled, QvlError, UsageError, describe_exception, error_type
+
+HELP = """\
+/image PATH|URL [--max-pixels N]       an image for the next question (a path or URL alone on a line does the same)
+/video PATH|URL [--fps N] [--nframes N] [--start S] [--end S] [--max-frames N]   a video for the next question
+/clear                                 start a new conversation (the system message stays)
+/system [TEXT]                         the system message (none given: the chat template's)
+/save FILE                             the conversation as OpenAI-style messages JSON (a new file)
+/load FILE                             a saved conversation in place of this one
+/stats                                 what the conversation holds and what its turns cost
+/help                                  this list
+/exit                                  leave (or Ctrl-D); Ctrl-C stops an answer and keeps the conversation
+Alt-Enter (or Esc, Enter) starts a new line; Enter sends."""
+
+COMMANDS = ("/image", "/video", "/clear", "/system", "/save", "/load", "/stats", "/help", "/exit", "/quit")
+
+
+class Relay:
+    """A LocalBackend's hooks, passed on to the turn's reporter (nothing shown between turns)."""
+
+    def __init__(self):
+        self.target = None
+
+    def stage(self, text: str) -> None:
+        if self.target is not None:
+            self.target.stage(text)
+
+    def text(self, chunk: str) -> None:
+        if self.target is not None:
+            self.target.text(chunk)
+
+    def note(self, text: str) -> None:
+        if self.target is not None:
+            self.target.note(text)
+
+
+class Loader:
+    """The engine, made on a worker thread (torch, the processor; then the weights on the
+    backend's own thread): `__call__` waits for it. Registered in config.LOADS so an early exit
+    does not wait for it."""
+
+    def __init__(self, make):
+        self.future: Future = Future()
+        self._make = make
+        self._started = False
+
+    def start(self) -> None:
+        """Begin loading (once): at a terminal, when the prompt is on the screen (the loading
+        thread's imports would otherwise hold up its first drawing)."""
+        if not self._started:
+            self._started = True
+            C.LOADS.add(self.future)
+            self.future.add_done_callback(C.LOADS.discard)
+            threading.Thread(target=self._run, args=(self._make,), name="qvl-chat-load").start()
+
+    def _run(self, make) -> None:
+        try:
+            self.future.set_result(make())
+        except BaseException as e:  # noqa: BLE001 - handed to whoever waits
+            self.future.set_exception(e)
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def __call__(self):
+        self.start()
+        return self.future.result()
+
+
+def run(media: list[str] | None, options: dict) -> None:
+    """The body of `qvl chat`."""
+    json_out, quiet, max_context, blocks, cache_size = O.take(O.chat_options, options)
+    endpoint = O.take(O.endpoint_options, options)
+    questions = list(options.get("prompt") or ())
+    gen = O.take(O.generation_options, options)
+    if gen.boxes is not None:
+        raise UsageError("--boxes is for describe")
+    sizing = O.take(O.sizing_options, options)
+    runtime = replace(O.take(O.runtime_options, options), cache_size=cache_size)  # None: the device's default, on
+    if endpoint is not None and sizing.resize is not None:
+        raise UsageError("--resize is not sent to an endpoint: give --min-pixels and --max-pixels (the same number) instead")
+    for given in media or ():
+        if given == "-":
+            raise UsageError("qvl chat reads its questions from stdin: give media as files or URLs, not -")
+    relay = Relay()
+    given = list(media or ())
+
+    def make():
+        if endpoint is not None:
+            from qwen2vl_cli.chat import RemoteEngine
+
+            engine = RemoteEngine(endpoint, runtime.model, sizing)
+        else:
+            from qwen2vl_cli.backend import LocalBackend
+            from qwen2vl_cli.chat import LocalEngine
+
+            engine = LocalEngine(LocalBackend(runtime, relay, background=True))
+        return engine
+
+    loader = Loader(make)
+    chat = Chat(loader, sizing, gen, max_context)
+    front = Front(chat, relay, quiet, json_out, runtime.model if endpoint is None else endpoint.url)
+    for text in given:  # decoded when the engine is in, before the first question
+        front.pending_sources.append(text)
+    interactive = sys.stdin.isatty() and not json_out
+    code = front.terminal(questions) if interactive else front.piped(questions, sys.stdin, blocks)
+    if code:
+        import typer
+
+        raise typer.Exit(code)
+
+
+class Front:
+    """What a line does: a command, media, or a question; and how a turn is shown."""
+
+    def __init__(self, chat: Chat, relay: Relay, quiet: bool, json_out: bool, serving: str):
+        self.chat, self.relay, self.quiet, self.json_out, self.serving = chat, relay, quiet, json_out, serving
+        self.pending_sources: list[str] = []
+        self.interactive = False
+        self.failed = 0  # the exit code of the first turn that failed (piped)
+        self.number = 0
+
+    # The two front ends.
+
+    def terminal(self, questions: list[str]) -> int:
+        from prompt_toolkit import PromptSession
+        from prompt_toolkit.key_binding import KeyBindings
+
+        from qwen2vl_cli.render import stderr_console
+
+        self.interactive = True
+        bindings = KeyBindings()
+
+        @bindings.add("escape", "enter")
+        def _newline(event) -> None:
+            event.current_buffer.insert_text("\n")
+
+        session = PromptSession(history=_history(), key_bindings=bindings, prompt_continuation="... ", enable_history_search=True)
+        if not self.quiet:
+            stderr_console().print(f"qvl chat with {self.serving}: /help for commands, Ctrl-D to leave", style="dim", markup=False, highlight=False)
+        for q in questions:
+            if self.line(q) == "exit":
+                return 0
+        while True:
+            try:
+                line = session.prompt(">>> ", pre_run=self.chat._engine.start)
+            except KeyboardInterrupt:  # at the prompt: the line is dropped, the conversation stays
+                continue
+            except EOFError:
+                return 0
+            if self.line(line) == "exit":
+                return 0
+
+    def piped(self, questions: list[str], stream, blocks: bool) -> int:
+        self.chat._engine.start()
+        for text in [*questions, *turns(stream, blocks)]:
+            if self.line(text) == "exit":
+                break
+        return self.failed
+
+    # One line.
+
+    def line(self, text: str) -> str | None:
+        text = text.strip()
+        if not text:
+            return None
+        try:
+            self._sources()
+            command = re.match(r"(/\w+)(?:\s+(.*))?$", text, re.S)
+            if command and command.group(1) in COMMANDS:
+                return self.command(command.group(1), (command.group(2) or "").strip())
+            if (found := media_line(text)) is not None:
+                for given in found:
+                    self.add(given, {}, video=False)
+                return None
+            if command and not command.group(2):
+                raise UsageError(f"{text}: not a command (/help lists them) nor a file")
+            self.ask(text)
+        except (QvlError, Cancelled) as e:
+            self._failed(e, text)
+        except Exception as e:  # noqa: BLE001 - at a terminal a turn that failed leaves the conversation as it was
+            if not self.interactive:
+                raise
+            if C.debug_enabled():
+                import traceback
+
+                traceback.print_exc()
+            self._failed(e, text)
+        return None
+
+    def _failed(self, e: BaseException, text: str) -> None:
+        from qwen2vl_cli.render import print_error, print_json
+
+        message, code = describe_exception(e) if not isinstance(e, Cancelled) else ("stopped before the answer began", 1)
+        print_error(message)
+        if not self.interactive:
+            self.failed = self.failed or code
+            if self.json_out and not text.startswith("/"):
+                print_json({"question": text, "error": {"type": error_type(e), "message": message}})
+
+    def _sources(self) -> None:
+        """The media given on the command line, read once the engine is in."""
+        while self.pending_sources:
+            self.add(self.pending_sources.pop(0), {}, video=False)
+
+    def command(self, word: str, rest: str) -> str | None:
+        from qwen2vl_cli.render import stderr_console
+
+        console = stderr_console()
+        chat = self.chat
+        if word in ("/exit", "/quit"):
+            return "exit"
+        if word == "/help":
+            console.print(HELP, markup=False, highlight=False)
+        elif word in ("/image", "/video"):
+            given, options = medium_arguments(word, rest)
+            self.add(given, options, video=word == "/video")
+        elif word == "/clear":
+            chat.clear()
+            self._say("a new conversation")
+        elif word == "/system":
+            chat.set_system(rest or None)
+            self._say("system message set" if rest else "system message: the chat template's")
+        elif word == "/save":
+            if not rest:
+                raise UsageError("/save FILE: give a file name")
+            where = chat.save(_one_argument(word, rest))
+            self._say(f"saved {_turns(len(chat.turns) // 2)} to {where}")
+        elif word == "/load":
+            if not rest:
+                raise UsageError("/load FILE: give a file name")
+            turns = chat.load(_one_argument(word, rest))
+            self._say(f"loaded {_turns(turns)}; the next question continues them")
+        elif word == "/stats":
+            for line in stats(chat):
+                console.print(line, markup=False, highlight=False)
+        return None
+
+    def _say(self, text: str) -> None:
+        from qwen2vl_cli.render import printable, stderr_console
+
+        if not self.quiet:
+            stderr_console().print(f"qvl: {printable(text, lines=False)}", markup=False, highlight=False)
+
+    def add(self, given: str, options: dict, video: bool) -> None:
+        from qwen2vl_cli.render import Reporter
+
+        reporter = Reporter(quiet=self.quiet, stream=False)
+        self.relay.target = reporter
+        try:
+            reporter.stage(f"Reading {given}" if self.chat._engine.done() else "Loading the model's processor")
+            medium = self.chat.add(given, options, video)
+        finally:
+            reporter.stop()
+            self.relay.target = None
+        reporter.inputs([medium.plan])
+
+    def ask(self, question: str) -> None:
+        from qwen2vl_cli.render import Reporter, print_json
+
+        chat = self.chat
+        reporter = Reporter(quiet=self.quiet, stream=not self.json_out)
+        self.relay.target = reporter
+        cancel = threading.Event()
+        previous = signal.signal(signal.SIGINT, lambda *_: cancel.set()) if self.interactive else None
+        try:
+            if not chat._engine.done():
+                reporter.stage("Loading the model")
+            answer = chat.ask(question, on_text=reporter.text, cancel=cancel, note=reporter.note)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+            self.relay.target = None
+            reporter.end_text() if not self.json_out else reporter.stop()
+        self.number += 1
+        if self.json_out:
+            print_json({"turn": self.number, "question": question, **answer.result.to_dict(),
+                        "context_tokens": answer.context_tokens, "new_prompt_tokens": answer.new_tokens})
+        if not self.quiet:
+            reporter.console.print(status_line(answer, chat.budget()), markup=False, highlight=False, style="dim")
+
+
+def status_line(answer, budget: int) -> str:
+    r = answer.result
+    parts = [
+        f"context {answer.context_tokens:,} of {budget:,} tokens",
+        f"prompt {answer.new_tokens:,} new" + (f" ({r.cached_tokens:,} kept)" if r.cached_tokens else ""),
+        f"first token {answer.first_s:.2f} s" if answer.first_s is not None else None,
+        f"{r.decode_tokens_per_s:.1f} tok/s" if r.decode_tokens_per_s else None,
+        f"generated {r.generated_tokens} ({'stopped: Ctrl-C, the answer so far kept' if answer.stopped else r.finish_reason})",
+    ]
+    return " · ".join(p for p in parts if p is not None)
+
+
+def turns(stream, blocks: bool) -> Iterator[str]:
+    """Piped input as turns: each line, or with `blocks` each run of lines up to a blank one."""
+    if not blocks:
+        for line in stream:
+            yield line.rstrip("\n")
+        return
+    block: list[str] = []
+    for line in stream:
+        if line.strip():
+            block.append(line.rstrip("\n"))
+        elif block:
+            yield "\n".join(block)
+            block = []
+    if block:
+        yield "\n".join(block)
+
+
+def media_line(text: str) -> list[str] | None:
+    """A line that is only media: one or more paths of existing files (quoted or with escaped
+    spaces, as terminals write a dropped file) or URLs; None for anything else."""
+    if "\n" in text:
+        return None
+    try:
+        words = shlex.split(text)
+    except ValueError:
+        return None
+    if not words:
+        return None
+    found = []
+    for word in words:
+        if word.startswith(("http://", "https://", "file://", "data:image/", "data:video/")):
+            found.append(word)
+        elif os.path.isfile(os.path.expanduser(word)):
+            found.append(os.path.expanduser(word))
+        else:
+            return None
+    return found
+
+
+def medium_arguments(word: str, rest: str) -> tuple[str, dict]:
+    """`/video PATH --fps 1 --nframes 8` as the path and its own options."""
+    try:
+        words = shlex.split(rest)
+    except ValueError as e:
+        raise UsageError(f"{word} {rest}: {e}") from None
+    if not words or words[0].startswith("--"):
+        raise UsageError(f"{word}: give a path or URL, e.g. {word} {'clip.mp4 --fps 1' if word == '/video' else 'photo.jpg'}")
+    given, options = os.path.expanduser(words[0]), {}
+    flags = words[1:]
+    while flags:
+        flag = flags.pop(0)
+        name = flag[2:].replace("-", "_") if flag.startswith("--") else None
+        if name not in MEDIUM_OPTIONS:
+            raise UsageError(f"{word} {flag}: not one of its options ({', '.join('--' + n.replace('_', '-') for n in MEDIUM_OPTIONS)})")
+        if not flags:
+            raise UsageError(f"{word} {flag}: give a value")
+        value = flags.pop(0)
+        try:
+            options[name] = MEDIUM_OPTIONS[name](value)
+        except ValueError:
+            raise UsageError(f"{word} {flag} {value}: give a {'whole ' if MEDIUM_OPTIONS[name] is int else ''}number") from None
+    return given, options
+
+
+def _turns(n: int) -> str:
+    return f"{n} turn{'s' if n != 1 else ''}"
+
+
+def _one_argument(word: str, rest: str) -> str:
+    try:
+        words = shlex.split(rest)
+    except ValueError as e:
+        raise UsageError(f"{word} {rest}: {e}") from None
+    if len(words) != 1:
+        raise UsageError(f"{word}: give one file name (quote one with spaces)")
+    return words[0]
+
+
+def _history():
+    """The line editor's history, kept under the user's data directory (in memory where it cannot be)."""
+    from prompt_toolkit.history import FileHistory, InMemoryHistory
+
+    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "qvl"
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        path = base / "chat_history"
+        path.touch(exist_ok=True)
+        return FileHistory(str(path))
+    except OSError:
+        return InMemoryHistory()
