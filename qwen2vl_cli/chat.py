@@ -268,16 +268,16 @@ class Chat:
         budget = self.budget()
         gen = self.gen
         room = budget - tokens
-        limit = "the --max-context" if self.max_context and self.max_context < engine.context else "the model's context"
+        limit = f"the {'--max-context' if self.max_context and self.max_context < engine.context else 'context'} of {budget:,}"
         if room < 1:
-            raise UsageError(f"this turn would make the conversation {tokens:,} tokens, over {limit} of {budget:,}: "
+            raise UsageError(f"this turn would make the conversation {tokens:,} tokens, over {limit}: "
                              "/clear starts a new one (/save FILE keeps this one first)")
         if note is not None and tokens >= NEAR_CONTEXT * budget:
-            note(f"the conversation is {tokens:,} of {limit}'s {budget:,} tokens: /clear starts a new one")
+            note(f"the conversation is {tokens:,} tokens, near {limit}: /clear starts a new one")
         if gen.max_new_tokens > room:
             gen = replace(gen, max_new_tokens=room, min_new_tokens=min(gen.min_new_tokens, room) if gen.min_new_tokens else gen.min_new_tokens)
             if note is not None:
-                note(f"this answer may take {room:,} tokens, the room left in {limit} ({budget:,}): /clear starts a new conversation")
+                note(f"this answer may take {room:,} tokens, the room left under {limit}")
         cancel = cancel or Event()
         engine.ready()
         first: list[float] = []
