@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from threading import Event
 
-from qwen2vl_cli.errors import MediaError, UsageError
+from qwen2vl_cli.errors import Cancelled, MediaError, UsageError
 from qwen2vl_cli.types import GenerationOptions, Loaded, MediaOptions, MediaPlan, Prepared, Result
 
 # Of the model's context, what a conversation may fill before each turn warns that it is near the end.
@@ -280,6 +280,8 @@ class Chat:
                 note(f"this answer may take {room:,} tokens, the room left under {limit}")
         cancel = cancel or Event()
         engine.ready()
+        if cancel.is_set():  # Ctrl-C while the weights were still loading
+            raise Cancelled()
         first: list[float] = []
         start = time.perf_counter()  # the turn's time to first token leaves the loading of the weights out
 

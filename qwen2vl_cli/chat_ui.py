@@ -123,7 +123,7 @@ def run(media: list[str] | None, options: dict) -> None:
     front = Front(chat, relay, quiet, json_out, runtime.model if endpoint is None else endpoint.url)
     for text in given:  # decoded when the engine is in, before the first question
         front.pending_sources.append(text)
-    interactive = sys.stdin.isatty() and not json_out
+    interactive = sys.stdin.isatty()
     code = front.terminal(questions) if interactive else front.piped(questions, sys.stdin, blocks)
     if code:
         import typer
@@ -146,6 +146,7 @@ class Front:
     def terminal(self, questions: list[str]) -> int:
         from prompt_toolkit import PromptSession
         from prompt_toolkit.key_binding import KeyBindings
+        from prompt_toolkit.output import create_output
 
         from qwen2vl_cli.render import stderr_console
 
@@ -156,7 +157,9 @@ class Front:
         def _newline(event) -> None:
             event.current_buffer.insert_text("\n")
 
-        session = PromptSession(history=_history(), key_bindings=bindings, prompt_continuation="... ", enable_history_search=True)
+        # The line editor draws on the terminal, stdout where it is one, else stderr: never into a redirected stdout.
+        session = PromptSession(history=_history(), key_bindings=bindings, prompt_continuation="... ", enable_history_search=True,
+                                output=create_output(always_prefer_tty=True))
         if not self.quiet:
             stderr_console().print(f"qvl chat with {self.serving}: /help for commands, Ctrl-D to leave", style="dim", markup=False, highlight=False)
         for q in questions:

@@ -59,6 +59,18 @@ def test_endpoint_gives_the_local_answer(qvl, tiny_model, media_dir, server, nam
     assert f"{name}:" in streamed.stderr and "tok/s" in streamed.stderr
 
 
+def test_chat_through_the_endpoint_sends_the_history_and_the_server_reuses_it(qvl, tiny_model, media_dir, server):
+    script = f"What is it?\n/image {media_dir / 'square.png'}\nAnd this one?\n".encode()
+    args = ("chat", media_dir / "photo.jpg", "--model", tiny_model, *FAST, "--json")
+    here = qvl(*args, input=script)
+    there = qvl(*args, "--endpoint", server, "--api-key", KEY, input=script)
+    assert here.exit_code == 0 and there.exit_code == 0, there.stderr
+    here, there = ([json.loads(line) for line in r.stdout.splitlines()] for r in (here, there))
+    assert [r["text"] for r in there] == [r["text"] for r in here]  # the whole history went with the second turn
+    assert [r["prompt_tokens"] for r in there] == [r["prompt_tokens"] for r in here]
+    assert there[0]["cached_tokens"] == 0 and there[1]["cached_tokens"] > there[0]["prompt_tokens"]  # usage.prompt_tokens_details
+
+
 def test_several_questions_through_the_endpoint_are_answered_as_here(qvl, tiny_model, media_dir, server):
     photo = media_dir / "photo.png"
     expected = [local_text(qvl, tiny_model, photo, "-p", q) for q in ("What?", "Where?")]
