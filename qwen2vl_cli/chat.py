@@ -119,8 +119,6 @@ class RemoteEngine:
         self.model, self.opts = model, opts
         config = read_config(model) or {}
         self.context = int((config.get("text_config") or config).get("max_position_embeddings") or 32768)
-        self.last: Result | None = None  # the last turn's, whose usage says how long the conversation was
-        self.sent: set[int] = set()  # the media that went with it (id)
 
     def medium(self, given: str, opts: MediaOptions, video: bool):
         from qwen2vl_cli.pipeline import plan_all, probe_all
@@ -144,12 +142,10 @@ class RemoteEngine:
         pass
 
     def count(self, messages: list[dict], media: list[Medium]) -> int:
-        """An estimate (the server's tokenizer is not here): the last turn's tokens, the new media's,
-        and a token for every three characters of new text."""
-        seen = 0 if self.last is None else self.last.prompt_tokens + self.last.generated_tokens
-        new_media = sum(m.plan.tokens_with_markers for m in media if id(m) not in self.sent)
-        new_text = len(json.dumps(messages[-1]["content"])) // 3 + 8
-        return seen + new_media + new_text
+        """An estimate from above (the server's tokenizer is not here): the media's tokens as planned,
+        a token for every three characters of text and a few for each message's markers."""
+        text = sum(len(m["content"]) if isinstance(m["content"], str) else sum(len(p.get("text", "")) for p in m["content"]) for m in messages)
+        return sum(m.plan.tokens_with_markers for m in media) + text // 3 + 8 * len(messages)
 
     def ask(self, messages: list[dict], media: list[Medium], gen: GenerationOptions, on_text, cancel: Event) -> Result:
         from qwen2vl_cli.endpoint import RemoteRequest
@@ -158,9 +154,7 @@ class RemoteEngine:
         sent = [m if isinstance(m["content"], str) else
                 {**m, "content": [{"type": f"{p['kind']}_url", f"{p['kind']}_url": {"url": next(urls)}} if p["type"] == "media" else p
                                   for p in m["content"]]} for m in messages]
-        result = self.backend.complete(RemoteRequest(tuple(m.plan for m in media), sent, self.opts), gen, on_text, cancel)
-        self.last, self.sent = result, {id(m) for m in media}
-        return result
+        return self.backend.complete(RemoteRequest(tuple(m.plan for m in media), sent, self.opts), gen, on_text, cancel)
 
     def caches(self) -> dict:
         return {}
@@ -301,7 +295,10 @@ class Chat:
         self.totals.prefilled += new
         self.totals.cached += result.cached_tokens
         self.totals.generated += result.generated_tokens
-        first_s = first[0] - start if first else None
+        if first:
+            first_s = first[0] - start
+        else:  # no text shown (an empty answer, or one held back whole): the engine's count, its inputs and time to first token
+            first_s = (result.media_s or 0.0) + result.ttft_s if result.ttft_s is not None else None
         return Answer(result, self.context_tokens, new, first_s, stopped)
 
     # /save and /load.

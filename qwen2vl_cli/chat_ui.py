@@ -83,6 +83,11 @@ class Loader:
     def done(self) -> bool:
         return self.future.done()
 
+    def check(self) -> None:
+        """The engine's failure (the model cannot be found or loaded), once it is known: it ends the session."""
+        if self.future.done() and self.future.exception() is not None:
+            raise self.future.exception()
+
     def __call__(self):
         self.start()
         return self.future.result()
@@ -94,8 +99,6 @@ def run(media: list[str] | None, options: dict) -> None:
     endpoint = O.take(O.endpoint_options, options)
     questions = list(options.get("prompt") or ())
     gen = O.take(O.generation_options, options)
-    if gen.boxes is not None:
-        raise UsageError("--boxes is for describe")
     sizing = O.take(O.sizing_options, options)
     runtime = replace(O.take(O.runtime_options, options), cache_size=cache_size)  # None: the device's default, on
     if endpoint is not None and sizing.resize is not None:
@@ -188,8 +191,8 @@ class Front:
         text = text.strip()
         if not text:
             return None
+        self.chat._engine.check()
         try:
-            self._sources()
             command = re.match(r"(/\w+)(?:\s+(.*))?$", text, re.S)
             if command and command.group(1) in COMMANDS:
                 return self.command(command.group(1), (command.group(2) or "").strip())
@@ -201,8 +204,14 @@ class Front:
                 raise UsageError(f"{text}: not a command (/help lists them) nor a file")
             self.ask(text)
         except (QvlError, Cancelled) as e:
+            self.chat._engine.check()
             self._failed(e, text)
+        except KeyboardInterrupt:  # reading a medium: at a terminal the conversation stays as it was
+            if not self.interactive:
+                raise
+            self._failed(Cancelled(), text)
         except Exception as e:  # noqa: BLE001 - at a terminal a turn that failed leaves the conversation as it was
+            self.chat._engine.check()
             if not self.interactive:
                 raise
             if C.debug_enabled():
@@ -215,7 +224,7 @@ class Front:
     def _failed(self, e: BaseException, text: str) -> None:
         from qwen2vl_cli.render import print_error, print_json
 
-        message, code = describe_exception(e) if not isinstance(e, Cancelled) else ("stopped before the answer began", 1)
+        message, code = describe_exception(e) if not isinstance(e, Cancelled) else ("stopped", 1)
         print_error(message)
         if not self.interactive:
             self.failed = self.failed or code
@@ -223,9 +232,10 @@ class Front:
                 print_json({"question": text, "error": {"type": error_type(e), "message": message}})
 
     def _sources(self) -> None:
-        """The media given on the command line, read once the engine is in."""
-        while self.pending_sources:
-            self.add(self.pending_sources.pop(0), {}, video=False)
+        """The media given on the command line, read once the engine is in (before what needs them)."""
+        given, self.pending_sources = self.pending_sources, []
+        for text in given:
+            self._add(text, {}, video=False)
 
     def command(self, word: str, rest: str) -> str | None:
         from qwen2vl_cli.render import stderr_console
@@ -241,10 +251,12 @@ class Front:
             self.add(given, options, video=word == "/video")
         elif word == "/clear":
             chat.clear()
+            self.pending_sources.clear()
             self._say("a new conversation")
         elif word == "/system":
             chat.set_system(rest or None)
-            self._say("system message set" if rest else "system message: the chat template's")
+            again = "; the next turn reads the conversation again" if chat.turns else ""
+            self._say(("system message set" if rest else "system message: the chat template's") + again)
         elif word == "/save":
             if not rest:
                 raise UsageError("/save FILE: give a file name")
@@ -254,8 +266,10 @@ class Front:
             if not rest:
                 raise UsageError("/load FILE: give a file name")
             turns = chat.load(_one_argument(word, rest))
+            self.pending_sources.clear()
             self._say(f"loaded {_turns(turns)}; the next question continues them")
         elif word == "/stats":
+            self._sources()
             for line in stats(chat):
                 console.print(line, markup=False, highlight=False)
         return None
@@ -267,7 +281,12 @@ class Front:
             stderr_console().print(f"qvl: {printable(text, lines=False)}", markup=False, highlight=False)
 
     def add(self, given: str, options: dict, video: bool) -> None:
+        self._sources()
+        self._add(given, options, video)
+
+    def _add(self, given: str, options: dict, video: bool) -> None:
         from qwen2vl_cli.render import Reporter
+
 
         reporter = Reporter(quiet=self.quiet, stream=False)
         self.relay.target = reporter
@@ -282,6 +301,7 @@ class Front:
     def ask(self, question: str) -> None:
         from qwen2vl_cli.render import Reporter, print_json
 
+        self._sources()
         chat = self.chat
         reporter = Reporter(quiet=self.quiet, stream=not self.json_out)
         self.relay.target = reporter

@@ -181,3 +181,9 @@ def test_chat_in_a_real_terminal(tiny_model, media_dir, tmp_path):
     assert json.loads(saved.read_text())[1]["role"] == "assistant"
     history = (tmp_path / ".local" / "share" / "qvl" / "chat_history").read_text()
     assert "What is in the picture?" in history and "/stats" in history
+
+
+def test_a_model_that_cannot_load_ends_the_session_in_one_line(qvl, tmp_path):
+    r = qvl("chat", "--model", tmp_path / "no-model", "-q", input=b"Hello?\nAnd again?\n")
+    assert r.exit_code == 1 and r.stdout == ""
+    assert len(r.stderr.splitlines()) == 1 and "no-model" in r.stderr and "Traceback" not in r.stderr
