@@ -98,7 +98,7 @@ def run(media: list[str] | None, options: dict) -> None:
     json_out, quiet, max_context, blocks, cache_size = O.take(O.chat_options, options)
     endpoint = O.take(O.endpoint_options, options)
     questions = list(options.get("prompt") or ())
-    gen = O.take(O.generation_options, options)
+    gen = O.take(O.chat_generation_options, options)
     sizing = O.take(O.sizing_options, options)
     runtime = replace(O.take(O.runtime_options, options), cache_size=cache_size)  # None: the device's default, on
     if endpoint is not None and sizing.resize is not None:
@@ -107,7 +107,6 @@ def run(media: list[str] | None, options: dict) -> None:
         if given == "-":
             raise UsageError("qvl chat reads its questions from stdin: give media as files or URLs, not -")
     relay = Relay()
-    given = list(media or ())
 
     def make():
         if endpoint is not None:
@@ -124,8 +123,7 @@ def run(media: list[str] | None, options: dict) -> None:
     loader = Loader(make)
     chat = Chat(loader, sizing, gen, max_context)
     front = Front(chat, relay, quiet, json_out, runtime.model if endpoint is None else endpoint.url)
-    for text in given:  # decoded when the engine is in, before the first question
-        front.pending_sources.append(text)
+    front.pending_sources = list(media or ())  # decoded when the engine is in, before the first question
     interactive = sys.stdin.isatty()
     code = front.terminal(questions) if interactive else front.piped(questions, sys.stdin, blocks)
     if code:
@@ -287,7 +285,6 @@ class Front:
     def _add(self, given: str, options: dict, video: bool) -> None:
         from qwen2vl_cli.render import Reporter
 
-
         reporter = Reporter(quiet=self.quiet, stream=False)
         self.relay.target = reporter
         try:
@@ -311,11 +308,17 @@ class Front:
             if not chat._engine.done():
                 reporter.stage("Loading the model")
             answer = chat.ask(question, on_text=reporter.text, cancel=cancel, note=reporter.note)
+        except BaseException:
+            reporter.close_text()  # what streamed of it ends its line; nothing is written for a turn that did not start
+            raise
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
             self.relay.target = None
-            reporter.end_text() if not self.json_out else reporter.stop()
+        if self.json_out:
+            reporter.stop()
+        else:
+            reporter.end_text()
         self.number += 1
         if self.json_out:
             print_json({"turn": self.number, "question": question, **answer.result.to_dict(),

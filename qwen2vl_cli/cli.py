@@ -204,7 +204,7 @@ _command(
 _command(
     "chat",
     _argument("media", Annotated[Optional[list[str]], typer.Argument(metavar="MEDIA", help="Images and videos for the first question (files or URLs); /image and /video add more later.", show_default=False)], None),
-    [O.generation_options, O.sizing_options, O.runtime_options, O.chat_options, O.endpoint_options],
+    [O.chat_generation_options, O.sizing_options, O.runtime_options, O.chat_options, O.endpoint_options],
     lambda media, options: _chat(media, options),
     "A conversation about pictures and videos: each turn prefills only its own tokens. At a terminal a line editor (/help for its commands); with stdin piped, one turn per line.",
     no_args_is_help=False,

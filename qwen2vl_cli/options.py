@@ -228,6 +228,20 @@ def generation_options(
     )
 
 
+ChatPrompt = Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="A question asked first (give -p again for more, a turn each); then the conversation goes on at the prompt, or on stdin.", show_default=False, rich_help_panel=GEN_PANEL)]
+
+
+def chat_generation_options(prompt: ChatPrompt = None, **rest) -> GenerationOptions:
+    """generation_options, with -p as qvl chat reads it."""
+    return generation_options(prompt, **rest)
+
+
+chat_generation_options.__signature__ = _inspect.signature(generation_options, eval_str=True).replace(
+    parameters=[_inspect.Parameter("prompt", _inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=ChatPrompt, default=None)]
+    + list(_inspect.signature(generation_options, eval_str=True).parameters.values())[1:],
+)
+
+
 def choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise UsageError(f"--{name} {value}: choose one of {', '.join(allowed)}")

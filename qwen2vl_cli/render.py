@@ -228,6 +228,13 @@ class Reporter:
             write_stdout("\n")
             self._wrote = self._ends_with_newline = True
 
+    def close_text(self) -> None:
+        """After an answer that failed: the text it streamed, if any, ends its line."""
+        self.stop()
+        if self.stream and self._wrote and not self._ends_with_newline:
+            write_stdout("\n")
+            self._ends_with_newline = True
+
     def boxes(self, result: Result, drawn: str | None, listed: bool = True) -> None:
         """--boxes: one line per box on stdout (label, then x1 y1 x2 y2 in the image's pixels, tab
         separated; a point is x y), what could not be read on stderr."""

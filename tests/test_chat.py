@@ -98,6 +98,10 @@ def test_a_turn_past_the_context_is_refused_and_clear_starts_again(qvl, tiny_mod
     assert "tokens, near the --max-context of 200: /clear starts a new one" in r.stderr  # said before the first turn
     assert "over the --max-context of 200: /clear starts a new one" in records[1]["error"]["message"]
     assert records[2]["prompt_tokens"] < 40 and records[2]["cached_tokens"] < 40  # a new conversation, without the photo
+    # Streamed, a refused turn writes nothing to stdout: it holds the first answer alone.
+    refused = qvl("chat", photo, "--model", tiny_model, *FAST, "--max-context", "200", "-q", input=b"What is it?\nAnd the colours?\n")
+    alone = qvl("chat", photo, "--model", tiny_model, *FAST, "--max-context", "200", "-q", input=b"What is it?\n")
+    assert (refused.exit_code, alone.exit_code) == (2, 0) and refused.stdout == alone.stdout != ""
 
 
 def test_a_saved_conversation_loads_back_to_the_same_next_answer(qvl, tiny_model, media_dir, tmp_path):

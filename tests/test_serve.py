@@ -68,7 +68,9 @@ def test_chat_through_the_endpoint_sends_the_history_and_the_server_reuses_it(qv
     here, there = ([json.loads(line) for line in r.stdout.splitlines()] for r in (here, there))
     assert [r["text"] for r in there] == [r["text"] for r in here]  # the whole history went with the second turn
     assert [r["prompt_tokens"] for r in there] == [r["prompt_tokens"] for r in here]
-    assert there[0]["cached_tokens"] == 0 and there[1]["cached_tokens"] > there[0]["prompt_tokens"]  # usage.prompt_tokens_details
+    # usage.prompt_tokens_details: the second turn took the first turn's prompt from the server's cache
+    # (the first may have taken what other tests sent before it: the system message, at least).
+    assert there[1]["cached_tokens"] > there[0]["prompt_tokens"] > there[0]["cached_tokens"]
 
 
 def test_several_questions_through_the_endpoint_are_answered_as_here(qvl, tiny_model, media_dir, server):
