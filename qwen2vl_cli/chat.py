@@ -92,14 +92,13 @@ class LocalEngine:
     def check_text(self, text: str, what: str) -> None:
         self.backend.check_text(text, what)
 
-    def prepared(self, messages: list[dict], media: list[Medium]) -> Prepared:
-        return self.backend.conversation(messages, [m.plan for m in media], [m.loaded for m in media])
+    def prepare(self, messages: list[dict], media: list[Medium]) -> tuple[Prepared, int]:
+        """The turn's request and its prompt tokens."""
+        prepared = self.backend.conversation(messages, [m.plan for m in media], [m.loaded for m in media])
+        return prepared, prepared.prompt_tokens
 
-    def count(self, messages: list[dict], media: list[Medium]) -> int:
-        return self.prepared(messages, media).prompt_tokens
-
-    def ask(self, messages: list[dict], media: list[Medium], gen: GenerationOptions, on_text, cancel: Event) -> Result:
-        [result] = self.backend.generate([self.prepared(messages, media)], gen, on_text=on_text, cancels=[cancel])
+    def ask(self, prepared: Prepared, gen: GenerationOptions, on_text, cancel: Event) -> Result:
+        [result] = self.backend.generate([prepared], gen, on_text=on_text, cancels=[cancel])
         return result
 
     def caches(self) -> dict:
@@ -141,20 +140,22 @@ class RemoteEngine:
     def check_text(self, text: str, what: str) -> None:
         pass
 
-    def count(self, messages: list[dict], media: list[Medium]) -> int:
-        """An estimate from above (the server's tokenizer is not here): the media's tokens as planned,
-        a token for every three characters of text and a few for each message's markers."""
-        text = sum(len(m["content"]) if isinstance(m["content"], str) else sum(len(p.get("text", "")) for p in m["content"]) for m in messages)
-        return sum(m.plan.tokens_with_markers for m in media) + text // 3 + 8 * len(messages)
-
-    def ask(self, messages: list[dict], media: list[Medium], gen: GenerationOptions, on_text, cancel: Event) -> Result:
+    def prepare(self, messages: list[dict], media: list[Medium]):
+        """The turn's request (the whole history, media as their URLs) and its prompt tokens, an
+        estimate from above (the server's tokenizer is not here): the media's tokens as planned, a
+        token for every three characters of text and a few for each message's markers."""
         from qwen2vl_cli.endpoint import RemoteRequest
 
         urls = iter(m.url for m in media)
         sent = [m if isinstance(m["content"], str) else
                 {**m, "content": [{"type": f"{p['kind']}_url", f"{p['kind']}_url": {"url": next(urls)}} if p["type"] == "media" else p
                                   for p in m["content"]]} for m in messages]
-        return self.backend.complete(RemoteRequest(tuple(m.plan for m in media), sent, self.opts), gen, on_text, cancel)
+        text = sum(len(m["content"]) if isinstance(m["content"], str) else sum(len(p.get("text", "")) for p in m["content"]) for m in messages)
+        tokens = sum(m.plan.tokens_with_markers for m in media) + text // 3 + 8 * len(messages)
+        return RemoteRequest(tuple(m.plan for m in media), sent, self.opts), tokens
+
+    def ask(self, request, gen: GenerationOptions, on_text, cancel: Event) -> Result:
+        return self.backend.complete(request, gen, on_text, cancel)
 
     def caches(self) -> dict:
         return {}
@@ -256,9 +257,7 @@ class Chat:
         if self.system is not None:
             engine.check_text(self.system, "the system message")
         engine.check(self.gen)
-        media = self.media()
-        messages = self.messages(question)
-        tokens = engine.count(messages, media)
+        request, tokens = engine.prepare(self.messages(question), self.media())
         budget = self.budget()
         gen = self.gen
         room = budget - tokens
@@ -285,7 +284,7 @@ class Chat:
             if on_text is not None:
                 on_text(chunk)
 
-        result = engine.ask(messages, media, gen, shown, cancel)
+        result = engine.ask(request, gen, shown, cancel)
         stopped = cancel.is_set()
         self.turns += [Turn("user", question, tuple(self.pending)), Turn("assistant", result.text)]
         self.pending = []
