@@ -76,10 +76,8 @@ class LocalEngine:
         self.model = backend.runner.runtime.model
 
     def medium(self, given: str, opts: MediaOptions, video: bool) -> tuple[MediaPlan, Loaded | None, str | None, str]:
-        from qwen2vl_cli.pipeline import probe_all
-
         with self.backend.resolver(opts) as resolver:
-            probed = probe_all(resolver, (given,), opts, require_video=video)
+            probed = _probe(resolver, given, opts, video)
             plans, loaded = self.backend.decode_probed(probed, opts)
         return plans[0], loaded[0], None, _saved(given, probed[0].source)
 
@@ -117,16 +115,17 @@ class RemoteEngine:
         self.backend = EndpointBackend(endpoint, model)
         self.model, self.opts = model, opts
         config = read_config(model) or {}
-        self.context = int((config.get("text_config") or config).get("max_position_embeddings") or 32768)
+        known = (config.get("text_config") or config).get("max_position_embeddings")
+        self.context = int(known) if known else None  # the server's model's context, where its config is here
 
     def medium(self, given: str, opts: MediaOptions, video: bool):
-        from qwen2vl_cli.pipeline import plan_all, probe_all
+        from qwen2vl_cli.pipeline import plan_all
         from qwen2vl_cli.sources import SourceResolver
 
         if opts != self.opts:
             raise UsageError("a medium's own sizing options with --endpoint: give them on the command line (a server sizes every medium of a request alike)")
         with SourceResolver(max_bytes=opts.max_download) as resolver:
-            probed = probe_all(resolver, (given,), opts, require_video=video)
+            probed = _probe(resolver, given, opts, video)
             [plan] = plan_all(probed, self.backend.spec, opts)
             url = self.backend.media_url(given, probed[0].source, probed[0].info.format, plan.kind)
         return plan, None, url, _saved(given, probed[0].source)
@@ -161,6 +160,16 @@ class RemoteEngine:
         return {}
 
 
+def _probe(resolver, given: str, opts: MediaOptions, video: bool) -> list:
+    """A medium probed, with chat's own advice for a still given as a video."""
+    from qwen2vl_cli.pipeline import probe_all
+
+    probed = probe_all(resolver, (given,), opts)
+    if video and probed[0].info.kind != "video":
+        raise MediaError(probed[0].source.label, f"is a still {probed[0].info.format} image, not a video: use /image")
+    return probed
+
+
 def _saved(given: str, source) -> str:
     """How /save writes a medium: a local file by its absolute path, anything else as given."""
     path = getattr(source, "path", None)
@@ -192,9 +201,13 @@ class Chat:
     def media(self) -> list[Medium]:
         return [m for t in self.turns for m in t.media] + self.pending
 
-    def budget(self) -> int:
+    def budget(self) -> int | None:
+        """The tokens the conversation may hold: the model's context or --max-context (None: not
+        known here, a server's model without --max-context; the server bounds it)."""
         context = self.engine.context
-        return min(context, self.max_context) if self.max_context else context
+        if context is None or not self.max_context:
+            return self.max_context or context
+        return min(context, self.max_context)
 
     def messages(self, question: str | None = None) -> list[dict]:
         """The model's chat messages (media as `{"type": "media"}` parts), with `question` and the
@@ -229,15 +242,13 @@ class Chat:
         options = dict(options or {})
         if given == "-":
             raise UsageError("qvl chat reads its questions from stdin: give media as files or URLs, not -")
-        opts = self.opts
-        if options:
-            from qwen2vl_cli.sizing import check_options
-
-            opts = check_options(replace(self.opts, **options))
-        plan, loaded, url, saved = self.engine.medium(given, opts, video)
-        medium = Medium(given, saved, plan.kind, options, plan, loaded, url)
+        medium = self._read(given, options, video, f"/{'video' if video else 'image'} {given}")
         self.pending.append(medium)
         return medium
+
+    def _limit(self) -> str:
+        context = self.engine.context
+        return "--max-context" if self.max_context and (context is None or self.max_context < context) else "context"
 
     def clear(self) -> None:
         self.turns, self.pending, self.context_tokens = [], [], 0
@@ -247,11 +258,12 @@ class Chat:
             self.engine.check_text(text, "/system")
         self.system = text
 
-    def ask(self, question: str, on_text=None, cancel: Event | None = None, note=None) -> Answer:
+    def ask(self, question: str, on_text=None, cancel: Event | None = None, note=None, started=None) -> Answer:
         """One turn: the question (with the media added since the last) and its answer, streamed
         to `on_text`. Where the conversation would pass the context, UsageError, and it stays as
         it was; near it, `note` says so; an answer that would pass it is held to the room left.
-        `cancel` set: the answer so far is kept (a prefill stopped before it: Cancelled)."""
+        `cancel` set: the answer so far is kept (a prefill stopped before it: Cancelled). `started`
+        is called once the weights are in, as the engine takes the turn."""
         engine = self.engine
         engine.check_text(question, "the question")
         if self.system is not None:
@@ -260,21 +272,23 @@ class Chat:
         request, tokens = engine.prepare(self.messages(question), self.media())
         budget = self.budget()
         gen = self.gen
-        room = budget - tokens
-        limit = f"the {'--max-context' if self.max_context and self.max_context < engine.context else 'context'} of {budget:,}"
+        room = budget - tokens if budget is not None else gen.max_new_tokens
+        limit = f"the {self._limit()} of {budget:,}" if budget is not None else ""
         if room < 1:
             raise UsageError(f"this turn would make the conversation {tokens:,} tokens, over {limit}: "
                              "/clear starts a new one (/save FILE keeps this one first)")
-        if note is not None and tokens >= NEAR_CONTEXT * budget:
+        if note is not None and budget is not None and tokens >= NEAR_CONTEXT * budget:
             note(f"the conversation is {tokens:,} tokens, near {limit}: /clear starts a new one")
         if gen.max_new_tokens > room:
             gen = replace(gen, max_new_tokens=room, min_new_tokens=min(gen.min_new_tokens, room) if gen.min_new_tokens else gen.min_new_tokens)
             if note is not None:
-                note(f"this answer may take {room:,} tokens, the room left under {limit}")
+                note(f"this answer may take {room:,} token{'s' if room != 1 else ''}, the room left under {limit}")
         cancel = cancel or Event()
         engine.ready()
         if cancel.is_set():  # Ctrl-C while the weights were still loading
             raise Cancelled()
+        if started is not None:
+            started()
         first: list[float] = []
         start = time.perf_counter()  # the turn's time to first token leaves the loading of the weights out
 
@@ -324,8 +338,14 @@ class Chat:
             data = json.loads(where.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise UsageError(f"/load {path}: no such file") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UsageError(f"/load {path}: not a saved conversation ({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
+        except IsADirectoryError:
+            raise UsageError(f"/load {path}: is a directory; give a file /save wrote") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"/load {path}: not UTF-8 text; give a file /save wrote") from None
+        except json.JSONDecodeError as e:
+            raise UsageError(f"/load {path}: not JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+        except OSError as e:
+            raise UsageError(f"/load {path}: cannot read it ({e.strerror})") from None
         messages = data.get("messages") if isinstance(data, dict) else data
         if not isinstance(messages, list):
             raise UsageError(f"/load {path}: not a saved conversation (a JSON list of messages, as /save writes)")
@@ -341,10 +361,25 @@ class Chat:
                 self.engine.check_text(content, what)
                 system = content
                 continue
+            expected = "user" if len(turns) % 2 == 0 else "assistant"
+            if m["role"] != expected:
+                raise UsageError(f"{what}: is {m['role']}, where {expected} comes (after a system message, user and assistant take turns, user first)")
             text, media = self._content(content, what, path)
+            if m["role"] == "assistant" and media:
+                raise UsageError(f"{what}: an assistant message is text")
             turns.append(Turn(m["role"], text, media))
-        self.system, self.turns, self.pending, self.context_tokens = system, turns, [], 0
-        return sum(t.role == "user" for t in turns)
+        if len(turns) % 2:
+            raise UsageError(f"/load {path}: its last user message has no answer: end it with the assistant's (or leave the question out)")
+        kept = self.system, self.turns, self.pending, self.context_tokens
+        self.system, self.turns, self.pending = system, turns, []
+        _, tokens = self.engine.prepare(self.messages(), self.media())
+        budget = self.budget()
+        if budget is not None and tokens >= budget:
+            self.system, self.turns, self.pending, self.context_tokens = kept
+            raise UsageError(f"/load {path}: the conversation is {tokens:,} tokens, over the {self._limit()} of {budget:,}: "
+                             "it cannot go on here (the conversation stays as it was)")
+        self.context_tokens = tokens
+        return len(turns) // 2
 
     def _content(self, content, what: str, path: str) -> tuple[str, tuple[Medium, ...]]:
         if isinstance(content, str):
@@ -367,19 +402,25 @@ class Chat:
                 if not isinstance(options, dict) or any(k not in MEDIUM_OPTIONS for k in options):
                     raise UsageError(f"{what}: a medium's options are some of {', '.join(MEDIUM_OPTIONS)}")
                 try:
-                    media.append(self._read(url, options, kind == "video_url"))
+                    media.append(self._read(url, options, kind == "video_url", what))
                 except MediaError as e:
                     raise UsageError(f"{what}: {e}") from None
             else:
                 raise UsageError(f"{what}: unsupported content part {str(kind)[:40]!r} (text, image_url, video_url)")
         return "\n".join(texts), tuple(media)
 
-    def _read(self, given: str, options: dict, video: bool) -> Medium:
+    def _read(self, given: str, options: dict, video: bool, what: str) -> Medium:
+        """A medium read with its own options (checked as the sizing options are; `what` names them)."""
         opts = self.opts
         if options:
             from qwen2vl_cli.sizing import check_options
 
-            opts = check_options(replace(self.opts, **{k: MEDIUM_OPTIONS[k](v) for k, v in options.items()}))
+            try:
+                opts = check_options(replace(self.opts, **{k: MEDIUM_OPTIONS[k](v) for k, v in options.items()}))
+            except (TypeError, ValueError):
+                raise UsageError(f"{what}: its options take numbers") from None
+            except UsageError as e:
+                raise UsageError(f"{what}: {e}") from None
         plan, loaded, url, saved = self.engine.medium(given, opts, video)
         return Medium(given, saved, plan.kind, dict(options), plan, loaded, url)
 
@@ -390,10 +431,11 @@ def stats(chat: Chat) -> list[str]:
 
     media = chat.media()
     t = chat.totals
+    budget = chat.budget()
     lines = [
-        f"turns {t.turns} · context {chat.context_tokens:,} of {chat.budget():,} tokens · media {len(media)}"
+        f"turns {len(chat.turns) // 2} · context {chat.context_tokens:,}{f' of {budget:,}' if budget else ''} tokens · media {len(media)}"
         + (f" ({', '.join(f'{m.kind} {m.plan.tokens_with_markers} tokens' for m in media[:6])}{', …' if len(media) > 6 else ''})" if media else ""),
-        f"prompt tokens prefilled {t.prefilled:,}, taken from earlier turns {t.cached:,} · generated {t.generated:,}",
+        f"this session: {t.turns} asked · prompt tokens prefilled {t.prefilled:,}, taken from earlier turns {t.cached:,} · generated {t.generated:,}",
     ]
     caches = chat.engine.caches()
     if caches:

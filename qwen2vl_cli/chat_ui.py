@@ -14,6 +14,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,6 +35,7 @@ HELP = """\
 Alt-Enter (or Esc, Enter) starts a new line; Enter sends."""
 
 COMMANDS = ("/image", "/video", "/clear", "/system", "/save", "/load", "/stats", "/help", "/exit", "/quit")
+LINE_COMMANDS = tuple(c for c in COMMANDS if c != "/system")  # a line each; /system takes the lines after it too
 
 
 class Relay:
@@ -122,7 +124,7 @@ def run(media: list[str] | None, options: dict) -> None:
 
     loader = Loader(make)
     chat = Chat(loader, sizing, gen, max_context)
-    front = Front(chat, relay, quiet, json_out, runtime.model if endpoint is None else endpoint.url)
+    front = Front(chat, relay, quiet, json_out, runtime.model if endpoint is None else endpoint.url, remote=endpoint is not None)
     front.pending_sources = list(media or ())  # decoded when the engine is in, before the first question
     interactive = sys.stdin.isatty()
     code = front.terminal(questions) if interactive else front.piped(questions, sys.stdin, blocks)
@@ -135,8 +137,9 @@ def run(media: list[str] | None, options: dict) -> None:
 class Front:
     """What a line does: a command, media, or a question; and how a turn is shown."""
 
-    def __init__(self, chat: Chat, relay: Relay, quiet: bool, json_out: bool, serving: str):
+    def __init__(self, chat: Chat, relay: Relay, quiet: bool, json_out: bool, serving: str, remote: bool = False):
         self.chat, self.relay, self.quiet, self.json_out, self.serving = chat, relay, quiet, json_out, serving
+        self.remote = remote  # a server answers: nothing is stopped in flight but the stream
         self.pending_sources: list[str] = []
         self.interactive = False
         self.failed = 0  # the exit code of the first turn that failed (piped)
@@ -191,6 +194,12 @@ class Front:
             return None
         self.chat._engine.check()
         try:
+            head, _, after = text.partition("\n")
+            first = re.match(r"(/\w+)", head)
+            if after and (first and first.group(1) in LINE_COMMANDS or media_line(head) is not None):
+                if self.line(head) == "exit":  # a block that starts with a command or media: that line, then the rest
+                    return "exit"
+                return self.line(after)
             command = re.match(r"(/\w+)(?:\s+(.*))?$", text, re.S)
             if command and command.group(1) in COMMANDS:
                 return self.command(command.group(1), (command.group(2) or "").strip())
@@ -222,12 +231,16 @@ class Front:
     def _failed(self, e: BaseException, text: str) -> None:
         from qwen2vl_cli.render import print_error, print_json
 
-        message, code = describe_exception(e) if not isinstance(e, Cancelled) else ("stopped", 1)
+        if isinstance(e, Cancelled):
+            message, code = "stopped: " + ("nothing was added" if text.startswith("/") or media_line(text) else "the question was not added"), 1
+        else:
+            message, code = describe_exception(e)
         print_error(message)
         if not self.interactive:
             self.failed = self.failed or code
-            if self.json_out and not text.startswith("/"):
-                print_json({"question": text, "error": {"type": error_type(e), "message": message}})
+        if self.json_out:  # a script reading the records sees every line that failed
+            asked = not text.startswith("/") and media_line(text) is None
+            print_json({"question" if asked else "command": text, "error": {"type": error_type(e), "message": message}})
 
     def _sources(self) -> None:
         """The media given on the command line, read once the engine is in (before what needs them)."""
@@ -241,6 +254,8 @@ class Front:
         console = stderr_console()
         chat = self.chat
         if word in ("/exit", "/quit"):
+            if left := len(chat.pending) + len(self.pending_sources):
+                self._say(f"left with {left} medi{'a' if left != 1 else 'um'} not asked about")
             return "exit"
         if word == "/help":
             console.print(HELP, markup=False, highlight=False)
@@ -303,17 +318,24 @@ class Front:
         reporter = Reporter(quiet=self.quiet, stream=not self.json_out)
         self.relay.target = reporter
         cancel = threading.Event()
-        previous = signal.signal(signal.SIGINT, lambda *_: cancel.set()) if self.interactive else None
+        waiting = [True]  # until the model works on it (a local one) or its first text comes (a server)
+
+        def shown(chunk: str) -> None:
+            waiting[0] = False
+            reporter.text(chunk)
+
+        def started() -> None:
+            waiting[0] = waiting[0] and self.remote
+
         try:
-            if not chat._engine.done():
-                reporter.stage("Loading the model")
-            answer = chat.ask(question, on_text=reporter.text, cancel=cancel, note=reporter.note)
+            with answering(cancel, lambda: waiting[0]) if self.interactive else nullcontext():
+                if not chat._engine.done():
+                    reporter.stage("Loading the model")
+                answer = chat.ask(question, on_text=shown, cancel=cancel, note=reporter.note, started=started)
         except BaseException:
             reporter.close_text()  # what streamed of it ends its line; nothing is written for a turn that did not start
             raise
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
             self.relay.target = None
         if self.json_out:
             reporter.stop()
@@ -327,10 +349,68 @@ class Front:
             reporter.console.print(status_line(answer, chat.budget()), markup=False, highlight=False, style="dim")
 
 
-def status_line(answer, budget: int) -> str:
+@contextmanager
+def answering(cancel: threading.Event, waiting):
+    """While an answer comes at a terminal. Ctrl-C stops it: the first sets `cancel` (the engine
+    ends the answer at its next read and the text so far is kept; a prefill stops at its next
+    layer), unless `waiting()` (the weights still loading, a server not yet answering): then, as
+    with a second Ctrl-C, KeyboardInterrupt at once. What is typed meanwhile is neither echoed
+    into the answer nor cut at the terminal's line limit: it waits for the next prompt, a paste
+    with its lines kept (bracketed paste)."""
+    def interrupt(signum, frame) -> None:
+        if cancel.is_set() or waiting():
+            raise KeyboardInterrupt
+        cancel.set()
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    held = _hold_typing()
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _release_typing(held)
+
+
+def _hold_typing():
+    """The terminal without echo or line editing (Ctrl-C still signals, and keeps what was typed), with bracketed paste on;
+    its settings before, to restore (None where stdin is not a terminal)."""
+    try:
+        import termios
+
+        fd = sys.stdin.fileno()
+        before = termios.tcgetattr(fd)
+        quiet = termios.tcgetattr(fd)
+        quiet[3] &= ~(termios.ECHO | termios.ICANON)
+        quiet[3] |= termios.NOFLSH  # Ctrl-C stops the answer, not what was typed meanwhile
+        quiet[6][termios.VMIN], quiet[6][termios.VTIME] = 1, 0
+        termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    except (ImportError, OSError, ValueError):
+        return None
+    _to_terminal("\x1b[?2004h")
+    return before
+
+
+def _release_typing(before) -> None:
+    if before is None:
+        return
+    import termios
+
+    _to_terminal("\x1b[?2004l")
+    termios.tcsetattr(sys.stdin.fileno(), termios.TCSANOW, before)  # what was typed stays for the next prompt
+
+
+def _to_terminal(code: str) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        if stream.isatty():
+            stream.write(code)
+            stream.flush()
+            return
+
+
+def status_line(answer, budget: int | None) -> str:
     r = answer.result
     parts = [
-        f"context {answer.context_tokens:,} of {budget:,} tokens",
+        f"context {answer.context_tokens:,}{f' of {budget:,}' if budget else ''} tokens",
         f"prompt {answer.new_tokens:,} new" + (f" ({r.cached_tokens:,} kept)" if r.cached_tokens else ""),
         f"first token {answer.first_s:.2f} s" if answer.first_s is not None else None,
         f"{r.decode_tokens_per_s:.1f} tok/s" if r.decode_tokens_per_s else None,
@@ -357,10 +437,15 @@ def turns(stream, blocks: bool) -> Iterator[str]:
 
 
 def media_line(text: str) -> list[str] | None:
-    """A line that is only media: one or more paths of existing files (quoted or with escaped
-    spaces, as terminals write a dropped file) or URLs; None for anything else."""
+    """A line that is only media: paths (quoted, with escaped spaces or, for one file, as they are,
+    as terminals write a dropped file) or URLs; None for anything else. A word that looks like a
+    path (a directory in it, or a media file's extension) is taken for one even when it names
+    nothing, so that a mistyped path is said to be one rather than asked of the model."""
     if "\n" in text:
         return None
+    whole = os.path.expanduser(text.strip())
+    if os.path.isfile(whole):
+        return [whole]
     try:
         words = shlex.split(text)
     except ValueError:
@@ -371,11 +456,19 @@ def media_line(text: str) -> list[str] | None:
     for word in words:
         if word.startswith(("http://", "https://", "file://", "data:image/", "data:video/")):
             found.append(word)
-        elif os.path.isfile(os.path.expanduser(word)):
+        elif os.path.exists(os.path.expanduser(word)) or _path_like(word):
             found.append(os.path.expanduser(word))
         else:
             return None
     return found
+
+
+MEDIA_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".apng", ".avif", ".heic",
+                  ".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp")
+
+
+def _path_like(word: str) -> bool:
+    return word.startswith(("/", "./", "../", "~/")) and word.count("/") > 1 or word.lower().endswith(MEDIA_SUFFIXES)
 
 
 def medium_arguments(word: str, rest: str) -> tuple[str, dict]:
@@ -388,6 +481,9 @@ def medium_arguments(word: str, rest: str) -> tuple[str, dict]:
         raise UsageError(f"{word}: give a path or URL, e.g. {word} {'clip.mp4 --fps 1' if word == '/video' else 'photo.jpg'}")
     given, options = os.path.expanduser(words[0]), {}
     flags = words[1:]
+    head = re.split(r"\s+--(?=[a-z])", rest, maxsplit=1)[0].strip()  # the path as typed, spaces and brackets in it
+    if not os.path.exists(given) and head != words[0] and os.path.isfile(os.path.expanduser(head)):
+        given, flags = os.path.expanduser(head), shlex.split(rest[len(head):].strip())
     while flags:
         flag = flags.pop(0)
         name = flag[2:].replace("-", "_") if flag.startswith("--") else None

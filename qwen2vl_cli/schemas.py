@@ -129,7 +129,7 @@ def _finite(data) -> bool:
 
 
 def _sources(result: Result) -> str:
-    return ", ".join(p.source for p in result.inputs) or "the answer"
+    return ", ".join(p.source for p in result.inputs) or "the question (no media)"
 
 
 def response_format(schema: str) -> dict:

@@ -82,10 +82,10 @@ def test_piped_turns_are_records_and_the_first_is_describes_answer(qvl, tiny_mod
     described = qvl("describe", photo, "--model", tiny_model, *FAST, "-p", "What is it?", "--json")
     assert described.exit_code == 0 and json.loads(described.stdout)["text"] == first["text"]
 
-    # Streamed: each answer on its own line of stdout; with --blocks a turn is lines up to a blank one.
-    r = qvl("chat", photo, "--model", tiny_model, *FAST, "--blocks", "-q", input=b"What\nis it?\n\n\nAnd now?\n")
-    assert r.exit_code == 0 and r.stderr == ""
-    assert len(r.stdout.rstrip("\n").split("\n")) >= 2
+    # --blocks: a turn is lines up to a blank one, a command on its first line run before it.
+    r = qvl("chat", "--model", tiny_model, *FAST, "--blocks", "--json", input=f"/image {photo}\nWhat\nis it?\n\n\nAnd now?\n".encode())
+    assert r.exit_code == 0, r.stderr
+    assert [(x["question"], len(x["inputs"])) for x in _records(r.stdout)] == [("What\nis it?", 1), ("And now?", 1)]
 
 
 def test_a_turn_past_the_context_is_refused_and_clear_starts_again(qvl, tiny_model, media_dir):
@@ -118,26 +118,40 @@ def test_a_saved_conversation_loads_back_to_the_same_next_answer(qvl, tiny_model
     [after_load] = _records(again.stdout)
     assert after_load["text"] == _records(first.stdout)[-1]["text"]
     assert after_load["inputs"][0]["frames"] and after_load["inputs"][0]["frame_indices"] == _records(first.stdout)[0]["inputs"][0]["frame_indices"]
-    # /save never overwrites; a file that is not a conversation is refused and the conversation stays.
-    bad = tmp_path / "bad.json"
-    bad.write_text('{"role": "user"}')
-    r = qvl("chat", "--model", tiny_model, *FAST, "-q", input=f"/save {saved}\n/load {bad}\n/load {tmp_path / 'none.json'}\n".encode())
+    # /save never overwrites; what is not a conversation that fits is refused, the conversation
+    # staying as it was; with --json each failed line is a record.
+    files = {"bad": '{"role": "user"}', "broken": "[{", "roles": '[{"role": "assistant", "content": "hi"}]',
+             "unanswered": '[{"role": "user", "content": "hi"}]', "long": json.dumps([{"role": "user", "content": "word " * 300},
+                                                                                      {"role": "assistant", "content": "ok"}])}
+    for name, text in files.items():
+        (tmp_path / f"{name}.json").write_text(text)
+    loads = "".join(f"/load {tmp_path / name}.json\n" for name in files)
+    r = qvl("chat", "--model", tiny_model, *FAST, "--json", "--max-context", "200",
+            input=f"/save {saved}\n{loads}/load {tmp_path / 'none.json'}\n/stats\n".encode())
     assert r.exit_code == 2 and json.loads(saved.read_text()) == messages
-    assert [line.split(":")[1].strip() for line in r.stderr.splitlines()] == ["error", "error", "error"]
-    assert "the file exists" in r.stderr and "not a saved conversation" in r.stderr and "no such file" in r.stderr
+    failed = _records(r.stdout)
+    assert [x["command"] for x in failed] == [f"/save {saved}", *loads.splitlines(), f"/load {tmp_path / 'none.json'}"]
+    said = [x["error"]["message"] for x in failed]
+    assert "the file exists" in said[0] and "not a saved conversation" in said[1] and "not JSON" in said[2]
+    assert "is assistant, where user comes" in said[3] and "has no answer" in said[4] and "over the --max-context of 200" in said[5]
+    assert "no such file" in said[6] and "turns 0 · context 0 of 200 tokens" in r.stderr
 
 
 def test_lines_commands_and_media_arguments(tmp_path):
     from qwen2vl_cli.chat_ui import media_line, medium_arguments, turns
     from qwen2vl_cli.errors import UsageError
 
-    spaced = tmp_path / "my photo.jpg"
+    spaced = tmp_path / "my [bold]photo.jpg"
     spaced.write_bytes(b"x")
     assert media_line(f"'{spaced}'") == [str(spaced)]  # as a file manager drops it
     assert media_line(str(spaced).replace(" ", "\\ ")) == [str(spaced)]
+    assert media_line(str(spaced)) == [str(spaced)]  # as it is, spaces and all
     assert media_line(f"'{spaced}' https://example.com/a.png") == [str(spaced), "https://example.com/a.png"]
     assert media_line(f"what is {spaced}?") is None and media_line("hello") is None and media_line("it's") is None
+    assert media_line("/tmp/not/there.jpg") == ["/tmp/not/there.jpg"] and media_line("cat.png") == ["cat.png"]  # said to be missing
+    assert media_line("why?") is None and media_line("/etc") is not None
     assert medium_arguments("/video", "clip.mp4 --fps 0.5 --nframes 8") == ("clip.mp4", {"fps": 0.5, "nframes": 8})
+    assert medium_arguments("/image", f"{spaced} --max-pixels 50000") == (str(spaced), {"max_pixels": 50000})
     for bad, said in (("clip.mp4 --fps", "give a value"), ("clip.mp4 --speed 2", "not one of its options"), ("--fps 1", "give a path"),
                       ("clip.mp4 --nframes 1.5", "whole number")):
         with pytest.raises(UsageError, match=said):
@@ -161,6 +175,12 @@ def test_chat_in_a_real_terminal(tiny_model, media_dir, tmp_path):
         child.sendline("What is in the picture?")
         child.expect("visual tokens")
         time.sleep(3)  # the answer streaming: 4000 tokens take the tiny model several seconds
+        child.send("\x1b[200~line one\nline two\x1b[201~")  # a paste while it streams: kept for the next prompt, not sent
+        child.sendcontrol("c")
+        child.expect("stopped: Ctrl-C, the answer so far kept")
+        child.expect(">>>")
+        child.sendline("")  # the pasted lines, one question
+        time.sleep(2)  # its answer streaming
         child.sendcontrol("c")
         child.expect("stopped: Ctrl-C, the answer so far kept")
         child.expect(">>>")
@@ -169,20 +189,21 @@ def test_chat_in_a_real_terminal(tiny_model, media_dir, tmp_path):
         child.expect(">>>")
         saved = tmp_path / "talk.json"
         child.sendline(f"/save {saved}")
-        child.expect("saved 1 turn to")
+        child.expect("saved 2 turns to")
         child.expect(">>>")
         child.sendline(f"/load {saved}")
-        child.expect("loaded 1 turn")
+        child.expect("loaded 2 turns")
         child.expect(">>>")
         child.sendline("/stats")
-        child.expect("turns 1 · context")
+        child.expect("turns 2 · context")
         child.expect(">>>")
         child.sendcontrol("d")
         child.expect(pexpect.EOF)
     finally:
         child.close(force=True)
     assert child.exitstatus == 0
-    assert json.loads(saved.read_text())[1]["role"] == "assistant"
+    questions = [m["content"] if isinstance(m["content"], str) else m["content"][-1]["text"] for m in json.loads(saved.read_text())[::2]]
+    assert questions == ["What is in the picture?", "line one\nline two"]
     history = (tmp_path / ".local" / "share" / "qvl" / "chat_history").read_text()
     assert "What is in the picture?" in history and "/stats" in history
 
