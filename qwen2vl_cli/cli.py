@@ -71,7 +71,7 @@ class QvlGroup(_ReaderGone, TyperGroup):
             rv = super().main(args=args, prog_name=prog_name or "qvl", complete_var=complete_var, standalone_mode=False, **extra)
             code = rv if isinstance(rv, int) else 0
         except _CLICK_ERRORS as e:
-            where = e.ctx.command_path if getattr(e, "ctx", None) is not None else "qvl"
+            where = e.ctx.command_path if getattr(e, "ctx", None) is not None else self._named(args)
             if e.format_message():  # empty when the help was shown for a bare command
                 print_error(f"{e.format_message()} (see `{where} --help`)")
             code = EXIT_USAGE
@@ -93,6 +93,12 @@ class QvlGroup(_ReaderGone, TyperGroup):
         if standalone_mode:
             sys.exit(code)
         return code
+
+    def _named(self, args) -> str:
+        """The command a usage error belongs to, where click's parser did not get as far as its context."""
+        words = list(args) if args is not None else sys.argv[1:]
+        name = next((w for w in words if w in self.commands), None)
+        return f"qvl {name}" if name else "qvl"
 
 
 app = typer.Typer(

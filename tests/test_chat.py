@@ -212,3 +212,5 @@ def test_a_model_that_cannot_load_ends_the_session_in_one_line(qvl, tmp_path):
     r = qvl("chat", "--model", tmp_path / "no-model", "-q", input=b"Hello?\nAnd again?\n")
     assert r.exit_code == 1 and r.stdout == ""
     assert len(r.stderr.splitlines()) == 1 and "no-model" in r.stderr and "Traceback" not in r.stderr
+    r = qvl("chat", "-p")
+    assert r.exit_code == 2 and "requires an argument" in r.stderr and "see `qvl chat --help`" in r.stderr
