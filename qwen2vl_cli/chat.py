@@ -17,9 +17,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from threading import Event
 
-from qwen2vl_cli.errors import Cancelled, MediaError, UsageError
+from qwen2vl_cli.errors import MediaError, UsageError
 from qwen2vl_cli.types import GenerationOptions, Loaded, MediaOptions, MediaPlan, Prepared, Result
 
+NO_STDIN = "qvl chat reads its questions from stdin: give media as files or URLs, not -"
 # Of the model's context, what a conversation may fill before each turn warns that it is near the end.
 NEAR_CONTEXT = 0.8
 # Options a medium may take of its own (`/video clip.mp4 --fps 1`), as MediaOptions' fields.
@@ -73,7 +74,6 @@ class LocalEngine:
     def __init__(self, backend):
         self.backend = backend
         self.context = backend.runner.context_tokens
-        self.model = backend.runner.runtime.model
 
     def medium(self, given: str, opts: MediaOptions, video: bool) -> tuple[MediaPlan, Loaded | None, str | None, str]:
         with self.backend.resolver(opts) as resolver:
@@ -99,6 +99,15 @@ class LocalEngine:
         [result] = self.backend.generate([prepared], gen, on_text=on_text, cancels=[cancel])
         return result
 
+    def keepable(self) -> int | None:
+        """The most tokens of one conversation the prefix cache keeps (None: no cache)."""
+        r = self.backend.runner
+        if r.prefixes is None or r.model is None:
+            return None
+        c = r.model.config.get_text_config()
+        head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return r.prefixes.max_bytes // (2 * c.num_hidden_layers * c.num_key_value_heads * head * r.model.dtype.itemsize)
+
     def caches(self) -> dict:
         r = self.backend.runner
         return {name: cache for name, cache in (("prefixes", r.prefixes), ("vision", r.vision), ("media", r.media)) if cache is not None}
@@ -110,13 +119,11 @@ class RemoteEngine:
 
     def __init__(self, endpoint, model: str, opts: MediaOptions):
         from qwen2vl_cli.endpoint import EndpointBackend
-        from qwen2vl_cli.modelinfo import read_config
+        from qwen2vl_cli.modelinfo import context_of, read_config
 
         self.backend = EndpointBackend(endpoint, model)
-        self.model, self.opts = model, opts
-        config = read_config(model) or {}
-        known = (config.get("text_config") or config).get("max_position_embeddings")
-        self.context = int(known) if known else None  # the server's model's context, where its config is here
+        self.opts = opts
+        self.context = context_of(read_config(model) or {})  # the server's model's, where its config is here
 
     def medium(self, given: str, opts: MediaOptions, video: bool):
         from qwen2vl_cli.pipeline import plan_all
@@ -141,20 +148,26 @@ class RemoteEngine:
 
     def prepare(self, messages: list[dict], media: list[Medium]):
         """The turn's request (the whole history, media as their URLs) and its prompt tokens, an
-        estimate from above (the server's tokenizer is not here): the media's tokens as planned, a
-        token for every three characters of text and a few for each message's markers."""
+        estimate (the server's tokenizer is not here): the media's tokens as planned, a token for
+        every three characters of ASCII text and for each other character, and some for each
+        message's markers and the template's default system message."""
         from qwen2vl_cli.endpoint import RemoteRequest
 
         urls = iter(m.url for m in media)
         sent = [m if isinstance(m["content"], str) else
                 {**m, "content": [{"type": f"{p['kind']}_url", f"{p['kind']}_url": {"url": next(urls)}} if p["type"] == "media" else p
                                   for p in m["content"]]} for m in messages]
-        text = sum(len(m["content"]) if isinstance(m["content"], str) else sum(len(p.get("text", "")) for p in m["content"]) for m in messages)
-        tokens = sum(m.plan.tokens_with_markers for m in media) + text // 3 + 8 * len(messages)
+        texts = [m["content"] if isinstance(m["content"], str) else "".join(p.get("text", "") for p in m["content"]) for m in messages]
+        ascii_chars = sum(len(t) if t.isascii() else sum(c.isascii() for c in t) for t in texts)
+        other = sum(len(t) for t in texts) - ascii_chars
+        tokens = sum(m.plan.tokens_with_markers for m in media) + ascii_chars // 3 + other + 8 * len(messages) + 24
         return RemoteRequest(tuple(m.plan for m in media), sent, self.opts), tokens
 
     def ask(self, request, gen: GenerationOptions, on_text, cancel: Event) -> Result:
         return self.backend.complete(request, gen, on_text, cancel)
+
+    def keepable(self) -> int | None:
+        return None  # the server's own
 
     def caches(self) -> dict:
         return {}
@@ -178,6 +191,16 @@ def _saved(given: str, source) -> str:
     return given
 
 
+def _messages(system: str | None, turns: list[Turn]) -> list[dict]:
+    out = [{"role": "system", "content": system}] if system is not None else []
+    for t in turns:
+        if t.media:
+            out.append({"role": t.role, "content": [{"type": "media", "kind": m.kind} for m in t.media] + [{"type": "text", "text": t.text}]})
+        else:
+            out.append({"role": t.role, "content": t.text})
+    return out
+
+
 class Chat:
     """One conversation with one engine. `engine` is a callable that gives the engine once it is
     ready (the local one loads in the background while the first question is typed)."""
@@ -191,6 +214,7 @@ class Chat:
         self.pending: list[Medium] = []
         self.totals = Totals()
         self.context_tokens = 0
+        self._outgrown = False  # said that the prefix cache cannot keep the conversation
 
     @property
     def engine(self):
@@ -212,16 +236,10 @@ class Chat:
     def messages(self, question: str | None = None) -> list[dict]:
         """The model's chat messages (media as `{"type": "media"}` parts), with `question` and the
         media waiting for it as the next user turn."""
-        turns = self.turns + ([Turn("user", question, tuple(self.pending))] if question is not None else [])
-        out = [{"role": "system", "content": self.system}] if self.system is not None else []
-        for t in turns:
-            if t.media:
-                out.append({"role": t.role, "content": [{"type": "media", "kind": m.kind} for m in t.media] + [{"type": "text", "text": t.text}]})
-            else:
-                out.append({"role": t.role, "content": t.text})
-        return out
+        return _messages(self.system, self.turns + ([Turn("user", question, tuple(self.pending))] if question is not None else []))
 
     def openai(self) -> list[dict]:
+
         """The conversation as OpenAI-style messages, media as paths or URLs (what /save writes)."""
         out = [{"role": "system", "content": self.system}] if self.system is not None else []
         for t in self.turns:
@@ -241,7 +259,7 @@ class Chat:
         """A medium read and decoded now, for the next question."""
         options = dict(options or {})
         if given == "-":
-            raise UsageError("qvl chat reads its questions from stdin: give media as files or URLs, not -")
+            raise UsageError(NO_STDIN)
         medium = self._read(given, options, video, f"/{'video' if video else 'image'} {given}")
         self.pending.append(medium)
         return medium
@@ -251,7 +269,7 @@ class Chat:
         return "--max-context" if self.max_context and (context is None or self.max_context < context) else "context"
 
     def clear(self) -> None:
-        self.turns, self.pending, self.context_tokens = [], [], 0
+        self.turns, self.pending, self.context_tokens, self._outgrown = [], [], 0, False
 
     def set_system(self, text: str | None) -> None:
         if text is not None:
@@ -275,6 +293,10 @@ class Chat:
         room = budget - tokens if budget is not None else gen.max_new_tokens
         limit = f"the {self._limit()} of {budget:,}" if budget is not None else ""
         if room < 1:
+            if not self.turns:
+                raise UsageError(f"this question and its media are {tokens:,} tokens, over {limit}: give smaller media "
+                                 "(--max-pixels, --fps, --max-visual-tokens; /image PATH --max-pixels N)"
+                                 + (" or a larger --max-context" if self._limit() == "--max-context" else ""))
             raise UsageError(f"this turn would make the conversation {tokens:,} tokens, over {limit}: "
                              "/clear starts a new one (/save FILE keeps this one first)")
         if note is not None and budget is not None and tokens >= NEAR_CONTEXT * budget:
@@ -285,8 +307,6 @@ class Chat:
                 note(f"this answer may take {room:,} token{'s' if room != 1 else ''}, the room left under {limit}")
         cancel = cancel or Event()
         engine.ready()
-        if cancel.is_set():  # Ctrl-C while the weights were still loading
-            raise Cancelled()
         if started is not None:
             started()
         first: list[float] = []
@@ -308,6 +328,11 @@ class Chat:
         self.totals.prefilled += new
         self.totals.cached += result.cached_tokens
         self.totals.generated += result.generated_tokens
+        kept = engine.keepable()
+        if note is not None and kept is not None and self.context_tokens > kept and not self._outgrown:
+            self._outgrown = True
+            note(f"the conversation ({self.context_tokens:,} tokens) is past what --cache-size keeps of one (about {kept:,}): "
+                 "each turn now prefills it all; a larger --cache-size keeps it")
         if first:
             first_s = first[0] - start
         else:  # no text shown (an empty answer, or one held back whole): the engine's count, its inputs and time to first token
@@ -349,7 +374,7 @@ class Chat:
         messages = data.get("messages") if isinstance(data, dict) else data
         if not isinstance(messages, list):
             raise UsageError(f"/load {path}: not a saved conversation (a JSON list of messages, as /save writes)")
-        system, turns = None, []
+        system, turns = self.system, []  # a file without a system message keeps this one's
         for n, m in enumerate(messages, 1):
             what = f"/load {path}: message {n}"
             if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
@@ -364,21 +389,19 @@ class Chat:
             expected = "user" if len(turns) % 2 == 0 else "assistant"
             if m["role"] != expected:
                 raise UsageError(f"{what}: is {m['role']}, where {expected} comes (after a system message, user and assistant take turns, user first)")
-            text, media = self._content(content, what, path)
-            if m["role"] == "assistant" and media:
+            if m["role"] == "assistant" and not isinstance(content, str):
                 raise UsageError(f"{what}: an assistant message is text")
+            text, media = self._content(content, what, path)
             turns.append(Turn(m["role"], text, media))
         if len(turns) % 2:
             raise UsageError(f"/load {path}: its last user message has no answer: end it with the assistant's (or leave the question out)")
-        kept = self.system, self.turns, self.pending, self.context_tokens
-        self.system, self.turns, self.pending = system, turns, []
-        _, tokens = self.engine.prepare(self.messages(), self.media())
+        _, tokens = self.engine.prepare(_messages(system, turns), [m for t in turns for m in t.media])
         budget = self.budget()
         if budget is not None and tokens >= budget:
-            self.system, self.turns, self.pending, self.context_tokens = kept
+            hint = "a larger --max-context" if self._limit() == "--max-context" else "fewer turns, or smaller media"
             raise UsageError(f"/load {path}: the conversation is {tokens:,} tokens, over the {self._limit()} of {budget:,}: "
-                             "it cannot go on here (the conversation stays as it was)")
-        self.context_tokens = tokens
+                             f"it cannot go on here (this one stays as it was; {hint} would fit it)")
+        self.system, self.turns, self.pending, self.context_tokens, self._outgrown = system, turns, [], tokens, False
         return len(turns) // 2
 
     def _content(self, content, what: str, path: str) -> tuple[str, tuple[Medium, ...]]:
@@ -415,10 +438,12 @@ class Chat:
         if options:
             from qwen2vl_cli.sizing import check_options
 
+            for name, value in options.items():
+                whole = MEDIUM_OPTIONS[name] is int
+                if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
+                    raise UsageError(f"{what}: --{name.replace('_', '-')} takes a {'whole ' if whole else ''}number, not {json.dumps(value)[:40]}")
             try:
-                opts = check_options(replace(self.opts, **{k: MEDIUM_OPTIONS[k](v) for k, v in options.items()}))
-            except (TypeError, ValueError):
-                raise UsageError(f"{what}: its options take numbers") from None
+                opts = check_options(replace(self.opts, **options))
             except UsageError as e:
                 raise UsageError(f"{what}: {e}") from None
         plan, loaded, url, saved = self.engine.medium(given, opts, video)

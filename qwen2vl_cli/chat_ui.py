@@ -6,6 +6,7 @@ The model loads on a worker thread while the first question is typed: the prompt
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shlex
@@ -19,12 +20,15 @@ from dataclasses import replace
 from pathlib import Path
 
 from qwen2vl_cli import config as C, options as O
-from qwen2vl_cli.chat import MEDIUM_OPTIONS, Chat, stats
-from qwen2vl_cli.errors import Cancelled, QvlError, UsageError, describe_exception, error_type
+from qwen2vl_cli.chat import MEDIUM_OPTIONS, NO_STDIN, Chat, stats
+from qwen2vl_cli.errors import (
+    EXIT_INTERRUPTED, Cancelled, GenerationInterrupted, MediaError, QvlError, UsageError, describe_exception, error_type,
+)
 
 HELP = """\
 /image PATH|URL [--max-pixels N]       an image for the next question (a path or URL alone on a line does the same)
 /video PATH|URL [--fps N] [--nframes N] [--start S] [--end S] [--max-frames N]   a video for the next question
+                                       (also --min-frames, --min-pixels, --total-pixels, --max-visual-tokens)
 /clear                                 start a new conversation (the system message stays)
 /system [TEXT]                         the system message (none given: the chat template's)
 /save FILE                             the conversation as OpenAI-style messages JSON (a new file)
@@ -36,25 +40,20 @@ Alt-Enter (or Esc, Enter) starts a new line; Enter sends."""
 
 COMMANDS = ("/image", "/video", "/clear", "/system", "/save", "/load", "/stats", "/help", "/exit", "/quit")
 LINE_COMMANDS = tuple(c for c in COMMANDS if c != "/system")  # a line each; /system takes the lines after it too
+FAILED = "failed"  # what `Front.line` says of a line that failed
 
 
 class Relay:
-    """A LocalBackend's hooks, passed on to the turn's reporter (nothing shown between turns)."""
+    """A LocalBackend's stages, shown by the turn's reporter; only the main thread's (the loading
+    thread's are not shown: the reporter is the main thread's)."""
 
     def __init__(self):
         self.target = None
 
     def stage(self, text: str) -> None:
-        if self.target is not None:
-            self.target.stage(text)
-
-    def text(self, chunk: str) -> None:
-        if self.target is not None:
-            self.target.text(chunk)
-
-    def note(self, text: str) -> None:
-        if self.target is not None:
-            self.target.note(text)
+        target = self.target
+        if target is not None and threading.current_thread() is threading.main_thread():
+            target.stage(text)
 
 
 class Loader:
@@ -98,36 +97,35 @@ class Loader:
 def run(media: list[str] | None, options: dict) -> None:
     """The body of `qvl chat`."""
     json_out, quiet, max_context, blocks, cache_size = O.take(O.chat_options, options)
-    endpoint = O.take(O.endpoint_options, options)
+    endpoint = O.take(O.chat_endpoint_options, options)
     questions = list(options.get("prompt") or ())
     gen = O.take(O.chat_generation_options, options)
     sizing = O.take(O.sizing_options, options)
     runtime = replace(O.take(O.runtime_options, options), cache_size=cache_size)  # None: the device's default, on
     if endpoint is not None and sizing.resize is not None:
         raise UsageError("--resize is not sent to an endpoint: give --min-pixels and --max-pixels (the same number) instead")
-    for given in media or ():
+    for given in media or ():  # what is plainly not there fails before anything starts
         if given == "-":
-            raise UsageError("qvl chat reads its questions from stdin: give media as files or URLs, not -")
+            raise UsageError(NO_STDIN)
+        if not given.startswith(("http://", "https://", "file:", "data:")) and not os.path.exists(os.path.expanduser(given)):
+            raise MediaError(given, "no such file")
     relay = Relay()
 
     def make():
         if endpoint is not None:
             from qwen2vl_cli.chat import RemoteEngine
 
-            engine = RemoteEngine(endpoint, runtime.model, sizing)
-        else:
-            from qwen2vl_cli.backend import LocalBackend
-            from qwen2vl_cli.chat import LocalEngine
+            return RemoteEngine(endpoint, runtime.model, sizing)
+        from qwen2vl_cli.backend import LocalBackend
+        from qwen2vl_cli.chat import LocalEngine
 
-            engine = LocalEngine(LocalBackend(runtime, relay, background=True))
-        return engine
+        return LocalEngine(LocalBackend(runtime, relay, background=True))
 
     loader = Loader(make)
-    chat = Chat(loader, sizing, gen, max_context)
-    front = Front(chat, relay, quiet, json_out, runtime.model if endpoint is None else endpoint.url, remote=endpoint is not None)
+    front = Front(Chat(loader, sizing, gen, max_context), loader, relay, quiet, json_out,
+                  runtime.model if endpoint is None else endpoint.url, remote=endpoint is not None)
     front.pending_sources = list(media or ())  # decoded when the engine is in, before the first question
-    interactive = sys.stdin.isatty()
-    code = front.terminal(questions) if interactive else front.piped(questions, sys.stdin, blocks)
+    code = front.terminal(questions) if sys.stdin.isatty() else front.piped(questions, sys.stdin, blocks)
     if code:
         import typer
 
@@ -137,12 +135,12 @@ def run(media: list[str] | None, options: dict) -> None:
 class Front:
     """What a line does: a command, media, or a question; and how a turn is shown."""
 
-    def __init__(self, chat: Chat, relay: Relay, quiet: bool, json_out: bool, serving: str, remote: bool = False):
-        self.chat, self.relay, self.quiet, self.json_out, self.serving = chat, relay, quiet, json_out, serving
+    def __init__(self, chat: Chat, loader: Loader, relay: Relay, quiet: bool, json_out: bool, serving: str, remote: bool = False):
+        self.chat, self.loader, self.relay, self.quiet, self.json_out, self.serving = chat, loader, relay, quiet, json_out, serving
         self.remote = remote  # a server answers: nothing is stopped in flight but the stream
         self.pending_sources: list[str] = []
         self.interactive = False
-        self.failed = 0  # the exit code of the first turn that failed (piped)
+        self.failed = 0  # the exit code of the first line that failed (piped)
         self.number = 0
 
     # The two front ends.
@@ -171,7 +169,7 @@ class Front:
                 return 0
         while True:
             try:
-                line = session.prompt(">>> ", pre_run=self.chat._engine.start)
+                line = session.prompt(">>> ", pre_run=self.loader.start)
             except KeyboardInterrupt:  # at the prompt: the line is dropped, the conversation stays
                 continue
             except EOFError:
@@ -180,8 +178,9 @@ class Front:
                 return 0
 
     def piped(self, questions: list[str], stream, blocks: bool) -> int:
-        self.chat._engine.start()
-        for text in [*questions, *turns(stream, blocks)]:
+        """Each line (or block) answered as it comes: a script may read an answer before it writes the next question."""
+        self.loader.start()
+        for text in itertools.chain(questions, turns(stream, blocks)):
             if self.line(text) == "exit":
                 break
         return self.failed
@@ -189,36 +188,40 @@ class Front:
     # One line.
 
     def line(self, text: str) -> str | None:
+        """Do what a line says; "exit" to leave, FAILED where it failed (said, and recorded with --json)."""
         text = text.strip()
         if not text:
             return None
-        self.chat._engine.check()
+        self.loader.check()
+        head, _, after = text.partition("\n")
+        first = re.match(r"(/\w+)", head)
+        if after and (first and first.group(1) in LINE_COMMANDS or media_line(head) is not None):
+            done = self.line(head)  # a block that starts with a command or media: that line, then the rest
+            if done == FAILED:
+                self._say("the lines under it were not asked")
+            return done if done is not None else self.line(after)
         try:
-            head, _, after = text.partition("\n")
-            first = re.match(r"(/\w+)", head)
-            if after and (first and first.group(1) in LINE_COMMANDS or media_line(head) is not None):
-                if self.line(head) == "exit":  # a block that starts with a command or media: that line, then the rest
-                    return "exit"
-                return self.line(after)
             command = re.match(r"(/\w+)(?:\s+(.*))?$", text, re.S)
             if command and command.group(1) in COMMANDS:
                 return self.command(command.group(1), (command.group(2) or "").strip())
             if (found := media_line(text)) is not None:
+                self._sources()
                 for given in found:
-                    self.add(given, {}, video=False)
+                    self._add(given, {}, video=False)
                 return None
-            if command and not command.group(2):
-                raise UsageError(f"{text}: not a command (/help lists them) nor a file")
+            if command:
+                raise UsageError(f"{command.group(1)}: not a command (/help lists them) nor a file")
             self.ask(text)
-        except (QvlError, Cancelled) as e:
-            self.chat._engine.check()
+            return None
+        except (QvlError, Cancelled, GenerationInterrupted) as e:
+            self.loader.check()
             self._failed(e, text)
-        except KeyboardInterrupt:  # reading a medium: at a terminal the conversation stays as it was
+        except KeyboardInterrupt:  # reading a medium, waiting for the weights or a server: the conversation stays as it was
             if not self.interactive:
                 raise
             self._failed(Cancelled(), text)
         except Exception as e:  # noqa: BLE001 - at a terminal a turn that failed leaves the conversation as it was
-            self.chat._engine.check()
+            self.loader.check()
             if not self.interactive:
                 raise
             if C.debug_enabled():
@@ -226,27 +229,38 @@ class Front:
 
                 traceback.print_exc()
             self._failed(e, text)
-        return None
+        return FAILED
 
     def _failed(self, e: BaseException, text: str) -> None:
         from qwen2vl_cli.render import print_error, print_json
 
-        if isinstance(e, Cancelled):
-            message, code = "stopped: " + ("nothing was added" if text.startswith("/") or media_line(text) else "the question was not added"), 1
+        asked = not text.startswith("/") and media_line(text) is None
+        if isinstance(e, (Cancelled, GenerationInterrupted)):
+            message, code = "stopped: " + ("the question was not added" if asked else "nothing was added"), EXIT_INTERRUPTED
         else:
             message, code = describe_exception(e)
         print_error(message)
         if not self.interactive:
             self.failed = self.failed or code
         if self.json_out:  # a script reading the records sees every line that failed
-            asked = not text.startswith("/") and media_line(text) is None
             print_json({"question" if asked else "command": text, "error": {"type": error_type(e), "message": message}})
 
     def _sources(self) -> None:
-        """The media given on the command line, read once the engine is in (before what needs them)."""
+        """The media given on the command line, read once the engine is in (before what needs them).
+        One that fails is said and left out; the others stay for the question."""
+        from qwen2vl_cli.render import print_error
+
         given, self.pending_sources = self.pending_sources, []
+        failed = []
         for text in given:
-            self._add(text, {}, video=False)
+            try:
+                self._add(text, {}, video=False)
+            except QvlError as e:
+                failed.append(e)
+        for e in failed[:-1]:
+            print_error(str(e))
+        if failed:
+            raise failed[-1]
 
     def command(self, word: str, rest: str) -> str | None:
         from qwen2vl_cli.render import stderr_console
@@ -303,7 +317,7 @@ class Front:
         reporter = Reporter(quiet=self.quiet, stream=False)
         self.relay.target = reporter
         try:
-            reporter.stage(f"Reading {given}" if self.chat._engine.done() else "Loading the model's processor")
+            reporter.stage(f"Reading {given}" if self.loader.done() else "Loading the model's processor")
             medium = self.chat.add(given, options, video)
         finally:
             reporter.stop()
@@ -328,8 +342,8 @@ class Front:
             waiting[0] = waiting[0] and self.remote
 
         try:
-            with answering(cancel, lambda: waiting[0]) if self.interactive else nullcontext():
-                if not chat._engine.done():
+            with answering(cancel, lambda: waiting[0], self.remote) if self.interactive else nullcontext():
+                if not self.loader.done():
                     reporter.stage("Loading the model")
                 answer = chat.ask(question, on_text=shown, cancel=cancel, note=reporter.note, started=started)
         except BaseException:
@@ -350,33 +364,43 @@ class Front:
 
 
 @contextmanager
-def answering(cancel: threading.Event, waiting):
-    """While an answer comes at a terminal. Ctrl-C stops it: the first sets `cancel` (the engine
-    ends the answer at its next read and the text so far is kept; a prefill stops at its next
-    layer), unless `waiting()` (the weights still loading, a server not yet answering): then, as
-    with a second Ctrl-C, KeyboardInterrupt at once. What is typed meanwhile is neither echoed
-    into the answer nor cut at the terminal's line limit: it waits for the next prompt, a paste
-    with its lines kept (bracketed paste)."""
+def answering(cancel: threading.Event, waiting, remote: bool):
+    """While an answer comes at a terminal. Ctrl-C stops it: it sets `cancel` (the engine ends
+    the answer at its next read and the text so far is kept; a prefill stops at its next layer),
+    unless `waiting()` (the weights still loading, a server not yet answering): then
+    KeyboardInterrupt at once, as for a second Ctrl-C to a server that went quiet mid-answer. A
+    local engine is never interrupted mid-step: it stops itself within a few tokens. What is
+    typed meanwhile is neither echoed into the answer nor cut at the terminal's line limit: it
+    waits for the next prompt, a paste with its lines kept (bracketed paste)."""
     def interrupt(signum, frame) -> None:
-        if cancel.is_set() or waiting():
+        if waiting() or (remote and cancel.is_set()):
             raise KeyboardInterrupt
         cancel.set()
 
-    previous = signal.signal(signal.SIGINT, interrupt)
-    held = _hold_typing()
+    previous = signal.getsignal(signal.SIGINT)
+    held = None
     try:
+        signal.signal(signal.SIGINT, interrupt)
+        held = _hold_typing()
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        _release_typing(held)
+        # Ctrl-C held off while the terminal and the handler are put back; it reaches the old handler after.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            _release_typing(held)
+            signal.signal(signal.SIGINT, previous)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def _hold_typing():
-    """The terminal without echo or line editing (Ctrl-C still signals, and keeps what was typed), with bracketed paste on;
-    its settings before, to restore (None where stdin is not a terminal)."""
+    """The terminal without echo or line editing (Ctrl-C still signals, and keeps what was typed),
+    with bracketed paste on; its settings before, to restore (None where stdin is not a terminal)."""
     try:
         import termios
-
+    except ImportError:  # not a POSIX terminal
+        return None
+    try:
         fd = sys.stdin.fileno()
         before = termios.tcgetattr(fd)
         quiet = termios.tcgetattr(fd)
@@ -384,7 +408,7 @@ def _hold_typing():
         quiet[3] |= termios.NOFLSH  # Ctrl-C stops the answer, not what was typed meanwhile
         quiet[6][termios.VMIN], quiet[6][termios.VTIME] = 1, 0
         termios.tcsetattr(fd, termios.TCSANOW, quiet)
-    except (ImportError, OSError, ValueError):
+    except (termios.error, OSError, ValueError):
         return None
     _to_terminal("\x1b[?2004h")
     return before
@@ -473,15 +497,17 @@ def _path_like(word: str) -> bool:
 
 def medium_arguments(word: str, rest: str) -> tuple[str, dict]:
     """`/video PATH --fps 1 --nframes 8` as the path and its own options."""
+    head = re.split(r"\s+--(?=[a-z])", rest, maxsplit=1)[0].strip()  # the path as typed: spaces, brackets, quotes in it
     try:
         words = shlex.split(rest)
     except ValueError as e:
-        raise UsageError(f"{word} {rest}: {e}") from None
+        if not os.path.isfile(os.path.expanduser(head)):
+            raise UsageError(f"{word} {rest}: {e}") from None
+        words = [head, *shlex.split(rest[len(head):].strip())]
     if not words or words[0].startswith("--"):
         raise UsageError(f"{word}: give a path or URL, e.g. {word} {'clip.mp4 --fps 1' if word == '/video' else 'photo.jpg'}")
     given, options = os.path.expanduser(words[0]), {}
     flags = words[1:]
-    head = re.split(r"\s+--(?=[a-z])", rest, maxsplit=1)[0].strip()  # the path as typed, spaces and brackets in it
     if not os.path.exists(given) and head != words[0] and os.path.isfile(os.path.expanduser(head)):
         given, flags = os.path.expanduser(head), shlex.split(rest[len(head):].strip())
     while flags:
@@ -521,7 +547,7 @@ def _history():
     try:
         base.mkdir(parents=True, exist_ok=True)
         path = base / "chat_history"
-        path.touch(exist_ok=True)
+        path.touch(mode=0o600, exist_ok=True)  # what was asked: the user's alone
         return FileHistory(str(path))
     except OSError:
         return InMemoryHistory()

@@ -97,8 +97,8 @@ class QvlGroup(_ReaderGone, TyperGroup):
     def _named(self, args) -> str:
         """The command a usage error belongs to, where click's parser did not get as far as its context."""
         words = list(args) if args is not None else sys.argv[1:]
-        name = next((w for w in words if w in self.commands), None)
-        return f"qvl {name}" if name else "qvl"
+        name = next((w for w in words if not w.startswith("-")), None)  # the first word that is not an option
+        return f"qvl {name}" if name in self.commands else "qvl"
 
 
 app = typer.Typer(
@@ -210,7 +210,7 @@ _command(
 _command(
     "chat",
     _argument("media", Annotated[Optional[list[str]], typer.Argument(metavar="MEDIA", help="Images and videos for the first question (files or URLs); /image and /video add more later.", show_default=False)], None),
-    [O.chat_generation_options, O.sizing_options, O.runtime_options, O.chat_options, O.endpoint_options],
+    [O.chat_generation_options, O.sizing_options, O.runtime_options, O.chat_options, O.chat_endpoint_options],
     lambda media, options: _chat(media, options),
     "A conversation about pictures and videos: each turn prefills only its own tokens. At a terminal a line editor (/help for its commands); with stdin piped, one turn per line.",
     no_args_is_help=False,

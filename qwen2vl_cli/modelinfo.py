@@ -145,6 +145,12 @@ def read_config(model: str) -> dict | None:
         raise ModelError(f"--model {model}: cannot read config.json ({e})") from None
 
 
+def context_of(config: dict) -> int | None:
+    """The model's context in tokens (its language model's max_position_embeddings), where the config says."""
+    known = (config.get("text_config") or config).get("max_position_embeddings")
+    return int(known) if known else None
+
+
 def parameter_counts(model: str) -> dict[str, int]:
     """Parameters per part, counted on the meta device: no weights are read or allocated."""
     import torch

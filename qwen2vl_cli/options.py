@@ -236,9 +236,9 @@ def chat_generation_options(prompt: ChatPrompt = None, **rest) -> GenerationOpti
     return generation_options(prompt, **rest)
 
 
-chat_generation_options.__signature__ = _inspect.signature(generation_options, eval_str=True).replace(
-    parameters=[_inspect.Parameter("prompt", _inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=ChatPrompt, default=None)]
-    + list(_inspect.signature(generation_options, eval_str=True).parameters.values())[1:],
+_generation = _inspect.signature(generation_options, eval_str=True)
+chat_generation_options.__signature__ = _generation.replace(
+    parameters=[_generation.parameters["prompt"].replace(annotation=ChatPrompt)] + list(_generation.parameters.values())[1:],
 )
 
 
@@ -313,6 +313,11 @@ def endpoint_options(
     if not endpoint.startswith(("http://", "https://")):
         raise UsageError(f"--endpoint {endpoint}: give an http(s):// URL, such as http://127.0.0.1:8000/v1")
     return EndpointOptions(endpoint.rstrip("/"), api_key, pass_urls, concurrency)
+
+
+def chat_endpoint_options(endpoint: Endpoint = None, api_key: ApiKey = None, pass_urls: PassUrls = False):
+    """endpoint_options without --concurrency: a conversation has one request in flight."""
+    return endpoint_options(endpoint, api_key, pass_urls)
 
 
 def inspect_options(

@@ -19,7 +19,7 @@ from qwen2vl_cli.config import debug_enabled
 from qwen2vl_cli.errors import ModelError, one_line
 from qwen2vl_cli.families import QWEN2_VL, Family, family_of_config
 from qwen2vl_cli.media_cache import MediaCache
-from qwen2vl_cli.modelinfo import BUILDING, read_config, vision_spec_from_dict
+from qwen2vl_cli.modelinfo import BUILDING, context_of, read_config, vision_spec_from_dict
 from qwen2vl_cli.reference import RepetitionGuard
 from qwen2vl_cli.types import GenerationOptions, Loaded, Result, RuntimeOptions, VisionSpec
 from qwen2vl_cli.video_processor import ChunkedVideoProcessor
@@ -129,7 +129,7 @@ class Runner:
 
         config = read_config(str(model_dir)) or {}
         self.family = family_of_config(config, self.runtime.model)
-        self.context_tokens = int((config.get("text_config") or config).get("max_position_embeddings") or 32768)
+        self.context_tokens = context_of(config) or 32768
         if not debug_enabled():
             transformers.logging.set_verbosity_error()
             transformers.logging.disable_progress_bar()

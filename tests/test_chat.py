@@ -86,6 +86,33 @@ def test_piped_turns_are_records_and_the_first_is_describes_answer(qvl, tiny_mod
     r = qvl("chat", "--model", tiny_model, *FAST, "--blocks", "--json", input=f"/image {photo}\nWhat\nis it?\n\n\nAnd now?\n".encode())
     assert r.exit_code == 0, r.stderr
     assert [(x["question"], len(x["inputs"])) for x in _records(r.stdout)] == [("What\nis it?", 1), ("And now?", 1)]
+    # A block whose first line fails is not asked; a mistyped command is not a question.
+    r = qvl("chat", "--model", tiny_model, *FAST, "--blocks", "--json", input=b"/image /no/such.jpg\nWhat is it?\n\n/sav talk.json\n")
+    assert r.exit_code == 2
+    assert [(x.get("command"), "error" in x) for x in _records(r.stdout)] == [("/image /no/such.jpg", True), ("/sav talk.json", True)]
+    assert "the lines under it were not asked" in r.stderr and "/sav: not a command" in r.stderr
+
+
+def test_piped_lines_are_answered_as_they_come(tiny_model, media_dir):
+    """A script may read an answer before it writes the next question: stdin is read a line at a time."""
+    import subprocess
+    import threading
+
+    proc = subprocess.Popen([sys.executable, "-m", "qwen2vl_cli", "chat", str(media_dir / "photo.jpg"), "--model", str(tiny_model), *FAST,
+                             "--json", "-q"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    timer = threading.Timer(120, proc.kill)
+    timer.start()
+    try:
+        proc.stdin.write("What is it?\n")
+        proc.stdin.flush()
+        first = json.loads(proc.stdout.readline())  # stdin still open
+        proc.stdin.write("And now?\n")
+        proc.stdin.close()
+        second = json.loads(proc.stdout.readline())
+        assert proc.wait() == 0
+    finally:
+        timer.cancel()
+    assert (first["turn"], second["turn"]) == (1, 2) and second["cached_tokens"] > first["prompt_tokens"]
 
 
 def test_a_turn_past_the_context_is_refused_and_clear_starts_again(qvl, tiny_model, media_dir):
@@ -98,6 +125,11 @@ def test_a_turn_past_the_context_is_refused_and_clear_starts_again(qvl, tiny_mod
     assert "tokens, near the --max-context of 200: /clear starts a new one" in r.stderr  # said before the first turn
     assert "over the --max-context of 200: /clear starts a new one" in records[1]["error"]["message"]
     assert records[2]["prompt_tokens"] < 40 and records[2]["cached_tokens"] < 40  # a new conversation, without the photo
+    # An answer that would pass the bound is held to the room left, saying so.
+    held = qvl("chat", photo, "--model", tiny_model, "--dtype", "float32", "--max-new-tokens", "64", "--min-new-tokens", "64",
+               "--max-context", str(records[0]["prompt_tokens"] + 5), "--json", input=b"What is it?\n")
+    assert held.exit_code == 0 and _records(held.stdout)[0]["generated_tokens"] == 5
+    assert "this answer may take 5 tokens, the room left under the --max-context" in held.stderr
     # Streamed, a refused turn writes nothing to stdout: it holds the first answer alone.
     refused = qvl("chat", photo, "--model", tiny_model, *FAST, "--max-context", "200", "-q", input=b"What is it?\nAnd the colours?\n")
     alone = qvl("chat", photo, "--model", tiny_model, *FAST, "--max-context", "200", "-q", input=b"What is it?\n")
@@ -127,14 +159,15 @@ def test_a_saved_conversation_loads_back_to_the_same_next_answer(qvl, tiny_model
         (tmp_path / f"{name}.json").write_text(text)
     loads = "".join(f"/load {tmp_path / name}.json\n" for name in files)
     r = qvl("chat", "--model", tiny_model, *FAST, "--json", "--max-context", "200",
-            input=f"/save {saved}\n{loads}/load {tmp_path / 'none.json'}\n/stats\n".encode())
+            input=f"Hello?\n/save {saved}\n{loads}/load {tmp_path / 'none.json'}\n/stats\nAgain?\n".encode())
     assert r.exit_code == 2 and json.loads(saved.read_text()) == messages
-    failed = _records(r.stdout)
+    hello, *failed, again = _records(r.stdout)
+    assert again["cached_tokens"] > hello["prompt_tokens"]  # the first conversation went on, kept
     assert [x["command"] for x in failed] == [f"/save {saved}", *loads.splitlines(), f"/load {tmp_path / 'none.json'}"]
     said = [x["error"]["message"] for x in failed]
     assert "the file exists" in said[0] and "not a saved conversation" in said[1] and "not JSON" in said[2]
     assert "is assistant, where user comes" in said[3] and "has no answer" in said[4] and "over the --max-context of 200" in said[5]
-    assert "no such file" in said[6] and "turns 0 · context 0 of 200 tokens" in r.stderr
+    assert "no such file" in said[6] and f"turns 1 · context {hello['context_tokens']} of 200 tokens" in r.stderr
 
 
 def test_lines_commands_and_media_arguments(tmp_path):
