@@ -213,11 +213,11 @@ class Front:
                 raise UsageError(f"{command.group(1)}: not a command (/help lists them) nor a file")
             self.ask(text)
             return None
-        except (QvlError, Cancelled, GenerationInterrupted) as e:
+        except (QvlError, Cancelled) as e:
             self.loader.check()
             self._failed(e, text)
-        except KeyboardInterrupt:  # reading a medium, waiting for the weights or a server: the conversation stays as it was
-            if not self.interactive:
+        except (KeyboardInterrupt, GenerationInterrupted):  # reading a medium, waiting for the weights or a server
+            if not self.interactive:  # piped: Ctrl-C ends the run (130)
                 raise
             self._failed(Cancelled(), text)
         except Exception as e:  # noqa: BLE001 - at a terminal a turn that failed leaves the conversation as it was
@@ -235,7 +235,7 @@ class Front:
         from qwen2vl_cli.render import print_error, print_json
 
         asked = not text.startswith("/") and media_line(text) is None
-        if isinstance(e, (Cancelled, GenerationInterrupted)):
+        if isinstance(e, Cancelled):
             message, code = "stopped: " + ("the question was not added" if asked else "nothing was added"), EXIT_INTERRUPTED
         else:
             message, code = describe_exception(e)
