@@ -150,6 +150,9 @@ def _inspect_body(media: list[str] | None, options: dict) -> None:
 
     model, device, json_out = O.take(O.inspect_options, options)
     opts = O.take(O.sizing_options, options)
+    segment = O.take(O.segment_options, options)
+    if not media and segment is not None:
+        raise UsageError("--segment cuts a clip: give CLIP")
     if not media:
         if model is None:
             raise UsageError("give MEDIA to inspect, or --model M for a model summary")
@@ -166,15 +169,26 @@ def _inspect_body(media: list[str] | None, options: dict) -> None:
     if spec is None:
         render.stderr_console().print(render.styled("note:", "yellow", f"{model} is not on this machine: using Qwen2-VL's default sizes"))
         spec = vision_spec(None)
-    plans, failed = inspect_media(tuple(media), spec, replace(opts, cpu_budget=resolved == "cpu"),
-                                  count=stamp_counter(model) if spec.time_stamps else None)
-    render.Reporter().inputs(plans, lines=False)
-    if json_out:
-        for p in plans:
-            render.print_json(p.to_dict())
-    elif plans:
-        render.inspect_table(plans)
-    if resolved == "cpu" and not opts.pixel_limits_given and plans:
+    sized = replace(opts, cpu_budget=resolved == "cpu")
+    count = stamp_counter(model) if spec.time_stamps else None
+    if segment is not None:
+        from qwen2vl_cli import segments
+
+        shown, failed = segments.inspect(tuple(media), spec, sized, *segment, count=count)
+        if json_out:
+            for w, p in shown:
+                render.print_json({"window": w.index + 1, "start_s": round(w.start_s, 4), "end_s": round(w.end_s, 4), **p.to_dict()})
+        elif shown:
+            render.windows_table(shown)
+    else:
+        shown, failed = inspect_media(tuple(media), spec, sized, count=count)
+        render.Reporter().inputs(shown, lines=False)
+        if json_out:
+            for p in shown:
+                render.print_json(p.to_dict())
+        elif shown:
+            render.inspect_table(shown)
+    if resolved == "cpu" and not opts.pixel_limits_given and shown:
         render.stderr_console().print("sized for CPU (smaller defaults); --device cuda shows GPU sizes", style="dim")
     for error in failed:  # every input that could be read is shown; each one that could not is a line
         render.print_error(str(error))
@@ -201,7 +215,7 @@ _command(
 _command(
     "inspect",
     _argument("media", Annotated[Optional[list[str]], typer.Argument(metavar="MEDIA", help=_MEDIA_HELP, show_default=False)], None),
-    [O.inspect_options, O.sizing_options],
+    [O.inspect_options, O.sizing_options, O.segment_options],
     _inspect_body,
     "Sizes, frames and token counts, without loading weights. With only --model: the model's summary.",
     no_args_is_help=False,

@@ -320,6 +320,27 @@ def chat_endpoint_options(endpoint: Endpoint = None, api_key: ApiKey = None, pas
     return endpoint_options(endpoint, api_key, pass_urls)
 
 
+Segment = Annotated[Optional[str], typer.Option(metavar="SECONDS", help="Cut the clip (or its --start/--end range) into windows this long (90, 1m30s, 1:30), each sampled as --start/--end of it would be; a last window shorter than a temporal patch joins the one before.", show_default=False, rich_help_panel=VIDEO_PANEL)]
+Overlap = Annotated[Optional[str], typer.Option(metavar="SECONDS", help="With --segment: each window starts this much before the one before it ends.", show_default=False, rich_help_panel=VIDEO_PANEL)]
+
+
+def segment_options(segment: Segment = None, overlap: Overlap = None) -> tuple[float, float] | None:
+    """(window length, overlap) in seconds; None without --segment."""
+    from qwen2vl_cli.segments import parse_span
+
+    if segment is None:
+        if overlap is not None:
+            raise UsageError("--overlap works with --segment SECONDS")
+        return None
+    length = parse_span(segment, "--segment")
+    shared = parse_span(overlap, "--overlap") if overlap is not None else 0.0
+    if length <= 0:
+        raise UsageError(f"--segment {segment}: give a length above 0 seconds")
+    if shared >= length:
+        raise UsageError(f"--overlap {overlap}: must be shorter than --segment {segment}")
+    return length, shared
+
+
 def inspect_options(
     model: Annotated[Optional[str], typer.Option("--model", "-m", envvar=C.ENV_MODEL, help="Read sizing settings from this model (local dir or HF cache; never downloads). Without MEDIA: summarize the model.", rich_help_panel=RUN_PANEL)] = None,
     device: Annotated[str, typer.Option(envvar=C.ENV_DEVICE, help="Size as this device would: cpu uses smaller defaults. auto guesses without importing torch.", rich_help_panel=RUN_PANEL,

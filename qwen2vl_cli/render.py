@@ -318,6 +318,24 @@ class BatchProgress:
             self.console.print(f"qvl: {tally.line()}")
 
 
+def windows_table(cut) -> None:
+    """`qvl inspect --segment`: a row per window (Window, MediaPlan), and the total."""
+    from rich.table import Table
+
+    out = stdout_console()
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for name in ("source", "window", "from", "to", "frames", "grid (t,h,w)", "visual tokens", "with markers"):
+        table.add_column(name, justify="left" if name == "source" else "right")
+    name = (lambda text: printable(text, lines=False)) if out.is_terminal else str
+    for w, p in cut:
+        table.add_row(Text(name(p.source)), str(w.index + 1), _fmt_s(w.start_s), _fmt_s(w.end_s), str(len(p.frame_indices or ())),
+                      f"({p.grid_thw[0]}, {p.grid_thw[1]}, {p.grid_thw[2]})", str(p.visual_tokens), str(p.tokens_with_markers))
+    out.print(table)
+    clips = len({p.source for _, p in cut})
+    out.print(f"total: {sum(p.tokens_with_markers for _, p in cut)} tokens with markers in {len(cut)} windows"
+              + (f" of {clips} clips" if clips > 1 else ""))
+
+
 def inspect_table(plans: Sequence[MediaPlan]) -> None:
     from rich.table import Table
 
