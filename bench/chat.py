@@ -50,10 +50,8 @@ def main() -> None:
         return prompt_time(args.rounds * 3)
 
     from qwen2vl_cli.chat import Chat, LocalEngine
-    from qwen2vl_cli.media_cache import MediaCache
-    from qwen2vl_cli.prefix_cache import PrefixCache
     from qwen2vl_cli.types import GenerationOptions, MediaOptions
-    from qwen2vl_cli.vision_cache import VisionCache, default_bytes
+    from qwen2vl_cli.vision_cache import default_bytes
 
     session = cpu_session(args.model)
     runner = session.runner
@@ -61,14 +59,8 @@ def main() -> None:
     gen = GenerationOptions(max_new_tokens=8, repeat_guard=False)
     opts = MediaOptions(cpu_budget=True)
 
-    def caches(on: bool) -> None:
-        size = default_bytes("cpu") if on else 0
-        runner.media = MediaCache(size // 8) if on else None
-        runner.vision = VisionCache(size // 4) if on else None
-        runner.prefixes = PrefixCache(size - size // 4 - size // 8) if on else None
-
     def conversation(on: bool, questions: list[str], later: dict[int, str]) -> list:
-        caches(on)
+        runner.use_caches(default_bytes("cpu") if on else 0)
         chat = Chat(lambda: engine, opts, gen)
         chat.add(PHOTO)
         out = []

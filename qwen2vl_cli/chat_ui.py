@@ -492,7 +492,7 @@ MEDIA_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".ti
 
 
 def _path_like(word: str) -> bool:
-    return word.startswith(("/", "./", "../", "~/")) and word.count("/") > 1 or word.lower().endswith(MEDIA_SUFFIXES)
+    return (word.startswith(("/", "./", "../", "~/")) and word.count("/") > 1) or word.lower().endswith(MEDIA_SUFFIXES)
 
 
 def medium_arguments(word: str, rest: str) -> tuple[str, dict]:

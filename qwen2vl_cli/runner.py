@@ -114,9 +114,12 @@ class Runner:
         self.family: Family = QWEN2_VL
         self.context_tokens = 32768  # the model's max_position_embeddings, once its config is read
         self.load_s = 0.0
+        self.use_caches(runtime.cache_size if runtime.cache_size is not None else default_bytes(self.device))
+
+    def use_caches(self, size: int) -> None:
+        """Fresh reuse caches sharing `size` bytes (0: none)."""
         from qwen2vl_cli.prefix_cache import PrefixCache  # torch with it
 
-        size = runtime.cache_size if runtime.cache_size is not None else default_bytes(self.device)
         # A medium's tower output is a tenth of its keys and values; its decoded pixels less again.
         self.media = MediaCache(size // 8) if size > 0 else None
         self.vision = VisionCache(size // 4) if size > 0 else None
