@@ -89,15 +89,16 @@ def stamp_tokens(stamps: tuple[float, ...], count=None) -> int:
 @functools.lru_cache(maxsize=1)
 def stamped_video_keeps_its_markers() -> bool:
     """Whether the installed transformers keeps the template's <|vision_start|>..<|vision_end|>
-    around a time-stamped video (5.10 and later expand only the <|video_pad|> inside it; earlier
-    releases replace the whole wrapper). Read from the package metadata: no import."""
+    around a time-stamped video: 5.10 through 5.24 expand only the <|video_pad|> inside it; earlier
+    releases, and 5.25 and later (as Qwen's own processor does), replace the whole wrapper. Read
+    from the package metadata: no import."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         found = re.match(r"(\d+)\.(\d+)", version("transformers"))
     except PackageNotFoundError:
-        return True
-    return found is None or (int(found.group(1)), int(found.group(2))) >= (5, 10)
+        return False
+    return found is not None and (5, 10) <= (int(found.group(1)), int(found.group(2))) < (5, 25)
 
 
 def video_marker_tokens(stamps: tuple[float, ...] | None) -> int:

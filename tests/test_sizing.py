@@ -270,7 +270,7 @@ def test_qwen3_video_plans_carry_one_time_stamp_per_temporal_patch(w, h, frames,
     assert len(stamps) == plan.grid_thw[0] == -(-len(plan.frame_indices) // 2)
     assert list(stamps) == sorted(stamps) and 0 <= stamps[0] and stamps[-1] <= frames / fps
     assert plan.stamp_tokens == sum(len(f"{t:.1f}".replace(".", "")) + 4 for t in stamps)
-    outer = 2 if families.stamped_video_keeps_its_markers() else 0  # the template's pair (transformers >= 5.10)
+    outer = 2 if families.stamped_video_keeps_its_markers() else 0  # the template's pair (transformers 5.10 through 5.24)
     assert plan.tokens_with_markers == plan.visual_tokens + outer + 2 * len(stamps) + plan.stamp_tokens
     if cpu:
         assert plan.visual_tokens <= 2048
