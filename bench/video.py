@@ -9,7 +9,12 @@ runs, in separate processes, N times each:
 Wall is measured inside each process from file to processor outputs (imports and processor load
 excluded); peak RSS is the whole process's (wait4). Results are printed and written to RESULTS.md.
 
+With --segment instead: a 60 min 720p clip cut into 60 s windows (`qvl video --segment 60`), the
+tiny model on the CPU: preparing every window (one pass) against the decode floor, generation
+alone, the whole run against both, peak RSS, and each window's fidelity to `--start a --end b`.
+
 Usage: python bench/video.py [--long] [--runs 3]
+       python bench/video.py --segment [--runs 2]
 """
 
 from __future__ import annotations
@@ -145,8 +150,112 @@ def child_compare(clip: str, model: str) -> dict:
     return {"mean_abs_diff": diff.mean().item(), "max_abs_diff": diff.max().item()}
 
 
+# ---- --segment: a long clip as a timeline -----------------------------------------------------
+
+SEGMENT = 60.0  # seconds a window
+NEW_TOKENS = 32  # every window's answer, exactly (--min-new-tokens too): generation the same each run
+FIDELITY_WINDOWS = 3  # first, middle and last window read alone too, for their pixels
+
+
+def _backend(model: str):
+    from qwen2vl_cli.backend import LocalBackend
+    from qwen2vl_cli.types import RuntimeOptions
+
+    class Quiet:
+        def stage(self, text): pass
+        def text(self, chunk): pass
+        def note(self, text): pass
+        def inputs(self, plans): pass
+
+    return LocalBackend(RuntimeOptions(model, device="cpu", dtype="float32"), Quiet())
+
+
+def _windows(backend, clip: str, keep: bool):
+    """Every window prepared as `qvl video --segment` prepares it (one pass, processor inputs
+    built): (windows, wall, what each holds); `keep` keeps their requests for generation."""
+    import hashlib
+
+    from qwen2vl_cli.types import GenerationOptions, MediaOptions, Timeline
+
+    gen = GenerationOptions(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+    start = time.perf_counter()
+    seen, kept = [], []
+    for w, prepared in backend.windows(clip, MediaOptions(), Timeline(SEGMENT), gen, True):
+        inputs = backend.runner.inputs(prepared.text, list(prepared.loaded))  # the window's tensors for the model
+        plan = prepared.plans[0]
+        seen.append({"window": w.index, "start": w.start_s, "end": w.end_s, "indices": list(plan.frame_indices),
+                     "size": [plan.resized_height, plan.resized_width], "tokens": int(inputs["input_ids"].shape[1]),
+                     "pixels": hashlib.blake2b(prepared.loaded[0].frames.tobytes(), digest_size=8).hexdigest()})
+        if keep:
+            kept.append(prepared)
+    return seen, time.perf_counter() - start, kept
+
+
+def child_windows(clip: str, model: str) -> dict:
+    """Preparing every window alone (no model run), then fidelity: each window's frames, size and
+    tokens against `--start a --end b` of it, and the pixels of a few windows read alone."""
+    import hashlib
+
+    from qwen2vl_cli.pipeline import decode_all, plan_all, probe_all
+    from qwen2vl_cli.types import GenerationOptions, MediaOptions
+
+    backend = _backend(model)
+    backend.ready()
+    seen, wall, _ = _windows(backend, clip, keep=False)
+    same, pixels_same = 0, 0
+    picked = {0, len(seen) // 2, len(seen) - 1}
+    for w in seen:
+        opts = backend.sized(MediaOptions(start=w["start"], end=w["end"]))
+        with backend.resolver(opts) as resolver:
+            probed = probe_all(resolver, (clip,), opts, True)
+            [plan] = plan_all(probed, backend.spec, opts, backend.runner.count_tokens)
+            prepared = backend.prepare((clip,), MediaOptions(start=w["start"], end=w["end"]),
+                                       GenerationOptions(max_new_tokens=NEW_TOKENS), True) if w["window"] in picked else None
+        tokens = plan.tokens_with_markers
+        same += list(plan.frame_indices) == w["indices"] and [plan.resized_height, plan.resized_width] == w["size"]
+        if prepared is not None:
+            digest = hashlib.blake2b(prepared.loaded[0].frames.tobytes(), digest_size=8).hexdigest()
+            pixels_same += digest == w["pixels"]
+    return {"wall": wall, "windows": len(seen), "plans_equal": same, "pixels_checked": len(picked), "pixels_equal": pixels_same,
+            "frames": sum(len(w["indices"]) for w in seen), "tokens": sum(w["tokens"] for w in seen)}
+
+
+def child_generate(clip: str, model: str) -> dict:
+    """Generation alone: every window prepared first (not timed), then answered one at a time as
+    the CLI does on a CPU (batch size 1)."""
+    from qwen2vl_cli.types import GenerationOptions
+
+    backend = _backend(model)
+    backend.ready()
+    _, _, kept = _windows(backend, clip, keep=True)
+    gen = GenerationOptions(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+    start = time.perf_counter()
+    tokens = sum(backend.generate([p], gen)[0].generated_tokens for p in kept)
+    return {"wall": time.perf_counter() - start, "generated": tokens}
+
+
+def child_timeline(clip: str, model: str) -> dict:
+    """The whole run as a user types it: `qvl video CLIP --segment 60`, records to a file."""
+    import tempfile
+
+    out = Path(tempfile.mkdtemp()) / "timeline.jsonl"
+    cmd = [sys.executable, "-m", "qwen2vl_cli", "video", clip, "--segment", f"{SEGMENT:g}", "--model", model, "--device", "cpu",
+           "--dtype", "float32", "--max-new-tokens", str(NEW_TOKENS), "--min-new-tokens", str(NEW_TOKENS), "-o", str(out), "-q"]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if status != 0:
+        raise RuntimeError(err.strip()[-300:])
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    return {"wall": wall, "cli_peak_rss": usage.ru_maxrss * 1024, "records": len(records),
+            "errors": sum("error" in r for r in records)}
+
+
 CHILDREN = {"reference": child_reference, "qvl": child_qvl, "keyframe": lambda c, m: child_qvl(c, m, "keyframe"),
-            "decode": child_decode, "compare": child_compare}
+            "decode": child_decode, "compare": child_compare, "windows": child_windows, "generate": child_generate,
+            "timeline": child_timeline}
 
 
 # ---- parent ---------------------------------------------------------------------------------
@@ -187,9 +296,57 @@ def gb(n: float) -> str:
     return f"{n / 1024**3:.2f} GB"
 
 
+def segment_main(args) -> None:
+    """--segment: a 60 min 720p clip as 60 windows, the tiny model on the CPU; the sides alternated."""
+    from results import publish, spread
+
+    model = tiny_processor_dir()
+    clip = HERE / "clips" / "60min-720p.mp4"
+    clip.parent.mkdir(exist_ok=True)
+    make_clip(clip, 3600, "1280x720")
+    runs: dict[str, list[dict]] = {m: [] for m in ("decode", "windows", "generate", "timeline")}
+    for round_ in range(args.runs):
+        for mode in runs:
+            r = run_child(mode, clip, model)
+            if "failed" in r:
+                raise SystemExit(f"{mode}: {r['failed']}")
+            runs[mode].append(r)
+            print(f"round {round_ + 1} {mode:9s} {r['wall']:7.2f} s  peak {gb(r['peak_rss'])}", file=sys.stderr, flush=True)
+    walls = {m: [r["wall"] for r in rs] for m, rs in runs.items()}
+    prep_vs_floor = [w / d for w, d in zip(walls["windows"], walls["decode"])]
+    whole_vs_sum = [t / (w + g) for t, w, g in zip(walls["timeline"], walls["windows"], walls["generate"])]
+    whole_vs_max = [t / max(w, g) for t, w, g in zip(walls["timeline"], walls["windows"], walls["generate"])]
+    win = runs["windows"][0]
+    peak = max(r["cli_peak_rss"] for r in runs["timeline"])
+    publish([
+        "## Long video as a timeline (`bench/video.py --segment`)",
+        "",
+        f"Machine: {machine()}. Command: `python bench/video.py --segment --runs {args.runs}` (the sides alternated, "
+        f"{args.runs} rounds; median (min-max)). A 60 min 1280x720 H.264 clip (30 fps, GOP 250, B-frames), "
+        f"`--segment {SEGMENT:g}`: {win['windows']} windows, {win['frames']} frames, {win['tokens']} prompt tokens in all; "
+        f"the tiny model on the CPU in float32, {NEW_TOKENS} tokens a window.",
+        "",
+        "| what | wall | peak RSS |",
+        "|---|---|---|",
+        f"| PyAV decoding every frame (the floor) | {spread(walls['decode'], 1, ' s')} | {gb(max(r['peak_rss'] for r in runs['decode']))} |",
+        f"| preparing every window alone (one pass, processor inputs) | {spread(walls['windows'], 1, ' s')} | {gb(max(r['peak_rss'] for r in runs['windows']))} |",
+        f"| generation alone (windows prepared before) | {spread(walls['generate'], 1, ' s')} | {gb(max(r['peak_rss'] for r in runs['generate']))} |",
+        f"| `qvl video CLIP --segment {SEGMENT:g}` whole (process wall, load included) | {spread(walls['timeline'], 1, ' s')} | {gb(peak)} |",
+        "",
+        f"- Preparing all windows against the decode floor: {spread(prep_vs_floor)}x (target <= 1.2x).",
+        f"- Peak RSS of the whole run: {gb(peak)} (target <= 2.5 GB).",
+        f"- Whole run against preparation alone + generation alone: {spread(whole_vs_sum)}x (target <= 1.3x); against the "
+        f"larger of the two: {spread(whole_vs_max)}x (1.0 would be a perfect overlap).",
+        f"- Fidelity: {win['plans_equal']} of {win['windows']} windows have the frame indices and size of `--start a --end b` "
+        f"of that window; the pixels of {win['pixels_checked']} windows (first, middle, last) read alone equal the one pass's in "
+        f"{win['pixels_equal']}. Every run wrote {runs['timeline'][0]['records']} records, {runs['timeline'][0]['errors']} errors.",
+    ])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--long", action="store_true", help="also the 30 min 1080p clip (about 8 min to encode)")
+    parser.add_argument("--segment", action="store_true", help="the timeline benchmark instead: a 60 min 720p clip in 60 s windows")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--only", help="one clip name")
     parser.add_argument("--child", nargs=3, metavar=("MODE", "CLIP", "MODEL"), help=argparse.SUPPRESS)
@@ -198,6 +355,8 @@ def main() -> None:
         mode, clip, model = args.child
         print(json.dumps(CHILDREN[mode](clip, model)))
         return
+    if args.segment:
+        return segment_main(args)
 
     model = tiny_processor_dir()
     rows, checks = [], []

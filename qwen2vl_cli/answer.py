@@ -22,9 +22,11 @@ def answer(sources: list[str] | None, require_video: bool, options: dict) -> Non
     from qwen2vl_cli.types import Request
 
     json_out, quiet = O.take(O.output_options, options)
-    each = O.take(O.each_options, options)
+    timeline = O.take(O.timeline_options, options) if "segment" in options else None
+    each = O.records(O.take(O.each_options, options), timeline)
     endpoint = O.take(O.endpoint_options, options)
     boxes, draw = O.take(O.grounding_options, options) if "boxes" in options else (None, None)
+    sheet = O.take(O.sheet_options, options)
     questions = list(options.get("prompt") or ())
     generation = O.take(O.generation_options, options)
     if boxes is not None:
@@ -47,11 +49,18 @@ def answer(sources: list[str] | None, require_video: bool, options: dict) -> Non
         require_video=require_video,
         draw=draw,
         endpoint=endpoint,
+        sheet=sheet,
     )
     if endpoint is not None and request.media.resize is not None:
         raise UsageError("--resize is not sent to an endpoint: give --min-pixels and --max-pixels (the same number) instead")
+    if endpoint is not None and sheet is not None:
+        raise UsageError("--frames-sheet draws the frames decoded here; with --endpoint the server decodes them: drop one")
+    if timeline is not None:
+        _check_timeline(request, timeline, each, len(gens))
+    elif each is not None and sheet is not None:
+        raise UsageError("--frames-sheet draws one run's frames: drop it with --each (with --segment it draws each window's)")
     if each is not None:
-        return answer_each(request, each, quiet, endpoint, gens[1:])
+        return answer_each(request, each, quiet, endpoint, gens[1:], timeline)
     if not request.sources:
         raise UsageError("give MEDIA to describe (or --each --from FILE)")
     if require_video and len(request.sources) > 1:
@@ -83,10 +92,26 @@ def answer(sources: list[str] | None, require_video: bool, options: dict) -> Non
                 print_json({"question": gen.prompt, **result.to_dict()} if several else result.to_dict())
 
 
-def answer_each(request, each, quiet: bool, endpoint=None, more: list[GenerationOptions] = ()) -> None:
-    """`--each`: one record per input, the model loaded once (or a remote engine, --concurrency at a time)."""
+def _check_timeline(request, timeline, each, questions: int) -> None:
+    """--segment's options beside the others."""
+    if request.endpoint is not None:
+        raise UsageError("--segment decodes each window's frames here and runs the model here: drop --endpoint")
+    if not request.sources and not each.each:
+        raise UsageError("give CLIP to cut into windows (or --each --from FILE)")
+    if len(request.sources) > 1 and not each.each:
+        raise UsageError("--segment cuts one CLIP; add --each for the windows of several")
+    if timeline.summary and questions > 1:
+        raise UsageError("--summary answers one question for the whole clip: give one -p (or --summary-prompt)")
+    if timeline.summary and each.format in ("srt", "vtt"):
+        raise UsageError(f"--summary is a record of its own, not a subtitle: drop it with --format {each.format} (or use jsonl or text)")
+
+
+def answer_each(request, each, quiet: bool, endpoint=None, more: list[GenerationOptions] = (), timeline=None) -> None:
+    """`--each`: one record per input, the model loaded once (or a remote engine, --concurrency at a
+    time); with `timeline` (--segment), one per window of each clip, and with its summary one more."""
     from qwen2vl_cli import batch, records as files
     from qwen2vl_cli.render import BatchProgress, Reporter, print_error
+    from qwen2vl_cli.sheet import Sheet
 
     if not request.sources and each.from_file is None:
         raise UsageError("--each needs inputs: give MEDIA, or --from FILE (- for stdin) with one source per line")
@@ -132,8 +157,9 @@ def answer_each(request, each, quiet: bool, endpoint=None, more: list[Generation
                     backend.check_generation(gen)
         finally:
             reporter.stop()
-        sources_total = files.count_sources(request.sources, each.from_file, each.null)
+        sources_total = files.count_sources(request.sources, each.from_file, each.null) if timeline is None else None  # windows: not known yet
         progress = BatchProgress(quiet, total=None if sources_total is None else sources_total * (1 + len(more)))  # a record per question
+        sheet = Sheet(request.sheet) if request.sheet is not None else None
         batch.run_each(
             sources,
             backend,
@@ -147,11 +173,17 @@ def answer_each(request, each, quiet: bool, endpoint=None, more: list[Generation
             require_video=request.require_video,
             on_progress=lambda: progress.update(tally),
             more=[(gen, files.request_key(request.media, gen, request.runtime)) for gen in more],
+            timeline=timeline,
+            answered=records.answered if records is not None and each.resume else None,
+            sheet=sheet,
         )
     finally:
         if progress is not None:
             progress.close(tally)
         if records is not None:
             records.close()
+    if sheet is not None and len(sheet):
+        sheet.save()
+        Reporter(quiet=quiet).note(f"drew the {sheet.frames()} the model got on {request.sheet}")
     if tally.failed:
         raise typer.Exit(1)

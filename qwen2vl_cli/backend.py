@@ -16,17 +16,18 @@ from dataclasses import replace
 from threading import Event
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
-from qwen2vl_cli import grounding, schemas
+from qwen2vl_cli import grounding, media, schemas, segments
 from qwen2vl_cli.config import LOADS
 from qwen2vl_cli.errors import GenerationInterrupted, MediaError, QvlError, UsageError
 from qwen2vl_cli.messages import build_messages
 from qwen2vl_cli.modelinfo import locate_model
-from qwen2vl_cli.pipeline import Hooks, Probed, check_boxes, cpu_budget_note, decode_all, is_out_of_memory, plan_all, probe_all
+from qwen2vl_cli.pipeline import Hooks, Probed, check_boxes, cpu_budget_note, decode_all, decoded, is_out_of_memory, plan_all, probe_all
 from qwen2vl_cli.sources import SourceResolver
-from qwen2vl_cli.types import GenerationOptions, MediaOptions, Prepared, Request, Result, RuntimeOptions
+from qwen2vl_cli.types import GenerationOptions, MediaOptions, Prepared, Request, Result, RuntimeOptions, Timeline
 
 if TYPE_CHECKING:  # torch comes with them: loaded when a model is
     from qwen2vl_cli.rows import Row, Running
+    from qwen2vl_cli.segments import Window
 
 
 class Backend(Protocol):
@@ -124,9 +125,7 @@ class LocalBackend:
         """Plans and pixels of media already probed, within this backend's limits; `room`: the
         prompt tokens the media may take, markers included (a server's prompt bound less its text)."""
         opts = self.sized(opts)
-        for p in probed:
-            if self.max_source_pixels is not None and p.info.width * p.info.height > self.max_source_pixels:
-                raise MediaError(p.source.label, f"is {p.info.width}x{p.info.height}: over the {self.max_source_pixels:,} pixels allowed here")
+        self._check_sizes(probed)
         count = self.runner.count_tokens
         plans = plan_all(probed, self.spec, opts, count)
         left = None if room is None else room - 2 * len(probed)  # the room less each medium's two markers
@@ -137,6 +136,48 @@ class LocalBackend:
             cap = min(caps)
             plans = plan_all(probed, self.spec, replace(opts, max_visual_tokens=min(cap, opts.max_visual_tokens or cap)), count)
         return decode_all(probed, plans, opts, self.max_source_pixels, self.runner.media)
+
+    def _check_sizes(self, probed: list[Probed]) -> None:
+        for p in probed:
+            if self.max_source_pixels is not None and p.info.width * p.info.height > self.max_source_pixels:
+                raise MediaError(p.source.label, f"is {p.info.width}x{p.info.height}: over the {self.max_source_pixels:,} pixels allowed here")
+
+    def windows(self, source: str, opts: MediaOptions, timeline: Timeline, gen: GenerationOptions, require_video: bool = False,
+                wanted: Callable[[Window], bool] = lambda w: True) -> Iterator[tuple[Window, Prepared | MediaError | None]]:
+        """--segment: the clip's windows in order, each with its request (what `prepare` makes of
+        `--start a --end b`), the error that kept it from being read, or None where `wanted` says
+        no. The frames come from one pass over the file, each window as soon as its own are in;
+        what keeps the whole clip from being cut is raised."""
+        with self.resolver(opts) as resolver:
+            [probed] = probe_all(resolver, (source,), opts, require_video)
+            self._check_sizes([probed])
+            cut = segments.plan_windows(probed, self.spec, self.sized(opts), timeline.segment, timeline.overlap, self.runner.count_tokens)
+            chosen = [(w, plan) for w, plan in cut if wanted(w)]
+            start = time.perf_counter()
+            loads = media.load_windows(probed.source, probed.info, [plan for _, plan in chosen], opts.seek == "keyframe", self.max_source_pixels)
+            taken = {w.index for w, _ in chosen}
+            for w, plan in cut:
+                if w.index not in taken:
+                    yield w, None
+                    continue
+                loaded = next(loads)
+                if isinstance(loaded, MediaError):
+                    yield w, loaded
+                else:
+                    plan = decoded(plan, loaded)
+                    yield w, Prepared((plan,), (loaded,), self.prompt([plan], gen), time.perf_counter() - start)
+                start = time.perf_counter()
+
+    def prepare_text(self, text: str, gen: GenerationOptions) -> Prepared:
+        """A request of text alone (--summary's over the windows' answers): control tokens the
+        answers spelled out are taken out, and it must leave the answer room in the model's context."""
+        text = self.runner.without_control(text)
+        prepared = Prepared((), (), self.prompt([], replace(gen, prompt=text)))
+        tokens, context = self.runner.count_tokens(prepared.text), self.runner.context_tokens
+        if tokens + gen.max_new_tokens > context:
+            raise UsageError(f"the summary's request takes {tokens:,} tokens and its answer up to {gen.max_new_tokens:,}, over the model's "
+                             f"context of {context:,}: give a longer --segment or a smaller --max-new-tokens")
+        return replace(prepared, prompt_tokens=tokens)
 
     def check_text(self, text: str, what: str) -> None:
         """Text is text: valid Unicode, and none of the chat template's control tokens, which the
@@ -293,6 +334,8 @@ def answers(request: Request, gens: list[GenerationOptions], hooks: Hooks, stdin
             hooks.inputs(plans)
             if note := cpu_budget_note(probed, plans, backend.spec, backend.sized(request.media)):
                 hooks.note(note)
+            if request.sheet is not None:
+                _draw_sheet(request.sheet, plans, loaded, hooks)
             if len(gens) > 1:
                 yield from together(backend, plans, loaded, gens, hooks, media_s)
                 return
@@ -302,6 +345,17 @@ def answers(request: Request, gens: list[GenerationOptions], hooks: Hooks, stdin
             yield result
         finally:
             backend.close()
+
+
+def _draw_sheet(path: str, plans, loaded, hooks: Hooks) -> None:
+    """--frames-sheet: the frames the model is about to get, drawn before it runs."""
+    from qwen2vl_cli.sheet import Sheet
+
+    sheet = Sheet(path)
+    for plan, pixels in zip(plans, loaded):
+        sheet.add(plan, pixels)
+    sheet.save()
+    hooks.note(f"drew the {sheet.frames()} the model gets on {path}")
 
 
 def together(backend: LocalBackend, plans, loaded, gens: list[GenerationOptions], hooks: Hooks, media_s: float) -> Iterator[Result]:

@@ -7,6 +7,7 @@ flush after each, so a killed run loses nothing already written.
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 import time
@@ -14,8 +15,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from qwen2vl_cli import records
+from qwen2vl_cli.errors import QvlError
 from qwen2vl_cli.records import format_record, record_for
-from qwen2vl_cli.types import GenerationOptions, MediaOptions
+from qwen2vl_cli.types import GenerationOptions, MediaOptions, Timeline
 
 if TYPE_CHECKING:
     from qwen2vl_cli.backend import Backend
@@ -25,11 +28,12 @@ if TYPE_CHECKING:
 class EachOptions:
     from_file: str | None = None  # one source per line; '-' is stdin
     null: bool = False  # NUL-separated, as `find -print0` writes
-    format: str = "jsonl"  # or "text": source<TAB>text
+    format: str = "jsonl"  # or "text": source<TAB>text; "srt" or "vtt": --segment's windows as subtitles
     ordered: bool = True
     output: str | None = None  # a new file for the records
     resume: str | None = None  # a records file to continue
     batch_size: int | None = None  # None: chosen from the device
+    each: bool = False  # --each or --from given (--segment writes records of one clip without them)
 
 
 @dataclass
@@ -51,13 +55,17 @@ class Tally:
 class Emitter:
     """Writes records in input order (holding early finishers back), or as they come.
 
-    In the text format a failure is no caption: it goes to `on_failure` (stderr), not to the sink.
+    In the text and subtitle formats a failure is no caption: it goes to `on_failure` (stderr), not
+    to the sink. Subtitles are numbered as they are written.
     """
 
     def __init__(self, sink: Callable[[str], None], fmt: str, ordered: bool, on_failure: Callable[[dict], None] = lambda record: None):
         self.sink, self.fmt, self.ordered, self.on_failure = sink, fmt, ordered, on_failure
         self.next_index = 0
         self.held: dict[int, dict | None] = {}
+        self.cues = 0
+        if fmt == "vtt":
+            sink("WEBVTT\n")
 
     def emit(self, index: int, record: dict | None) -> None:
         """`record` None: the input was skipped (resume); it only advances the order."""
@@ -73,13 +81,36 @@ class Emitter:
             self.next_index += 1
 
     def _write(self, record: dict) -> None:
-        if self.fmt == "text" and "error" in record:
+        if self.fmt != "jsonl" and "error" in record:
             self.on_failure(record)
+        elif self.fmt in records.SUBTITLES:
+            if (cue := records.cue(record, self.cues + 1, self.fmt)) is not None:
+                self.cues += 1
+                self.sink(cue)
         else:
             self.sink(format_record(record, self.fmt))
 
 
 _END = object()
+
+
+@dataclass
+class Unit:
+    """A record to come: one input (with --segment, one window of it, or the clip's summary) and one question."""
+
+    serial: int  # its place among the records
+    index: int  # the input's line
+    source: str
+    question: int
+    key: str  # its request key (a window's own)
+    fields: dict  # what its record says besides the result: a window's number and times
+    prepared: object = None  # ready for the model
+    error: BaseException | None = None
+    summary: list | None = None  # --summary: the (Window, record key) of the windows it reads, once they are in
+
+    @property
+    def skipped(self) -> bool:
+        return self.prepared is None and self.error is None and self.summary is None
 
 
 def run_each(
@@ -96,161 +127,254 @@ def run_each(
     on_progress: Callable[[], None] = lambda: None,
     more: list[tuple[GenerationOptions, str]] = (),
     refill: bool | None = None,
+    timeline: Timeline | None = None,
+    answered: dict[tuple[int, str, str], str] | None = None,
+    sheet=None,
 ) -> None:
     """Prepare ahead on a worker thread; generate in batches on this one. `more`: further
     questions (several -p), each with its own request key, asked of every input's media as
     prepared once; then a record is per input and question, with the question in it, and the
     emitter orders them by input, then question. `refill`: ended rows' slots are taken by the next
     inputs at once (None: on a GPU, with a batch size over one; a CPU pays for every row, and runs
-    fixed batches)."""
-    questions = [(gen, key), *more]
-    asked = len(questions)
-    ahead: queue.Queue = queue.Queue(maxsize=max(2, 2 * batch_size))
-    stop = threading.Event()
+    fixed batches). `timeline` (--segment): a record per window of each clip, its frames decoded in
+    one pass and each window handed to the model as soon as they are in; with its summary, one more
+    record per clip once its windows' answers are in (`answered`: the texts of windows done before,
+    by record). `sheet` (a sheet.Sheet) gets each window's frames as they are decoded."""
+    _Run(backend, media, [(gen, key), *more], emitter, tally, done, require_video, on_progress, timeline, answered or {},
+         sheet).run(sources, batch_size, refill)
 
-    def prefetch() -> None:
+
+class _Run:
+    def __init__(self, backend, media, questions, emitter, tally, done, require_video, on_progress, timeline, answered, sheet):
+        self.backend, self.media, self.questions = backend, media, questions
+        self.emitter, self.tally, self.done, self.require_video, self.on_progress = emitter, tally, done, require_video, on_progress
+        self.timeline, self.sheet = timeline, sheet
+        self.answered = dict(answered)  # window records' texts, by (index, source, request key)
+        self.settled: set[tuple[int, str, str]] = set()  # window records answered, failed or skipped in this run
+        self.waiting: list[Unit] = []  # summaries whose windows are not all in
+        self.ahead: queue.Queue = queue.Queue()
+        self.stop = threading.Event()
+        self.finished = False
+
+    @property
+    def gen(self) -> GenerationOptions:
+        return self.questions[0][0]  # the questions differ in their prompts only, which their prepared texts hold
+
+    def run(self, sources: Iterator[str], batch_size: int, refill: bool | None) -> None:
+        self.ahead = queue.Queue(maxsize=max(2, 2 * batch_size))
+        worker = threading.Thread(target=self._prefetch, args=(sources,), name="qvl-prefetch", daemon=True)
+        worker.start()
+        self.tally.started = time.perf_counter()
         try:
+            if refill is None:  # a GPU steps a batch for about the cost of one row: keep its slots full
+                refill = self.backend.device not in ("cpu", "endpoint") and batch_size > 1
+            if refill and getattr(self.backend, "streams_batches", False):
+                return self._refilled(batch_size)
+            while batch := self._batch(batch_size, []):
+                for unit, result, error in _generate(self.backend, batch, self.gen):
+                    self._out(unit, result, error)
+        finally:
+            self.stop.set()
+            # Its decoding must not outlive the run: native threads still running at exit abort the process.
+            worker.join(timeout=60)
+
+    # ---- the worker: inputs (and windows) prepared, in order ------------------------------------
+
+    def _prefetch(self, sources: Iterator[str]) -> None:
+        try:
+            serial = itertools.count()
             for index, source in enumerate(sources):
-                if stop.is_set():
+                if self.stop.is_set():
                     break
-                todo = [q for q, (_, k) in enumerate(questions) if (index, source, k) not in done]  # a record is per input line
-                prepared, error = None, None
-                if todo:
-                    try:
-                        prepared = backend.prepare((source,), media, questions[todo[0]][0], require_video)
-                    except Exception as e:  # one bad input is an error record for each question
-                        error = e
-                for q in range(asked):
-                    if q not in todo:
-                        item = (index * asked + q, index, source, q, None, None)
-                    elif error is not None:
-                        item = (index * asked + q, index, source, q, None, error)
-                    else:
-                        try:
-                            item = (index * asked + q, index, source, q, prepared if q == todo[0] else backend.ask(prepared, questions[q][0]), None)
-                        except Exception as e:
-                            item = (index * asked + q, index, source, q, None, e)
-                    _put(ahead, item, stop)
+                units = self._input(serial, index, source) if self.timeline is None else self._windows(serial, index, source)
+                try:
+                    for unit in units:
+                        _put(self.ahead, unit, self.stop)
+                        if self.stop.is_set():
+                            break
+                finally:
+                    units.close()  # a clip's pass over its file ends here, on this thread
         except BaseException as e:  # the source list itself failed (unreadable --from file)
-            _put(ahead, (None, None, None, None, None, e), stop)
-        _put(ahead, _END, stop)
+            _put(self.ahead, e, self.stop)
+        _put(self.ahead, _END, self.stop)
 
-    def record(index: int, source: str, q: int, result, error) -> dict:
-        out = record_for(index, source, questions[q][1], result, error)
-        if asked > 1:
-            out["question"] = questions[q][0].prompt
-        return out
+    def _asked(self, serial, index: int, source: str, keys: list[str], prepare: Callable[[], object], fields: dict) -> Iterator[Unit]:
+        """An input's (or a window's) record for each question: `prepare()` makes the first
+        question's request, the others ask the same media again; what fails is each one's error."""
+        todo = [q for q, k in enumerate(keys) if (index, source, k) not in self.done]  # a record is per input line
+        first = _attempt(prepare) if todo else None
+        for q, k in enumerate(keys):
+            unit = Unit(next(serial), index, source, q, k, fields)
+            if q not in todo:
+                pass
+            elif isinstance(first, BaseException):
+                unit.error = first
+            else:
+                try:
+                    unit.prepared = first if q == 0 else self.backend.ask(first, self.questions[q][0])
+                except Exception as e:
+                    unit.error = e
+            yield unit
 
-    def take(item):
-        """An item from the queue: skipped and failed inputs are said here; one to run is returned."""
-        unit, index, source, q, prepared, error = item
-        if unit is None:
-            raise error
-        if prepared is None and error is None:
-            tally.skipped += 1
-            emitter.emit(unit, None)
-        elif error is not None:
-            emitter.emit(unit, record(index, source, q, None, error))
-            tally.failed += 1
-        else:
-            on_progress()
-            return unit, index, source, q, prepared
-        on_progress()
+    def _input(self, serial, index: int, source: str) -> Iterator[Unit]:
+        prepare = lambda: self.backend.prepare((source,), self.media, self.gen, self.require_video)  # noqa: E731
+        yield from self._asked(serial, index, source, [k for _, k in self.questions], prepare, {})
+
+    def _windows(self, serial, index: int, source: str) -> Iterator[Unit]:
+        """A clip's windows in order, each as soon as its frames are decoded, then its summary."""
+        keys = lambda w: [records.window_key(k, w) for _, k in self.questions]  # noqa: E731
+        wanted = lambda w: any((index, source, k) not in self.done for k in keys(w))  # noqa: E731
+        read: list = []  # (Window, record key) of each window
+        try:
+            for w, prepared in self.backend.windows(source, self.media, self.timeline, self.gen, self.require_video, wanted):
+                read.append((w, (index, source, keys(w)[0])))
+                if self.sheet is not None and not isinstance(prepared, BaseException) and prepared is not None:
+                    self.sheet.add_window(w, prepared.plans[0], prepared.loaded[0])
+                yield from self._asked(serial, index, source, keys(w), lambda: _raised(prepared), records.window_fields(w))
+        except Exception as e:  # the clip could not be read or cut: its error, once per question
+            yield from self._asked(serial, index, source, [k for _, k in self.questions], lambda: _raised(e), {})
+            if not read:
+                return
+        if self.timeline.summary and read:
+            key = records.summary_key(self.questions[0][1], self.timeline)
+            unit = Unit(next(serial), index, source, 0, key, records.summary_fields(read))
+            if (index, source, key) not in self.done:
+                unit.summary = read
+            yield unit
+
+    # ---- this thread: units taken in order, summaries asked once their windows are in ------------
+
+    def _batch(self, size: int, batch: list[Unit]) -> list[Unit]:
+        """`batch` filled up to `size` rows, waiting for the worker."""
+        while len(batch) < size and (unit := self._next(block=True)) is not None:
+            batch.append(unit)
+        return batch
+
+    def _next(self, block: bool) -> Unit | None:
+        """The next unit to generate; None when there is none (now, or `block`ing: any more).
+        Skipped and failed units are said on the way, summaries held until their windows are in."""
+        while True:
+            if (ready := self._summary()) is not None:
+                return ready
+            if self.finished:
+                return None
+            try:
+                item = self.ahead.get(block=block)
+            except queue.Empty:
+                return None
+            if item is _END:
+                self.finished = True
+            elif isinstance(item, BaseException):
+                raise item
+            elif item.summary is not None:
+                self.waiting.append(item)
+            elif item.skipped:
+                self._settle(item, None)
+                self.tally.skipped += 1
+                self.emitter.emit(item.serial, None)
+                self.on_progress()
+            elif item.error is not None:
+                self._out(item, None, item.error)
+            else:
+                self.on_progress()
+                return item
+
+    def _summary(self) -> Unit | None:
+        """The first summary whose windows are all in, its request made (or its error said)."""
+        from qwen2vl_cli import segments
+
+        for unit in self.waiting:
+            if not all(k in self.settled or k in self.answered for _, k in unit.summary):
+                continue
+            self.waiting.remove(unit)
+            texts = [(w, self.answered[k]) for w, k in unit.summary if k in self.answered]
+            missing = [w.index + 1 for w, k in unit.summary if k not in self.answered]
+            unit.fields = {**unit.fields, "windows": [w.index + 1 for w, _ in texts], "windows_failed": missing}
+            try:
+                if not texts:
+                    raise QvlError("no window was described, so there is nothing to summarise")
+                question = self.timeline.summary_prompt or self.gen.prompt
+                unit.prepared = self.backend.prepare_text(segments.summary_prompt(texts, question), self.gen)
+            except Exception as e:  # noqa: BLE001 - this summary's error record
+                self._out(unit, None, e)
+                return self._summary()
+            return unit
         return None
 
-    def out(item, result, error) -> None:
-        unit, index, source, q, _ = item
-        emitter.emit(unit, record(index, source, q, result, error))  # counted once it is out
+    def _settle(self, unit: Unit, text: str | None) -> None:
+        """A window's record is in: its text is what a summary reads (the first question's)."""
+        if "window" in unit.fields and unit.question == 0:
+            self.settled.add((unit.index, unit.source, unit.key))
+            if text is not None:
+                self.answered[(unit.index, unit.source, unit.key)] = text
+
+    def _out(self, unit: Unit, result, error) -> None:
+        record = record_for(unit.index, unit.source, unit.key, result, error) | unit.fields
+        if len(self.questions) > 1 and "summary" not in unit.fields:
+            record["question"] = self.questions[unit.question][0].prompt
+        self._settle(unit, result.text if error is None else None)
+        self.emitter.emit(unit.serial, record)  # counted once it is out
         if error is None:
-            tally.done += 1
+            self.tally.done += 1
         else:
-            tally.failed += 1
-        on_progress()
+            self.tally.failed += 1
+        self.on_progress()
 
-    worker = threading.Thread(target=prefetch, name="qvl-prefetch", daemon=True)
-    worker.start()
-    tally.started = time.perf_counter()
+    def _refilled(self, batch_size: int) -> None:
+        """--each with rows refilled: a batch of `batch_size` rows whose ended rows' slots the next
+        inputs take at once (rows.py's join), instead of waiting for the batch's longest answer. An
+        input too long for the room left starts the next batch."""
+        from qwen2vl_cli.rows import Row
+
+        carried: list[Unit] = []
+        while batch := self._batch(batch_size, carried):  # a batch starts full, as a fixed one does
+            carried = []
+            running = self.backend.start([Row(u.prepared.text, list(u.prepared.loaded), self.gen) for u in batch], capacity=batch_size)
+            rows = dict(enumerate(batch))
+            while running.live:
+                for number, generation in running.advance():
+                    unit = rows.pop(number)
+                    result = self.backend.finish(unit.prepared, generation, self.gen)
+                    self._out(unit, *((None, result) if isinstance(result, Exception) else (result, None)))
+                while not carried and running.open() and (unit := self._next(block=False)) is not None:
+                    row = Row(unit.prepared.text, list(unit.prepared.loaded), self.gen)
+                    try:
+                        fits = running.fits(row)
+                    except Exception as e:  # noqa: BLE001 - its inputs cannot be built: this input's failure
+                        self._out(unit, None, e)
+                        continue
+                    if not fits:
+                        carried.append(unit)
+                        break
+                    number = len(running.rows)
+                    rows[number] = unit
+                    try:
+                        running.join(row)
+                    except Exception as e:  # noqa: BLE001 - this input's failure (out of memory in its prefill), not the batch's
+                        rows.pop(number)
+                        self._out(unit, None, e)
+
+
+def _attempt(function: Callable[[], object]):
+    """`function()`, or the exception it raised."""
     try:
-        if refill is None:  # a GPU steps a batch for about the cost of one row: keep its slots full
-            refill = backend.device not in ("cpu", "endpoint") and batch_size > 1
-        if refill and getattr(backend, "streams_batches", False):
-            return _refilled(backend, ahead, batch_size, gen, take, out)
-        finished = False
-        while not finished:
-            batch: list[tuple[int, int, str, int, object]] = []
-            while len(batch) < batch_size:
-                item = ahead.get()
-                if item is _END:
-                    finished = True
-                    break
-                if (ready := take(item)) is not None:
-                    batch.append(ready)
-            # The questions differ in their prompts only, which their prepared texts hold: one batch.
-            for item, result, error in _generate(backend, batch, gen) if batch else ():
-                out(item, result, error)
-    finally:
-        stop.set()
-        # Its decoding must not outlive the run: native threads still running at exit abort the process.
-        worker.join(timeout=60)
+        return function()
+    except Exception as e:  # noqa: BLE001 - the unit's error record
+        return e
 
 
-def _refilled(backend, ahead: queue.Queue, batch_size: int, gen: GenerationOptions, take, out) -> None:
-    """--each with rows refilled: a batch of `batch_size` rows whose ended rows' slots the next
-    inputs take at once (rows.py's join), instead of waiting for the batch's longest answer. An
-    input too long for the room left starts the next batch."""
-    from qwen2vl_cli.rows import Row
-
-    finished, carried = False, []
-    while True:
-        batch = carried
-        carried = []
-        while not finished and len(batch) < batch_size:  # a batch starts full, as a fixed one does
-            item = ahead.get()
-            if item is _END:
-                finished = True
-            elif (ready := take(item)) is not None:
-                batch.append(ready)
-        if not batch:
-            return
-        running = backend.start([Row(p.text, list(p.loaded), gen) for *_, p in batch], capacity=batch_size)
-        rows = dict(enumerate(batch))
-        while running.live:
-            for number, generation in running.advance():
-                result = backend.finish(rows[number][-1], generation, gen)
-                out(rows.pop(number), *((None, result) if isinstance(result, Exception) else (result, None)))
-            while not finished and not carried and running.open():
-                try:
-                    item = ahead.get_nowait()
-                except queue.Empty:
-                    break
-                if item is _END:
-                    finished = True
-                    break
-                if (ready := take(item)) is None:
-                    continue
-                row = Row(ready[-1].text, list(ready[-1].loaded), gen)
-                try:
-                    fits = running.fits(row)
-                except Exception as e:  # noqa: BLE001 - its inputs cannot be built: this input's failure
-                    out(ready, None, e)
-                    continue
-                if not fits:
-                    carried.append(ready)
-                    break
-                number = len(running.rows)
-                rows[number] = ready
-                try:
-                    running.join(row)
-                except Exception as e:  # noqa: BLE001 - this input's failure (out of memory in its prefill), not the batch's
-                    rows.pop(number)
-                    out(ready, None, e)
+def _raised(value):
+    """`value`, raised where it is an exception (a window that could not be read)."""
+    if isinstance(value, BaseException):
+        raise value
+    return value
 
 
-def _generate(backend: Backend, batch, gen):
+def _generate(backend: Backend, batch: list[Unit], gen):
     """Results for a batch (a row that could not run has its error); when the batch fails as a
     whole, each input is tried alone."""
     try:
-        results = backend.generate([item[-1] for item in batch], gen)
+        results = backend.generate([unit.prepared for unit in batch], gen)
         return [(item, None, r) if isinstance(r, Exception) else (item, r, None) for item, r in zip(batch, results)]
     except Exception as e:
         if len(batch) == 1:
@@ -258,7 +382,7 @@ def _generate(backend: Backend, batch, gen):
     out = []
     for item in batch:
         try:
-            out.append((item, backend.generate([item[-1]], gen)[0], None))
+            out.append((item, backend.generate([item.prepared], gen)[0], None))
         except Exception as e:
             out.append((item, None, e))
     return out

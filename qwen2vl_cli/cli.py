@@ -151,8 +151,11 @@ def _inspect_body(media: list[str] | None, options: dict) -> None:
     model, device, json_out = O.take(O.inspect_options, options)
     opts = O.take(O.sizing_options, options)
     segment = O.take(O.segment_options, options)
+    sheet_path = O.take(O.sheet_options, options)
     if not media and segment is not None:
         raise UsageError("--segment cuts a clip: give CLIP")
+    if not media and sheet_path is not None:
+        raise UsageError("--frames-sheet draws the frames of MEDIA: give MEDIA")
     if not media:
         if model is None:
             raise UsageError("give MEDIA to inspect, or --model M for a model summary")
@@ -171,17 +174,22 @@ def _inspect_body(media: list[str] | None, options: dict) -> None:
         spec = vision_spec(None)
     sized = replace(opts, cpu_budget=resolved == "cpu")
     count = stamp_counter(model) if spec.time_stamps else None
+    sheet = None
+    if sheet_path is not None:
+        from qwen2vl_cli.sheet import Sheet
+
+        sheet = Sheet(sheet_path)
     if segment is not None:
         from qwen2vl_cli import segments
 
-        shown, failed = segments.inspect(tuple(media), spec, sized, *segment, count=count)
+        shown, failed = segments.inspect(tuple(media), spec, sized, segment.segment, segment.overlap, count=count, sheet=sheet)
         if json_out:
             for w, p in shown:
                 render.print_json({"window": w.index + 1, "start_s": round(w.start_s, 4), "end_s": round(w.end_s, 4), **p.to_dict()})
         elif shown:
             render.windows_table(shown)
     else:
-        shown, failed = inspect_media(tuple(media), spec, sized, count=count)
+        shown, failed = inspect_media(tuple(media), spec, sized, count=count, sheet=sheet)
         render.Reporter().inputs(shown, lines=False)
         if json_out:
             for p in shown:
@@ -190,6 +198,9 @@ def _inspect_body(media: list[str] | None, options: dict) -> None:
             render.inspect_table(shown)
     if resolved == "cpu" and not opts.pixel_limits_given and shown:
         render.stderr_console().print("sized for CPU (smaller defaults); --device cuda shows GPU sizes", style="dim")
+    if sheet is not None and len(sheet):
+        sheet.save()
+        render.Reporter().note(f"drew the {sheet.frames()} the model gets on {sheet_path}")
     for error in failed:  # every input that could be read is shown; each one that could not is a line
         render.print_error(str(error))
     if failed:
@@ -201,21 +212,21 @@ _MEDIA_HELP = "Image, animated image or video: path, http(s):// URL, file:// URI
 _command(
     "describe",
     _argument("media", Annotated[Optional[list[str]], typer.Argument(metavar="MEDIA", help=_MEDIA_HELP + " Several go into one prompt, in order (with --each: one answer each).", show_default=False)], None),
-    _ANSWER_GROUPS + [O.grounding_options],
+    _ANSWER_GROUPS + [O.grounding_options, O.sheet_options],
     lambda media, options: answer(media, False, options),
     "Describe images, animated images or videos; the answer streams to stdout. --boxes finds things in an image.",
 )
 _command(
     "video",
     _argument("clip", Annotated[Optional[list[str]], typer.Argument(metavar="CLIP", help="Video or animated image: path, http(s):// URL, file:// URI, or - for stdin (several with --each).", show_default=False)], None),
-    _ANSWER_GROUPS,
+    _ANSWER_GROUPS + [O.timeline_options, O.sheet_options],
     lambda clip, options: answer(clip, True, options),
-    "Describe a video clip, sampled with the Qwen frame rules (2 frames per second by default).",
+    "Describe a video clip, sampled with the Qwen frame rules (2 frames per second by default). --segment: a record per window of the clip (a timeline; --format srt|vtt for subtitles).",
 )
 _command(
     "inspect",
     _argument("media", Annotated[Optional[list[str]], typer.Argument(metavar="MEDIA", help=_MEDIA_HELP, show_default=False)], None),
-    [O.inspect_options, O.sizing_options, O.segment_options],
+    [O.inspect_options, O.sizing_options, O.segment_options, O.sheet_options],
     _inspect_body,
     "Sizes, frames and token counts, without loading weights. With only --model: the model's summary.",
     no_args_is_help=False,

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,66 +193,21 @@ def draw(image, boxes: tuple[dict, ...]):
     return out
 
 
-DRAW_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
-
-
 def drawing_format(path: str) -> str:
     """Pillow's format for --draw's file name; a name it cannot write is a usage error."""
-    from PIL import Image
+    from qwen2vl_cli.pictures import picture_format
 
-    from qwen2vl_cli.errors import UsageError
-
-    ext = Path(path).suffix.lower()
-    fmt = Image.registered_extensions().get(ext)
-    if ext not in DRAW_EXTENSIONS or fmt is None or fmt not in Image.SAVE:
-        raise UsageError(f"--draw {path}: name it .png, .jpg or .webp (the extension decides the format)")
-    if Path(path).is_dir():
-        raise UsageError(f"--draw {path}: is a directory; give a file name such as {Path(path) / 'boxes.png'}")
-    if Path(path).exists():
-        raise UsageError(f"--draw {path}: the file exists; choose a new name")
-    if not Path(path).parent.is_dir():
-        raise UsageError(f"--draw {path}: no such directory")
-    return fmt
+    return picture_format(path, "--draw", "boxes.png")
 
 
 def save_drawing(source, boxes: tuple[dict, ...], path: str) -> None:
     """The original picture (as shown: EXIF orientation applied) with `boxes`, written to a new file."""
     from PIL import Image, ImageOps
 
-    from qwen2vl_cli.errors import QvlError
     from qwen2vl_cli.media import to_rgb
+    from qwen2vl_cli.pictures import save_new
 
-    fmt = drawing_format(path)
     with source.open() as f, Image.open(f) as img:
         img.seek(0)
         picture = draw(to_rgb(ImageOps.exif_transpose(img)), boxes)
-    # Written whole under a temporary name, then linked to its own: a full disk leaves no cut
-    # picture behind to block the retry, and a file that appeared meanwhile is never replaced.
-    target = Path(path)
-    try:
-        fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    except OSError as e:
-        raise QvlError(f"--draw {path}: cannot write it ({e.strerror or e})") from None
-    try:
-        with os.fdopen(fd, "wb") as out:
-            picture.save(out, format=fmt)
-        _place(temporary, target)
-    except FileExistsError:
-        raise QvlError(f"--draw {path}: a file of that name appeared meanwhile; it is left as it is") from None
-    except OSError as e:
-        raise QvlError(f"--draw {path}: cannot write it ({e.strerror or e})") from None
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-
-
-def _place(temporary: str, target: Path) -> None:
-    """`temporary` under `target`'s name, never over a file there (FileExistsError)."""
-    try:
-        os.link(temporary, target)
-    except FileExistsError:
-        raise
-    except OSError:  # a file system without hard links (FAT, some network mounts)
-        if target.exists():
-            raise FileExistsError(str(target)) from None
-        os.replace(temporary, target)
+    save_new(picture, path, "--draw")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import replace
 
 from qwen2vl_cli import config as C
@@ -178,8 +179,30 @@ def load(src: Source, info: MediaInfo, plan: MediaPlan, keyframes_only: bool = F
     """Pixels at the plan's size. `max_frame_pixels`: no video frame larger than this is decoded
     (frames may change size after the first, which the header describes); None: frame_limit()."""
     loaded = _load(src, info, plan, keyframes_only, max_frame_pixels or frame_limit())
-    if plan.kind != "video":
-        return loaded
+    return _timed(loaded, plan) if plan.kind == "video" else loaded
+
+
+def load_windows(src: Source, info: MediaInfo, plans: list[MediaPlan], keyframes_only: bool = False,
+                 max_frame_pixels: int | None = None) -> Iterator[Loaded | MediaError]:
+    """The pixels of several plans of one video (--segment's windows, in time order), each as soon
+    as its frames are in, or the MediaError that kept it from being read: a video file is read in
+    one pass; an animation (small, and bounded when probed) once per plan."""
+    if info.animated:
+        for plan in plans:
+            try:
+                yield load(src, info, plan, keyframes_only, max_frame_pixels)
+            except MediaError as e:
+                yield e
+        return
+    from qwen2vl_cli.video import read_windows
+
+    keyframes_only = keyframes_only and info.keyframes is not None
+    for n, loaded in read_windows(src, plans, keyframes_only, max_frame_pixels or frame_limit()):
+        yield loaded if isinstance(loaded, MediaError) else _timed(loaded, plans[n])
+
+
+def _timed(loaded: Loaded, plan: MediaPlan) -> Loaded:
+    """A video's frames with what the processor's VideoMetadata holds of them."""
     metadata = {"fps": plan.native_fps, "frames_indices": list(plan.frame_indices or ()), "total_num_frames": plan.span_frames}
     return replace(loaded, video_metadata=metadata)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect as _inspect
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -13,7 +14,7 @@ import typer
 from qwen2vl_cli import config as C
 from qwen2vl_cli.devices import ATTNS, DEVICES, DTYPES, ENGINES
 from qwen2vl_cli.errors import UsageError
-from qwen2vl_cli.types import EndpointOptions, GenerationOptions, MediaOptions, RuntimeOptions, check_generation
+from qwen2vl_cli.types import EndpointOptions, GenerationOptions, MediaOptions, RuntimeOptions, Timeline, check_generation
 
 MEDIA_PANEL = "Image sizing"
 VIDEO_PANEL = "Video frames"
@@ -118,8 +119,8 @@ EACH_PANEL = "Many inputs"
 Each = Annotated[bool, typer.Option("--each", help="One request per MEDIA with the same prompt and options; the model loads once. Records go out as JSON Lines.", rich_help_panel=EACH_PANEL)]
 FromFile = Annotated[Optional[str], typer.Option("--from", metavar="FILE", help="Read sources from FILE, one per line (- for stdin; blank lines and # comments skipped). Implies --each.", rich_help_panel=EACH_PANEL)]
 Null = Annotated[bool, typer.Option("--null", "-0", help="--from entries are NUL-separated (find -print0).", rich_help_panel=EACH_PANEL)]
-Format = Annotated[str, typer.Option(help="jsonl: one JSON object per input. text: source<TAB>text, newlines escaped.", rich_help_panel=EACH_PANEL,
-                                     autocompletion=complete("jsonl", "text"))]
+Format = Annotated[str, typer.Option(help="jsonl: one JSON object per input (with --segment, per window). text: source<TAB>text, newlines escaped (a window's span before its text). srt, vtt: one clip's windows as subtitles (--segment).", rich_help_panel=EACH_PANEL,
+                                     autocompletion=complete("jsonl", "text", "srt", "vtt"))]
 Ordered = Annotated[bool, typer.Option("--ordered/--unordered", help="Records in input order, or as each finishes.", rich_help_panel=EACH_PANEL)]
 Output = Annotated[Optional[str], typer.Option("--output", "-o", metavar="FILE", help="Write records to FILE (a new file), flushed after each.", rich_help_panel=EACH_PANEL)]
 Resume = Annotated[Optional[str], typer.Option(metavar="FILE", help="Continue FILE: skip inputs it already answered with the same prompt and options, append the rest.", rich_help_panel=EACH_PANEL)]
@@ -284,20 +285,29 @@ def each_options(
     resume: Resume = None,
     batch_size: BatchSize = None,
 ):
-    """None without --each/--from (and then none of the other options may be given)."""
+    """The record options as given; `records` decides whether the run writes records."""
     from qwen2vl_cli.batch import EachOptions
 
-    if not (each or from_file):
-        given = [name for name, value in (("--null", null), ("--output", output), ("--resume", resume), ("--batch-size", batch_size),
-                 ("--format", format != "jsonl"), ("--unordered", not ordered)) if value]
-        if given:
-            raise UsageError(f"{given[0]} works with --each (or --from FILE)")
-        return None
     if output and resume and Path(output).expanduser().resolve() != Path(resume).expanduser().resolve():
         raise UsageError("--output and --resume name different files: give one")
-    if resume and format == "text":
-        raise UsageError("--resume continues a JSON Lines file: drop --format text")
-    return EachOptions(from_file, null, choice("format", format, ("jsonl", "text")), ordered, output, resume, batch_size)
+    if resume and format != "jsonl":
+        raise UsageError(f"--resume continues a JSON Lines file: drop --format {format}")
+    return EachOptions(from_file, null, choice("format", format, ("jsonl", "text", "srt", "vtt")), ordered, output, resume, batch_size,
+                       each=bool(each or from_file))
+
+
+def records(each, timeline) -> object | None:
+    """The run's record options: with --each/--from, or --segment (a record per window); else None,
+    and then none of them may be given."""
+    if each.format in ("srt", "vtt") and (timeline is None or each.each):
+        raise UsageError(f"--format {each.format} writes one clip's windows as subtitles: give one CLIP with --segment, without --each")
+    if timeline is not None or each.each:
+        return each
+    given = [name for name, value in (("--null", each.null), ("--output", each.output), ("--resume", each.resume),
+             ("--batch-size", each.batch_size), ("--format", each.format != "jsonl"), ("--unordered", not each.ordered)) if value]
+    if given:
+        raise UsageError(f"{given[0]} works with --each (or --from FILE, or --segment)")
+    return None
 
 
 def endpoint_options(
@@ -324,8 +334,13 @@ Segment = Annotated[Optional[str], typer.Option(metavar="SECONDS", help="Cut the
 Overlap = Annotated[Optional[str], typer.Option(metavar="SECONDS", help="With --segment: each window starts this much before the one before it ends.", show_default=False, rich_help_panel=VIDEO_PANEL)]
 
 
-def segment_options(segment: Segment = None, overlap: Overlap = None) -> tuple[float, float] | None:
-    """(window length, overlap) in seconds; None without --segment."""
+Summary = Annotated[bool, typer.Option("--summary", help="With --segment: after a clip's windows, one more record answering the question for the whole clip from the windows' answers and times (text only).", rich_help_panel=VIDEO_PANEL)]
+SummaryPrompt = Annotated[Optional[str], typer.Option(metavar="TEXT", help="The question --summary answers (default: the windows' own); implies --summary.", show_default=False, rich_help_panel=VIDEO_PANEL)]
+FramesSheet = Annotated[Optional[str], typer.Option(metavar="FILE", help="Write a picture of the frames the model gets (as it gets them: resized), each labelled with its index and time, a row per medium (per window with --segment), to this new .png/.jpg/.webp file.", show_default=False, rich_help_panel=OUT_PANEL)]
+
+
+def segment_options(segment: Segment = None, overlap: Overlap = None) -> Timeline | None:
+    """The windows' length and overlap in seconds; None without --segment."""
     from qwen2vl_cli.segments import parse_span
 
     if segment is None:
@@ -338,7 +353,28 @@ def segment_options(segment: Segment = None, overlap: Overlap = None) -> tuple[f
         raise UsageError(f"--segment {segment}: give a length above 0 seconds")
     if shared >= length:
         raise UsageError(f"--overlap {overlap}: must be shorter than --segment {segment}")
-    return length, shared
+    return Timeline(length, shared)
+
+
+def timeline_options(segment: Segment = None, overlap: Overlap = None, summary: Summary = False,
+                     summary_prompt: SummaryPrompt = None) -> Timeline | None:
+    """`qvl video`'s --segment, with its summary; None without --segment."""
+    timeline = segment_options(segment, overlap)
+    if timeline is None:
+        if summary or summary_prompt is not None:
+            raise UsageError(f"{'--summary' if summary else '--summary-prompt'} sums up the windows of --segment SECONDS: add it")
+        return None
+    if summary_prompt is not None and not summary_prompt.strip():
+        raise UsageError("--summary-prompt: give the question the summary answers")
+    return replace(timeline, summary=summary or summary_prompt is not None, summary_prompt=summary_prompt)
+
+
+def sheet_options(frames_sheet: FramesSheet = None) -> str | None:
+    if frames_sheet is not None:
+        from qwen2vl_cli.pictures import picture_format
+
+        picture_format(frames_sheet, "--frames-sheet", "frames.png")  # fails before any model loads or frame is decoded
+    return frames_sheet
 
 
 def inspect_options(

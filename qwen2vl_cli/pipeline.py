@@ -78,10 +78,12 @@ def cpu_budget_note(probed: list[Probed], plans: list[MediaPlan], spec: VisionSp
 
 
 def inspect(
-    texts: tuple[str, ...], spec: VisionSpec, opts: MediaOptions, stdin: BinaryIO | None = None, count: Callable[[str], int] | None = None
+    texts: tuple[str, ...], spec: VisionSpec, opts: MediaOptions, stdin: BinaryIO | None = None, count: Callable[[str], int] | None = None,
+    sheet=None,
 ) -> tuple[list[MediaPlan], list[MediaError]]:
-    """Plans for `qvl inspect`: headers and container metadata only, no pixels, no torch. An
-    input that cannot be read is its error, and the others are planned together (one budget)."""
+    """Plans for `qvl inspect`: headers and container metadata only, no torch. An input that
+    cannot be read is its error, and the others are planned together (one budget). `sheet` (a
+    sheet.Sheet): their pixels are decoded too, and drawn there."""
     probed, failed = [], []
     with SourceResolver(stdin=stdin, max_bytes=opts.max_download) as resolver:
         for text in texts:
@@ -89,7 +91,12 @@ def inspect(
                 probed += probe_all(resolver, (text,), opts)
             except MediaError as e:
                 failed.append(e)
-        return (plan_all(probed, spec, opts, count) if probed else []), failed
+        plans = plan_all(probed, spec, opts, count) if probed else []
+        if sheet is not None and plans:
+            plans, loaded = decode_all(probed, plans, opts)
+            for p, ld in zip(plans, loaded):
+                sheet.add(p, ld)
+        return plans, failed
 
 
 def decode_all(probed: list[Probed], plans: list[MediaPlan], opts: MediaOptions, max_frame_pixels: int | None = None,
@@ -101,11 +108,12 @@ def decode_all(probed: list[Probed], plans: list[MediaPlan], opts: MediaOptions,
         return decode() if cache is None else cache.load(p.source, pl, opts.seek, decode)
 
     loaded = [load(p, pl) for p, pl in zip(probed, plans)]
-    plans = [
-        replace(pl, frame_times_s=ld.frame_times_s, notes=pl.notes + ld.notes) if pl.kind == "video" else pl
-        for pl, ld in zip(plans, loaded)
-    ]
-    return plans, loaded
+    return [decoded(pl, ld) for pl, ld in zip(plans, loaded)], loaded
+
+
+def decoded(plan: MediaPlan, loaded: media.Loaded) -> MediaPlan:
+    """A plan with what decoding found: a video's real frame times, and notes."""
+    return replace(plan, frame_times_s=loaded.frame_times_s, notes=plan.notes + loaded.notes) if plan.kind == "video" else plan
 
 
 def check_boxes(inputs: list[tuple[str, str]], gen: GenerationOptions) -> None:

@@ -11,11 +11,14 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import BinaryIO, TextIO
+from typing import TYPE_CHECKING, BinaryIO, TextIO
 
 from qwen2vl_cli.errors import QvlError, UsageError, describe_exception, error_type
 from qwen2vl_cli.output import json_line, printable
-from qwen2vl_cli.types import GenerationOptions, MediaOptions, Result, RuntimeOptions
+from qwen2vl_cli.types import GenerationOptions, MediaOptions, Result, RuntimeOptions, Timeline
+
+if TYPE_CHECKING:
+    from qwen2vl_cli.segments import Window
 
 
 def iter_sources(args: Iterable[str], from_file: str | None, null: bool, stdin: BinaryIO | None = None) -> Iterator[str]:
@@ -74,7 +77,31 @@ def _entries(stream: BinaryIO, null: bool) -> Iterator[str]:
 def request_key(media: MediaOptions, gen: GenerationOptions, runtime: RuntimeOptions) -> str:
     """Identifies "the same prompt and options" for --resume."""
     fields = {"media": asdict(media), "generation": asdict(gen), "model": runtime.model}
+    return _digest(fields)
+
+
+def window_key(key: str, window: Window) -> str:
+    """A window's own request key: the clip's request and the window's span (--segment, --overlap)."""
+    return _digest({"request": key, "window": [window.start_s, window.end_s]})
+
+
+def summary_key(key: str, timeline: Timeline) -> str:
+    """A clip's summary's request key: the clip's request, how it was cut, the summary's question."""
+    return _digest({"request": key, "summary": [timeline.segment, timeline.overlap, timeline.summary_prompt]})
+
+
+def _digest(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def window_fields(window: Window) -> dict:
+    """What a window's record says of it: its number (from 1) and its span in the clip."""
+    return {"window": window.index + 1, "start_s": round(window.start_s, 4), "end_s": round(window.end_s, 4)}
+
+
+def summary_fields(read: list) -> dict:
+    """What a summary's record says of it, before it knows which windows it read: the clip's span."""
+    return {"summary": True, "start_s": round(read[0][0].start_s, 4), "end_s": round(read[-1][0].end_s, 4)}
 
 
 # Every record qvl writes starts so: a result ("text" first) or an error record ("source" first).
@@ -90,6 +117,7 @@ class RecordFile:
         self.option = "--resume" if resume else "--output"
         self.path = Path(path).expanduser()
         self.done: set[tuple[int, str, str]] = set()  # (index, source, request_key) of the successful records
+        self.answered: dict[tuple[int, str, str], str] = {}  # the texts of --segment's windows among them (a summary reads them)
         self._broken = False
         shown = f"{self.option} {path}"
         if self.path.is_dir():
@@ -135,8 +163,10 @@ class RecordFile:
             if not (isinstance(record, dict) and isinstance(record.get("source"), str) and isinstance(record.get("index"), int)
                     and isinstance(record.get("request_key"), str)):
                 raise UsageError(f"{shown}: line {number} is not a record qvl wrote; give a file that qvl --each wrote")
-            if "error" not in record:
+            if "error" not in record and not record.get("windows_failed"):  # a summary that missed windows is done again
                 self.done.add((record["index"], record["source"], record["request_key"]))
+                if "window" in record and isinstance(record.get("text"), str):
+                    self.answered[(record["index"], record["source"], record["request_key"])] = record["text"]
         if good_end != os.fstat(f.fileno()).st_size:
             f.truncate(good_end)
 
@@ -205,10 +235,36 @@ def _escaped(text: str) -> str:
 
 
 def format_record(record: dict, fmt: str) -> str:
+    """A record as a line: JSON, or text (source, question, a window's span or "summary", then
+    the answer, tab-separated)."""
     if fmt == "text":
         question = f"{_escaped(record['question'])}\t" if "question" in record else ""
-        return f"{_escaped(record['source'])}\t{question}{_escaped(record['text'])}"
+        span = "summary\t" if "summary" in record else f"{clock(record['start_s'])}-{clock(record['end_s'])}\t" if "window" in record else ""
+        return f"{_escaped(record['source'])}\t{question}{span}{_escaped(record['text'])}"
     return json_line(record)
+
+
+SUBTITLES = ("srt", "vtt")
+
+
+def cue(record: dict, number: int, fmt: str) -> str | None:
+    """A window's answer as a subtitle cue (SubRip or WebVTT), shown from its start to its end;
+    None for an empty answer. A blank line would end the cue early, so the text has none."""
+    text = "\n".join(line.strip() for line in record["text"].strip().splitlines() if line.strip())
+    if not text:
+        return None
+    if fmt == "vtt":  # WebVTT reads & and < as markup and --> as a timing line
+        text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+        return f"{clock(record['start_s'], '.')} --> {clock(record['end_s'], '.')}\n{text}\n"
+    return f"{number}\n{clock(record['start_s'], ',')} --> {clock(record['end_s'], ',')}\n{text}\n"
+
+
+def clock(seconds: float, mark: str = ".") -> str:
+    """Seconds as HH:MM:SS.mmm (subtitles' clock; SubRip marks the milliseconds with a comma)."""
+    ms = round(seconds * 1000)
+    hours, ms = divmod(ms, 3_600_000)
+    minutes, ms = divmod(ms, 60_000)
+    return f"{hours:02d}:{minutes:02d}:{ms // 1000:02d}{mark}{ms % 1000:03d}"
 
 
 def sink_for(output: RecordFile | None, stdout: TextIO) -> Callable[[str], None]:

@@ -332,7 +332,7 @@ def windows_table(cut) -> None:
                       f"({p.grid_thw[0]}, {p.grid_thw[1]}, {p.grid_thw[2]})", str(p.visual_tokens), str(p.tokens_with_markers))
     out.print(table)
     clips = len({p.source for _, p in cut})
-    out.print(f"total: {sum(p.tokens_with_markers for _, p in cut)} tokens with markers in {len(cut)} windows"
+    out.print(f"total: {sum(p.tokens_with_markers for _, p in cut)} tokens with markers in {len(cut)} window{'s' if len(cut) != 1 else ''}"
               + (f" of {clips} clips" if clips > 1 else ""))
 
 

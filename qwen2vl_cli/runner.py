@@ -224,6 +224,10 @@ class Runner:
         found = self._control.search(text)
         return found.group(0) if found else None
 
+    def without_control(self, text: str) -> str:
+        """`text` with the chat template's control tokens taken out (model output read back as a prompt)."""
+        return self._control.sub("", text)
+
     def prompt_text(self, messages: list[dict]) -> str:
         return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 

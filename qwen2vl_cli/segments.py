@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 from qwen2vl_cli import config as C
 from qwen2vl_cli.errors import MediaError, UsageError
-from qwen2vl_cli.types import MediaInfo, MediaOptions, MediaPlan, VisionSpec
+from qwen2vl_cli.types import MediaOptions, MediaPlan, VisionSpec
 
 _UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0}
 
@@ -54,7 +54,7 @@ def windows(start: float, end: float, segment: float, overlap: float = 0.0, shor
         return []
     step = segment - overlap
     count = max(1, math.ceil((end - start - overlap) / step - 1e-9))  # the last one reaches `end`
-    spans = [(start + i * step, min(start + i * step + segment, end)) for i in range(count)]
+    spans = [(start + i * step, min(start + i * step + segment, end)) for i in range(count - 1)] + [(start + (count - 1) * step, end)]
     if len(spans) > 1 and spans[-1][1] - spans[-1][0] < shortest:
         spans = spans[:-2] + [(spans[-2][0], end)]
     return [Window(i, a, b) for i, (a, b) in enumerate(spans)]
@@ -65,11 +65,13 @@ def shortest_window(spec: VisionSpec, opts: MediaOptions) -> float:
     return spec.temporal_patch_size / (opts.fps or C.FPS)
 
 
-def plan_windows(source: str, info: MediaInfo, spec: VisionSpec, opts: MediaOptions, segment: float, overlap: float,
-                 notes: tuple[str, ...] = ()) -> list[tuple[Window, MediaPlan]]:
-    """Every window of a probed clip and its plan, each what `--start a --end b` plans for it."""
-    from qwen2vl_cli.sizing import SizingError, plan
+def plan_windows(probed, spec: VisionSpec, opts: MediaOptions, segment: float, overlap: float,
+                 count=None) -> list[tuple[Window, MediaPlan]]:
+    """Every window of a probed clip (a pipeline.Probed) and its plan, each what `--start a --end b`
+    plans for it. `count`: the model's tokenizer, for Qwen3-VL's time stamps."""
+    from qwen2vl_cli.pipeline import plan_all
 
+    source, info = probed.source.label, probed.info
     if info.kind != "video":
         raise MediaError(source, f"is a still {info.format} image: --segment cuts a video")
     if not info.frames or not info.fps:
@@ -77,21 +79,30 @@ def plan_windows(source: str, info: MediaInfo, spec: VisionSpec, opts: MediaOpti
     length = info.frames / info.fps  # as --start and --end count seconds: from the first frame, frames at the clip's rate
     first = opts.start or 0.0
     last = length if opts.end is None else min(opts.end, length)
+    if last <= first:
+        raise MediaError(source, f"--start {first:g} is past the clip's end ({length:.2f} s): nothing to cut")
     out = []
     for w in windows(first, last, segment, overlap, shortest_window(spec, opts)):
         try:
-            out.append((w, plan(source, info, spec, replace(opts, start=w.start_s, end=w.end_s), notes)))
-        except SizingError as e:
-            raise MediaError(source, f"window {w.index + 1} ({w.start_s:g}-{w.end_s:g} s): {e}") from None
+            [plan] = plan_all([probed], spec, replace(opts, start=w.start_s, end=w.end_s), count)
+        except (MediaError, UsageError) as e:
+            raise MediaError(source, f"window {w.index + 1} ({w.start_s:g}-{w.end_s:g} s): {_reason(e, source)}") from None
+        out.append((w, plan))
     return out
 
 
+def _reason(e: Exception, source: str) -> str:
+    text = str(e)
+    return text[len(source) + 2:] if text.startswith(f"{source}: ") else text
+
+
 def inspect(texts: tuple[str, ...], spec: VisionSpec, opts: MediaOptions, segment: float, overlap: float,
-            count=None) -> tuple[list[tuple[Window, MediaPlan]], list[MediaError]]:
+            count=None, sheet=None) -> tuple[list[tuple[Window, MediaPlan]], list[MediaError]]:
     """`qvl inspect --segment`: every window of every clip, planned from headers alone; a clip that
-    cannot be read or cut is its error, and the others are planned."""
-    from qwen2vl_cli.families import stamp_tokens
-    from qwen2vl_cli.pipeline import probe_all
+    cannot be read or cut is its error, and the others are planned. `sheet` (a sheet.Sheet): the
+    windows' frames are decoded too (one pass over each clip), and drawn there."""
+    from qwen2vl_cli import media
+    from qwen2vl_cli.pipeline import decoded, probe_all
     from qwen2vl_cli.sources import SourceResolver
 
     out, failed = [], []
@@ -99,9 +110,30 @@ def inspect(texts: tuple[str, ...], spec: VisionSpec, opts: MediaOptions, segmen
         for text in texts:
             try:
                 [p] = probe_all(resolver, (text,), opts)
-                out += plan_windows(p.source.label, p.info, spec, opts, segment, overlap, p.notes)
+                cut = plan_windows(p, spec, opts, segment, overlap, count)
             except MediaError as e:
                 failed.append(e)
-    if count is not None:
-        out = [(w, replace(p, stamp_tokens=stamp_tokens(p.time_stamps_s, count)) if p.time_stamps_s else p) for w, p in out]
+                continue
+            if sheet is not None:
+                loads = media.load_windows(p.source, p.info, [plan for _, plan in cut], opts.seek == "keyframe")
+                for n, ((w, plan), loaded) in enumerate(zip(cut, loads)):
+                    if isinstance(loaded, MediaError):
+                        failed.append(MediaError(p.source.label, f"window {w.index + 1}: {_reason(loaded, p.source.label)}"))
+                        continue
+                    cut[n] = (w, decoded(plan, loaded))
+                    sheet.add_window(w, cut[n][1], loaded)
+            out += cut
     return out, failed
+
+
+def summary_prompt(answers: list[tuple[Window, str]], question: str | None) -> str:
+    """--summary's request: the windows' answers, each under its span, then the question for the
+    whole clip (by default the windows' own, else "Describe this video.")."""
+    from qwen2vl_cli.records import clock
+
+    lines = [f"A video, described window by window ({len(answers)} windows, from {clock(answers[0][0].start_s)} "
+             f"to {clock(answers[-1][0].end_s)}):", ""]
+    for w, text in answers:
+        lines.append(f"[{clock(w.start_s)} - {clock(w.end_s)}] {' '.join(text.split())}")
+    lines += ["", f"Answer for the whole video: {question or 'Describe this video.'}"]
+    return "\n".join(lines)

@@ -304,6 +304,18 @@ class Request:
     require_video: bool = False
     draw: str | None = None  # --draw: write the picture with the boxes found here
     endpoint: EndpointOptions | None = None  # --endpoint: answered there
+    sheet: str | None = None  # --frames-sheet: write the picture of the frames the model gets here
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """--segment: a clip cut into windows `segment` seconds long, each starting `overlap` before the
+    one before ends, a record each; with `summary`, one more over their answers."""
+
+    segment: float
+    overlap: float = 0.0
+    summary: bool = False
+    summary_prompt: str | None = None  # None: the windows' own question
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,9 @@ array. No full-resolution frame is kept.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
-
 
 from qwen2vl_cli.errors import InternalError, MediaError, one_line
 from qwen2vl_cli.sources import Source
@@ -181,52 +181,96 @@ def _probe_video(src: Source, scan: bool) -> MediaInfo:
 
 
 class _Frames:
-    """The output array, filled slot by slot as the chosen frames are decoded."""
+    """The output arrays of one or more plans of the same clip (the windows of --segment), filled
+    slot by slot as the chosen frames are decoded; a frame several plans chose is converted once.
+    A plan's array is made when its first frame comes and handed out once its last is in, so only
+    the plans being filled hold pixels."""
 
-    def __init__(self, plan: MediaPlan):
-        import numpy as np
-
-        self.width, self.height = plan.resized_width, plan.resized_height
-        indices = plan.frame_indices or ()
-        self.pixels = np.empty((len(indices), self.height, self.width, 3), dtype=np.uint8)
-        self.times = [0.0] * len(indices)
-        self.slots: dict[int, list[int]] = {}
-        for slot, index in enumerate(indices):
-            self.slots.setdefault(index, []).append(slot)
+    def __init__(self, plans: list[MediaPlan]):
+        self.plans = plans
+        self.slots: dict[int, list[tuple[int, int]]] = {}  # frame index -> (plan, slot) pairs
+        for n, plan in enumerate(plans):
+            for slot, index in enumerate(plan.frame_indices or ()):
+                self.slots.setdefault(index, []).append((n, slot))
         self.todo = sorted(self.slots)  # frame indices still to fill, ascending
-        self.filled = 0
+        self.pixels: dict = {}  # plan -> its array, while it is being filled
+        self.times: dict[int, list[float]] = {}
+        self.filled = [0] * len(plans)
+        self.given: set[int] = set()  # plans handed out
         from av.video.reformatter import VideoReformatter
 
         # One scaler context each, reused for every frame (a frame's own reformat() builds a new one).
-        self._to_rgb, self._resize = VideoReformatter(), VideoReformatter()
+        self._to_rgb = VideoReformatter()
+        self._resize: dict[tuple[int, int], VideoReformatter] = {}
 
-    def put(self, index: int, frame, t: float) -> None:
+    def _array(self, n: int):
+        import numpy as np
+
+        if n not in self.pixels:
+            plan = self.plans[n]
+            count = len(plan.frame_indices or ())
+            self.pixels[n] = np.empty((count, plan.resized_height, plan.resized_width, 3), dtype=np.uint8)
+            self.times[n] = [0.0] * count
+        return self.pixels[n]
+
+    def put(self, index: int, frame, t: float) -> list[int]:
+        """A decoded frame into every slot that chose it; the plans it completed."""
         # Full-resolution RGB first, then bicubic in RGB: within 0.05 (mean, uint8) of the
         # reference's resize, where one-step YUV scaling is 1.5 off.
         rgb = self._to_rgb.reformat(frame, format="rgb24")
-        pixels = self._resize.reformat(rgb, width=self.width, height=self.height, interpolation="BICUBIC").to_ndarray()
-        for slot in self.slots.pop(index):
-            self.pixels[slot] = pixels
-            self.times[slot] = t
-            self.filled += 1
+        sized: dict[tuple[int, int], object] = {}
+        done = []
+        for n, slot in self.slots.pop(index):
+            size = (self.plans[n].resized_width, self.plans[n].resized_height)
+            if size not in sized:
+                scaler = self._resize.setdefault(size, type(self._to_rgb)())
+                sized[size] = scaler.reformat(rgb, width=size[0], height=size[1], interpolation="BICUBIC").to_ndarray()
+            self._array(n)[slot] = sized[size]
+            self.times[n][slot] = t
+            self.filled[n] += 1
+            if self.filled[n] == len(self.times[n]):
+                done.append(n)
         self.todo.remove(index)
+        return done
 
-    def pad(self) -> int:
-        """Repeat the last decoded frame into slots the stream never delivered; returns how many."""
-        missing = len(self.times) - self.filled
-        if missing and self.filled:
-            self.pixels[self.filled :] = self.pixels[self.filled - 1]
-            self.times[self.filled :] = [self.times[self.filled - 1]] * missing
-        return missing
+    def take(self, n: int) -> Loaded:
+        """Plan `n`'s frames, handed out (the stream's last frame repeated into slots it never delivered)."""
+        self.given.add(n)
+        pixels, times = self.pixels.pop(n), self.times.pop(n)
+        missing = len(times) - self.filled[n]
+        notes = ()
+        if missing:
+            pixels[self.filled[n]:] = pixels[self.filled[n] - 1]
+            times[self.filled[n]:] = [times[self.filled[n] - 1]] * missing
+            notes = (f"the stream ended early (metadata said {self.plans[n].frames} frames): the last frame fills {missing} slots",)
+        return Loaded(frames=pixels, frame_times_s=tuple(times), notes=notes)
+
+    def rest(self) -> list[int]:
+        """The plans not handed out yet, in order."""
+        return [n for n in range(len(self.plans)) if n not in self.given]
 
 
 def read_frames(src: Source, plan: MediaPlan, keyframes_only: bool = False, max_frame_pixels: int | None = None) -> Loaded:
     """Decode the planned frames. With `keyframes_only` the plan holds keyframe indices (--seek keyframe).
     `max_frame_pixels`: FFmpeg decodes no frame larger than this (a header can describe a small
     first frame of a stream whose later frames are huge), and a larger one ends the read."""
+    [(_, loaded)] = read_windows(src, [plan], keyframes_only, max_frame_pixels)
+    if isinstance(loaded, Exception):
+        raise loaded
+    return loaded
+
+
+def read_windows(src: Source, plans: list[MediaPlan], keyframes_only: bool = False,
+                 max_frame_pixels: int | None = None) -> Iterator[tuple[int, Loaded | MediaError]]:
+    """Several plans of one clip (--segment's windows, in time order) in one pass over the file:
+    (plan number, its frames) as each plan's last frame is decoded, or the MediaError that kept
+    it from being read, for every plan in order. The pass waits while the caller does: memory
+    holds only the plans being filled."""
     import av
 
-    out = _Frames(plan)
+    out = _Frames(plans)
+    failure: MediaError | None = None
+    corrupt = False  # the stream broke: what was decoded is kept
     try:
         with _open(src) as container:
             _, index = scan_packets(src, container, container.streams.video[0])
@@ -235,35 +279,44 @@ def read_frames(src: Source, plan: MediaPlan, keyframes_only: bool = False, max_
             stream.thread_type = "AUTO"
             if max_frame_pixels is not None:  # FFmpeg checks every frame's size before allocating it
                 stream.codec_context.options = {"max_pixels": str(max_frame_pixels)}
-            if index is None or len(index.pts) != plan.frames:
-                _decode_counting(container, stream, out, plan)
+            if index is None or len(index.pts) != plans[0].frames:
+                steps = _decode_counting(container, stream, out, plans[0].native_fps)
             else:
-                _decode_indexed(container, stream, out, index, keyframes_only)
-    except MediaError:
-        raise
+                steps = _decode_indexed(container, stream, out, index, keyframes_only)
+            for done in steps:
+                for n in done:
+                    yield n, out.take(n)
+    except MediaError as e:
+        failure = e
     except av.ArgumentError as e:  # what FFmpeg's frame size check returns (EINVAL): not a stream cut short
         if max_frame_pixels is None:
-            raise MediaError(src.label, f"cannot decode the video ({one_line(e)})") from None
-        raise MediaError(src.label, f"a frame is over the {max_frame_pixels:,} pixels allowed here (its header said {plan.width}x{plan.height}), or the stream is corrupt") from None
+            failure = MediaError(src.label, f"cannot decode the video ({one_line(e)})")
+        else:
+            failure = MediaError(src.label, f"a frame is over the {max_frame_pixels:,} pixels allowed here (its header said "
+                                            f"{plans[0].width}x{plans[0].height}), or the stream is corrupt")
     except _data_errors() as e:  # a corrupt stream: keep what was decoded, if anything
-        if out.filled == 0:
-            raise MediaError(src.label, f"cannot decode the video ({one_line(e)})") from None
+        failure, corrupt = MediaError(src.label, f"cannot decode the video ({one_line(e)})"), True
     except MemoryError:
         raise
     except Exception as e:
         raise _bug(src, e) from e
-    missing = out.pad()
-    if missing == len(out.times):
-        raise MediaError(src.label, "no frame could be decoded")
-    notes = (f"the stream ended early (metadata said {plan.frames} frames): the last frame fills {missing} slots",) if missing else ()
-    return Loaded(frames=out.pixels, frame_times_s=tuple(out.times), notes=notes)
+    if failure is not None and not corrupt:
+        for n in out.rest():
+            yield n, failure
+        return
+    for n in out.rest():  # the stream ended (or broke) before these plans' last frames
+        if out.filled[n]:
+            yield n, out.take(n)
+        else:
+            yield n, failure or MediaError(src.label, "no frame could be decoded")
 
 
 # Decoding up to this many unwanted frames is cheaper than a seek and a decoder restart.
 SEEK_GAP_FRAMES = 32
 
 
-def _decode_indexed(container, stream, out: _Frames, index: PacketIndex, keyframes_only: bool) -> None:
+def _decode_indexed(container, stream, out: _Frames, index: PacketIndex, keyframes_only: bool) -> Iterator[list[int]]:
+    """Decode forward from the chosen frames' keyframes; yields the plans each frame completed."""
     ctx = stream.codec_context
     tb = _time_base(stream)
     position = {p: i for i, p in enumerate(index.pts)}
@@ -287,7 +340,7 @@ def _decode_indexed(container, stream, out: _Frames, index: PacketIndex, keyfram
             for frame in ctx.decode(packet):
                 i = position.get(frame.pts)
                 if i is not None and i in out.slots:
-                    out.put(i, frame, float((frame.pts - t0) * tb))
+                    yield out.put(i, frame, float((frame.pts - t0) * tb))
             if not out.todo:
                 return
             # Seek again once the decoder has given up everything before the next gap.
@@ -297,8 +350,9 @@ def _decode_indexed(container, stream, out: _Frames, index: PacketIndex, keyfram
             return  # end of stream
 
 
-def _decode_counting(container, stream, out: _Frames, plan: MediaPlan) -> None:
-    """No usable packet index: decode forward, counting frames in presentation order."""
+def _decode_counting(container, stream, out: _Frames, native_fps: float | None) -> Iterator[list[int]]:
+    """No usable packet index: decode forward, counting frames in presentation order; yields the
+    plans each frame completed."""
     tb = _time_base(stream)
     t0 = None
     last = max(out.slots)
@@ -307,7 +361,7 @@ def _decode_counting(container, stream, out: _Frames, plan: MediaPlan) -> None:
             t0 = frame.pts
         if i in out.slots:
             # Frames flushed at the end carry no .time; pts * time_base is always right.
-            t = float((frame.pts - t0) * tb) if frame.pts is not None else i / (plan.native_fps or 1.0)
-            out.put(i, frame, t)
+            t = float((frame.pts - t0) * tb) if frame.pts is not None else i / (native_fps or 1.0)
+            yield out.put(i, frame, t)
         if i >= last:
             return

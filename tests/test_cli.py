@@ -587,7 +587,7 @@ def test_a_drawing_cut_short_leaves_nothing_behind(media_dir, tmp_path):
 
 
 @pytest.mark.parametrize("words,expected", [("qvl video x --seek ", ["exact", "keyframe"]), ("qvl serve --batching c", ["continuous"]),
-                                            ("qvl describe x --device c", ["cuda", "cpu"]), ("qvl describe --each x --format ", ["jsonl", "text"])])
+                                            ("qvl describe x --device c", ["cuda", "cpu"]), ("qvl describe --each x --format ", ["jsonl", "text", "srt", "vtt"])])
 def test_fixed_option_values_complete_in_the_shell(words, expected):
     import os
 

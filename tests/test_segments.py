@@ -77,3 +77,229 @@ def test_segment_errors_are_one_line(qvl, media_dir):
                        (("--segment", "2"), "give CLIP")):
         r = qvl("inspect", *args)
         assert r.exit_code == 2 and said in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+
+
+# ---- qvl video --segment: one pass, records, subtitles, summary, sheet, resume --------------------
+
+FAST = ("--max-new-tokens", "6", "--dtype", "float32", "-q")
+
+
+def records(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+@pytest.mark.parametrize("name", ["clip.mp4", "short_gop.mp4", "vfr.mp4", "raw.h264", "clip.webm"])
+def test_one_pass_gives_each_window_the_frames_it_alone_would_get(media_dir, name, monkeypatch):
+    """Every window's pixels and times from one pass over the file equal a read of that window
+    alone; the pass opens the file as often for many windows as a read of one does."""
+    import av
+    import numpy as np
+
+    from qwen2vl_cli import media
+    from qwen2vl_cli.pipeline import probe_all
+    from qwen2vl_cli.segments import plan_windows
+    from qwen2vl_cli.sources import SourceResolver
+    from qwen2vl_cli.types import MediaOptions, VisionSpec
+
+    with SourceResolver() as resolver:
+        [probed] = probe_all(resolver, (str(media_dir / name),), MediaOptions())
+    cut = plan_windows(probed, VisionSpec(), MediaOptions(), 1.0, 0.25)
+    plans = [plan for _, plan in cut]
+    opened = []
+    real_open = av.open
+    monkeypatch.setattr(av, "open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    together = list(media.load_windows(probed.source, probed.info, plans))
+    one_pass = len(opened)
+    alone = [media.load(probed.source, probed.info, plan) for plan in plans]
+    assert len(plans) > 1 and one_pass == (len(opened) - one_pass) / len(plans)  # as many opens as one window's read
+    for a, b in zip(alone, together):
+        assert np.array_equal(a.frames, b.frames) and a.frame_times_s == b.frame_times_s and a.video_metadata == b.video_metadata
+
+
+def test_windows_are_records_each_the_answer_of_its_start_and_end(qvl, tiny_model, media_dir):
+    """Fidelity: each window's frames, sizes, tokens and greedy answer equal `qvl video --start a
+    --end b` of that window; the records come in order, with the window's number and span."""
+    clip = media_dir / "clip.mp4"
+    r = qvl("video", clip, "--segment", "1", "--overlap", "0.25", "--model", tiny_model, *FAST)
+    assert r.exit_code == 0, r.stderr
+    cut = records(r.stdout)
+    # 0.75 s is left after the third window: less than a temporal patch (1 s at 2 fps), so the third takes it
+    assert [(w["window"], w["start_s"], w["end_s"]) for w in cut] == [(1, 0, 1), (2, 0.75, 1.75), (3, 1.5, 3)]
+    assert len({w["request_key"] for w in cut}) == len(cut)  # each window is a request of its own (--resume)
+    for w in cut:
+        alone = qvl("video", clip, "--start", repr(w["start_s"]), "--end", repr(w["end_s"]), "--model", tiny_model, *FAST, "--json")
+        assert alone.exit_code == 0, alone.stderr
+        one = json.loads(alone.stdout)
+        assert w["inputs"] == one["inputs"] and (w["text"], w["prompt_tokens"]) == (one["text"], one["prompt_tokens"])
+
+
+def _cues(text: str) -> list[tuple[str, str, str]]:
+    """(start, end, text) of each cue of a SubRip or WebVTT file."""
+    blocks = [b.splitlines() for b in text.strip().split("\n\n")]
+    if blocks[0] == ["WEBVTT"]:
+        blocks = [[""] + b for b in blocks[1:]]
+    out = []
+    for number, timing, *lines in blocks:
+        start, end = timing.split(" --> ")
+        out.append((start, end, "\n".join(lines)))
+    return out
+
+
+def test_subtitles_parse_back_to_the_windows(qvl, tiny_model, media_dir):
+    clip = media_dir / "short_gop.mp4"
+    args = ("video", clip, "--segment", "6", "--model", tiny_model, *FAST)
+    cut = records(qvl(*args).stdout)
+    srt, vtt = qvl(*args, "--format", "srt"), qvl(*args, "--format", "vtt")
+    assert srt.exit_code == vtt.exit_code == 0 and vtt.stdout.startswith("WEBVTT\n\n")
+    assert [b.splitlines()[0] for b in srt.stdout.strip().split("\n\n")] == [str(n) for n in range(1, len(cut) + 1)]
+    shown = lambda t: "\n".join(line.strip() for line in t.strip().splitlines() if line.strip())  # noqa: E731
+    escaped = lambda t: shown(t).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")  # noqa: E731
+    assert _cues(srt.stdout) == [(clock(w["start_s"], ","), clock(w["end_s"], ","), shown(w["text"])) for w in cut]
+    assert _cues(vtt.stdout) == [(clock(w["start_s"]), clock(w["end_s"]), escaped(w["text"])) for w in cut]
+    assert _cues(srt.stdout)[-1][:2] == ("00:00:18,000", "00:00:20,000")
+    text = qvl(*args, "--format", "text").stdout.splitlines()
+    assert [line.split("\t")[1] for line in text] == [f"{clock(w['start_s'])}-{clock(w['end_s'])}" for w in cut]
+
+
+def clock(seconds: float, mark: str = ".") -> str:
+    from qwen2vl_cli.records import clock as formatted
+
+    return formatted(seconds, mark)
+
+
+def test_a_window_that_fails_is_its_record_and_the_summary_reads_the_others_then_resume_redoes_them(
+        qvl, tiny_model, tmp_path, monkeypatch):
+    """Frames that grow past the frame limit from 2.5 s on: windows 3 and 4 are error records, the
+    summary reads windows 1 and 2 (its prompt holds their answers and times); a resume with the
+    limit lifted redoes windows 3 and 4 only, then a summary of all four (1 and 2 read back from
+    the file)."""
+    from qwen2vl_cli.backend import LocalBackend
+    from qwen2vl_cli.segments import Window, summary_prompt
+    from qwen2vl_cli.types import GenerationOptions, RuntimeOptions
+    from tests.helpers import Quiet
+    from tests.robustness.corpus import growing_mov
+
+    clip = growing_mov(tmp_path / "grow.mov", small=64, large=1200, frames=40, small_frames=25)  # 10 fps: 4 s, large from 2.5 s
+    out = tmp_path / "timeline.jsonl"
+    args = ("video", clip, "--segment", "1", "--summary", "--model", tiny_model, *FAST[:-1], "-q", "--resume", out)
+    monkeypatch.setenv("QVL_MAX_IMAGE_PIXELS", "300000")  # frames up to 600,000 pixels: 1200x1200 is over
+    r = qvl(*args)
+    assert r.exit_code == 1 and r.stdout == ""
+    first = records(out.read_text())
+    assert [("window" in o, "error" in o) for o in first] == [(True, False), (True, False), (True, True), (True, True), (False, False)]
+    assert "a frame is over the 600,000 pixels allowed here" in first[2]["error"]["message"]
+    summary = first[-1]
+    assert summary["summary"] is True and summary["windows"] == [1, 2] and summary["windows_failed"] == [3, 4]
+    assert summary["visual_tokens"] == 0 and (summary["start_s"], summary["end_s"]) == (0, 4)
+
+    backend = LocalBackend(RuntimeOptions(str(tiny_model), device="cpu", dtype="float32"), Quiet())
+    def tokens(windows: list[dict]) -> int:  # the summary's request, made from these windows' answers
+        read = [(Window(o["window"] - 1, o["start_s"], o["end_s"]), o["text"]) for o in windows]
+        return backend.prepare_text(summary_prompt(read, None), GenerationOptions(max_new_tokens=6)).prompt_tokens
+    assert summary["prompt_tokens"] == tokens(first[:2])
+
+    monkeypatch.setenv("QVL_MAX_IMAGE_PIXELS", "100000000")  # (Pillow keeps its limit in the process)
+    r = qvl(*args[:-3], "--resume", out)
+    assert r.exit_code == 0 and "3 done, 0 failed, 2 skipped" in r.stderr, r.stderr
+    every = records(out.read_text())
+    assert every[:5] == first  # nothing written was touched
+    assert [o.get("window") for o in every[5:]] == [3, 4, None]
+    assert every[-1]["windows"] == [1, 2, 3, 4] and every[-1]["windows_failed"] == []
+    assert every[-1]["prompt_tokens"] == tokens(first[:2] + every[5:7])
+
+
+def test_resume_after_a_kill_redoes_only_the_missing_windows(tiny_model, media_dir, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "timeline.jsonl"
+    cmd = [sys.executable, "-m", "qwen2vl_cli", "video", str(media_dir / "short_gop.mp4"), "--segment", "4", "--model", str(tiny_model),
+           "--dtype", "float32", "--max-new-tokens", "600", "--min-new-tokens", "600", "--resume", str(out), "-q"]
+    proc = subprocess.Popen(cmd)
+    deadline = time.time() + 300
+    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 1):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written = records(out.read_text())
+    assert 1 <= len(written) < 5
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    final = records(out.read_text())
+    assert final[: len(written)] == written and [o["window"] for o in final] == [1, 2, 3, 4, 5]
+
+
+def test_each_cuts_every_clip(qvl, tiny_model, media_dir):
+    r = qvl("video", "--each", media_dir / "clip.mp4", media_dir / "photo.png", media_dir / "anim.gif", "--segment", "1.5",
+            "--model", tiny_model, *FAST)
+    assert r.exit_code == 1
+    got = records(r.stdout)
+    assert [(o["index"], o.get("window")) for o in got] == [(0, 1), (0, 2), (1, None), (2, 1)]
+    assert "is a still PNG image" in got[2]["error"]["message"]
+
+
+def test_the_frames_sheet_shows_each_windows_frames_where_it_says(qvl, media_dir, tmp_path):
+    """inspect --segment --frames-sheet: a row per window, each frame (read back from its pixels on
+    the sheet) the one its caption names; the file is never overwritten."""
+    import numpy as np
+    from PIL import Image
+
+    from qwen2vl_cli import sheet as S
+    from tests.media_factory import frame_index_of
+
+    clip, path = media_dir / "clip.mp4", tmp_path / "frames.png"
+    r = qvl("inspect", clip, "--segment", "1.5", "--frames-sheet", path, "--json")
+    cut = records(r.stdout)
+    assert r.exit_code == 0 and f"drew the {sum(len(w['frame_indices']) for w in cut)} frames the model gets" in r.stderr, r.stderr
+    picture = np.asarray(Image.open(path).convert("RGB"))
+    rw, rh = cut[0]["resized_width"], cut[0]["resized_height"]
+    w = min(rw, S.CELL)  # a frame wider than a cell is scaled down to it
+    h = round(rh * w / rw)
+    line = S._line_height(S._font())
+    assert picture.shape[:2] == (len(cut) * (h + line + S.GAP + S.PAIR_GAP), S.LABEL + S._x(len(cut[0]["frame_indices"]), w, 2))
+    for row, window in enumerate(cut):
+        top = row * (h + line + S.GAP + S.PAIR_GAP)
+        for column, index in enumerate(window["frame_indices"]):
+            left = S.LABEL + S._x(column, w, 2)
+            assert frame_index_of(picture[top:top + h, left:left + w]) == index
+    before = path.read_bytes()
+    again = qvl("inspect", clip, "--segment", "1.5", "--frames-sheet", path)
+    assert again.exit_code == 2 and "the file exists; choose a new name" in again.stderr and path.read_bytes() == before
+
+
+def test_the_sheet_labels_and_a_describe_sheet(qvl, tiny_model, media_dir, tmp_path):
+    from qwen2vl_cli.sheet import Sheet
+    from qwen2vl_cli.types import MediaPlan
+
+    path = tmp_path / "seen.png"
+    r = qvl("describe", media_dir / "photo.png", media_dir / "clip.mp4", "--frames-sheet", path, "--model", tiny_model,
+            "--max-new-tokens", "4", "--dtype", "float32")
+    assert r.exit_code == 0 and path.exists() and f"drew the 7 frames the model gets on {path}" in r.stderr
+    sheet = Sheet(str(tmp_path / "labels.png"))
+    import numpy as np
+
+    from qwen2vl_cli.segments import Window
+    from qwen2vl_cli.types import Loaded
+
+    plan = MediaPlan("/a/b/talk.mp4", "video", 64, 48, 56, 56, (2, 4, 4), 8, frame_indices=(0, 9, 18, 27), frame_times_s=(0, 0.3, 0.6, 0.9))
+    sheet.add_window(Window(2, 120.0, 180.0), plan, Loaded(frames=np.zeros((4, 56, 56, 3), np.uint8), frame_times_s=(0, 0.3, 0.6, 0.9)))
+    [row] = sheet.rows
+    assert row.label == "talk.mp4\nwindow 3\n00:02:00.000\n00:03:00.000\n8 tokens"
+    assert [caption for _, caption in row.cells] == ["#0  0.00 s", "#9  0.30 s", "#18  0.60 s", "#27  0.90 s"] and row.group == 2
+
+
+def test_timeline_usage_errors_are_one_line(qvl, media_dir, tmp_path):
+    clip = media_dir / "clip.mp4"
+    for args, said in (((clip, "--summary"), "--summary sums up the windows of --segment"),
+                       ((clip, "--segment", "1", "--format", "srt", "--each"), "give one CLIP with --segment, without --each"),
+                       ((clip, "--format", "vtt"), "give one CLIP with --segment"),
+                       ((clip, "--segment", "1", "--format", "srt", "--summary"), "--summary is a record of its own"),
+                       ((clip, "--segment", "1", "--endpoint", "http://127.0.0.1:9/v1"), "drop --endpoint"),
+                       ((clip, clip, "--segment", "1"), "add --each for the windows of several"),
+                       ((clip, "--segment", "1", "--summary", "-p", "a", "-p", "b"), "give one -p"),
+                       ((clip, "--segment", "1", "--format", "srt", "--resume", tmp_path / "r.srt"), "drop --format srt"),
+                       ((clip, "--each", "--frames-sheet", tmp_path / "s.png"), "drop it with --each")):
+        r = qvl("video", *args, "--model", tmp_path / "no-model")
+        assert r.exit_code == 2 and said in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)

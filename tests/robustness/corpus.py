@@ -34,8 +34,8 @@ def canvas_gif(width: int, height: int, frames: int) -> bytes:
     return bytes(out + b"\x3b")
 
 
-def growing_mov(path: Path, small: int = 64, large: int = 3000, frames: int = 10) -> Path:
-    """A PNG-in-MOV whose header and first two frames are small x small, and whose later frames are large x large."""
+def growing_mov(path: Path, small: int = 64, large: int = 3000, frames: int = 10, small_frames: int = 2) -> Path:
+    """A PNG-in-MOV whose header and first `small_frames` frames are small x small, and whose later frames are large x large."""
     import io
     from fractions import Fraction
 
@@ -51,9 +51,10 @@ def growing_mov(path: Path, small: int = 64, large: int = 3000, frames: int = 10
         stream = container.add_stream("png", rate=10)
         stream.width, stream.height, stream.pix_fmt = small, small, "rgb24"
         stream.time_base = Fraction(1, 10)
+        container.start_encoding()  # the muxer picks its time base now: packets in tenths are rescaled to it
         for i in range(frames):
-            packet = av.Packet(tiles[small if i < 2 else large])
-            packet.stream, packet.pts, packet.dts, packet.duration, packet.time_base = stream, i, i, 1, stream.time_base
+            packet = av.Packet(tiles[small if i < small_frames else large])
+            packet.stream, packet.pts, packet.dts, packet.duration, packet.time_base = stream, i, i, 1, Fraction(1, 10)
             packet.is_keyframe = True
             container.mux(packet)
     return path
