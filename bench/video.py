@@ -239,6 +239,7 @@ def child_timeline(clip: str, model: str) -> dict:
     import tempfile
 
     out = Path(tempfile.mkdtemp()) / "timeline.jsonl"
+    clip, model = str(Path(clip).resolve()), str(Path(model).resolve())
     cmd = [sys.executable, "-m", "qwen2vl_cli", "video", clip, "--segment", f"{SEGMENT:g}", "--model", model, "--device", "cpu",
            "--dtype", "float32", "--max-new-tokens", str(NEW_TOKENS), "--min-new-tokens", str(NEW_TOKENS), "-o", str(out), "-q"]
     start = time.perf_counter()

@@ -155,6 +155,8 @@ def answer_each(request, each, quiet: bool, endpoint=None, more: list[Generation
                 backend = LocalBackend(request.runtime, reporter)
                 for gen in [request.generation, *more]:
                     backend.check_generation(gen)
+                if timeline is not None and timeline.summary_prompt is not None:
+                    backend.check_text(timeline.summary_prompt, "--summary-prompt")
         finally:
             reporter.stop()
         sources_total = files.count_sources(request.sources, each.from_file, each.null) if timeline is None else None  # windows: not known yet

@@ -168,10 +168,14 @@ class LocalBackend:
                     yield w, Prepared((plan,), (loaded,), self.prompt([plan], gen), time.perf_counter() - start)
                 start = time.perf_counter()
 
+    def without_control(self, text: str) -> str:
+        """Model output to be read back as a prompt (--summary's window answers): the chat
+        template's control tokens it spelled out, taken out."""
+        return self.runner.without_control(text)
+
     def prepare_text(self, text: str, gen: GenerationOptions) -> Prepared:
-        """A request of text alone (--summary's over the windows' answers): control tokens the
-        answers spelled out are taken out, and it must leave the answer room in the model's context."""
-        text = self.runner.without_control(text)
+        """A request of text alone (--summary's over the windows' answers), which must leave the
+        answer room in the model's context."""
         prepared = Prepared((), (), self.prompt([], replace(gen, prompt=text)))
         tokens, context = self.runner.count_tokens(prepared.text), self.runner.context_tokens
         if tokens + gen.max_new_tokens > context:

@@ -287,7 +287,7 @@ class _Run:
             if not all(k in self.settled or k in self.answered for _, k in unit.summary):
                 continue
             self.waiting.remove(unit)
-            texts = [(w, self.answered[k]) for w, k in unit.summary if k in self.answered]
+            texts = [(w, self.backend.without_control(self.answered[k])) for w, k in unit.summary if k in self.answered]
             missing = [w.index + 1 for w, k in unit.summary if k not in self.answered]
             unit.fields = {**unit.fields, "windows": [w.index + 1 for w, _ in texts], "windows_failed": missing}
             try:
