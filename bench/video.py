@@ -158,14 +158,10 @@ FIDELITY_WINDOWS = 3  # first, middle and last window read alone too, for their 
 
 
 def _backend(model: str):
+    sys.path.insert(0, str(ROOT))
     from qwen2vl_cli.backend import LocalBackend
     from qwen2vl_cli.types import RuntimeOptions
-
-    class Quiet:
-        def stage(self, text): pass
-        def text(self, chunk): pass
-        def note(self, text): pass
-        def inputs(self, plans): pass
+    from tests.helpers import Quiet
 
     return LocalBackend(RuntimeOptions(model, device="cpu", dtype="float32"), Quiet())
 

@@ -186,6 +186,6 @@ def answer_each(request, each, quiet: bool, endpoint=None, more: list[Generation
             records.close()
     if sheet is not None and len(sheet):
         sheet.save()
-        Reporter(quiet=quiet).note(f"drew the {sheet.frames()} the model got on {request.sheet}")
+        Reporter(quiet=quiet).note(sheet.said("got"))
     if tally.failed:
         raise typer.Exit(1)

@@ -359,7 +359,7 @@ def _draw_sheet(path: str, plans, loaded, hooks: Hooks) -> None:
     for plan, pixels in zip(plans, loaded):
         sheet.add(plan, pixels)
     sheet.save()
-    hooks.note(f"drew the {sheet.frames()} the model gets on {path}")
+    hooks.note(sheet.said())
 
 
 def together(backend: LocalBackend, plans, loaded, gens: list[GenerationOptions], hooks: Hooks, media_s: float) -> Iterator[Result]:

@@ -128,7 +128,7 @@ def run_each(
     more: list[tuple[GenerationOptions, str]] = (),
     refill: bool | None = None,
     timeline: Timeline | None = None,
-    answered: dict[tuple[int, str, str], str] | None = None,
+    answered: dict[tuple[int, str, str], tuple[str, float, float]] | None = None,
     sheet=None,
 ) -> None:
     """Prepare ahead on a worker thread; generate in batches on this one. `more`: further
@@ -138,8 +138,8 @@ def run_each(
     inputs at once (None: on a GPU, with a batch size over one; a CPU pays for every row, and runs
     fixed batches). `timeline` (--segment): a record per window of each clip, its frames decoded in
     one pass and each window handed to the model as soon as they are in; with its summary, one more
-    record per clip once its windows' answers are in (`answered`: the texts of windows done before,
-    by record). `sheet` (a sheet.Sheet) gets each window's frames as they are decoded."""
+    record per clip once its windows' answers are in (`answered`: the windows done before, by
+    record: their texts and when their frames are shown). `sheet` (a sheet.Sheet) gets each window's frames as they are decoded."""
     _Run(backend, media, [(gen, key), *more], emitter, tally, done, require_video, on_progress, timeline, answered or {},
          sheet).run(sources, batch_size, refill)
 
@@ -149,8 +149,8 @@ class _Run:
         self.backend, self.media, self.questions = backend, media, questions
         self.emitter, self.tally, self.done, self.require_video, self.on_progress = emitter, tally, done, require_video, on_progress
         self.timeline, self.sheet = timeline, sheet
-        self.answered = dict(answered)  # window records' texts, by (index, source, request key)
-        self.settled: set[tuple[int, str, str]] = set()  # window records answered, failed or skipped in this run
+        self.answered = dict(answered)  # --summary: windows' (text, shown from, to), by (index, source, request key)
+        self.settled: set[tuple[int, str, str]] = set()  # --summary: windows answered, failed or skipped in this run
         self.waiting: list[Unit] = []  # summaries whose windows are not all in
         self.ahead: queue.Queue = queue.Queue()
         self.stop = threading.Event()
@@ -231,10 +231,9 @@ class _Run:
                 if self.sheet is not None and not isinstance(prepared, BaseException) and prepared is not None:
                     self.sheet.add_window(w, prepared.plans[0], prepared.loaded[0])
                 yield from self._asked(serial, index, source, keys(w), lambda: _raised(prepared), records.window_fields(w))
-        except Exception as e:  # the clip could not be read or cut: its error, once per question
+        except Exception as e:  # the clip could not be read or cut: its error, once per question (and no summary)
             yield from self._asked(serial, index, source, [k for _, k in self.questions], lambda: _raised(e), {})
-            if not read:
-                return
+            return
         if self.timeline.summary and read:
             key = records.summary_key(self.questions[0][1], self.timeline)
             unit = Unit(next(serial), index, source, 0, key, records.summary_fields(read))
@@ -287,32 +286,35 @@ class _Run:
             if not all(k in self.settled or k in self.answered for _, k in unit.summary):
                 continue
             self.waiting.remove(unit)
-            texts = [(w, self.backend.without_control(self.answered[k])) for w, k in unit.summary if k in self.answered]
-            missing = [w.index + 1 for w, k in unit.summary if k not in self.answered]
-            unit.fields = {**unit.fields, "windows": [w.index + 1 for w, _ in texts], "windows_failed": missing}
+            read = [(w, self.answered.pop(k, None)) for w, k in unit.summary]
+            self.settled.difference_update(k for _, k in unit.summary)
+            answers = [(start, end, self.backend.without_control(text)) for _, (text, start, end) in (r for r in read if r[1])]
+            unit.fields = {**unit.fields, "windows": [w.index + 1 for w, a in read if a],
+                           "windows_failed": [w.index + 1 for w, a in read if not a]}
             try:
-                if not texts:
+                if not answers:
                     raise QvlError("no window was described, so there is nothing to summarise")
                 question = self.timeline.summary_prompt or self.gen.prompt
-                unit.prepared = self.backend.prepare_text(segments.summary_prompt(texts, question), self.gen)
+                unit.prepared = self.backend.prepare_text(segments.summary_prompt(answers, question), self.gen)
             except Exception as e:  # noqa: BLE001 - this summary's error record
                 self._out(unit, None, e)
                 return self._summary()
             return unit
         return None
 
-    def _settle(self, unit: Unit, text: str | None) -> None:
-        """A window's record is in: its text is what a summary reads (the first question's)."""
-        if "window" in unit.fields and unit.question == 0:
-            self.settled.add((unit.index, unit.source, unit.key))
-            if text is not None:
-                self.answered[(unit.index, unit.source, unit.key)] = text
+    def _settle(self, unit: Unit, record: dict | None) -> None:
+        """A window's record is in (None: skipped): with --summary, its answer (the first question's) is what the summary reads."""
+        if "window" in unit.fields and unit.question == 0 and self.timeline.summary:
+            key = (unit.index, unit.source, unit.key)
+            self.settled.add(key)
+            if record is not None and "text" in record:
+                self.answered[key] = (record["text"], *records.on_screen(record))
 
     def _out(self, unit: Unit, result, error) -> None:
         record = record_for(unit.index, unit.source, unit.key, result, error) | unit.fields
         if len(self.questions) > 1 and "summary" not in unit.fields:
             record["question"] = self.questions[unit.question][0].prompt
-        self._settle(unit, result.text if error is None else None)
+        self._settle(unit, record)
         self.emitter.emit(unit.serial, record)  # counted once it is out
         if error is None:
             self.tally.done += 1

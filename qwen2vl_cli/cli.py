@@ -181,11 +181,12 @@ def _inspect_body(media: list[str] | None, options: dict) -> None:
         sheet = Sheet(sheet_path)
     if segment is not None:
         from qwen2vl_cli import segments
+        from qwen2vl_cli.records import window_fields
 
         shown, failed = segments.inspect(tuple(media), spec, sized, segment.segment, segment.overlap, count=count, sheet=sheet)
         if json_out:
             for w, p in shown:
-                render.print_json({"window": w.index + 1, "start_s": round(w.start_s, 4), "end_s": round(w.end_s, 4), **p.to_dict()})
+                render.print_json({**window_fields(w), **p.to_dict()})
         elif shown:
             render.windows_table(shown)
     else:
@@ -200,7 +201,7 @@ def _inspect_body(media: list[str] | None, options: dict) -> None:
         render.stderr_console().print("sized for CPU (smaller defaults); --device cuda shows GPU sizes", style="dim")
     if sheet is not None and len(sheet):
         sheet.save()
-        render.Reporter().note(f"drew the {sheet.frames()} the model gets on {sheet_path}")
+        render.Reporter().note(sheet.said())
     for error in failed:  # every input that could be read is shown; each one that could not is a line
         render.print_error(str(error))
     if failed:

@@ -197,8 +197,8 @@ def load_windows(src: Source, info: MediaInfo, plans: list[MediaPlan], keyframes
     from qwen2vl_cli.video import read_windows
 
     keyframes_only = keyframes_only and info.keyframes is not None
-    for n, loaded in read_windows(src, plans, keyframes_only, max_frame_pixels or frame_limit()):
-        yield loaded if isinstance(loaded, MediaError) else _timed(loaded, plans[n])
+    for plan, loaded in zip(plans, read_windows(src, plans, keyframes_only, max_frame_pixels or frame_limit())):
+        yield loaded if isinstance(loaded, MediaError) else _timed(loaded, plan)
 
 
 def _timed(loaded: Loaded, plan: MediaPlan) -> Loaded:

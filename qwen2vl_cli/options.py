@@ -301,6 +301,8 @@ def records(each, timeline) -> object | None:
     and then none of them may be given."""
     if each.format in ("srt", "vtt") and (timeline is None or each.each):
         raise UsageError(f"--format {each.format} writes one clip's windows as subtitles: give one CLIP with --segment, without --each")
+    if each.format in ("srt", "vtt") and not each.ordered:
+        raise UsageError(f"--format {each.format}: subtitles are in time order; drop --unordered")
     if timeline is not None or each.each:
         return each
     given = [name for name, value in (("--null", each.null), ("--output", each.output), ("--resume", each.resume),

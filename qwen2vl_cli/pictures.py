@@ -29,9 +29,17 @@ def picture_format(path: str, option: str, example: str) -> str:
     return fmt
 
 
+# The largest side each format holds; PNG's is far past any picture qvl draws.
+LARGEST_SIDE = {"WEBP": 16383, "JPEG": 65500}
+
+
 def save_new(picture, path: str, option: str) -> None:
     """`picture` (a PIL image) written to `path`, a new file."""
     fmt = picture_format(path, option, Path(path).name)
+    side = LARGEST_SIDE.get(fmt)
+    if side is not None and max(picture.size) > side:
+        raise QvlError(f"{option} {path}: the picture is {picture.size[0]}x{picture.size[1]} pixels, larger than {fmt} holds "
+                       f"({side} a side); name it .png")
     # Written whole under a temporary name, then linked to its own: a full disk leaves no cut
     # picture behind to block the retry, and a file that appeared meanwhile is never replaced.
     target = Path(path)
@@ -48,8 +56,8 @@ def save_new(picture, path: str, option: str) -> None:
         _place(temporary, target)
     except FileExistsError:
         raise QvlError(f"{option} {path}: a file of that name appeared meanwhile; it is left as it is") from None
-    except OSError as e:
-        raise QvlError(f"{option} {path}: cannot write it ({e.strerror or e})") from None
+    except (OSError, ValueError) as e:  # a full disk; an encoder's own refusal
+        raise QvlError(f"{option} {path}: cannot write it ({getattr(e, 'strerror', None) or e})") from None
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)

@@ -117,7 +117,7 @@ class RecordFile:
         self.option = "--resume" if resume else "--output"
         self.path = Path(path).expanduser()
         self.done: set[tuple[int, str, str]] = set()  # (index, source, request_key) of the successful records
-        self.answered: dict[tuple[int, str, str], str] = {}  # the texts of --segment's windows among them (a summary reads them)
+        self.answered: dict[tuple[int, str, str], tuple[str, float, float]] = {}  # --segment's windows among them: text, `shown` span
         self._broken = False
         shown = f"{self.option} {path}"
         if self.path.is_dir():
@@ -166,7 +166,10 @@ class RecordFile:
             if "error" not in record and not record.get("windows_failed"):  # a summary that missed windows is done again
                 self.done.add((record["index"], record["source"], record["request_key"]))
                 if "window" in record and isinstance(record.get("text"), str):
-                    self.answered[(record["index"], record["source"], record["request_key"])] = record["text"]
+                    try:
+                        self.answered[(record["index"], record["source"], record["request_key"])] = (record["text"], *on_screen(record))
+                    except (KeyError, IndexError, TypeError):  # a window record without its frames' times: a summary redoes it
+                        pass
         if good_end != os.fstat(f.fileno()).st_size:
             f.truncate(good_end)
 
@@ -248,15 +251,26 @@ SUBTITLES = ("srt", "vtt")
 
 
 def cue(record: dict, number: int, fmt: str) -> str | None:
-    """A window's answer as a subtitle cue (SubRip or WebVTT), shown from its start to its end;
+    """A window's answer as a subtitle cue (SubRip or WebVTT), shown while its frames are (`on_screen`);
     None for an empty answer. A blank line would end the cue early, so the text has none."""
     text = "\n".join(line.strip() for line in record["text"].strip().splitlines() if line.strip())
     if not text:
         return None
+    start, end = on_screen(record)
     if fmt == "vtt":  # WebVTT reads & and < as markup and --> as a timing line
         text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-        return f"{clock(record['start_s'], '.')} --> {clock(record['end_s'], '.')}\n{text}\n"
-    return f"{number}\n{clock(record['start_s'], ',')} --> {clock(record['end_s'], ',')}\n{text}\n"
+        return f"{clock(start, '.')} --> {clock(end, '.')}\n{text}\n"
+    # SubRip has no escapes, and players read <i>, <font ...> and {\an8} in it: a zero-width space keeps them text.
+    text = text.replace("<", "<\u200b").replace("{", "{\u200b")
+    return f"{number}\n{clock(start, ',')} --> {clock(end, ',')}\n{text}\n"
+
+
+def on_screen(record: dict) -> tuple[float, float]:
+    """When a window's frames are on screen: its first sampled frame's time to its last's, by the
+    frames' own timestamps. (`start_s`-`end_s` is the span asked for, which counts frames at the
+    clip's average rate as --start and --end do; a variable frame rate moves the frames in it.)"""
+    times = record["inputs"][0]["frame_times_s"]
+    return times[0], times[-1]
 
 
 def clock(seconds: float, mark: str = ".") -> str:

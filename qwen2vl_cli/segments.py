@@ -126,14 +126,15 @@ def inspect(texts: tuple[str, ...], spec: VisionSpec, opts: MediaOptions, segmen
     return out, failed
 
 
-def summary_prompt(answers: list[tuple[Window, str]], question: str | None) -> str:
-    """--summary's request: the windows' answers, each under its span, then the question for the
-    whole clip (by default the windows' own, else "Describe this video.")."""
+def summary_prompt(answers: list[tuple[float, float, str]], question: str | None) -> str:
+    """--summary's request: the windows' answers, each under the span its frames are shown in
+    (from, to, text), then the question for the whole clip (by default the windows' own, else
+    "Describe this video.")."""
     from qwen2vl_cli.records import clock
 
-    lines = [f"A video, described window by window ({len(answers)} windows, from {clock(answers[0][0].start_s)} "
-             f"to {clock(answers[-1][0].end_s)}):", ""]
-    for w, text in answers:
-        lines.append(f"[{clock(w.start_s)} - {clock(w.end_s)}] {' '.join(text.split())}")
+    lines = [f"A video, described window by window ({len(answers)} windows, from {clock(answers[0][0])} "
+             f"to {clock(answers[-1][1])}):", ""]
+    for start, end, text in answers:
+        lines.append(f"[{clock(start)} - {clock(end)}] {' '.join(text.split())}")
     lines += ["", f"Answer for the whole video: {question or 'Describe this video.'}"]
     return "\n".join(lines)

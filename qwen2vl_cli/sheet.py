@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from qwen2vl_cli.types import Loaded, MediaPlan
 
+ROWS = 100  # a sheet's rows at most (a hundred minutes of one-minute windows); later ones are counted, not drawn
 CELL = 256  # the widest a frame is drawn
 SMALLEST = 64  # a row of many frames shrinks them to this, then wraps
 WIDEST = 8192  # the widest sheet
@@ -35,6 +36,7 @@ class Sheet:
         picture_format(path, "--frames-sheet", "frames.png")  # a name Pillow cannot write, or a file there, fails first
         self.path = path
         self.rows: list[_Row] = []
+        self.left_out = 0  # rows past ROWS
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -48,6 +50,9 @@ class Sheet:
         """A medium's frames as the model gets them (an image is one), under `label` (by default its name)."""
         from PIL import Image
 
+        if len(self.rows) >= ROWS:
+            self.left_out += 1
+            return
         if label is None:
             label = f"{_name(plan)}\n{plan.kind}, {plan.visual_tokens} tokens"
 
@@ -104,6 +109,11 @@ class Sheet:
 
         if self.rows:
             save_new(self.picture(), self.path, "--frames-sheet")
+
+    def said(self, verb: str = "gets") -> str:
+        """What was drawn, for the note after it is saved."""
+        rows = f" (the first {ROWS} rows; {self.left_out} more were left out)" if self.left_out else ""
+        return f"drew the {self.frames()} the model {verb} on {self.path}{rows}"
 
 
 def _name(plan: MediaPlan) -> str:

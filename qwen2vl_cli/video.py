@@ -181,10 +181,11 @@ def _probe_video(src: Source, scan: bool) -> MediaInfo:
 
 
 class _Frames:
-    """The output arrays of one or more plans of the same clip (the windows of --segment), filled
-    slot by slot as the chosen frames are decoded; a frame several plans chose is converted once.
-    A plan's array is made when its first frame comes and handed out once its last is in, so only
-    the plans being filled hold pixels."""
+    """The output arrays of one or more plans of the same clip (the windows of --segment, in time
+    order), filled slot by slot as the chosen frames are decoded; a frame several plans chose is
+    converted once. A plan's array is made when its first frame comes and handed out, in plan
+    order, once the decoder is past its last frame (frames come in presentation order: one not
+    in by then never will be), so only the plans being filled hold pixels."""
 
     def __init__(self, plans: list[MediaPlan]):
         self.plans = plans
@@ -193,84 +194,101 @@ class _Frames:
             for slot, index in enumerate(plan.frame_indices or ()):
                 self.slots.setdefault(index, []).append((n, slot))
         self.todo = sorted(self.slots)  # frame indices still to fill, ascending
+        self.last = [max(plan.frame_indices or (0,)) for plan in plans]
         self.pixels: dict = {}  # plan -> its array, while it is being filled
         self.times: dict[int, list[float]] = {}
-        self.filled = [0] * len(plans)
-        self.given: set[int] = set()  # plans handed out
+        self.got: dict[int, list[bool]] = {}  # plan -> which of its slots are filled
+        self.given = 0  # plans handed out (a prefix)
         from av.video.reformatter import VideoReformatter
 
         # One scaler context each, reused for every frame (a frame's own reformat() builds a new one).
         self._to_rgb = VideoReformatter()
         self._resize: dict[tuple[int, int], VideoReformatter] = {}
 
-    def _array(self, n: int):
+    def _open(self, n: int):
         import numpy as np
 
         if n not in self.pixels:
             plan = self.plans[n]
             count = len(plan.frame_indices or ())
             self.pixels[n] = np.empty((count, plan.resized_height, plan.resized_width, 3), dtype=np.uint8)
-            self.times[n] = [0.0] * count
+            self.times[n], self.got[n] = [0.0] * count, [False] * count
         return self.pixels[n]
 
     def put(self, index: int, frame, t: float) -> list[int]:
-        """A decoded frame into every slot that chose it; the plans it completed."""
+        """A decoded frame into every slot that chose it; the plans to hand out now."""
         # Full-resolution RGB first, then bicubic in RGB: within 0.05 (mean, uint8) of the
         # reference's resize, where one-step YUV scaling is 1.5 off.
         rgb = self._to_rgb.reformat(frame, format="rgb24")
         sized: dict[tuple[int, int], object] = {}
-        done = []
         for n, slot in self.slots.pop(index):
             size = (self.plans[n].resized_width, self.plans[n].resized_height)
             if size not in sized:
                 scaler = self._resize.setdefault(size, type(self._to_rgb)())
                 sized[size] = scaler.reformat(rgb, width=size[0], height=size[1], interpolation="BICUBIC").to_ndarray()
-            self._array(n)[slot] = sized[size]
-            self.times[n][slot] = t
-            self.filled[n] += 1
-            if self.filled[n] == len(self.times[n]):
-                done.append(n)
+            self._open(n)[slot] = sized[size]
+            self.times[n][slot], self.got[n][slot] = t, True
         self.todo.remove(index)
-        return done
+        return self.past(index)
 
-    def take(self, n: int) -> Loaded:
-        """Plan `n`'s frames, handed out (the stream's last frame repeated into slots it never delivered)."""
-        self.given.add(n)
+    def lose(self, index: int) -> list[int]:
+        """A chosen frame whose packet could not be decoded: its slots stay empty; the plans to hand out now."""
+        if self.slots.pop(index, None) is not None:
+            self.todo.remove(index)
+        return self.past(index)
+
+    def past(self, index: int) -> list[int]:
+        """The plans the decoder is past (their last frame at or before `index`), in order, not handed out yet."""
+        ready = []
+        while self.given + len(ready) < len(self.plans) and self.last[self.given + len(ready)] <= index:
+            ready.append(self.given + len(ready))
+        return ready
+
+    def take(self, n: int, src: Source, why: MediaError | None = None) -> Loaded | MediaError:
+        """Plan `n`'s frames, handed out: a slot the stream never filled takes the nearest frame
+        decoded before it (else after it); a plan with none is `why` (or "no frame")."""
+        self.given = max(self.given, n + 1)
+        for index in [i for i in self.plans[n].frame_indices or () if i in self.slots]:  # the decoder never reached them
+            self.lose(index)
+        got = self.got.pop(n, None)
+        if got is None or not any(got):
+            self.pixels.pop(n, None)
+            self.times.pop(n, None)
+            return why or MediaError(src.label, "no frame could be decoded")
         pixels, times = self.pixels.pop(n), self.times.pop(n)
-        missing = len(times) - self.filled[n]
-        notes = ()
-        if missing:
-            pixels[self.filled[n]:] = pixels[self.filled[n] - 1]
-            times[self.filled[n]:] = [times[self.filled[n] - 1]] * missing
-            notes = (f"the stream ended early (metadata said {self.plans[n].frames} frames): the last frame fills {missing} slots",)
+        filled = [i for i, ok in enumerate(got) if ok]
+        for slot in (i for i, ok in enumerate(got) if not ok):
+            nearest = max((i for i in filled if i < slot), default=None)
+            nearest = nearest if nearest is not None else min(filled)
+            pixels[slot], times[slot] = pixels[nearest], times[nearest]
+        missing = len(got) - len(filled)
+        notes = (f"{missing} of its {len(got)} frames could not be decoded (the stream ended early or is damaged): "
+                 "the nearest decoded frame stands in for each",) if missing else ()
         return Loaded(frames=pixels, frame_times_s=tuple(times), notes=notes)
-
-    def rest(self) -> list[int]:
-        """The plans not handed out yet, in order."""
-        return [n for n in range(len(self.plans)) if n not in self.given]
 
 
 def read_frames(src: Source, plan: MediaPlan, keyframes_only: bool = False, max_frame_pixels: int | None = None) -> Loaded:
     """Decode the planned frames. With `keyframes_only` the plan holds keyframe indices (--seek keyframe).
     `max_frame_pixels`: FFmpeg decodes no frame larger than this (a header can describe a small
     first frame of a stream whose later frames are huge), and a larger one ends the read."""
-    [(_, loaded)] = read_windows(src, [plan], keyframes_only, max_frame_pixels)
+    [loaded] = read_windows(src, [plan], keyframes_only, max_frame_pixels)
     if isinstance(loaded, Exception):
         raise loaded
     return loaded
 
 
 def read_windows(src: Source, plans: list[MediaPlan], keyframes_only: bool = False,
-                 max_frame_pixels: int | None = None) -> Iterator[tuple[int, Loaded | MediaError]]:
+                 max_frame_pixels: int | None = None) -> Iterator[Loaded | MediaError]:
     """Several plans of one clip (--segment's windows, in time order) in one pass over the file:
-    (plan number, its frames) as each plan's last frame is decoded, or the MediaError that kept
-    it from being read, for every plan in order. The pass waits while the caller does: memory
-    holds only the plans being filled."""
+    each plan's frames as soon as the decoder is past its last one, or the MediaError that kept it
+    from being read, for every plan in order. A damaged packet costs the frames it held (a plan
+    that lost some takes its nearest decoded frames for them); the pass goes on. The pass waits
+    while the caller does: memory holds only the plans being filled."""
     import av
 
     out = _Frames(plans)
     failure: MediaError | None = None
-    corrupt = False  # the stream broke: what was decoded is kept
+    broke = False  # the stream broke off: what was decoded is kept
     try:
         with _open(src) as container:
             _, index = scan_packets(src, container, container.streams.video[0])
@@ -283,9 +301,9 @@ def read_windows(src: Source, plans: list[MediaPlan], keyframes_only: bool = Fal
                 steps = _decode_counting(container, stream, out, plans[0].native_fps)
             else:
                 steps = _decode_indexed(container, stream, out, index, keyframes_only)
-            for done in steps:
-                for n in done:
-                    yield n, out.take(n)
+            for ready in steps:
+                for n in ready:
+                    yield out.take(n, src)
     except MediaError as e:
         failure = e
     except av.ArgumentError as e:  # what FFmpeg's frame size check returns (EINVAL): not a stream cut short
@@ -294,35 +312,33 @@ def read_windows(src: Source, plans: list[MediaPlan], keyframes_only: bool = Fal
         else:
             failure = MediaError(src.label, f"a frame is over the {max_frame_pixels:,} pixels allowed here (its header said "
                                             f"{plans[0].width}x{plans[0].height}), or the stream is corrupt")
-    except _data_errors() as e:  # a corrupt stream: keep what was decoded, if anything
-        failure, corrupt = MediaError(src.label, f"cannot decode the video ({one_line(e)})"), True
+    except _data_errors() as e:
+        failure, broke = MediaError(src.label, f"cannot decode the video ({one_line(e)})"), True
     except MemoryError:
         raise
     except Exception as e:
         raise _bug(src, e) from e
-    if failure is not None and not corrupt:
-        for n in out.rest():
-            yield n, failure
-        return
-    for n in out.rest():  # the stream ended (or broke) before these plans' last frames
-        if out.filled[n]:
-            yield n, out.take(n)
-        else:
-            yield n, failure or MediaError(src.label, "no frame could be decoded")
+    for n in range(out.given, len(plans)):  # the stream ended, or the read stopped, before these plans' last frames
+        yield failure if failure is not None and not broke else out.take(n, src, failure)
 
 
 # Decoding up to this many unwanted frames is cheaper than a seek and a decoder restart.
 SEEK_GAP_FRAMES = 32
+# Damaged packets a pass steps over before it gives up on the rest of the stream.
+MAX_DAMAGED_PACKETS = 64
 
 
 def _decode_indexed(container, stream, out: _Frames, index: PacketIndex, keyframes_only: bool) -> Iterator[list[int]]:
     """Decode forward from the chosen frames' keyframes; yields the plans each frame completed."""
+    import av
+
     ctx = stream.codec_context
     tb = _time_base(stream)
     position = {p: i for i, p in enumerate(index.pts)}
     wanted = {index.pts[i] for i in out.slots}
     t0 = index.pts[0]
     demuxed = -1  # presentation index of the last packet sent to the decoder
+    errors = 0
     while out.todo:
         target = out.todo[0]
         keyframe = index.keyframe_before(target)
@@ -337,7 +353,17 @@ def _decode_indexed(container, stream, out: _Frames, index: PacketIndex, keyfram
                 demuxed = max(demuxed, position.get(packet.pts, -1))
                 # Non-reference frames nobody chose need not be decoded at all.
                 ctx.skip_frame = "DEFAULT" if packet.pts in wanted else "NONREF"
-            for frame in ctx.decode(packet):
+            try:
+                frames = ctx.decode(packet)
+            except av.ArgumentError:
+                raise  # a frame over the size limit ends the read
+            except _data_errors():  # a damaged packet: the frame it held is lost, the pass goes on
+                errors += 1
+                if errors > MAX_DAMAGED_PACKETS:
+                    raise
+                yield out.lose(position.get(packet.pts, -1))
+                continue
+            for frame in frames:
                 i = position.get(frame.pts)
                 if i is not None and i in out.slots:
                     yield out.put(i, frame, float((frame.pts - t0) * tb))

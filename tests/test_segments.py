@@ -152,19 +152,46 @@ def test_subtitles_parse_back_to_the_windows(qvl, tiny_model, media_dir):
     srt, vtt = qvl(*args, "--format", "srt"), qvl(*args, "--format", "vtt")
     assert srt.exit_code == vtt.exit_code == 0 and vtt.stdout.startswith("WEBVTT\n\n")
     assert [b.splitlines()[0] for b in srt.stdout.strip().split("\n\n")] == [str(n) for n in range(1, len(cut) + 1)]
-    shown = lambda t: "\n".join(line.strip() for line in t.strip().splitlines() if line.strip())  # noqa: E731
-    escaped = lambda t: shown(t).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")  # noqa: E731
-    assert _cues(srt.stdout) == [(clock(w["start_s"], ","), clock(w["end_s"], ","), shown(w["text"])) for w in cut]
-    assert _cues(vtt.stdout) == [(clock(w["start_s"]), clock(w["end_s"]), escaped(w["text"])) for w in cut]
-    assert _cues(srt.stdout)[-1][:2] == ("00:00:18,000", "00:00:20,000")
+    lines = lambda t: "\n".join(line.strip() for line in t.strip().splitlines() if line.strip())  # noqa: E731
+    escaped = lambda t: lines(t).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")  # noqa: E731
+    quoted = lambda t: lines(t).replace("<", "<\u200b").replace("{", "{\u200b")  # noqa: E731
+    times = [(w["inputs"][0]["frame_times_s"][0], w["inputs"][0]["frame_times_s"][-1]) for w in cut]  # while its frames are shown
+    assert _cues(srt.stdout) == [(clock(a, ","), clock(b, ","), quoted(w["text"])) for (a, b), w in zip(times, cut)]
+    assert _cues(vtt.stdout) == [(clock(a), clock(b), escaped(w["text"])) for (a, b), w in zip(times, cut)]
+    assert _cues(srt.stdout)[-1][:2] == ("00:00:18,000", "00:00:19,967")  # the clip's last frame
     text = qvl(*args, "--format", "text").stdout.splitlines()
     assert [line.split("\t")[1] for line in text] == [f"{clock(w['start_s'])}-{clock(w['end_s'])}" for w in cut]
+    # Markup in an answer stays text: SubRip players read <i> and {\an8}, WebVTT readers & and <.
+    record = {"text": "a <i>cat</i> {\\an8} &\n\n b", "inputs": [{"frame_times_s": [1.5, 2.25]}]}
+    assert cue(record, 7, "srt") == "7\n00:00:01,500 --> 00:00:02,250\na <\u200bi>cat<\u200b/i> {\u200b\\an8} &\nb\n"
+    assert cue(record, 7, "vtt") == "00:00:01.500 --> 00:00:02.250\na &lt;i&gt;cat&lt;/i&gt; {\\an8} &amp;\nb\n"
+
+
+def test_subtitles_of_a_variable_frame_rate_clip_follow_its_frames(qvl, tiny_model, media_dir, tmp_path):
+    """vfr.mp4: 30 fps for 1 s, then 10 fps. The windows are cut on the frame clock of --start and
+    --end (frames at the average rate), and each cue runs while its frames are on screen."""
+    from tests.media_factory import write_vfr_video
+
+    _, real = write_vfr_video(tmp_path / "vfr.mp4")  # media_dir's vfr.mp4, and each frame's time
+    r = qvl("video", media_dir / "vfr.mp4", "--segment", "1", "--model", tiny_model, *FAST, "--format", "srt")
+    cut = records(qvl("video", media_dir / "vfr.mp4", "--segment", "1", "--model", tiny_model, *FAST).stdout)
+    assert r.exit_code == 0 and len(cut) > 1
+    for (start, end, _), w in zip(_cues(r.stdout), cut):
+        first, last = w["inputs"][0]["frame_indices"][0], w["inputs"][0]["frame_indices"][-1]
+        assert (start, end) == (clock(real[first], ","), clock(real[last], ","))
+    assert clock(real[cut[1]["inputs"][0]["frame_indices"][0]], ",") != clock(cut[1]["start_s"], ",")  # the frame clock is not the screen's
 
 
 def clock(seconds: float, mark: str = ".") -> str:
     from qwen2vl_cli.records import clock as formatted
 
     return formatted(seconds, mark)
+
+
+def cue(record: dict, number: int, fmt: str) -> str | None:
+    from qwen2vl_cli.records import cue as made
+
+    return made(record, number, fmt)
 
 
 def test_a_window_that_fails_is_its_record_and_the_summary_reads_the_others_then_resume_redoes_them(
@@ -174,7 +201,7 @@ def test_a_window_that_fails_is_its_record_and_the_summary_reads_the_others_then
     limit lifted redoes windows 3 and 4 only, then a summary of all four (1 and 2 read back from
     the file)."""
     from qwen2vl_cli.backend import LocalBackend
-    from qwen2vl_cli.segments import Window, summary_prompt
+    from qwen2vl_cli.segments import summary_prompt
     from qwen2vl_cli.types import GenerationOptions, RuntimeOptions
     from tests.helpers import Quiet
     from tests.robustness.corpus import growing_mov
@@ -193,8 +220,8 @@ def test_a_window_that_fails_is_its_record_and_the_summary_reads_the_others_then
     assert summary["visual_tokens"] == 0 and (summary["start_s"], summary["end_s"]) == (0, 4)
 
     backend = LocalBackend(RuntimeOptions(str(tiny_model), device="cpu", dtype="float32"), Quiet())
-    def tokens(windows: list[dict]) -> int:  # the summary's request, made from these windows' answers
-        read = [(Window(o["window"] - 1, o["start_s"], o["end_s"]), o["text"]) for o in windows]
+    def tokens(windows: list[dict]) -> int:  # the summary's request, made from these windows' answers and frame times
+        read = [(o["inputs"][0]["frame_times_s"][0], o["inputs"][0]["frame_times_s"][-1], o["text"]) for o in windows]
         return backend.prepare_text(summary_prompt(read, None), GenerationOptions(max_new_tokens=6)).prompt_tokens
     assert summary["prompt_tokens"] == tokens(first[:2])
 
@@ -300,6 +327,7 @@ def test_timeline_usage_errors_are_one_line(qvl, media_dir, tmp_path):
                        ((clip, "--segment", "1", "--format", "srt", "--each"), "give one CLIP with --segment, without --each"),
                        ((clip, "--format", "vtt"), "give one CLIP with --segment"),
                        ((clip, "--segment", "1", "--format", "srt", "--summary"), "--summary is a record of its own"),
+                       ((clip, "--segment", "1", "--format", "vtt", "--unordered"), "subtitles are in time order; drop --unordered"),
                        ((clip, "--segment", "1", "--endpoint", "http://127.0.0.1:9/v1"), "drop --endpoint"),
                        ((clip, clip, "--segment", "1"), "add --each for the windows of several"),
                        ((clip, "--segment", "1", "--summary", "-p", "a", "-p", "b"), "give one -p"),
@@ -307,3 +335,54 @@ def test_timeline_usage_errors_are_one_line(qvl, media_dir, tmp_path):
                        ((clip, "--each", "--frames-sheet", tmp_path / "s.png"), "drop it with --each")):
         r = qvl("video", *args, "--model", tmp_path / "no-model")
         assert r.exit_code == 2 and said in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+
+
+def test_a_damaged_frame_costs_its_window_that_frame_only(tmp_path):
+    """Frame 13 of 40 is a damaged packet: the pass steps over it, its window takes the frame
+    decoded before it (and says so), every window comes in order with the frames a read of it
+    alone gets, and the windows after it are whole."""
+    import numpy as np
+
+    from qwen2vl_cli import media
+    from qwen2vl_cli.pipeline import probe_all
+    from qwen2vl_cli.segments import plan_windows
+    from qwen2vl_cli.sources import SourceResolver
+    from qwen2vl_cli.types import MediaOptions, VisionSpec
+    from tests.media_factory import frame_index_of
+    from tests.robustness.corpus import damaged_mov
+
+    clip = damaged_mov(tmp_path / "damaged.mov", frames=40, damaged=(13,))
+    with SourceResolver() as resolver:
+        [probed] = probe_all(resolver, (str(clip),), MediaOptions(fps=3.0))
+    cut = plan_windows(probed, VisionSpec(), MediaOptions(fps=3.0), 1.0, 0.0)
+    plans = [plan for _, plan in cut]
+    assert 13 in plans[1].frame_indices
+    together = list(media.load_windows(probed.source, probed.info, plans))
+    for plan, loaded in zip(plans, together):
+        alone = media.load(probed.source, probed.info, plan)
+        assert np.array_equal(alone.frames, loaded.frames) and alone.frame_times_s == loaded.frame_times_s
+        shown = [frame_index_of(f) for f in loaded.frames]
+        wanted = list(plan.frame_indices)
+        if 13 in wanted:
+            at = wanted.index(13)
+            wanted[at] = wanted[at - 1]  # the frame before stands in
+            assert loaded.notes == ("1 of its 4 frames could not be decoded (the stream ended early or is damaged): "
+                                    "the nearest decoded frame stands in for each",)
+        else:
+            assert loaded.notes == ()
+        assert shown == wanted
+
+
+def test_a_sheet_too_large_for_its_format_is_one_line_naming_png(qvl, media_dir, tmp_path):
+    """Hundreds of tiny windows: the sheet keeps its first rows and says how many it left out;
+    a WebP cannot hold a side over 16383 pixels, and the error says so before anything is written."""
+    from qwen2vl_cli import sheet as S
+
+    args = ("inspect", media_dir / "short_gop.mp4", "--segment", "0.2", "--overlap", "0.15", "--fps", "10", "--json")
+    r = qvl(*args, "--frames-sheet", tmp_path / "many.webp")
+    assert r.exit_code == 1 and r.stderr.strip().splitlines()[-1].startswith(f"qvl: error: --frames-sheet {tmp_path / 'many.webp'}: the picture is ")
+    assert "larger than WEBP holds (16383 a side); name it .png" in r.stderr and not (tmp_path / "many.webp").exists()
+    r = qvl(*args, "--frames-sheet", tmp_path / "many.png")
+    windows = len(r.stdout.splitlines())
+    assert r.exit_code == 0 and windows > S.ROWS
+    assert f"(the first {S.ROWS} rows; {windows - S.ROWS} more were left out)" in r.stderr

@@ -5,6 +5,7 @@ Each entry: (name, path, expect) with expect "ok" (exit 0), "error" (exit 2, one
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 from pathlib import Path
@@ -36,24 +37,44 @@ def canvas_gif(width: int, height: int, frames: int) -> bytes:
 
 def growing_mov(path: Path, small: int = 64, large: int = 3000, frames: int = 10, small_frames: int = 2) -> Path:
     """A PNG-in-MOV whose header and first `small_frames` frames are small x small, and whose later frames are large x large."""
-    import io
+    tiles = {small: _png(small, small), large: _png(large, large)}
+    return png_mov(path, [tiles[small if i < small_frames else large] for i in range(frames)], small)
+
+
+def damaged_mov(path: Path, frames: int = 40, damaged: tuple[int, ...] = (13,), side: int = 64) -> Path:
+    """A PNG-in-MOV at 10 fps whose frames carry their index (media_factory.coded_frame), with the
+    packets of `damaged` frames cut to a PNG signature and nothing else."""
+    from tests.media_factory import coded_frame
+
+    def frame(i: int) -> bytes:
+        if i in damaged:
+            return b"\x89PNG\r\n\x1a\n" + b"\0" * 64
+        buf = io.BytesIO()
+        Image.fromarray(coded_frame(i, side, side)).save(buf, "PNG")
+        return buf.getvalue()
+
+    return png_mov(path, [frame(i) for i in range(frames)], side)
+
+
+def _png(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (90, 0, 0)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def png_mov(path: Path, packets: list[bytes], side: int) -> Path:
+    """Each of `packets` as a keyframe of a PNG stream at 10 fps whose header says side x side."""
     from fractions import Fraction
 
     import av
 
-    def png(side: int) -> bytes:
-        buf = io.BytesIO()
-        Image.new("RGB", (side, side), (90, 0, 0)).save(buf, "PNG")
-        return buf.getvalue()
-
-    tiles = {small: png(small), large: png(large)}
     with av.open(str(path), "w") as container:
         stream = container.add_stream("png", rate=10)
-        stream.width, stream.height, stream.pix_fmt = small, small, "rgb24"
+        stream.width, stream.height, stream.pix_fmt = side, side, "rgb24"
         stream.time_base = Fraction(1, 10)
         container.start_encoding()  # the muxer picks its time base now: packets in tenths are rescaled to it
-        for i in range(frames):
-            packet = av.Packet(tiles[small if i < small_frames else large])
+        for i, data in enumerate(packets):
+            packet = av.Packet(data)
             packet.stream, packet.pts, packet.dts, packet.duration, packet.time_base = stream, i, i, 1, Fraction(1, 10)
             packet.is_keyframe = True
             container.mux(packet)
