@@ -120,7 +120,8 @@ def answer_each(request, each, quiet: bool, endpoint=None, more: list[Generation
     if first is None:
         raise UsageError(f"--from {each.from_file}: no sources in it (one per line; blank lines and # comments are skipped)")
     sources = itertools.chain([first], sources)
-    records = files.RecordFile(each.resume or each.output, resume=each.resume is not None) if (each.resume or each.output) else None
+    records = files.RecordFile(each.resume or each.output, resume=each.resume is not None,
+                               resumable=each.format == "jsonl") if (each.resume or each.output) else None
     progress = None
 
     def failed(record: dict) -> None:  # --format text: a failure is said on stderr, not written as a caption

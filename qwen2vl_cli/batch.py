@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from qwen2vl_cli import records
-from qwen2vl_cli.errors import QvlError
+from qwen2vl_cli.errors import GenerationInterrupted, QvlError
 from qwen2vl_cli.records import format_record, record_for
 from qwen2vl_cli.types import GenerationOptions, MediaOptions, Timeline
 
@@ -378,6 +378,8 @@ def _generate(backend: Backend, batch: list[Unit], gen):
     try:
         results = backend.generate([unit.prepared for unit in batch], gen)
         return [(item, None, r) if isinstance(r, Exception) else (item, r, None) for item, r in zip(batch, results)]
+    except GenerationInterrupted:  # Ctrl-C ends the run, not the row
+        raise
     except Exception as e:
         if len(batch) == 1:
             return [(batch[0], None, e)]
@@ -385,6 +387,8 @@ def _generate(backend: Backend, batch: list[Unit], gen):
     for item in batch:
         try:
             out.append((item, backend.generate([item.prepared], gen)[0], None))
+        except GenerationInterrupted:
+            raise
         except Exception as e:
             out.append((item, None, e))
     return out

@@ -22,7 +22,7 @@ def picture_format(path: str, option: str, example: str) -> str:
         raise UsageError(f"{option} {path}: name it .png, .jpg or .webp (the extension decides the format)")
     if Path(path).is_dir():
         raise UsageError(f"{option} {path}: is a directory; give a file name such as {Path(path) / example}")
-    if Path(path).exists():
+    if Path(path).exists() or Path(path).is_symlink():  # a link to nothing too: writing would follow it
         raise UsageError(f"{option} {path}: the file exists; choose a new name")
     if not Path(path).parent.is_dir():
         raise UsageError(f"{option} {path}: no such directory")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -113,7 +114,8 @@ class RecordFile:
     """JSON Lines on disk: append-only, flushed and synced per record, resumable after a kill, one
     writer at a time (an advisory lock). A file qvl did not write is refused and left as it is."""
 
-    def __init__(self, path: str, resume: bool):
+    def __init__(self, path: str, resume: bool, resumable: bool = True):
+        """`resumable`: JSON Lines (subtitles cannot be continued)."""
         self.option = "--resume" if resume else "--output"
         self.path = Path(path).expanduser()
         self.done: set[tuple[int, str, str]] = set()  # (index, source, request_key) of the successful records
@@ -124,7 +126,8 @@ class RecordFile:
             raise UsageError(f"{shown}: is a directory; give a file name, such as {Path(path) / 'records.jsonl'}")
         existing = self.path.exists()
         if existing and not resume:
-            raise UsageError(f"--output {path}: the file exists; continue it with --resume {path}, or choose a new name")
+            hint = f"continue it with --resume {path}, or choose a new name" if resumable else "choose a new name"
+            raise UsageError(f"--output {path}: the file exists; {hint}")
         if existing and not self.path.is_file():
             raise UsageError(f"{shown}: not a regular file; give the JSON Lines file that qvl --each wrote")
         if not existing and self.path.is_symlink():
@@ -133,6 +136,7 @@ class RecordFile:
             self._file = open(self.path, "r+b" if existing else "xb")
         except OSError as e:
             raise UsageError(f"{shown}: {_path_problem(e, self.path)}") from None
+        self._made = not existing  # a file this run made and wrote nothing to is not left behind
         try:
             _lock(self._file, shown)
             if existing:
@@ -188,10 +192,14 @@ class RecordFile:
 
     def close(self) -> None:
         try:
+            empty = self._made and self._file.tell() == 0
             self._file.close()  # closes the file (and lets go of its lock) even when its last flush fails
         except OSError as e:
             if not self._broken:  # else already said, by write()
                 raise self._error(e) from None
+            return
+        if empty:  # stopped before its first record (Ctrl-C while the model loaded): the name stays free
+            self.path.unlink(missing_ok=True)
 
 
 def _lock(f, shown: str) -> None:
@@ -233,8 +241,13 @@ def record_for(index: int, source: str, key: str, result: Result | None, error: 
 
 
 def _escaped(text: str) -> str:
-    """One field of a tab-separated line: backslashes, tabs and line breaks escaped."""
-    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\r", "\\r").replace("\n", "\\n")
+    """One field of a tab-separated line: backslashes, tabs and line breaks escaped, other control
+    characters as \\xNN (a NUL would make the file binary to grep)."""
+    text = text.replace("\\", "\\\\").replace("\t", "\\t").replace("\r", "\\r").replace("\n", "\\n")
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # C0 and DEL, but tab and line breaks
 
 
 def format_record(record: dict, fmt: str) -> str:
@@ -253,7 +266,7 @@ SUBTITLES = ("srt", "vtt")
 def cue(record: dict, number: int, fmt: str) -> str | None:
     """A window's answer as a subtitle cue (SubRip or WebVTT), shown while its frames are (`on_screen`);
     None for an empty answer. A blank line would end the cue early, so the text has none."""
-    text = "\n".join(line.strip() for line in record["text"].strip().splitlines() if line.strip())
+    text = "\n".join(line.strip() for line in _CONTROL.sub("", record["text"]).strip().splitlines() if line.strip())
     if not text:
         return None
     start, end = on_screen(record)

@@ -54,7 +54,7 @@ class Sheet:
             self.left_out += 1
             return
         if label is None:
-            label = f"{_name(plan)}\n{plan.kind}, {plan.visual_tokens} tokens"
+            label = f"{_name(plan)}\n{plan.kind}\n{plan.visual_tokens}  tokens"
 
         if loaded.image is not None:
             frames, captions = [loaded.image], [f"{plan.resized_width}x{plan.resized_height}"]
@@ -72,7 +72,7 @@ class Sheet:
         from qwen2vl_cli.records import clock
 
         span = f"{clock(window.start_s)}\n{clock(window.end_s)}"
-        self.add(plan, loaded, f"{_name(plan)}\nwindow {window.index + 1}\n{span}\n{plan.visual_tokens} tokens")
+        self.add(plan, loaded, f"{_name(plan)}\nwindow {window.index + 1}\n{span}\n{plan.visual_tokens}  tokens")
 
     def picture(self):
         """The sheet as a PIL image."""
@@ -117,8 +117,9 @@ class Sheet:
 
 
 def _name(plan: MediaPlan) -> str:
-    """A medium's file name, without its folders."""
-    return plan.source.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1] or plan.source
+    """A medium's file name, without its folders, on one line."""
+    name = plan.source.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1] or plan.source
+    return "".join(c if c.isprintable() else "?" for c in name)
 
 
 def _x(column: int, width: int, group: int) -> int:
@@ -150,9 +151,10 @@ def _fit(text: str, font, width: int) -> str:
     text = "".join(c if c.isprintable() or c == "\n" else "?" for c in text)
     out = []
     for line in text.splitlines() or [""]:
-        if font.getlength(line) > width:
-            while line and font.getlength(line + "...") > width:
-                line = line[:-1]
-            line += "..."
+        if font.getlength(line) > width:  # cut from the middle: a name's end (its number, its extension) tells files apart
+            head, tail = line[: len(line) // 2], line[len(line) // 2:]
+            while (head or tail) and font.getlength(head + "..." + tail) > width:
+                head, tail = (head[:-1], tail) if len(head) >= len(tail) else (head, tail[1:])
+            line = head + "..." + tail
         out.append(line)
     return "\n".join(out)

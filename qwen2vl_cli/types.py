@@ -134,6 +134,8 @@ class MediaPlan:
                 out["time_stamps_s"] = [_round(t) for t in self.time_stamps_s]
                 out["stamp_tokens"] = self.stamp_tokens
                 out["marker_tokens"] = self.marker_tokens
+        if self.notes:  # what sizing and decoding had to say of it (frames cut by a budget, frames a damaged stream lost)
+            out["notes"] = list(self.notes)
         return out
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -152,7 +153,8 @@ def test_subtitles_parse_back_to_the_windows(qvl, tiny_model, media_dir):
     srt, vtt = qvl(*args, "--format", "srt"), qvl(*args, "--format", "vtt")
     assert srt.exit_code == vtt.exit_code == 0 and vtt.stdout.startswith("WEBVTT\n\n")
     assert [b.splitlines()[0] for b in srt.stdout.strip().split("\n\n")] == [str(n) for n in range(1, len(cut) + 1)]
-    lines = lambda t: "\n".join(line.strip() for line in t.strip().splitlines() if line.strip())  # noqa: E731
+    bare = lambda t: re.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", "", t)  # noqa: E731 - control characters a random model writes
+    lines = lambda t: "\n".join(line.strip() for line in bare(t).strip().splitlines() if line.strip())  # noqa: E731
     escaped = lambda t: lines(t).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")  # noqa: E731
     quoted = lambda t: lines(t).replace("<", "<\u200b").replace("{", "{\u200b")  # noqa: E731
     times = [(w["inputs"][0]["frame_times_s"][0], w["inputs"][0]["frame_times_s"][-1]) for w in cut]  # while its frames are shown
@@ -165,6 +167,11 @@ def test_subtitles_parse_back_to_the_windows(qvl, tiny_model, media_dir):
     record = {"text": "a <i>cat</i> {\\an8} &\n\n b", "inputs": [{"frame_times_s": [1.5, 2.25]}]}
     assert cue(record, 7, "srt") == "7\n00:00:01,500 --> 00:00:02,250\na <\u200bi>cat<\u200b/i> {\u200b\\an8} &\nb\n"
     assert cue(record, 7, "vtt") == "00:00:01.500 --> 00:00:02.250\na &lt;i&gt;cat&lt;/i&gt; {\\an8} &amp;\nb\n"
+    # Control characters a model wrote: gone from a cue, escaped in text (a NUL makes a file binary to grep).
+    from qwen2vl_cli.records import format_record
+
+    odd = {"text": "a\x00b\x1bc\n", "inputs": [{"frame_times_s": [0.0, 1.0]}], "source": "x", "window": 1, "start_s": 0.0, "end_s": 1.0}
+    assert cue(odd, 1, "srt").endswith("\nabc\n") and format_record(odd, "text") == "x\t00:00:00.000-00:00:01.000\ta\\x00b\\x1bc\\n"
 
 
 def test_subtitles_of_a_variable_frame_rate_clip_follow_its_frames(qvl, tiny_model, media_dir, tmp_path):
@@ -317,12 +324,14 @@ def test_the_sheet_labels_and_a_describe_sheet(qvl, tiny_model, media_dir, tmp_p
     plan = MediaPlan("/a/b/talk.mp4", "video", 64, 48, 56, 56, (2, 4, 4), 8, frame_indices=(0, 9, 18, 27), frame_times_s=(0, 0.3, 0.6, 0.9))
     sheet.add_window(Window(2, 120.0, 180.0), plan, Loaded(frames=np.zeros((4, 56, 56, 3), np.uint8), frame_times_s=(0, 0.3, 0.6, 0.9)))
     [row] = sheet.rows
-    assert row.label == "talk.mp4\nwindow 3\n00:02:00.000\n00:03:00.000\n8 tokens"
+    assert row.label == "talk.mp4\nwindow 3\n00:02:00.000\n00:03:00.000\n8  tokens"
     assert [caption for _, caption in row.cells] == ["#0  0.00 s", "#9  0.30 s", "#18  0.60 s", "#27  0.90 s"] and row.group == 2
 
 
 def test_timeline_usage_errors_are_one_line(qvl, media_dir, tmp_path):
     clip = media_dir / "clip.mp4"
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "nowhere" / "x.png")
+    (tmp_path / "old.srt").write_text("1\n00:00:00,000 --> 00:00:01,000\nmine\n")
     for args, said in (((clip, "--summary"), "--summary sums up the windows of --segment"),
                        ((clip, "--segment", "1", "--format", "srt", "--each"), "give one CLIP with --segment, without --each"),
                        ((clip, "--format", "vtt"), "give one CLIP with --segment"),
@@ -332,7 +341,9 @@ def test_timeline_usage_errors_are_one_line(qvl, media_dir, tmp_path):
                        ((clip, clip, "--segment", "1"), "add --each for the windows of several"),
                        ((clip, "--segment", "1", "--summary", "-p", "a", "-p", "b"), "give one -p"),
                        ((clip, "--segment", "1", "--format", "srt", "--resume", tmp_path / "r.srt"), "drop --format srt"),
-                       ((clip, "--each", "--frames-sheet", tmp_path / "s.png"), "drop it with --each")):
+                       ((clip, "--each", "--frames-sheet", tmp_path / "s.png"), "drop it with --each"),
+                       ((clip, "--segment", "1", "--frames-sheet", tmp_path / "dangling.png"), "the file exists; choose a new name"),
+                       ((clip, "--segment", "1", "--format", "srt", "-o", tmp_path / "old.srt"), "the file exists; choose a new name")):
         r = qvl("video", *args, "--model", tmp_path / "no-model")
         assert r.exit_code == 2 and said in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
 
@@ -386,3 +397,30 @@ def test_a_sheet_too_large_for_its_format_is_one_line_naming_png(qvl, media_dir,
     windows = len(r.stdout.splitlines())
     assert r.exit_code == 0 and windows > S.ROWS
     assert f"(the first {S.ROWS} rows; {windows - S.ROWS} more were left out)" in r.stderr
+
+
+def test_ctrl_c_ends_a_segmented_run_with_the_windows_done_kept(tiny_model, media_dir, tmp_path):
+    """SIGINT while the second window generates: the run stops (exit 130, one line), the windows
+    done are on disk and none is an error record; a file stopped before its first record is not left."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "timeline.jsonl"
+    cmd = [sys.executable, "-m", "qwen2vl_cli", "video", str(media_dir / "short_gop.mp4"), "--segment", "4", "--model", str(tiny_model),
+           "--dtype", "float32", "--max-new-tokens", "600", "--min-new-tokens", "600", "-o", str(out), "-q"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 1):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    written = records(out.read_text())
+    assert proc.returncode == 130 and err == "qvl: error: interrupted\n", err
+    assert 1 <= len(written) < 5 and all("error" not in o for o in written)
+
+    from qwen2vl_cli.records import RecordFile
+
+    RecordFile(str(tmp_path / "never.jsonl"), resume=False).close()
+    assert not (tmp_path / "never.jsonl").exists()
