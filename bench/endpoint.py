@@ -63,7 +63,7 @@ def main() -> None:
         del local
         remote = {}
         for concurrency in (1, 4):
-            session = EndpointBackend(EndpointOptions(url, concurrency=concurrency), model)
+            session = EndpointBackend(EndpointOptions((url,), concurrency=concurrency), model)
             each(session, images[:2], 2, concurrency)
             remote[concurrency] = each(session, images, args.tokens, concurrency)
     finally:

@@ -169,7 +169,7 @@ def answer_each(request, each, quiet: bool, endpoint=None, more: list[Generation
             request.media,
             request.generation,
             key=files.request_key(request.media, request.generation, request.runtime),
-            batch_size=endpoint.concurrency if endpoint else each.batch_size or batch.default_batch_size(backend.device),
+            batch_size=endpoint.concurrency * len(endpoint.urls) if endpoint else each.batch_size or batch.default_batch_size(backend.device),
             emitter=emitter,
             tally=tally,
             done=records.done if records is not None and each.resume else frozenset(),
@@ -185,6 +185,8 @@ def answer_each(request, each, quiet: bool, endpoint=None, more: list[Generation
             progress.close(tally)
         if records is not None:
             records.close()
+        if endpoint is not None and len(endpoint.urls) > 1 and progress is not None:
+            Reporter(quiet=quiet).note("answered by " + ", ".join(f"{url} {n}" for url, n in backend.served()))
     if sheet is not None and len(sheet):
         sheet.save()
         Reporter(quiet=quiet).note(sheet.said("got"))

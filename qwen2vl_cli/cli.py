@@ -252,6 +252,7 @@ def _chat(media, options) -> None:
 @app.command(cls=QvlCommand)
 def serve(
     model: O.Model = C.DEFAULT_MODEL,
+    served_model_name: Annotated[Optional[list[str]], typer.Option("--served-model-name", metavar="NAME", help="A name clients may ask for the model by (repeatable; /v1/models lists them, the first answers requests that name none). Default: the hub id, or a local directory's name.", show_default=False, rich_help_panel=O.SERVE_PANEL)] = None,
     device: O.Device = "auto",
     dtype: O.Dtype = "auto",
     attn: O.Attn = "auto",
@@ -279,7 +280,7 @@ def serve(
     cache_size: Annotated[Optional[str], typer.Option(metavar="SIZE", help="Room kept for what a later request can reuse: finished prompts' and answers' keys and values (a conversation's earlier turns, another question about the same picture), vision-tower outputs and decoded media, e.g. 512M; 0 turns them off. Default: 1G on a CPU, 2G on a GPU.", show_default=False, rich_help_panel=O.SERVE_PANEL)] = None,
     quiet: O.Quiet = False,
 ) -> None:
-    """An OpenAI-compatible server: POST /v1/chat/completions (image_url, video_url, stream), GET /v1/models."""
+    """An OpenAI-compatible server: POST /v1/chat/completions (image_url, video_url, stream), GET /v1/models; GET /metrics (Prometheus) and GET /health."""
     import importlib.util
 
     if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
@@ -306,14 +307,22 @@ def serve(
     )
     reporter = Reporter(quiet=quiet, stream=False)
 
+    names = tuple(dict.fromkeys(served_model_name or ()))
+    if any(not n.strip() or len(n) > 256 for n in names):
+        raise UsageError("--served-model-name: give a name of 1 to 256 characters")
+    from qwen2vl_cli.serve import served_names
+
+    names = names or served_names(model)
+
     def announce(url: str) -> None:
         reporter.stop()
-        reporter.console.print(f"qvl: serving {model} on {url} (Ctrl-C to stop)")
+        shown = f" as {', '.join(names)}" if names != (model,) else ""
+        reporter.console.print(f"qvl: serving {model}{shown} on {url} (Ctrl-C to stop)")
 
     runtime = replace(O.runtime_options(model, device, dtype, attn, engine),
                       cache_size=None if cache_size is None else parse_size(cache_size, "--cache-size"))  # None: the device's default
     run_server(runtime, host, port, api_key, batch_size, queue_size, reporter, announce,
-               limits, tuple(allowed_hosts or ()), None if batching == "auto" else batching == "continuous")
+               limits, tuple(allowed_hosts or ()), None if batching == "auto" else batching == "continuous", names)
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -4,6 +4,10 @@ Media are resolved and checked here as for a local run (a bad file never leaves 
 sent as data: URLs, or passed through as http(s) URLs with --pass-urls. The official openai client
 does the HTTP: streaming, timeouts, and bounded retries with backoff on 429, 5xx and lost
 connections. Token counts come from the server's `usage`; timings are measured here.
+
+With several endpoints each request goes to the one with the fewest requests in flight; one that
+cannot be reached, or answers 5xx after its retries, is left alone for a while and the request goes
+to another.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import base64
 import json
 import mimetypes
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +33,22 @@ from qwen2vl_cli.sources import Source, SourceResolver
 from qwen2vl_cli.types import EndpointOptions, GenerationOptions, MediaOptions, MediaPlan, Request, Result, VisionSpec
 
 MAX_RETRIES = 3
+DOWN_S = 30.0  # an endpoint that failed is left alone this long, while others are up
+
+
+@dataclass(eq=False)
+class Server:
+    """One endpoint: its client, and what the requests spread over it need to know."""
+
+    url: str
+    client: object
+    in_flight: int = 0
+    served: int = 0
+    down_until: float = 0.0
+
+
+class ServerDown(QvlError):
+    """An endpoint that cannot be reached or answers 5xx: the request may go to another."""
 _MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp", "BMP": "image/bmp", "TIFF": "image/tiff"}
 
 
@@ -62,7 +83,11 @@ class EndpointBackend:
         except ImportError:
             raise UsageError("--endpoint needs its extra: pip install 'qwen2vl-cli[endpoint]'") from None
         self.options, self.model = options, model
-        self.client = OpenAI(base_url=options.url, api_key=options.api_key or "none", max_retries=MAX_RETRIES)
+        # With others to turn to, an endpoint that fails is left sooner.
+        retries = MAX_RETRIES if len(options.urls) == 1 else 1
+        self.servers = [Server(url, OpenAI(base_url=url, api_key=options.api_key or "none", max_retries=retries)) for url in options.urls]
+        self.client = self.servers[0].client
+        self._lock = threading.Lock()
         # Sizes are planned with the model's settings when they are on this machine, for the diagnostics.
         # A remote server may serve a model qvl cannot run here: then Qwen2-VL's sizes stand in.
         try:
@@ -123,10 +148,56 @@ class EndpointBackend:
         messages = ([{"role": "system", "content": gen.system}] if gen.system is not None else []) + [{"role": "user", "content": content}]
         return RemoteRequest(plans, messages, opts)
 
+    def served(self) -> list[tuple[str, int]]:
+        """Each endpoint and the requests it answered."""
+        return [(s.url, s.served) for s in self.servers]
+
+    def _pick(self, tried: set) -> Server | None:
+        """The endpoint with the fewest requests in flight, of those up and not tried for this request
+        (all down: the one back soonest)."""
+        with self._lock:
+            left = [s for s in self.servers if s not in tried]
+            if not left:
+                return None
+            now = time.monotonic()
+            up = [s for s in left if s.down_until <= now]
+            server = min(up, key=lambda s: s.in_flight) if up else min(left, key=lambda s: s.down_until)
+            server.in_flight += 1
+            return server
+
     def complete(self, request: RemoteRequest, gen: GenerationOptions, on_text=None, cancel: Event | None = None) -> Result:
-        """One request, streamed to `on_text`; once `cancel` is set, the stream is closed (the server
-        stops generating for it) and the answer so far is the result."""
+        """One request, streamed to `on_text`, on the endpoint with the fewest in flight; if it is
+        down, on the next (unless text was already streamed from it). Once `cancel` is set, the
+        stream is closed (the server stops generating for it) and the answer so far is the result."""
+        tried: set = set()
+        streamed = []
+
+        def shown(text: str) -> None:
+            streamed.append(text)
+            on_text(text)
+
+        while True:
+            server = self._pick(tried)
+            try:
+                result = self._complete(server, request, gen, shown if on_text is not None else None, cancel)
+            except ServerDown:
+                with self._lock:
+                    server.down_until = time.monotonic() + DOWN_S
+                tried.add(server)
+                if streamed or len(tried) == len(self.servers):
+                    raise
+                continue
+            finally:
+                with self._lock:
+                    server.in_flight -= 1
+            with self._lock:
+                server.served += 1
+            return result
+
+    def _complete(self, server: Server, request: RemoteRequest, gen: GenerationOptions, on_text, cancel: Event | None) -> Result:
         import openai
+
+        url = server.url
 
         extra = {"mm_processor_kwargs": mm_kwargs(request.opts)} if mm_kwargs(request.opts) else {}
         for name in ("top_k", "repetition_penalty"):
@@ -138,7 +209,7 @@ class EndpointBackend:
         start = time.perf_counter()
         times, parts, usage, finish, served = [], [], None, "stop", None
         try:
-            stream = self.client.chat.completions.create(
+            stream = server.client.chat.completions.create(
                 model=self.model,
                 messages=request.messages,
                 max_tokens=gen.max_new_tokens,
@@ -168,16 +239,18 @@ class EndpointBackend:
                     stream.close()
                     break
         except openai.AuthenticationError:
-            raise UsageError(f"--endpoint {self.options.url} refused the API key: give --api-key (or QVL_API_KEY)") from None
+            raise UsageError(f"--endpoint {url} refused the API key: give --api-key (or QVL_API_KEY)") from None
         except openai.BadRequestError as e:
-            raise MediaError(self.options.url, _server_message(e)) from None
+            raise MediaError(url, _server_message(e)) from None
         except openai.APIConnectionError:
-            raise QvlError(f"cannot reach --endpoint {self.options.url} (tried {MAX_RETRIES + 1} times): is the server up?") from None
+            tries = server.client.max_retries + 1
+            raise ServerDown(f"cannot reach --endpoint {url} (tried {tries} time{'s' if tries > 1 else ''}): is the server up?") from None
         except openai.APIStatusError as e:
             hint = ""
-            if e.status_code == 404 and not self.options.url.endswith("/v1"):
-                hint = f"; OpenAI-compatible servers answer under /v1: try --endpoint {self.options.url}/v1"
-            raise QvlError(f"--endpoint {self.options.url} answered {e.status_code}: {_server_message(e)}{hint}") from None
+            if e.status_code == 404 and not url.endswith("/v1"):
+                hint = f"; OpenAI-compatible servers answer under /v1: try --endpoint {url}/v1"
+            failed = ServerDown if e.status_code >= 500 else QvlError
+            raise failed(f"--endpoint {url} answered {e.status_code}: {_server_message(e)}{hint}") from None
         ttft = times[0] - start if times else None
         completion = usage.completion_tokens if usage else len(times)
         # A qvl server says which sizes it used; from other engines, the plan made here stands.
@@ -211,21 +284,21 @@ class EndpointBackend:
         checked = schemas.structured(result, gen)
         if isinstance(checked, Exception):
             raise checked
-        self._check(checked.data, gen.schema)
+        self._check(checked.data, gen.schema, url)
         return checked
 
-    def _check(self, data, schema: str) -> None:
+    def _check(self, data, schema: str, url: str) -> None:
         """A server may not follow `response_format` (or may not read it): its JSON is checked here."""
         import jsonschema
 
         try:
             jsonschema.validate(data, json.loads(schema))
         except jsonschema.ValidationError as e:
-            raise QvlError(f"--endpoint {self.options.url} answered JSON that does not follow the schema ({' '.join(e.message.split())[:200]}): "
+            raise QvlError(f"--endpoint {url} answered JSON that does not follow the schema ({' '.join(e.message.split())[:200]}): "
                            "does it take response_format? qvl serve, vLLM and SGLang do") from None
 
     def generate(self, batch: list[RemoteRequest], gen: GenerationOptions, on_text=None, cancels=None) -> list[Result | Exception]:
-        """A batch of requests, all in flight at once (with `--each`, the batch size is --concurrency);
+        """A batch of requests, all in flight at once (with `--each`, --concurrency for each endpoint);
         `on_text` streams a batch of one. A row whose event in `cancels` is set is not sent (Cancelled
         in its place), or, set while it streams, ends there."""
         cancels = list(cancels or [None] * len(batch))
@@ -235,7 +308,10 @@ class EndpointBackend:
         def one(request: RemoteRequest, cancel: Event | None) -> Result | Exception:
             if cancel is not None and cancel.is_set():
                 return Cancelled()
-            return self.complete(request, gen, cancel=cancel)
+            try:
+                return self.complete(request, gen, cancel=cancel)
+            except Exception as e:  # noqa: BLE001 - that request's failure; the others' answers stand
+                return e
 
         with ThreadPoolExecutor(max_workers=len(batch)) as pool:
             return list(pool.map(one, batch, cancels))

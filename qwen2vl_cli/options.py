@@ -134,9 +134,10 @@ Blocks = Annotated[bool, typer.Option("--blocks", help="With stdin piped: a turn
 SERVE_PANEL = "Server"
 SERVE_LIMITS_PANEL = "What one request may cost"
 ENDPOINT_PANEL = "Remote engine"
-Endpoint = Annotated[Optional[str], typer.Option(envvar="QVL_ENDPOINT", metavar="URL", help="Send the requests to an OpenAI-compatible server (qvl serve, vLLM, SGLang), e.g. http://127.0.0.1:8000/v1.", rich_help_panel=ENDPOINT_PANEL)]
+Endpoint = Annotated[Optional[list[str]], typer.Option(envvar="QVL_ENDPOINT", metavar="URL", help="Send the requests to an OpenAI-compatible server (qvl serve, vLLM, SGLang), e.g. http://127.0.0.1:8000/v1. Repeat it (or give @FILE, one URL a line) to spread them over several: each goes to the one with the fewest in flight, and one that fails is left for a while.", show_default=False, rich_help_panel=ENDPOINT_PANEL)]
+ChatEndpoint = Annotated[Optional[str], typer.Option("--endpoint", envvar="QVL_ENDPOINT", metavar="URL", help="Send the turns to an OpenAI-compatible server (qvl serve, vLLM, SGLang), e.g. http://127.0.0.1:8000/v1.", rich_help_panel=ENDPOINT_PANEL)]
 PassUrls = Annotated[bool, typer.Option("--pass-urls", help="Send http(s) media URLs as they are instead of as data: URLs.", rich_help_panel=ENDPOINT_PANEL)]
-Concurrency = Annotated[int, typer.Option(min=1, help="Requests in flight with --each --endpoint.", rich_help_panel=ENDPOINT_PANEL)]
+Concurrency = Annotated[int, typer.Option(min=1, help="Requests in flight at each endpoint with --each --endpoint.", rich_help_panel=ENDPOINT_PANEL)]
 ApiKey = Annotated[Optional[str], typer.Option(envvar="QVL_API_KEY", help="Send Authorization: Bearer KEY to the endpoint.", rich_help_panel=ENDPOINT_PANEL)]
 ServeApiKey = Annotated[Optional[str], typer.Option("--api-key", envvar="QVL_API_KEY", help="Require Authorization: Bearer KEY from clients.", rich_help_panel=SERVE_PANEL)]
 
@@ -318,18 +319,33 @@ def endpoint_options(
     pass_urls: PassUrls = False,
     concurrency: Concurrency = 4,
 ):
-    if endpoint is None:
+    if not endpoint:
         if pass_urls or concurrency != 4:
             raise UsageError(f"{'--pass-urls' if pass_urls else '--concurrency'} works with --endpoint URL")
         return None
-    if not endpoint.startswith(("http://", "https://")):
-        raise UsageError(f"--endpoint {endpoint}: give an http(s):// URL, such as http://127.0.0.1:8000/v1")
-    return EndpointOptions(endpoint.rstrip("/"), api_key, pass_urls, concurrency)
+    urls = []
+    for given in endpoint:
+        for url in (_url_file(given[1:]) if given.startswith("@") else given.split()):  # QVL_ENDPOINT may hold several
+            if not url.startswith(("http://", "https://")):
+                raise UsageError(f"--endpoint {url}: give an http(s):// URL, such as http://127.0.0.1:8000/v1")
+            urls.append(url.rstrip("/"))
+    if not urls:
+        raise UsageError(f"--endpoint {endpoint[0]}: no URLs in it")
+    return EndpointOptions(tuple(dict.fromkeys(urls)), api_key, pass_urls, concurrency)
 
 
-def chat_endpoint_options(endpoint: Endpoint = None, api_key: ApiKey = None, pass_urls: PassUrls = False):
-    """endpoint_options without --concurrency: a conversation has one request in flight."""
-    return endpoint_options(endpoint, api_key, pass_urls)
+def _url_file(path: str) -> list[str]:
+    """--endpoint @FILE: one URL a line (blank lines and # comments skipped)."""
+    try:
+        text = Path(path).expanduser().read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--endpoint @{path}: cannot read it ({getattr(e, 'strerror', None) or e}); give a file of URLs, one a line") from None
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def chat_endpoint_options(endpoint: ChatEndpoint = None, api_key: ApiKey = None, pass_urls: PassUrls = False):
+    """endpoint_options for one endpoint, without --concurrency: a conversation has one request in flight."""
+    return endpoint_options([endpoint] if endpoint else None, api_key, pass_urls)
 
 
 Segment = Annotated[Optional[str], typer.Option(metavar="SECONDS", help="Cut the clip (or its --start/--end range) into windows this long (90, 1m30s, 1:30), each sampled as --start/--end of it would be; a last window shorter than a temporal patch joins the one before.", show_default=False, rich_help_panel=VIDEO_PANEL)]

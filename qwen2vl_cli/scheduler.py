@@ -45,16 +45,24 @@ class Engine:
     Jobs whose client went away leave the line at once: they hold no place against new arrivals.
     """
 
-    def __init__(self, session: LocalBackend, batch_size: int, queue_size: int, continuous: bool | None = None):
+    def __init__(self, session: LocalBackend, batch_size: int, queue_size: int, continuous: bool | None = None,
+                 on_answer=lambda result: None):
         """`continuous`: requests join running batches (None: on a GPU, where a decode step costs
         about the same for one row or many; on a CPU every row costs its share, and fixed batches
-        of equal settings measured faster, bench/RESULTS.md)."""
-        self.session, self.batch_size, self.queue_size = session, batch_size, queue_size
+        of equal settings measured faster, bench/RESULTS.md). `on_answer(result)`: each answer
+        handed back (the server's metrics), on this engine's thread."""
+        self.session, self.batch_size, self.queue_size, self.on_answer = session, batch_size, queue_size, on_answer
+        self.rows = 0  # rows of the running batch not ended yet
         wanted = session.device != "cpu" if continuous is None else continuous
         self.continuous = wanted and batch_size > 1 and session.streams_batches
         self._line: deque[Job] = deque()
         self._changed = threading.Condition()
         threading.Thread(target=self._work, name="qvl-engine", daemon=True).start()
+
+    def waiting(self) -> int:
+        """Requests in the line."""
+        with self._changed:
+            return len(self._line)
 
     def _drop_cancelled(self) -> None:  # holding self._changed
         for job in [j for j in self._line if j.cancel.is_set()]:
@@ -121,10 +129,12 @@ class Engine:
             return Row(job.prepared.text, list(job.prepared.loaded), job.gen, job.cancel, job.on_text if job.stream else None)
 
         try:
+            self.rows = len(batch)
             running = self.session.start([row(j) for j in batch], self.batch_size if self.continuous else 0)
             closed = not self.continuous  # once the head of the line cannot join, the batch takes no one else
             while running.live:
                 for number, outcome in running.advance():
+                    self.rows -= 1
                     self._hand_over(jobs[number], outcome)
                 while not closed and running.open():
                     with self._changed:
@@ -149,17 +159,21 @@ class Engine:
                     jobs.append(job)
                     try:
                         running.join(joining)
+                        self.rows += 1
                     except Exception as e:  # noqa: BLE001 - its failure (out of memory in its prefill), not the batch's
                         _settle(job.future, error=e)
         except Exception as e:  # every request of the batch, and every one that joined it, gets the error
             for job in jobs:
                 _settle(job.future, error=e)
+        finally:
+            self.rows = 0
 
     def _hand_over(self, job: Job, outcome) -> None:
         result = self.session.finish(job.prepared, outcome, job.gen, whole_json=False)
         if isinstance(result, Exception):
             _settle(job.future, error=result)
         else:
+            self.on_answer(result)
             _settle(job.future, result)
 
 

@@ -160,18 +160,26 @@ async def read_json(request: Request, limit: int, take, timeout_s: float) -> dic
     return body
 
 
-def create_app(session: LocalBackend, model_name: str, api_key: str | None = None, batch_size: int = 8, queue_size: int = 64,
-               limits: Limits = Limits(), hosts: list[str] | None = None, continuous: bool | None = None):
+def create_app(session: LocalBackend, names: tuple[str, ...], api_key: str | None = None, batch_size: int = 8, queue_size: int = 64,
+               limits: Limits = Limits(), hosts: list[str] | None = None, continuous: bool | None = None, given: str | None = None):
+    """The server's app. `names`: the served model's names (the first is the default); `given`:
+    the model as `qvl serve` was given it, which requests may name too."""
+    from qwen2vl_cli.serve_metrics import Metrics
+
     expected_key = f"Bearer {api_key}".encode() if api_key else None
 
     def authenticate(request: Request) -> None:
         # A dependency rather than an HTTP middleware: those hide a client's disconnect from the route.
-        given = request.headers.get("authorization", "").encode()
-        if expected_key is not None and not hmac.compare_digest(given, expected_key):
+        if request.url.path == "/health":  # for load balancers: says only that the server is up
+            return
+        sent = request.headers.get("authorization", "").encode()
+        if expected_key is not None and not hmac.compare_digest(sent, expected_key):
             raise ApiError(401, "authentication_error", "missing or wrong API key (Authorization: Bearer KEY)")
 
     app = FastAPI(title="qvl", docs_url=None, redoc_url=None, openapi_url=None, dependencies=[Depends(authenticate)])
-    engine = Engine(session, batch_size, queue_size, continuous)
+    metrics = None
+    engine = Engine(session, batch_size, queue_size, continuous, on_answer=lambda result: metrics.answered(result))
+    metrics = Metrics(engine, session.runner)
     media_pool = ThreadPoolExecutor(max_workers=limits.media_workers, thread_name_prefix="qvl-media")
     fetch_pool = ThreadPoolExecutor(max_workers=limits.fetch_workers, thread_name_prefix="qvl-fetch")
     bodies = Bodies(limits.max_buffered_bytes)
@@ -181,6 +189,8 @@ def create_app(session: LocalBackend, model_name: str, api_key: str | None = Non
 
     @app.exception_handler(ApiError)
     async def api_error(request, exc: ApiError):
+        if request.url.path == "/v1/chat/completions":  # a refused key included: it fails before the route
+            metrics.requests.labels(str(exc.status)).inc()
         return exc.response()
 
     @app.exception_handler(HTTPException)
@@ -197,12 +207,39 @@ def create_app(session: LocalBackend, model_name: str, api_key: str | None = Non
     async def models():
         # model_type tells qvl clients the family (its grounding prompt and coordinates); others ignore it.
         family = {"model_type": session.runner.family.model_types[0]}
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": started, "owned_by": "qvl", "qvl": family}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": started, "owned_by": "qvl", "qvl": family}
+                                           for name in names]}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def scraped():
+        from fastapi.responses import Response
+
+        page, kind = metrics.page()
+        return Response(page, media_type=kind)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        try:
+            response = await answer(request)
+        except ApiError:  # counted by its handler
+            raise
+        except ClientDisconnect:
+            metrics.requests.labels("499").inc()
+            raise
+        except Exception:
+            metrics.requests.labels("500").inc()
+            raise
+        metrics.requests.labels("200").inc()
+        return response
+
+    async def answer(request: Request):
         async with bodies.read(request, limits.max_body_bytes, limits.read_timeout_s) as body:
-            stream, include_usage = check_request(body, model_name)
+            stream, include_usage = check_request(body, names, given)
+            model_name = body.get("model") or names[0]
             chat, urls = to_chat(body.get("messages"), limits.max_media)
             gen = generation_options(body, limits)
             opts = media_options(body.get("mm_processor_kwargs"), limits)
@@ -237,6 +274,15 @@ def create_app(session: LocalBackend, model_name: str, api_key: str | None = Non
         return StreamingResponse(events, media_type="text/event-stream")
 
     return app
+
+
+def served_names(model: str) -> tuple[str, ...]:
+    """The name a served model goes by unless --served-model-name says: a hub id as it is, a local
+    directory by its own name (not its path on the server)."""
+    from pathlib import Path
+
+    path = Path(model).expanduser()
+    return (path.resolve().name,) if path.is_dir() else (model,)
 
 
 async def _answer(request: Request, job: Job, future: Future):
@@ -300,7 +346,9 @@ async def _stream(job: Job, chunks: asyncio.Queue, request_id, model, created, p
 
 
 def serve(runtime: RuntimeOptions, host: str, port: int, api_key: str | None, batch_size: int | None, queue_size: int,
-          hooks: Hooks, announce, limits: Limits = Limits(), extra_hosts: tuple[str, ...] = (), continuous: bool | None = None) -> None:
+          hooks: Hooks, announce, limits: Limits = Limits(), extra_hosts: tuple[str, ...] = (), continuous: bool | None = None,
+          names: tuple[str, ...] = ()) -> None:
+    """`names`: the served model's names (default: served_names of the model)."""
     import socket
 
     import uvicorn
@@ -322,8 +370,8 @@ def serve(runtime: RuntimeOptions, host: str, port: int, api_key: str | None, ba
     elif continuous and batch_size == 1:
         hooks.note("--batching continuous: with --batch-size 1 no request can join another; give --batch-size 4 or more")
     connections = limits.max_connections or connection_cap(limits.fetch_workers)
-    app = create_app(session, runtime.model, api_key, batch_size, queue_size, limits,
-                     allowed_hosts(host, extra_hosts), continuous)
+    app = create_app(session, names or served_names(runtime.model), api_key, batch_size, queue_size, limits,
+                     allowed_hosts(host, extra_hosts), continuous, given=runtime.model)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:

@@ -270,14 +270,17 @@ HARMLESS = {"user", "metadata", "store", "service_tier", "safety_identifier", "p
             "prompt_cache_options"}
 
 
-def check_request(body: dict, model_name: str) -> tuple[bool, bool]:
-    """The fields qvl does not act on beyond a check; returns (stream, include_usage)."""
+def check_request(body: dict, names: tuple[str, ...], also: str | None = None) -> tuple[bool, bool]:
+    """The fields qvl does not act on beyond a check; returns (stream, include_usage). `names`:
+    the served model's names (any one may be asked for); `also`: the model as the server was
+    given it, taken too (a client that names the same directory or hub id)."""
     for name, fine in NOT_DONE.items():
         if name in body and not any(body[name] == f and type(body[name]) is type(f) for f in fine):
             raise invalid(f"{name}: this server does not do it; leave it out", name)
     model = body.get("model")
-    if model is not None and model != model_name:
-        raise ApiError(404, "invalid_request_error", f"the model {str(model)[:200]!r} does not exist; this server serves {model_name!r}",
+    if model is not None and model not in names and model != also:
+        served = ", ".join(repr(n) for n in names)
+        raise ApiError(404, "invalid_request_error", f"the model {str(model)[:200]!r} does not exist; this server serves {served}",
                        "model", "model_not_found")
     if body.get("n") not in (None, 1):
         raise invalid("n: this server gives one choice per request (n 1)", "n")

@@ -322,7 +322,12 @@ class Timeline:
 
 @dataclass(frozen=True)
 class EndpointOptions:
-    url: str
+    urls: tuple[str, ...]  # one or more: requests go to the one with the fewest in flight
     api_key: str | None = None
     pass_urls: bool = False
-    concurrency: int = 4
+    concurrency: int = 4  # requests in flight at each endpoint (--each)
+
+    @property
+    def url(self) -> str:
+        """The endpoints, as one text for messages."""
+        return ", ".join(self.urls)

@@ -96,7 +96,7 @@ def test_a_schema_through_the_endpoint_is_sent_as_response_format(qvl, tiny_mode
 
 def test_openai_client_models_and_completions(client, media_dir, tiny_model):
     models = client.models.list()
-    assert [m.id for m in models.data] == [str(tiny_model)]
+    assert [m.id for m in models.data] == [tiny_model.name]  # a local directory is served by its name, not its path
     assert models.data[0].model_extra["qvl"] == {"model_type": "qwen2_vl"}  # the family, for qvl clients' --boxes
     content = [
         {"type": "image_url", "image_url": {"url": data_url(media_dir / "square.png", "image/png")}},
@@ -206,7 +206,7 @@ def test_the_endpoint_backend_does_not_send_a_cancelled_row_and_stops_reading_on
     from qwen2vl_cli.errors import Cancelled
     from qwen2vl_cli.types import GenerationOptions, MediaOptions
 
-    backend = EndpointBackend(EndpointOptions(server, api_key=KEY), str(tiny_model))
+    backend = EndpointBackend(EndpointOptions((server,), api_key=KEY), str(tiny_model))
     gen = GenerationOptions(max_new_tokens=40, min_new_tokens=40)
     request = backend.prepare((str(media_dir / "square.png"),), MediaOptions(), gen)
     gone, later, whole = threading.Event(), threading.Event(), threading.Event()
