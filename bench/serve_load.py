@@ -81,21 +81,38 @@ def run(tree: Path, model: str, requests_n: int, clients: int, tokens: int, batc
             outcomes = list(pool.map(one, range(requests_n)))
         wall = time.perf_counter() - start
         latencies = sorted(t for _, t in outcomes)
+        ok = sum(ok for ok, _ in outcomes)
         return {
-            "ok": sum(ok for ok, _ in outcomes),
+            "ok": ok,
             "p50": statistics.median(latencies),
             "p99": latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))],
             "rps": requests_n / wall,
             "rss": (rss_before, rss_mb(server.pid)),
+            "metrics": scraped(url.removesuffix("/v1/chat/completions"), ok, sum(lengths(tokens, mixed, i) for i in range(requests_n))),
         }
     finally:
         server.terminate()
         server.wait(timeout=30)
 
 
+def scraped(base: str, ok: int, tokens: int) -> str:
+    """The server's /metrics after the load, against the load's own count: requests answered 200
+    and tokens generated ("-" for a server without /metrics)."""
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+
+    page = requests.get(base + "/metrics", timeout=30)
+    if page.status_code != 200:
+        return "-"
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(page.text) for s in f.samples}
+    answered = int(samples.get(("qvl_requests_total", (("status", "200"),)), 0))
+    generated = int(samples.get(("qvl_generation_tokens_total", ()), 0))
+    return f"{answered}/{ok} requests, {generated}/{tokens} tokens"
+
+
 def summary(got: list[dict]) -> dict:
     """One server's rounds: medians, each with its range when there were several rounds."""
-    out = {"ok": sum(g["ok"] for g in got), "rss": got[-1]["rss"]}
+    out = {"ok": sum(g["ok"] for g in got), "rss": got[-1]["rss"], "metrics": "; ".join(dict.fromkeys(g["metrics"] for g in got))}
     for key, fmt in (("p50", "{:.2f}"), ("p99", "{:.2f}"), ("rps", "{:.1f}")):
         values = [g[key] for g in got]
         out[key] = statistics.median(values)
@@ -146,12 +163,12 @@ def main() -> None:
         "the servers ran one after the other"
         + (f", {args.rounds} rounds, the order turned round each round: medians, with the range in brackets." if args.rounds > 1 else "."),
         "",
-        "| server | OK | p50 | p99 | requests/s | server RSS before → after | p99 vs first row |",
-        "|---|---|---|---|---|---|---|",
+        "| server | OK | p50 | p99 | requests/s | server RSS before → after | p99 vs first row | its /metrics against the load |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows:
         lines.append(f"| {name} | {r['ok']}/{args.requests * args.rounds} | {r['p50']:.2f} s{r['p50_range']} | {r['p99']:.2f} s{r['p99_range']} | "
-                     f"{r['rps']:.1f}{r['rps_range']} | {r['rss'][0]:.0f} → {r['rss'][1]:.0f} MB | {r['p99'] / base['p99']:.2f}x |")
+                     f"{r['rps']:.1f}{r['rps_range']} | {r['rss'][0]:.0f} → {r['rss'][1]:.0f} MB | {r['p99'] / base['p99']:.2f}x | {r['metrics']} |")
     write_section("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -16,7 +16,7 @@ from dataclasses import replace
 from threading import Event
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
-from qwen2vl_cli import grounding, media, schemas, segments
+from qwen2vl_cli import frames, grounding, media, schemas, segments
 from qwen2vl_cli.config import LOADS
 from qwen2vl_cli.errors import GenerationInterrupted, MediaError, QvlError, UsageError
 from qwen2vl_cli.messages import build_messages
@@ -116,22 +116,47 @@ class LocalBackend:
         return replace(opts, cpu_budget=self.runner.device == "cpu")
 
     def _decode(self, sources: tuple[str, ...], opts: MediaOptions, require_video: bool = False, resolver: SourceResolver | None = None,
-                room: int | None = None):
+                room: int | None = None, timings: list | None = None):
         """Plans and pixels; `resolver` (closed here) may hold sources fetched ahead."""
         with resolver or self.resolver(opts) as resolver:
-            return self.decode_probed(probe_all(resolver, sources, opts, require_video), opts, room)
+            return self.decode_probed(probe_all(resolver, sources, opts, require_video), opts, room, timings)
 
-    def decode_probed(self, probed: list[Probed], opts: MediaOptions, room: int | None = None):
+    def decode_probed(self, probed: list[Probed], opts: MediaOptions, room: int | None = None, timings: list | None = None):
         """Plans and pixels of media already probed, within this backend's limits; `room`: the
-        prompt tokens the media may take, markers included (a server's prompt bound less its text)."""
+        prompt tokens the media may take, markers included (a server's prompt bound less its text).
+        A video sent as its frames (frames.py) keeps them, placed in time by its entry of `timings`
+        (mm_processor_kwargs.video_metadata, in order); the other media are sized to what it leaves."""
         opts = self.sized(opts)
         self._check_sizes(probed)
+        count = self.runner.count_tokens
+        sent = [i for i, p in enumerate(probed) if p.source.frames is not None]
+        if timings is not None and len(timings) != len(sent):
+            raise UsageError(f"mm_processor_kwargs.video_metadata: {len(timings)} entries for {len(sent)} videos sent as frames; give one each")
+        fixed = {}
+        for i, meta in zip(sent, timings or [None] * len(sent)):
+            src = probed[i].source
+            fixed[i] = frames.plan(src.label, src.frames, frames.timing(meta, len(src.frames), src.label), self.spec, opts,
+                                   self.max_source_pixels or media.frame_limit() or 2**62, count)
+        taken = sum(plan.tokens_with_markers for plan, _ in fixed.values())
+        if room is not None:
+            room -= taken
+        if fixed and (room is not None and room < 0 or self.max_visual_tokens is not None and taken > self.max_visual_tokens):
+            raise MediaError(probed[sent[0]].source.label, f"its frames take {taken:,} prompt tokens, more than this request has room for: "
+                                                           "send fewer or smaller frames")
+        rest = [p for i, p in enumerate(probed) if i not in fixed]
+        plans, loaded = self._plan_and_decode(rest, opts, room, None if self.max_visual_tokens is None else self.max_visual_tokens - taken)
+        plans, loaded = iter(plans), iter(loaded)
+        out = [fixed[i] if i in fixed else (next(plans), next(loaded)) for i in range(len(probed))]
+        return [p for p, _ in out], [ld for _, ld in out]
+
+    def _plan_and_decode(self, probed: list[Probed], opts: MediaOptions, room: int | None, most: int | None):
+        """Plans and pixels of probed files, within `room` prompt tokens and `most` visual tokens."""
         count = self.runner.count_tokens
         plans = plan_all(probed, self.spec, opts, count)
         left = None if room is None else room - 2 * len(probed)  # the room less each medium's two markers
         if probed and left is not None and left < len(probed):  # not even a token each
             raise UsageError(f"the text leaves room for {max(0, room)} prompt tokens of media: too few for {len(probed)} images and videos")
-        caps = [c for c in (self.max_visual_tokens, left) if c is not None]
+        caps = [c for c in (most, left) if c is not None]
         if caps and sum(p.visual_tokens for p in plans) > min(caps):
             cap = min(caps)
             plans = plan_all(probed, self.spec, replace(opts, max_visual_tokens=min(cap, opts.max_visual_tokens or cap)), count)
@@ -237,12 +262,13 @@ class LocalBackend:
 
     def prepare_chat(
         self, chat: list[dict], urls: list[str], opts: MediaOptions, gen: GenerationOptions, resolver: SourceResolver | None = None,
-        room: int | None = None,
+        room: int | None = None, timings: list | None = None,
     ) -> Prepared:
         """A whole conversation whose media parts are `{"type": "media"}` placeholders for `urls`, in
-        order; its media sized to take at most `room` prompt tokens (None: no bound)."""
+        order; its media sized to take at most `room` prompt tokens (None: no bound); `timings`: the
+        metadata of the videos sent as frames, in order."""
         start = time.perf_counter()
-        plans, loaded = self._decode(tuple(urls), opts, resolver=resolver, room=room)
+        plans, loaded = self._decode(tuple(urls), opts, resolver=resolver, room=room, timings=timings)
         return replace(self.conversation(chat, plans, loaded), media_s=time.perf_counter() - start)
 
     def conversation(self, chat: list[dict], plans: list, loaded: list) -> Prepared:

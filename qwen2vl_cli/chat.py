@@ -151,12 +151,12 @@ class RemoteEngine:
         estimate (the server's tokenizer is not here): the media's tokens as planned, a token for
         every three characters of ASCII text and for each other character, and some for each
         message's markers and the template's default system message."""
-        from qwen2vl_cli.endpoint import RemoteRequest
+        from qwen2vl_cli.endpoint import RemoteRequest, media_part
 
         urls = iter(m.url for m in media)
         sent = [m if isinstance(m["content"], str) else
-                {**m, "content": [{"type": f"{p['kind']}_url", f"{p['kind']}_url": {"url": next(urls)}} if p["type"] == "media" else p
-                                  for p in m["content"]]} for m in messages]
+                {**m, "content": [media_part(f"{p['kind']}_url", next(urls)) if p["type"] == "media" else p for p in m["content"]]}
+                for m in messages]
         texts = [m["content"] if isinstance(m["content"], str) else "".join(p.get("text", "") for p in m["content"]) for m in messages]
         ascii_chars = sum(len(t) if t.isascii() else sum(c.isascii() for c in t) for t in texts)
         other = sum(len(t) for t in texts) - ascii_chars

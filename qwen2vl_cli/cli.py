@@ -270,7 +270,8 @@ def serve(
     max_body: Annotated[str, typer.Option(metavar="SIZE", help="Largest request body (413 beyond it), e.g. 64M.", rich_help_panel=O.SERVE_LIMITS_PANEL)] = "64M",
     max_media: Annotated[int, typer.Option(min=1, help="Most images and videos in one request.", rich_help_panel=O.SERVE_LIMITS_PANEL)] = 16,
     max_visual_tokens: Annotated[int, typer.Option(min=1, help="Visual tokens of one request, all media together: qvl sizes them to fit.", rich_help_panel=O.SERVE_LIMITS_PANEL)] = 16384,
-    max_source_pixels: Annotated[int, typer.Option(min=1, help="Largest image or video frame as stored (width x height).", rich_help_panel=O.SERVE_LIMITS_PANEL)] = 50_000_000,
+    max_source_pixels: Annotated[int, typer.Option(min=1, help="Largest image or video frame as stored (width x height); for a video sent as frames, all its frames together.", rich_help_panel=O.SERVE_LIMITS_PANEL)] = 50_000_000,
+    max_frames: Annotated[int, typer.Option(min=2, help="Most frames of a video sent as frames (data:video/jpeg, as qvl --endpoint sends them).", rich_help_panel=O.SERVE_LIMITS_PANEL)] = 768,
     max_download: Annotated[str, typer.Option(metavar="SIZE", help="Most bytes fetched from one media URL.", rich_help_panel=O.SERVE_LIMITS_PANEL)] = "256M",
     fetch_timeout: Annotated[float, typer.Option(min=1.0, metavar="SECONDS", help="Time for one media URL, from connecting to the last byte.", rich_help_panel=O.SERVE_LIMITS_PANEL)] = 60.0,
     allow_urls_to: Annotated[Optional[list[str]], typer.Option("--allow-urls-to", metavar="CIDR", help="Let media URLs reach this network too (repeatable), e.g. 10.0.0.0/8. Default: public addresses only.", rich_help_panel=O.SERVE_LIMITS_PANEL)] = None,
@@ -304,6 +305,7 @@ def serve(
         max_prompt_tokens=max_prompt_tokens,
         read_timeout_s=read_timeout,
         max_connections=max_connections,
+        max_frames=max_frames,
     )
     reporter = Reporter(quiet=quiet, stream=False)
 

@@ -17,17 +17,18 @@ import json
 import mimetypes
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from threading import Event
 
 from qwen2vl_cli.errors import Cancelled, MediaError, ModelError, QvlError, UsageError
-from qwen2vl_cli import grounding, schemas
+from qwen2vl_cli import frames, grounding, media, schemas
 from qwen2vl_cli.families import Family, family_for
 from qwen2vl_cli.messages import default_prompt
 from qwen2vl_cli.modelinfo import read_config, vision_spec
-from qwen2vl_cli.pipeline import Hooks, check_boxes, probe_all, plan_all
+from qwen2vl_cli.pipeline import Hooks, check_boxes, decoded, probe_all, plan_all
 from qwen2vl_cli.runner import peak_memory_bytes
 from qwen2vl_cli.sources import Source, SourceResolver
 from qwen2vl_cli.types import EndpointOptions, GenerationOptions, MediaOptions, MediaPlan, Request, Result, VisionSpec
@@ -45,6 +46,7 @@ class Server:
     in_flight: int = 0
     served: int = 0
     down_until: float = 0.0
+    takes_frames: bool = True  # videos as their frames; once refused, as files
 
 
 class ServerDown(QvlError):
@@ -57,6 +59,37 @@ class RemoteRequest:
     plans: tuple[MediaPlan, ...]
     messages: list
     opts: MediaOptions  # the sizing options, sent on as mm_processor_kwargs
+    # Videos sent as the frames planned here (frames.py): their metadata, in order, and the media
+    # parts as files, for a server that does not take frames.
+    timings: tuple[dict, ...] = ()
+    file_parts: tuple[dict, ...] = ()
+
+    def sent(self, as_files: bool) -> tuple[list, dict]:
+        """The messages and mm_processor_kwargs to send: the videos as their frames, or as files."""
+        if not self.timings or not as_files:
+            return self.messages, _frames_kwargs(self) if self.timings else mm_kwargs(self.opts)
+        *before, last = self.messages
+        return [*before, {**last, "content": [*self.file_parts, last["content"][-1]]}], mm_kwargs(self.opts)
+
+
+# Sizing options that choose a video's frames: not sent with frames already chosen (the pixel
+# limits are, so the server holds the frames to the limits they were sized by).
+SAMPLING = {"fps", "nframes", "min_frames", "max_frames", "start", "end", "seek"}
+
+
+def _frames_kwargs(request: RemoteRequest) -> dict:
+    """mm_processor_kwargs for videos sent as frames: each one's metadata (the frames' indices and the
+    clip's rate, which place them in time), its sampling rate (vLLM's name), and no sampling again."""
+    kwargs = {k: v for k, v in mm_kwargs(request.opts).items() if k not in SAMPLING}
+    rates = [p.sample_fps for p in request.plans if p.kind == "video"]
+    return kwargs | {"video_metadata": list(request.timings), "fps": rates[0] if len(set(rates)) == 1 else rates, "do_sample_frames": False}
+
+
+def media_part(kind: str, url: str) -> dict:
+    """A media part of a message, with a hash of its content as its `uuid` (vLLM reuses its work on an item by it)."""
+    from blake3 import blake3
+
+    return {"type": kind, kind: {"url": url}, "uuid": blake3(url.encode()).hexdigest(length=16)}
 
 
 def _data_url(src: Source, info_format: str, kind: str) -> str:
@@ -118,16 +151,30 @@ class EndpointBackend:
         return self._family
 
     def prepare(self, sources: tuple[str, ...], opts: MediaOptions, gen: GenerationOptions, require_video: bool = False) -> RemoteRequest:
-        """Media resolved and checked here (a bad file never leaves the machine), as parts of one message."""
+        """Media resolved and checked here (a bad file never leaves the machine), as parts of one
+        message. Videos (animations read as video too) go as the frames planned here, at their
+        planned size, so the remote engine sees the frames `qvl inspect` shows; the files are kept
+        for a server that does not take frames. A video URL passed through (--pass-urls) is the
+        server's to sample, and then every video of the request goes as its file."""
         with SourceResolver(max_bytes=opts.max_download) as resolver:
             probed = probe_all(resolver, sources, opts, require_video)
             check_boxes([(p.source.label, p.info.kind) for p in probed], gen)
             plans = plan_all(probed, self.spec, opts)
-            parts = []
-            for text, p, plan in zip(sources, probed, plans):
-                kind = "video_url" if plan.kind == "video" else "image_url"
-                parts.append({"type": kind, kind: {"url": self.media_url(text, p.source, p.info.format, plan.kind)}})
-        return self._asked(tuple(plans), parts, opts, gen)
+            files = [media_part("video_url" if plan.kind == "video" else "image_url", self.media_url(text, p.source, p.info.format, plan.kind))
+                     for text, p, plan in zip(sources, probed, plans)]
+            if not any(plan.kind == "video" for plan in plans) or any(
+                    part["video_url"]["url"].startswith(("http://", "https://")) for part in files if part["type"] == "video_url"):
+                return self._asked(tuple(plans), files, opts, gen)
+            parts, timings, sent = [], [], []
+            for p, plan, part in zip(probed, plans, files):
+                if plan.kind == "video":
+                    loaded = media.load(p.source, p.info, plan, opts.seek == "keyframe")
+                    plan = decoded(plan, loaded)
+                    part = media_part("video_url", frames.encode(loaded))
+                    timings.append(frames.metadata(plan))
+                parts.append(part)
+                sent.append(plan)
+        return self._asked(tuple(sent), parts, opts, gen, tuple(timings), tuple(files))
 
     def media_url(self, given: str, source: Source, info_format: str, kind: str) -> str:
         """What is sent for a medium: its bytes as a data: URL, or with --pass-urls an http(s) URL as given."""
@@ -137,16 +184,17 @@ class EndpointBackend:
 
     def ask(self, request: RemoteRequest, gen: GenerationOptions) -> RemoteRequest:
         """The same media with another question: nothing read or encoded again."""
-        return self._asked(request.plans, request.messages[-1]["content"][:-1], request.opts, gen)
+        return self._asked(request.plans, request.messages[-1]["content"][:-1], request.opts, gen, request.timings, request.file_parts)
 
-    def _asked(self, plans: tuple, parts: list, opts: MediaOptions, gen: GenerationOptions) -> RemoteRequest:
+    def _asked(self, plans: tuple, parts: list, opts: MediaOptions, gen: GenerationOptions, timings: tuple = (),
+               file_parts: tuple = ()) -> RemoteRequest:
         if gen.boxes is not None:
             text = grounding.prompt(self.family(), gen.boxes)
         else:
             text = gen.prompt if gen.prompt is not None else default_prompt(plans)
         content = [*parts, {"type": "text", "text": text}]
         messages = ([{"role": "system", "content": gen.system}] if gen.system is not None else []) + [{"role": "user", "content": content}]
-        return RemoteRequest(plans, messages, opts)
+        return RemoteRequest(plans, messages, opts, timings, file_parts)
 
     def served(self) -> list[tuple[str, int]]:
         """Each endpoint and the requests it answered."""
@@ -198,8 +246,9 @@ class EndpointBackend:
         import openai
 
         url = server.url
-
-        extra = {"mm_processor_kwargs": mm_kwargs(request.opts)} if mm_kwargs(request.opts) else {}
+        as_files = not server.takes_frames
+        messages, kwargs = request.sent(as_files)
+        extra = {"mm_processor_kwargs": kwargs} if kwargs else {}
         for name in ("top_k", "repetition_penalty"):
             if getattr(gen, name) is not None:
                 extra[name] = getattr(gen, name)
@@ -211,7 +260,7 @@ class EndpointBackend:
         try:
             stream = server.client.chat.completions.create(
                 model=self.model,
-                messages=request.messages,
+                messages=messages,
                 max_tokens=gen.max_new_tokens,
                 temperature=gen.temperature,
                 top_p=gen.top_p if gen.top_p is not None else openai.NOT_GIVEN,
@@ -241,6 +290,11 @@ class EndpointBackend:
         except openai.AuthenticationError:
             raise UsageError(f"--endpoint {url} refused the API key: give --api-key (or QVL_API_KEY)") from None
         except openai.BadRequestError as e:
+            if request.timings and not as_files and not times:  # a server that does not take videos as frames: the files, then
+                server.takes_frames = False
+                warnings.warn(f"--endpoint {url} refused the videos as frames ({_server_message(e)[:160]}): sent as files, "
+                              "so its own sampling applies", stacklevel=2)
+                return self._complete(server, request, gen, on_text, cancel)
             raise MediaError(url, _server_message(e)) from None
         except openai.APIConnectionError:
             tries = server.client.max_retries + 1

@@ -37,6 +37,13 @@ def probe(src: Source, scan: bool = False, first_frame: bool = False) -> tuple[M
     Image = _pil()
     from PIL import UnidentifiedImageError
 
+    if src.frames is not None:  # sent as its frames: planned from them and their metadata (frames.plan)
+        from qwen2vl_cli.frames import DEFAULT_FPS, probe_size
+
+        width, height = probe_size(src.frames)
+        count = len(src.frames)
+        return MediaInfo(kind="video", width=width, height=height, format="video/jpeg frames", frames=count, fps=DEFAULT_FPS,
+                         duration_s=count / DEFAULT_FPS), ()
     with src.open() as f:
         head = f.read(16)
         if not head:

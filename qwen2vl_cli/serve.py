@@ -242,7 +242,7 @@ def create_app(session: LocalBackend, names: tuple[str, ...], api_key: str | Non
             model_name = body.get("model") or names[0]
             chat, urls = to_chat(body.get("messages"), limits.max_media)
             gen = generation_options(body, limits)
-            opts = media_options(body.get("mm_processor_kwargs"), limits)
+            opts, timings = media_options(body.get("mm_processor_kwargs"), limits)
             del body
             check_texts(chat, session, most_tokens)
             # Counted before any media is fetched; the media are then sized to the room the text leaves.
@@ -253,7 +253,7 @@ def create_app(session: LocalBackend, names: tuple[str, ...], api_key: str | Non
             try:
                 # Downloads wait on the network on threads of their own; decoding (data: URLs included) takes the small pool.
                 await fetch_all(fetch_pool, resolver.fetch, [u for u in dict.fromkeys(urls) if not u[:5].lower() == "data:"])
-                prepared = await asyncio.wrap_future(media_pool.submit(session.prepare_chat, chat, urls, opts, gen, resolver, room))
+                prepared = await asyncio.wrap_future(media_pool.submit(session.prepare_chat, chat, urls, opts, gen, resolver, room, timings))
             except QvlError as e:
                 raise invalid(describe_exception(e)[0], "messages") from None
             finally:
@@ -362,7 +362,7 @@ def serve(runtime: RuntimeOptions, host: str, port: int, api_key: str | None, ba
         raise UsageError(f"--allow-urls-to: {e}; give networks such as 10.0.0.0/8 or 192.168.1.20") from None
     deadline = limits.fetch_deadline_s
     # Reads time out well inside the deadline, so a server that drips bytes is cut off near it.
-    fetch = {"policy": policy, "deadline_s": deadline, "timeout": (min(10.0, deadline), min(10.0, deadline / 4))}
+    fetch = {"policy": policy, "deadline_s": deadline, "timeout": (min(10.0, deadline), min(10.0, deadline / 4)), "max_frames": limits.max_frames}
     session = LocalBackend(runtime, hooks, fetch=fetch, max_source_pixels=limits.max_source_pixels, max_visual_tokens=limits.max_visual_tokens)
     batch_size = batch_size or default_batch_size(session.runner.device)
     if continuous and not session.streams_batches:

@@ -48,6 +48,7 @@ class Limits:
     max_prompt_tokens: int | None = None  # text and media of one request; None: CPU_PROMPT_TOKENS on a CPU, else the model's context
     read_timeout_s: float = 30.0  # for a request's headers, and then for its body
     max_connections: int | None = None  # open at once; None: from the process's file limit (see connection_cap)
+    max_frames: int = 768  # frames of one video sent as frames (data:video/jpeg)
 
     @property
     def max_buffered_bytes(self) -> int:
@@ -140,17 +141,32 @@ def check_length(tokens: int, gen: GenerationOptions, most_tokens: int, context:
                       f"{context:,}; ask for at most {max(0, context - tokens)}", "max_tokens")
 
 
-def media_options(kwargs, limits: Limits) -> MediaOptions:
-    """The request's sizing options, held to the server's visual-token budget and download limit."""
+def media_options(kwargs, limits: Limits) -> tuple[MediaOptions, list | None]:
+    """The request's sizing options, held to the server's visual-token budget and download limit,
+    and the metadata of its videos sent as frames (`video_metadata`, one entry each, in order)."""
     from qwen2vl_cli.sizing import check_options
 
     if kwargs is None:
         kwargs = {}
     if not isinstance(kwargs, dict):
         raise invalid("mm_processor_kwargs must be an object, such as {\"max_pixels\": 401408}", "mm_processor_kwargs")
+    kwargs = dict(kwargs)
+    timings = kwargs.pop("video_metadata", None)
+    if timings is not None and not (isinstance(timings, list) and len(timings) <= limits.max_media):
+        raise invalid(f"mm_processor_kwargs: video_metadata must be a list of at most {limits.max_media} objects, one for each video "
+                      "sent as frames", "mm_processor_kwargs")
+    if kwargs.pop("do_sample_frames", False) is not False:
+        raise invalid("mm_processor_kwargs: do_sample_frames must be false: videos sent as frames are taken as they are, and "
+                      "video files are sampled by the options here", "mm_processor_kwargs")
+    if isinstance(kwargs.get("fps"), list):  # vLLM's form: a rate for each video sent as frames, whose metadata places them here
+        rates = kwargs.pop("fps")
+        if len(rates) > limits.max_media or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and r > 0
+                                                   for r in rates):
+            raise invalid("mm_processor_kwargs: fps must be a number above 0, or a list of them", "mm_processor_kwargs")
     unknown = set(kwargs) - MM_KWARGS
     if unknown:
-        raise invalid(f"mm_processor_kwargs: unknown {sorted(map(str, unknown))[:8]}; known: {sorted(MM_KWARGS)}", "mm_processor_kwargs")
+        known = sorted(MM_KWARGS | {"video_metadata", "do_sample_frames"})
+        raise invalid(f"mm_processor_kwargs: unknown {sorted(map(str, unknown))[:8]}; known: {known}", "mm_processor_kwargs")
     try:
         opts = check_options(MediaOptions(**kwargs))
     except (UsageError, TypeError) as e:
@@ -158,7 +174,7 @@ def media_options(kwargs, limits: Limits) -> MediaOptions:
     budget = opts.max_visual_tokens
     if budget is not None and budget > limits.max_visual_tokens:
         raise invalid(f"mm_processor_kwargs: max_visual_tokens {budget} is over this server's {limits.max_visual_tokens}", "mm_processor_kwargs")
-    return replace(opts, max_download=limits.max_download)  # the session holds every request to max_visual_tokens
+    return replace(opts, max_download=limits.max_download), timings  # the session holds every request to max_visual_tokens
 
 
 def _whole(value, name: str) -> int | None:

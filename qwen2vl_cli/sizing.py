@@ -98,7 +98,7 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: float, max_pi
     return h_bar, w_bar
 
 
-def _tokens(spec: VisionSpec, rh: int, rw: int, frames: int = 1) -> tuple[tuple[int, int, int], int]:
+def grid_tokens(spec: VisionSpec, rh: int, rw: int, frames: int = 1) -> tuple[tuple[int, int, int], int]:
     t = 1 if frames <= 1 else math.ceil(frames / spec.temporal_patch_size)
     grid = (t, rh // spec.patch_size, rw // spec.patch_size)
     return grid, grid[0] * grid[1] * grid[2] // (spec.merge_size**2)
@@ -138,7 +138,7 @@ def plan_image(source: str, info: MediaInfo, spec: VisionSpec, opts: MediaOption
         rh, rw = image_size(info, spec, opts)
     except SizingError as e:
         raise MediaError(source, str(e)) from None
-    grid, tokens = _tokens(spec, rh, rw)
+    grid, tokens = grid_tokens(spec, rh, rw)
     return MediaPlan(source, "image", info.width, info.height, rw, rh, grid, tokens, notes=tuple(notes) + tuple(_lowered(opts, spec.min_pixels)))
 
 
@@ -227,7 +227,7 @@ def _frames_within(budget: int, n: int, info: MediaInfo, spec: VisionSpec, opts:
     while n > C.FRAME_FACTOR:
         min_p, max_p = video_pixel_limits(n, spec, opts)
         rh, rw = smart_resize(info.height, info.width, f, min_p, max_p)
-        tokens = _tokens(spec, rh, rw, frames=n)[1]
+        tokens = grid_tokens(spec, rh, rw, frames=n)[1]
         if tokens <= budget:
             break
         n = max(C.FRAME_FACTOR, min(n - C.FRAME_FACTOR, floor_by_factor(n * budget // tokens, C.FRAME_FACTOR)))
@@ -270,7 +270,7 @@ def plan_video(source: str, info: MediaInfo, spec: VisionSpec, opts: MediaOption
         times = tuple(info.frame_times_s[i] for i in indices)
     else:
         times = tuple(info.start_s + i / fps for i in indices)
-    grid, tokens = _tokens(spec, rh, rw, frames=n)
+    grid, tokens = grid_tokens(spec, rh, rw, frames=n)
     stamps = families.time_stamps(indices, fps, spec.temporal_patch_size) if spec.time_stamps else None
     return MediaPlan(
         source,

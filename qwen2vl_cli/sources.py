@@ -35,10 +35,13 @@ class Source:
     label: str  # how messages name it
     path: Path | None = None
     data: bytes | None = None
+    frames: tuple[bytes, ...] | None = None  # a video sent as its sampled frames (frames.py), JPEG each
 
     def open(self) -> BinaryIO:
         if self.data is not None:
             return io.BytesIO(self.data)
+        if self.frames is not None:  # hashed as what was sent
+            return io.BytesIO(b"".join(self.frames))
         assert self.path is not None
         return open(self.path, "rb")
 
@@ -61,9 +64,12 @@ class SourceResolver:
         timeout: tuple[float, float] = (C.CONNECT_TIMEOUT_S, C.READ_TIMEOUT_S),
         deadline_s: float = C.DOWNLOAD_DEADLINE_S,
         policy: UrlPolicy | None = None,
+        max_frames: int | None = None,
     ):
-        """`policy`: which addresses URLs may reach (a server's); None fetches what the user names."""
+        """`policy`: which addresses URLs may reach (a server's); None fetches what the user names.
+        `max_frames`: the frames of a video sent as frames (`data:video/jpeg`; None: frames.MAX_FRAMES)."""
         self._policy = policy
+        self._max_frames = max_frames
         self._stdin = stdin
         self._stdin_used = False
         self._max_bytes = max_bytes
@@ -154,6 +160,10 @@ class SourceResolver:
         mime = head[5:].split(";")[0].lower()
         if not (mime.startswith("image/") or mime.startswith("video/")):
             raise MediaError(label, f"data: URI of type '{mime or 'text/plain'}': only image/* and video/* are accepted")
+        if mime == "video/jpeg" and head.lower().endswith(";base64"):  # a video as the frames a client sampled
+            from qwen2vl_cli import frames
+
+            return Source(label, frames=frames.split(payload, label, self._max_frames or frames.MAX_FRAMES))
         if head.lower().endswith(";base64"):
             try:
                 data = base64.b64decode("".join(payload.split()), validate=True)  # whitespace aside, only base64

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import requests
@@ -97,3 +99,156 @@ def test_requests_spread_over_endpoints_and_go_on_when_one_dies(tiny_model, medi
     served = dict(part.rsplit(" ", 1) for part in said.split("answered by ", 1)[1].split(", "))
     assert set(served) == {url_a, url_b, dead} and served[dead] == "0"
     assert int(served[url_a]) + int(served[url_b]) == len(names) and int(served[url_b]) >= 1
+
+
+def test_frames_survive_the_trip_within_the_stated_tolerance(media_dir):
+    """qvl's frames as JPEG (frames.QUALITY, no chroma subsampling) and back: the same count and
+    size, a mean difference under 1 (uint8 units), the metadata that places them kept."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from qwen2vl_cli import frames, media, sizing
+    from qwen2vl_cli.sources import Source
+    from qwen2vl_cli.types import MediaOptions, VisionSpec
+
+    src = Source("clip.mp4", path=media_dir / "clip.mp4")
+    info, _ = media.probe(src)
+    plan = sizing.plan("clip.mp4", info, VisionSpec(), MediaOptions())
+    loaded = media.load(src, info, plan)
+    url = frames.encode(loaded)
+    head, payload = url.split(",", 1)
+    assert head == "data:video/jpeg;base64"
+    back = np.stack([np.asarray(Image.open(io.BytesIO(f)).convert("RGB")) for f in frames.split(payload, "clip", 768)])
+    assert back.shape == loaded.frames.shape
+    assert np.abs(back.astype(np.int16) - loaded.frames).mean() < 1.0
+    assert frames.metadata(plan)["frames_indices"] == list(plan.frame_indices) and base64.b64decode(payload.split(",")[0])[:2] == b"\xff\xd8"
+
+
+def test_a_video_goes_to_the_server_as_the_frames_planned_here(qvl, family_models, media_dir):
+    """For each family, a clip and an animated GIF through qvl serve: the server takes the frames
+    planned here (the same indices, size, grid, visual tokens, time stamps and prompt tokens as a
+    local run), and answers exactly as this model does given the frames sent (their JPEG pixels
+    and metadata). A pixel limit is given: a CPU sizes its own media smaller unless told, and a
+    remote engine's device is not known here."""
+    from qwen2vl_cli.backend import LocalBackend
+    from qwen2vl_cli.endpoint import EndpointBackend
+    from qwen2vl_cli.types import EndpointOptions, GenerationOptions, MediaOptions, RuntimeOptions
+    from tests.helpers import Quiet
+
+    opts, gen = MediaOptions(max_pixels=50176, fps=3.0), GenerationOptions(max_new_tokens=12)
+    for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        model = family_models(family)
+        proc, url = start_server(model)
+        local = LocalBackend(RuntimeOptions(str(model), device="cpu", dtype="float32"), Quiet())
+        try:
+            for name in ("clip.mp4", "anim.gif"):
+                args = ("video", media_dir / name, "--model", model, "--max-new-tokens", "12", "--dtype", "float32", "--json",
+                        "--max-pixels", "50176", "--fps", "3")
+                here, there = qvl(*args), qvl(*args, "--endpoint", url)
+                assert here.exit_code == there.exit_code == 0, there.stderr
+                here, there = json.loads(here.stdout), json.loads(there.stdout)
+                mine, theirs = here["inputs"][0], there["inputs"][0]
+                for key in ("frame_indices", "resized_width", "resized_height", "grid_thw", "visual_tokens", "tokens_with_markers",
+                            "time_stamps_s"):
+                    assert mine.get(key) == theirs.get(key), (family, name, key)
+                assert there["prompt_tokens"] == here["prompt_tokens"], (family, name)
+                # What was sent, answered here as the server answers it.
+                sent = EndpointBackend(EndpointOptions((url,)), str(model)).prepare((str(media_dir / name),), opts, gen, True)
+                [video] = [p["video_url"]["url"] for p in sent.messages[-1]["content"] if p["type"] == "video_url"]
+                assert video.startswith("data:video/jpeg;base64,") and video.count(",") == len(mine["frame_indices"])
+                chat = [{"role": "user", "content": [{"type": "media"}, {"type": "text", "text": "Describe this video."}]}]
+                prepared = local.prepare_chat(chat, [video], opts, gen, timings=list(sent.timings))
+                [answer] = local.generate([prepared], gen)
+                assert there["text"] == answer.text, (family, name)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+def _frames_request(count: int, sizes=((56, 56),), metadata=None) -> dict:
+    import base64
+    import io
+
+    from PIL import Image
+
+    def jpeg(n: int) -> str:
+        out = io.BytesIO()
+        Image.new("RGB", sizes[n % len(sizes)], (n % 256, 0, 0)).save(out, "JPEG")
+        return base64.b64encode(out.getvalue()).decode()
+
+    url = "data:video/jpeg;base64," + ",".join(jpeg(n) for n in range(count))
+    body = {"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "?"}]}],
+            "max_tokens": 3}
+    if metadata is not None:
+        body["mm_processor_kwargs"] = {"video_metadata": metadata}
+    return body
+
+
+def test_serve_bounds_a_video_sent_as_frames(tiny_model):
+    """Frames over --max-frames, frames of two sizes, frames whose pixels together are over
+    --max-source-pixels, metadata that does not match the frames: each a 400 naming it, before
+    any frame is decoded; four frames with their metadata are answered, placed by it."""
+    proc, url = start_server(tiny_model, "--max-frames", "8", "--max-source-pixels", "200000")
+    post = lambda body: requests.post(url + "/chat/completions", json=body, timeout=120)  # noqa: E731
+    try:
+        for body, said in ((_frames_request(9), "9 frames: more than the 8 this server takes (--max-frames)"),
+                           (_frames_request(4, sizes=((56, 56), (84, 56))), "its frames differ in size"),
+                           (_frames_request(8, sizes=((200, 200),)), "over the 200,000 allowed here"),
+                           (_frames_request(4, metadata=[{"fps": 30, "frames_indices": [0, 1]}]), "frames_indices"),
+                           (_frames_request(4, metadata=[]), "0 entries for 1 videos sent as frames")):
+            r = post(body)
+            assert r.status_code == 400 and said in r.json()["error"]["message"], r.text
+        ok = post(_frames_request(4, metadata=[{"fps": 30, "frames_indices": [0, 10, 20, 30], "total_num_frames": 31}]))
+        assert ok.status_code == 200, ok.text
+        [video] = ok.json()["qvl"]["inputs"]
+        assert video["frame_indices"] == [0, 10, 20, 30] and video["native_fps"] == 30 and video["grid_thw"][0] == 2
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+class _NoFrames(http.server.BaseHTTPRequestHandler):
+    """An OpenAI-compatible server that takes video files but not videos as frames."""
+
+    bodies: list = []
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).bodies.append(body)
+        if "video/jpeg" in json.dumps(body):
+            self.send_response(400)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"error": {"message": "unsupported video type video/jpeg", "type": "invalid_request_error"}}')
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
+                 "choices": [{"index": 0, "delta": {"content": "a clip"}, "finish_reason": "stop"}],
+                 "usage": {"prompt_tokens": 90, "completion_tokens": 2, "total_tokens": 92}}
+        self.wfile.write(f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode())
+
+
+def test_a_server_that_refuses_frames_gets_the_file_with_a_note(qvl, media_dir):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NoFrames)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        r = qvl("video", media_dir / "clip.mp4", "--endpoint", url, "--fps", "4", "--json")
+        assert r.exit_code == 0, r.stderr
+        assert json.loads(r.stdout)["text"] == "a clip" and "refused the videos as frames" in r.stderr and "its own sampling applies" in r.stderr
+        framed, filed = _NoFrames.bodies
+        part = framed["messages"][-1]["content"][0]
+        assert part["video_url"]["url"].startswith("data:video/jpeg;base64,") and len(part["uuid"]) == 32
+        assert framed["mm_processor_kwargs"]["do_sample_frames"] is False and "video_metadata" in framed["mm_processor_kwargs"]
+        assert filed["messages"][-1]["content"][0]["video_url"]["url"].startswith("data:video/mp4;base64,")
+        assert filed["mm_processor_kwargs"] == {"fps": 4.0}  # the file is the server's to sample, by the options given
+    finally:
+        server.shutdown()
