@@ -180,7 +180,7 @@ def _windows(backend, clip: str, keep: bool):
         inputs = backend.runner.inputs(prepared.text, list(prepared.loaded))  # the window's tensors for the model
         plan = prepared.plans[0]
         seen.append({"window": w.index, "start": w.start_s, "end": w.end_s, "indices": list(plan.frame_indices),
-                     "size": [plan.resized_height, plan.resized_width], "tokens": int(inputs["input_ids"].shape[1]),
+                     "size": [plan.resized_height, plan.resized_width], "visual": plan.visual_tokens, "tokens": int(inputs["input_ids"].shape[1]),
                      "pixels": hashlib.blake2b(prepared.loaded[0].frames.tobytes(), digest_size=8).hexdigest()})
         if keep:
             kept.append(prepared)
@@ -192,7 +192,7 @@ def child_windows(clip: str, model: str) -> dict:
     tokens against `--start a --end b` of it, and the pixels of a few windows read alone."""
     import hashlib
 
-    from qwen2vl_cli.pipeline import decode_all, plan_all, probe_all
+    from qwen2vl_cli.pipeline import plan_all, probe_all
     from qwen2vl_cli.types import GenerationOptions, MediaOptions
 
     backend = _backend(model)
@@ -207,8 +207,8 @@ def child_windows(clip: str, model: str) -> dict:
             [plan] = plan_all(probed, backend.spec, opts, backend.runner.count_tokens)
             prepared = backend.prepare((clip,), MediaOptions(start=w["start"], end=w["end"]),
                                        GenerationOptions(max_new_tokens=NEW_TOKENS), True) if w["window"] in picked else None
-        tokens = plan.tokens_with_markers
-        same += list(plan.frame_indices) == w["indices"] and [plan.resized_height, plan.resized_width] == w["size"]
+        same += (list(plan.frame_indices) == w["indices"] and [plan.resized_height, plan.resized_width] == w["size"]
+                 and plan.visual_tokens == w["visual"])
         if prepared is not None:
             digest = hashlib.blake2b(prepared.loaded[0].frames.tobytes(), digest_size=8).hexdigest()
             pixels_same += digest == w["pixels"]
@@ -334,7 +334,7 @@ def segment_main(args) -> None:
         f"- Peak RSS of the whole run: {gb(peak)} (target <= 2.5 GB).",
         f"- Whole run against preparation alone + generation alone: {spread(whole_vs_sum)}x (target <= 1.3x); against the "
         f"larger of the two: {spread(whole_vs_max)}x (1.0 would be a perfect overlap).",
-        f"- Fidelity: {win['plans_equal']} of {win['windows']} windows have the frame indices and size of `--start a --end b` "
+        f"- Fidelity: {win['plans_equal']} of {win['windows']} windows have the frame indices, size and visual tokens of `--start a --end b` "
         f"of that window; the pixels of {win['pixels_checked']} windows (first, middle, last) read alone equal the one pass's in "
         f"{win['pixels_equal']}. Every run wrote {runs['timeline'][0]['records']} records, {runs['timeline'][0]['errors']} errors.",
     ])

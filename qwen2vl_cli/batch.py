@@ -232,7 +232,8 @@ class _Run:
                     self.sheet.add_window(w, prepared.plans[0], prepared.loaded[0])
                 yield from self._asked(serial, index, source, keys(w), lambda: _raised(prepared), records.window_fields(w))
         except Exception as e:  # the clip could not be read or cut: its error, once per question (and no summary)
-            yield from self._asked(serial, index, source, [k for _, k in self.questions], lambda: _raised(e), {})
+            failure = e
+            yield from self._asked(serial, index, source, [k for _, k in self.questions], lambda: _raised(failure), {})
             return
         if self.timeline.summary and read:
             key = records.summary_key(self.questions[0][1], self.timeline)

@@ -121,6 +121,7 @@ class EndpointBackend:
         self.servers = [Server(url, OpenAI(base_url=url, api_key=options.api_key or "none", max_retries=retries)) for url in options.urls]
         self.client = self.servers[0].client
         self._lock = threading.Lock()
+        self._said: dict | None = None  # what a qvl server says of its model (_served)
         # Sizes are planned with the model's settings when they are on this machine, for the diagnostics.
         # A remote server may serve a model qvl cannot run here: then Qwen2-VL's sizes stand in.
         try:
@@ -135,13 +136,7 @@ class EndpointBackend:
         if self._family is not None:
             return self._family
         config = read_config(self.model)
-        model_type = config.get("model_type") if config else None
-        if model_type is None:
-            try:
-                served = [m.model_extra or {} for m in self.client.models.list() if m.id == self.model]
-            except Exception:  # noqa: BLE001 - any failure here means the same: the family is unknown
-                served = []
-            model_type = next((m["qvl"].get("model_type") for m in served if isinstance(m.get("qvl"), dict)), None)
+        model_type = config.get("model_type") if config else self._served().get("model_type")
         if model_type is None:
             raise UsageError(
                 f"--boxes with --endpoint: qvl cannot tell how {self.model} writes boxes; put its config.json on this "
@@ -149,6 +144,20 @@ class EndpointBackend:
             )
         self._family = family_for(model_type, self.model)
         return self._family
+
+    def _served(self) -> dict:
+        """What a qvl server says of its model in /v1/models (its family and device), asked once; {}
+        from other servers, or when it cannot be asked."""
+        with self._lock:
+            if self._said is None:
+                try:
+                    listed = [m for m in self.client.with_options(max_retries=0, timeout=10).models.list()]
+                except Exception:  # noqa: BLE001 - any failure here means the same: nothing is known
+                    listed = []
+                named = [m for m in listed if m.id == self.model] or (listed if len(listed) == 1 else [])
+                said = (named[0].model_extra or {}).get("qvl") if named else None
+                self._said = said if isinstance(said, dict) else {}
+            return self._said
 
     def prepare(self, sources: tuple[str, ...], opts: MediaOptions, gen: GenerationOptions, require_video: bool = False) -> RemoteRequest:
         """Media resolved and checked here (a bad file never leaves the machine), as parts of one
@@ -165,6 +174,8 @@ class EndpointBackend:
             if not any(plan.kind == "video" for plan in plans) or any(
                     part["video_url"]["url"].startswith(("http://", "https://")) for part in files if part["type"] == "video_url"):
                 return self._asked(tuple(plans), files, opts, gen)
+            if self._served().get("device") == "cpu":  # a qvl server on a CPU sizes media smaller: plan the frames as it would
+                plans = plan_all(probed, self.spec, replace(opts, cpu_budget=True))
             parts, timings, sent = [], [], []
             for p, plan, part in zip(probed, plans, files):
                 if plan.kind == "video":

@@ -13,7 +13,6 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 from qwen2vl_cli.families import Family
 from qwen2vl_cli.types import MediaPlan

@@ -205,8 +205,8 @@ def create_app(session: LocalBackend, names: tuple[str, ...], api_key: str | Non
 
     @app.get("/v1/models")
     async def models():
-        # model_type tells qvl clients the family (its grounding prompt and coordinates); others ignore it.
-        family = {"model_type": session.runner.family.model_types[0]}
+        # model_type tells qvl clients the family (its grounding prompt and coordinates), device how it sizes media; others ignore it.
+        family = {"model_type": session.runner.family.model_types[0], "device": session.device}  # a CPU's media are sized smaller
         return {"object": "list", "data": [{"id": name, "object": "model", "created": started, "owned_by": "qvl", "qvl": family}
                                            for name in names]}
 

@@ -34,6 +34,13 @@ def answer(runner, inputs, gen, on_text=None):
     return out
 
 
+def wait_for_records(path, count: int, timeout: float = 300) -> None:
+    """Until `path` holds `count` lines (a run writing its records), or `timeout` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and (not path.exists() or path.read_text().count("\n") < count):
+        time.sleep(0.1)
+
+
 def start_server(tiny_model, *extra, seen: list[str] | None = None) -> tuple[subprocess.Popen, str]:
     """`qvl serve` on the tiny model and a free port: the process and its base URL, once it says it
     is serving; `seen` gets every line it wrote to stderr until then."""

@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -190,15 +189,15 @@ def test_truncated_last_record_is_detected_and_redone(qvl, tiny_model, media_dir
 
 
 def test_resume_after_a_kill(tiny_model, media_dir, tmp_path):
+    from tests.helpers import wait_for_records
+
     out = tmp_path / "captions.jsonl"
     sources = [str(media_dir / n) for n in ("square.png", "photo.png", "photo.jpg", "transparent.png")]
     cmd = [sys.executable, "-m", "qwen2vl_cli", "describe", "--each", *sources, "--model", str(tiny_model),
            "--dtype", "float32", "--max-new-tokens", "800", "--min-new-tokens", "800", "--batch-size", "1",
            "--resume", str(out), "-q"]
     proc = subprocess.Popen(cmd)
-    deadline = time.time() + 300
-    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 1):
-        time.sleep(0.2)
+    wait_for_records(out, 1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     written = records(out.read_text())

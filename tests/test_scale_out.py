@@ -9,11 +9,10 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 
 import requests
 
-from tests.helpers import start_server
+from tests.helpers import start_server, wait_for_records
 
 KEY = "scale-key"
 
@@ -83,9 +82,7 @@ def test_requests_spread_over_endpoints_and_go_on_when_one_dies(tiny_model, medi
            "-o", str(out)]
     try:
         run = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 300
-        while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 3):
-            time.sleep(0.1)
+        wait_for_records(out, 3)
         b.send_signal(signal.SIGKILL)
         _, err = run.communicate(timeout=300)
     finally:

@@ -250,15 +250,14 @@ def test_resume_after_a_kill_redoes_only_the_missing_windows(tiny_model, media_d
     import signal
     import subprocess
     import sys
-    import time
+
+    from tests.helpers import wait_for_records
 
     out = tmp_path / "timeline.jsonl"
     cmd = [sys.executable, "-m", "qwen2vl_cli", "video", str(media_dir / "short_gop.mp4"), "--segment", "4", "--model", str(tiny_model),
            "--dtype", "float32", "--max-new-tokens", "600", "--min-new-tokens", "600", "--resume", str(out), "-q"]
     proc = subprocess.Popen(cmd)
-    deadline = time.time() + 300
-    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 1):
-        time.sleep(0.1)
+    wait_for_records(out, 1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     written = records(out.read_text())
@@ -405,15 +404,14 @@ def test_ctrl_c_ends_a_segmented_run_with_the_windows_done_kept(tiny_model, medi
     import signal
     import subprocess
     import sys
-    import time
+
+    from tests.helpers import wait_for_records
 
     out = tmp_path / "timeline.jsonl"
     cmd = [sys.executable, "-m", "qwen2vl_cli", "video", str(media_dir / "short_gop.mp4"), "--segment", "4", "--model", str(tiny_model),
            "--dtype", "float32", "--max-new-tokens", "600", "--min-new-tokens", "600", "-o", str(out), "-q"]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 1):
-        time.sleep(0.1)
+    wait_for_records(out, 1)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     written = records(out.read_text())

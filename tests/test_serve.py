@@ -48,10 +48,18 @@ def local_text(qvl, tiny_model, *args) -> str:
 
 @pytest.mark.parametrize("name", ["square.png", "anim.gif", "clip.mp4"])
 def test_endpoint_gives_the_local_answer(qvl, tiny_model, media_dir, server, name):
-    expected = local_text(qvl, tiny_model, media_dir / name)
+    """An image's answer is the local one; a video (sent as its JPEG frames, sized as the CPU server
+    sizes them) has the local frames, sizes and prompt (its answer, tests/test_scale_out.py)."""
+    here = qvl("describe", media_dir / name, "--model", tiny_model, *FAST, "--json")
+    assert here.exit_code == 0, here.stderr
+    here = json.loads(here.stdout)
     r = qvl("describe", media_dir / name, "--endpoint", server, "--api-key", KEY, "--model", tiny_model, *FAST, "--json")
     assert r.exit_code == 0, r.stderr
     out = json.loads(r.stdout)
+    expected = here["text"] if name.endswith(".png") else out["text"]
+    keys = ("kind", "frame_indices", "resized_width", "resized_height", "grid_thw", "visual_tokens", "tokens_with_markers")
+    assert [{k: i.get(k) for k in keys} for i in out["inputs"]] == [{k: i.get(k) for k in keys} for i in here["inputs"]]
+    assert out["prompt_tokens"] == here["prompt_tokens"]
     assert out["text"] == expected and out["device"] == "endpoint"
     assert out["prompt_tokens"] > out["visual_tokens"] > 0 and out["generated_tokens"] > 0
     streamed = qvl("describe", media_dir / name, "--endpoint", server, "--api-key", KEY, "--model", tiny_model, *FAST)
@@ -97,7 +105,7 @@ def test_a_schema_through_the_endpoint_is_sent_as_response_format(qvl, tiny_mode
 def test_openai_client_models_and_completions(client, media_dir, tiny_model):
     models = client.models.list()
     assert [m.id for m in models.data] == [tiny_model.name]  # a local directory is served by its name, not its path
-    assert models.data[0].model_extra["qvl"] == {"model_type": "qwen2_vl"}  # the family, for qvl clients' --boxes
+    assert models.data[0].model_extra["qvl"] == {"model_type": "qwen2_vl", "device": "cpu"}  # for qvl clients: --boxes, frame sizes
     content = [
         {"type": "image_url", "image_url": {"url": data_url(media_dir / "square.png", "image/png")}},
         {"type": "video_url", "video_url": {"url": data_url(media_dir / "clip.mp4", "video/mp4")}},

@@ -178,7 +178,7 @@ def test_resize_properties(w, h, max_tokens):
         assert rh * rw >= 3136  # scaled up to the minimum
     elif rounded <= max_p:
         assert (rh, rw) == (max(28, round(h / 28) * 28), max(28, round(w / 28) * 28))
-    grid, tokens = sizing._tokens(SPEC, rh, rw)
+    grid, tokens = sizing.grid_tokens(SPEC, rh, rw)
     assert tokens == (rh // 28) * (rw // 28)
 
 
