@@ -116,37 +116,53 @@ class LocalBackend:
         return replace(opts, cpu_budget=self.runner.device == "cpu")
 
     def _decode(self, sources: tuple[str, ...], opts: MediaOptions, require_video: bool = False, resolver: SourceResolver | None = None,
-                room: int | None = None, timings: list | None = None):
+                room: int | None = None, timings: list | None = None, rates: list | float | None = None):
         """Plans and pixels; `resolver` (closed here) may hold sources fetched ahead."""
         with resolver or self.resolver(opts) as resolver:
-            return self.decode_probed(probe_all(resolver, sources, opts, require_video), opts, room, timings)
+            return self.decode_probed(probe_all(resolver, sources, opts, require_video), opts, room, timings, rates)
 
-    def decode_probed(self, probed: list[Probed], opts: MediaOptions, room: int | None = None, timings: list | None = None):
+    def decode_probed(self, probed: list[Probed], opts: MediaOptions, room: int | None = None, timings: list | None = None,
+                      rates: list | float | None = None):
         """Plans and pixels of media already probed, within this backend's limits; `room`: the
         prompt tokens the media may take, markers included (a server's prompt bound less its text).
         A video sent as its frames (frames.py) keeps them, placed in time by its entry of `timings`
-        (mm_processor_kwargs.video_metadata, in order); the other media are sized to what it leaves."""
+        (mm_processor_kwargs.video_metadata, in order) or else by its rate (`rates`: one for all, or
+        one each), sized within its share of the room from its JPEG headers before any is decoded;
+        the other media are sized to what they leave."""
         opts = self.sized(opts)
         self._check_sizes(probed)
         count = self.runner.count_tokens
         sent = [i for i, p in enumerate(probed) if p.source.frames is not None]
+        if not sent:
+            return self._plan_and_decode(probed, opts, room, self.max_visual_tokens)
         if timings is not None and len(timings) != len(sent):
             raise UsageError(f"mm_processor_kwargs.video_metadata: {len(timings)} entries for {len(sent)} videos sent as frames; give one each")
+        if isinstance(rates, list) and len(rates) != len(sent):
+            raise UsageError(f"mm_processor_kwargs.fps: {len(rates)} rates for {len(sent)} videos sent as frames; give one each")
+        if len(sent) == sum(p.info.kind == "video" for p in probed):  # no video file here for the sampling options
+            given = [k for k in ("nframes", "min_frames", "max_frames", "start", "end") if getattr(opts, k) is not None]
+            if given or opts.seek != "exact":
+                raise UsageError(f"mm_processor_kwargs.{(given or ['seek'])[0]}: videos sent as frames are taken as they are; leave it out")
+        budget = [c for c in (self.max_visual_tokens, opts.max_visual_tokens, room) if c is not None]
+        share = min(budget) // len(sent) if budget else None  # each sent video's part of the room
         fixed = {}
-        for i, meta in zip(sent, timings or [None] * len(sent)):
+        for k, i in enumerate(sent):
             src = probed[i].source
-            fixed[i] = frames.plan(src.label, src.frames, frames.timing(meta, len(src.frames), src.label), self.spec, opts,
-                                   self.max_source_pixels or media.frame_limit() or 2**62, count)
-        taken = sum(plan.tokens_with_markers for plan, _ in fixed.values())
-        if room is not None:
-            room -= taken
-        if fixed and (room is not None and room < 0 or self.max_visual_tokens is not None and taken > self.max_visual_tokens):
-            raise MediaError(probed[sent[0]].source.label, f"its frames take {taken:,} prompt tokens, more than this request has room for: "
-                                                           "send fewer or smaller frames")
+            rate = rates[k] if isinstance(rates, list) else rates
+            meta = frames.timing(timings[k] if timings is not None else None, len(src.frames), src.label, rate)
+            fixed[i] = frames.plan(src.label, src.frames, meta, self.spec, opts, self.max_source_pixels or media.frame_limit() or 2**62,
+                                   share, count)
+        taken = sum(f.plan.tokens_with_markers for f in fixed.values())
+        if room is not None and taken > room:
+            raise MediaError(probed[sent[0]].source.label, f"its frames take {taken:,} prompt tokens, more than the {room:,} this request "
+                                                           "has room for: send fewer frames")
         rest = [p for i, p in enumerate(probed) if i not in fixed]
-        plans, loaded = self._plan_and_decode(rest, opts, room, None if self.max_visual_tokens is None else self.max_visual_tokens - taken)
+        visual = sum(f.plan.visual_tokens for f in fixed.values())
+        most = [c - visual for c in (self.max_visual_tokens, opts.max_visual_tokens) if c is not None]
+        plans, loaded = self._plan_and_decode(rest, replace(opts, max_visual_tokens=None), None if room is None else room - taken,
+                                              min(most) if most else None)
         plans, loaded = iter(plans), iter(loaded)
-        out = [fixed[i] if i in fixed else (next(plans), next(loaded)) for i in range(len(probed))]
+        out = [(fixed[i].plan, frames.load(fixed[i])) if i in fixed else (next(plans), next(loaded)) for i in range(len(probed))]
         return [p for p, _ in out], [ld for _, ld in out]
 
     def _plan_and_decode(self, probed: list[Probed], opts: MediaOptions, room: int | None, most: int | None):
@@ -262,13 +278,13 @@ class LocalBackend:
 
     def prepare_chat(
         self, chat: list[dict], urls: list[str], opts: MediaOptions, gen: GenerationOptions, resolver: SourceResolver | None = None,
-        room: int | None = None, timings: list | None = None,
+        room: int | None = None, timings: list | None = None, rates: list | float | None = None,
     ) -> Prepared:
         """A whole conversation whose media parts are `{"type": "media"}` placeholders for `urls`, in
-        order; its media sized to take at most `room` prompt tokens (None: no bound); `timings`: the
-        metadata of the videos sent as frames, in order."""
+        order; its media sized to take at most `room` prompt tokens (None: no bound); `timings` and
+        `rates`: what places the videos sent as frames in time (decode_probed)."""
         start = time.perf_counter()
-        plans, loaded = self._decode(tuple(urls), opts, resolver=resolver, room=room, timings=timings)
+        plans, loaded = self._decode(tuple(urls), opts, resolver=resolver, room=room, timings=timings, rates=rates)
         return replace(self.conversation(chat, plans, loaded), media_s=time.perf_counter() - start)
 
     def conversation(self, chat: list[dict], plans: list, loaded: list) -> Prepared:

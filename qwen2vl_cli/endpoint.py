@@ -86,7 +86,10 @@ def _frames_kwargs(request: RemoteRequest) -> dict:
 
 
 def media_part(kind: str, url: str) -> dict:
-    """A media part of a message, with a hash of its content as its `uuid` (vLLM reuses its work on an item by it)."""
+    """A media part of a message, with a hash of its content as its `uuid` (vLLM reuses its work on
+    an item by it); none for a URL passed through, whose content is the server's to fetch."""
+    if url.startswith(("http://", "https://")):
+        return {"type": kind, kind: {"url": url}}
     from blake3 import blake3
 
     return {"type": kind, kind: {"url": url}, "uuid": blake3(url.encode()).hexdigest(length=16)}
@@ -146,18 +149,20 @@ class EndpointBackend:
         return self._family
 
     def _served(self) -> dict:
-        """What a qvl server says of its model in /v1/models (its family and device), asked once; {}
-        from other servers, or when it cannot be asked."""
-        with self._lock:
-            if self._said is None:
-                try:
-                    listed = [m for m in self.client.with_options(max_retries=0, timeout=10).models.list()]
-                except Exception:  # noqa: BLE001 - any failure here means the same: nothing is known
-                    listed = []
-                named = [m for m in listed if m.id == self.model] or (listed if len(listed) == 1 else [])
-                said = (named[0].model_extra or {}).get("qvl") if named else None
-                self._said = said if isinstance(said, dict) else {}
+        """What a qvl server says of its model in /v1/models (its family and device): the first
+        endpoint that answers, kept once one has; {} from other servers, or while none answers."""
+        if self._said is not None:
             return self._said
+        for server in self.servers:
+            try:
+                listed = list(server.client.with_options(max_retries=0, timeout=10).models.list())
+            except Exception:  # noqa: BLE001 - any failure here means the same: ask the next
+                continue
+            named = [m for m in listed if m.id == self.model] or (listed if len(listed) == 1 else [])
+            said = (named[0].model_extra or {}).get("qvl") if named else None
+            self._said = said if isinstance(said, dict) else {}
+            return self._said
+        return {}
 
     def prepare(self, sources: tuple[str, ...], opts: MediaOptions, gen: GenerationOptions, require_video: bool = False) -> RemoteRequest:
         """Media resolved and checked here (a bad file never leaves the machine), as parts of one
@@ -301,7 +306,7 @@ class EndpointBackend:
         except openai.AuthenticationError:
             raise UsageError(f"--endpoint {url} refused the API key: give --api-key (or QVL_API_KEY)") from None
         except openai.BadRequestError as e:
-            if request.timings and not as_files and not times:  # a server that does not take videos as frames: the files, then
+            if request.timings and not as_files and not times and _about_frames(e):  # a server that does not take videos as frames
                 server.takes_frames = False
                 warnings.warn(f"--endpoint {url} refused the videos as frames ({_server_message(e)[:160]}): sent as files, "
                               "so its own sampling applies", stacklevel=2)
@@ -314,7 +319,7 @@ class EndpointBackend:
             hint = ""
             if e.status_code == 404 and not url.endswith("/v1"):
                 hint = f"; OpenAI-compatible servers answer under /v1: try --endpoint {url}/v1"
-            failed = ServerDown if e.status_code >= 500 else QvlError
+            failed = ServerDown if e.status_code in (502, 503, 504) else QvlError  # another 5xx is this request's, not the server's state
             raise failed(f"--endpoint {url} answered {e.status_code}: {_server_message(e)}{hint}") from None
         ttft = times[0] - start if times else None
         completion = usage.completion_tokens if usage else len(times)
@@ -387,6 +392,12 @@ def _cached(usage) -> int:
     details = getattr(usage, "prompt_tokens_details", None) if usage is not None else None
     cached = getattr(details, "cached_tokens", None) if details is not None else None
     return cached if isinstance(cached, int) else 0
+
+
+def _about_frames(e) -> bool:
+    """Whether a server's 400 is about the video form (a server that does not take frames), not the rest of the request."""
+    text = _server_message(e).lower()
+    return any(word in text for word in ("video/jpeg", "jpeg", "frame", "video_metadata", "video"))
 
 
 def _server_message(e) -> str:

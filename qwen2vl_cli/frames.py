@@ -14,6 +14,7 @@ import base64
 import binascii
 import io
 import math
+from dataclasses import dataclass
 
 from qwen2vl_cli import config as C
 from qwen2vl_cli.errors import MediaError, UsageError
@@ -59,16 +60,22 @@ def split(payload: str, label: str, max_frames: int) -> tuple[bytes, ...]:
     return frames
 
 
-def timing(given, count: int, label: str) -> dict:
-    """A video's metadata from a request, checked (`given` None: frames at Qwen's 2 per second)."""
+LONGEST_S = 10**7  # seconds a sent video may place its frames in (about four months)
+
+
+def timing(given, count: int, label: str, rate: float | None = None) -> dict:
+    """A video's metadata from a request, checked (`given` None: frames `rate` a second, by default
+    Qwen's 2)."""
     if given is None:
-        return {"fps": DEFAULT_FPS, "frames_indices": list(range(count)), "total_num_frames": count}
+        if rate is not None and not _rate(rate):
+            raise UsageError(f"mm_processor_kwargs.fps of {label}: give a number from 0.001 to 1000000")
+        return {"fps": float(rate or DEFAULT_FPS), "frames_indices": list(range(count)), "total_num_frames": count}
     if not isinstance(given, dict):
         raise UsageError("mm_processor_kwargs.video_metadata: each entry must be an object such as "
                          "{\"fps\": 30, \"frames_indices\": [0, 15], \"total_num_frames\": 16}")
     fps, indices, total = given.get("fps"), given.get("frames_indices"), given.get("total_num_frames")
-    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not (math.isfinite(fps) and 0 < fps <= 1e6):
-        raise UsageError(f"mm_processor_kwargs.video_metadata: fps of {label} must be a number above 0")
+    if not _rate(fps):
+        raise UsageError(f"mm_processor_kwargs.video_metadata: fps of {label} must be a number from 0.001 to 1000000")
     if (not isinstance(indices, list) or len(indices) != count
             or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 10**9 for i in indices) or indices != sorted(indices)):
         raise UsageError(f"mm_processor_kwargs.video_metadata: frames_indices of {label} must be {count} whole numbers, in order, "
@@ -77,6 +84,8 @@ def timing(given, count: int, label: str) -> dict:
         total = indices[-1] - indices[0] + 1
     if isinstance(total, bool) or not isinstance(total, int) or not 1 <= total <= 10**9:
         raise UsageError(f"mm_processor_kwargs.video_metadata: total_num_frames of {label} must be a whole number above 0")
+    if max(total, indices[-1]) / fps > LONGEST_S:
+        raise UsageError(f"mm_processor_kwargs.video_metadata: {label}'s frames_indices and fps place it past {LONGEST_S:,} seconds")
     out = {"fps": float(fps), "frames_indices": indices, "total_num_frames": total}
     for side in ("width", "height"):
         value = given.get(side)
@@ -85,12 +94,25 @@ def timing(given, count: int, label: str) -> dict:
     return out
 
 
+def _rate(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and 1e-3 <= value <= 1e6
+
+
+@dataclass(frozen=True)
+class Sent:
+    """A video sent as frames, planned from its JPEG headers alone (nothing decoded yet)."""
+
+    label: str
+    frames: tuple[bytes, ...]
+    plan: MediaPlan
+
+
 def plan(label: str, frames: tuple[bytes, ...], meta: dict, spec: VisionSpec, opts: MediaOptions, max_pixels: int,
-         count=None) -> tuple[MediaPlan, Loaded]:
-    """A sent video's plan and pixels: its frames at their own size where that is one the model
-    takes (a client that planned them, as qvl does), else resized as a video of that many frames
-    would be. `max_pixels`: one frame's and all frames' pixels, read from the headers first."""
-    import numpy as np
+         most_tokens: int | None = None, count=None) -> Sent:
+    """A sent video's plan, from its frames' headers: their own size where the model takes it (a
+    client that planned them, as qvl does), else the size a video of that many frames gets, and
+    never more than `most_tokens` visual tokens (smaller frames, then). `max_pixels`: all frames'
+    pixels as sent. Nothing is decoded here: the plan is checked against a request's room first."""
     from PIL import Image
 
     from qwen2vl_cli import families, sizing
@@ -101,6 +123,8 @@ def plan(label: str, frames: tuple[bytes, ...], meta: dict, spec: VisionSpec, op
             with Image.open(io.BytesIO(data)) as img:
                 if img.format != "JPEG":
                     raise MediaError(label, f"frame {n + 1} is {img.format or 'not an image'}, not a JPEG")
+                if img.info.get("progressive") or img.info.get("progression"):  # its scans cost decoding time nothing bounds
+                    raise MediaError(label, f"frame {n + 1} is a progressive JPEG: send baseline JPEG frames")
                 sizes.add(img.size)
         except MediaError:
             raise
@@ -112,34 +136,49 @@ def plan(label: str, frames: tuple[bytes, ...], meta: dict, spec: VisionSpec, op
     if width * height * len(frames) > max_pixels:
         raise MediaError(label, f"{len(frames)} frames of {width}x{height}: {width * height * len(frames):,} pixels, over the "
                                 f"{max_pixels:,} allowed here; send fewer or smaller frames")
+    f, patches = spec.factor, -(-len(frames) // spec.temporal_patch_size)
     min_p, max_p = sizing.video_pixel_limits(len(frames) + len(frames) % 2, spec, opts)
-    f = spec.factor
-    if width % f == 0 and height % f == 0 and width * height <= max(max_p, 1.5 * min_p):
-        rh, rw = height, width  # planned by the client (a size smart_resize gives; its rounding up to the minimum included)
+    most = max(max_p, 1.5 * min_p)  # a planned size: smart_resize's, its rounding up to the minimum included
+    if most_tokens is not None:
+        if most_tokens < patches:
+            raise MediaError(label, f"{len(frames)} frames: more than the {most_tokens:,} visual tokens this request has room for "
+                                    "can hold; send fewer frames")
+        most = min(most, most_tokens // patches * f * f)  # each temporal patch its share of the room
+    if width % f == 0 and height % f == 0 and width * height <= most:
+        rh, rw = height, width
     else:
-        rh, rw = sizing.smart_resize(height, width, f, min_p, max_p)
-    pixels = np.empty((len(frames), rh, rw, 3), dtype=np.uint8)
-    for n, data in enumerate(frames):
+        rh, rw = sizing.smart_resize(height, width, f, min(min_p, most), most)
+    fps, indices, total = meta["fps"], tuple(meta["frames_indices"]), meta["total_num_frames"]
+    grid, tokens = sizing.grid_tokens(spec, rh, rw, frames=len(frames))
+    stamps = families.time_stamps(indices, fps, spec.temporal_patch_size) if spec.time_stamps else None
+    shown = (meta.get("width", width), meta.get("height", height))
+    result = MediaPlan(
+        label, "video", shown[0], shown[1], rw, rh, grid, tokens, duration_s=total / fps, native_fps=fps, frames=total,
+        frame_indices=indices, frame_times_s=tuple(i / fps for i in indices), sample_fps=len(frames) / total * fps, span_frames=total,
+        time_stamps_s=stamps, stamp_tokens=families.stamp_tokens(stamps, count) if stamps else 0,
+        marker_tokens=families.video_marker_tokens(stamps),
+        notes=() if (rw, rh) == (width, height) else (f"frames sent at {width}x{height}: resized to {rw}x{rh}",),
+    )
+    return Sent(label, frames, result)
+
+
+def load(sent: Sent) -> Loaded:
+    """A planned sent video's pixels: each frame decoded and, where its plan says, resized, one at a time."""
+    import numpy as np
+    from PIL import Image
+
+    plan = sent.plan
+    pixels = np.empty((len(sent.frames), plan.resized_height, plan.resized_width, 3), dtype=np.uint8)
+    for n, data in enumerate(sent.frames):
         try:
             with Image.open(io.BytesIO(data)) as img:
                 frame = img.convert("RGB")
         except Exception as e:  # a cut or corrupt frame
-            raise MediaError(label, f"frame {n + 1} cannot be decoded ({' '.join(str(e).split())[:120]})") from None
-        pixels[n] = np.asarray(frame if frame.size == (rw, rh) else frame.resize((rw, rh), Image.Resampling.BICUBIC))
-    fps, indices, total = meta["fps"], tuple(meta["frames_indices"]), meta["total_num_frames"]
-    grid, tokens = sizing.grid_tokens(spec, rh, rw, frames=len(frames))
-    stamps = families.time_stamps(indices, fps, spec.temporal_patch_size) if spec.time_stamps else None
-    times = tuple(i / fps for i in indices)
-    shown = (meta.get("width", width), meta.get("height", height))
-    result = MediaPlan(
-        label, "video", shown[0], shown[1], rw, rh, grid, tokens, duration_s=total / fps, native_fps=fps, frames=total,
-        frame_indices=indices, frame_times_s=times, sample_fps=len(frames) / total * fps, span_frames=total, time_stamps_s=stamps,
-        stamp_tokens=families.stamp_tokens(stamps, count) if stamps else 0, marker_tokens=families.video_marker_tokens(stamps),
-        notes=() if (rw, rh) == (width, height) else (f"frames sent at {width}x{height}: resized to {rw}x{rh}",),
-    )
-    loaded = Loaded(frames=pixels, frame_times_s=times,
-                    video_metadata={"fps": fps, "frames_indices": list(indices), "total_num_frames": total})
-    return result, loaded
+            raise MediaError(sent.label, f"frame {n + 1} cannot be decoded ({' '.join(str(e).split())[:120]})") from None
+        size = (plan.resized_width, plan.resized_height)
+        pixels[n] = np.asarray(frame if frame.size == size else frame.resize(size, Image.Resampling.BICUBIC))
+    return Loaded(frames=pixels, frame_times_s=plan.frame_times_s,
+                  video_metadata={"fps": plan.native_fps, "frames_indices": list(plan.frame_indices), "total_num_frames": plan.span_frames})
 
 
 def probe_size(frames: tuple[bytes, ...]) -> tuple[int, int]:

@@ -233,7 +233,8 @@ def create_app(session: LocalBackend, names: tuple[str, ...], api_key: str | Non
         except Exception:
             metrics.requests.labels("500").inc()
             raise
-        metrics.requests.labels("200").inc()
+        if not isinstance(response, StreamingResponse):  # a stream is counted when it ends, as it ended
+            metrics.requests.labels("200").inc()
         return response
 
     async def answer(request: Request):
@@ -242,7 +243,7 @@ def create_app(session: LocalBackend, names: tuple[str, ...], api_key: str | Non
             model_name = body.get("model") or names[0]
             chat, urls = to_chat(body.get("messages"), limits.max_media)
             gen = generation_options(body, limits)
-            opts, timings = media_options(body.get("mm_processor_kwargs"), limits)
+            opts, timings, rates = media_options(body.get("mm_processor_kwargs"), limits)
             del body
             check_texts(chat, session, most_tokens)
             # Counted before any media is fetched; the media are then sized to the room the text leaves.
@@ -253,7 +254,8 @@ def create_app(session: LocalBackend, names: tuple[str, ...], api_key: str | Non
             try:
                 # Downloads wait on the network on threads of their own; decoding (data: URLs included) takes the small pool.
                 await fetch_all(fetch_pool, resolver.fetch, [u for u in dict.fromkeys(urls) if not u[:5].lower() == "data:"])
-                prepared = await asyncio.wrap_future(media_pool.submit(session.prepare_chat, chat, urls, opts, gen, resolver, room, timings))
+                prepared = await asyncio.wrap_future(media_pool.submit(session.prepare_chat, chat, urls, opts, gen, resolver, room, timings,
+                                                                        rates))
             except QvlError as e:
                 raise invalid(describe_exception(e)[0], "messages") from None
             finally:
@@ -270,7 +272,8 @@ def create_app(session: LocalBackend, names: tuple[str, ...], api_key: str | Non
         job = Job(prepared, gen, stream=True, on_text=lambda text: loop.call_soon_threadsafe(chunks.put_nowait, text))
         future = engine.submit(job)  # a full queue is a 503 here, before any header of the stream
         future.add_done_callback(lambda f: loop.call_soon_threadsafe(chunks.put_nowait, None))
-        events = _stream(job, chunks, request_id, model_name, created, prepared, include_usage)
+        events = _stream(job, chunks, request_id, model_name, created, prepared, include_usage,
+                         ended=lambda status: metrics.requests.labels(status).inc())
         return StreamingResponse(events, media_type="text/event-stream")
 
     return app
@@ -314,9 +317,10 @@ def _runtime_error(e: BaseException) -> ApiError:
     return ApiError(500, "server_error", "internal error in qvl serve (its log has the details)")
 
 
-async def _stream(job: Job, chunks: asyncio.Queue, request_id, model, created, prepared, include_usage: bool):
+async def _stream(job: Job, chunks: asyncio.Queue, request_id, model, created, prepared, include_usage: bool, ended=lambda status: None):
     """Server-sent events as OpenAI streams them; with include_usage, every chunk has a usage of
-    null and a last chunk with no choices carries it."""
+    null and a last chunk with no choices carries it. `ended(status)`: how it ended (200; the
+    status of the error it sent; 499 when the client went away)."""
 
     def event(choices: list, usage=None, extension: bool = False) -> str:
         chunk = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
@@ -329,20 +333,25 @@ async def _stream(job: Job, chunks: asyncio.Queue, request_id, model, created, p
     def delta(content: dict, finish=None) -> list:
         return [{"index": 0, "delta": content, "finish_reason": finish}]
 
+    status = "499"
     try:
         yield event(delta({"role": "assistant", "content": ""}))
         while (text := await chunks.get()) is not None:
             yield event(delta({"content": text}))
         if job.future.exception() is not None:
-            yield f"data: {json.dumps(_runtime_error(job.future.exception()).body())}\n\n"
+            error = _runtime_error(job.future.exception())
+            status = str(error.status)
+            yield f"data: {json.dumps(error.body())}\n\n"
         else:
             result = job.future.result()
             yield event(delta({}, _finish(result)), extension=True)
             if include_usage:
                 yield event([], _usage(result))
+            status = "200"
         yield "data: [DONE]\n\n"
     finally:  # the client went away (the generator is closed) or the answer is complete
         job.cancel.set()
+        ended(status)
 
 
 def serve(runtime: RuntimeOptions, host: str, port: int, api_key: str | None, batch_size: int | None, queue_size: int,

@@ -141,9 +141,10 @@ def check_length(tokens: int, gen: GenerationOptions, most_tokens: int, context:
                       f"{context:,}; ask for at most {max(0, context - tokens)}", "max_tokens")
 
 
-def media_options(kwargs, limits: Limits) -> tuple[MediaOptions, list | None]:
+def media_options(kwargs, limits: Limits) -> tuple[MediaOptions, list | None, list | float | None]:
     """The request's sizing options, held to the server's visual-token budget and download limit,
-    and the metadata of its videos sent as frames (`video_metadata`, one entry each, in order)."""
+    and what places its videos sent as frames in time: their metadata (`video_metadata`, one entry
+    each, in order) and rates (`fps`: one for all, or a list, one each; vLLM's form)."""
     from qwen2vl_cli.sizing import check_options
 
     if kwargs is None:
@@ -158,11 +159,12 @@ def media_options(kwargs, limits: Limits) -> tuple[MediaOptions, list | None]:
     if kwargs.pop("do_sample_frames", False) is not False:
         raise invalid("mm_processor_kwargs: do_sample_frames must be false: videos sent as frames are taken as they are, and "
                       "video files are sampled by the options here", "mm_processor_kwargs")
-    if isinstance(kwargs.get("fps"), list):  # vLLM's form: a rate for each video sent as frames, whose metadata places them here
-        rates = kwargs.pop("fps")
-        if len(rates) > limits.max_media or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and r > 0
-                                                   for r in rates):
-            raise invalid("mm_processor_kwargs: fps must be a number above 0, or a list of them", "mm_processor_kwargs")
+    rates = kwargs.get("fps")
+    if isinstance(rates, list):  # vLLM's form: a rate for each video sent as frames
+        kwargs.pop("fps")
+        if len(rates) > limits.max_media or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r)
+                                                   and 1e-3 <= r <= 1e6 for r in rates):
+            raise invalid("mm_processor_kwargs: fps must be a number from 0.001 to 1000000, or a list of them", "mm_processor_kwargs")
     unknown = set(kwargs) - MM_KWARGS
     if unknown:
         known = sorted(MM_KWARGS | {"video_metadata", "do_sample_frames"})
@@ -174,7 +176,7 @@ def media_options(kwargs, limits: Limits) -> tuple[MediaOptions, list | None]:
     budget = opts.max_visual_tokens
     if budget is not None and budget > limits.max_visual_tokens:
         raise invalid(f"mm_processor_kwargs: max_visual_tokens {budget} is over this server's {limits.max_visual_tokens}", "mm_processor_kwargs")
-    return replace(opts, max_download=limits.max_download), timings  # the session holds every request to max_visual_tokens
+    return replace(opts, max_download=limits.max_download), timings, rates  # the session holds every request to max_visual_tokens
 
 
 def _whole(value, name: str) -> int | None:

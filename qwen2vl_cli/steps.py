@@ -95,12 +95,18 @@ def cache_bucket(length: int) -> int:
 
 def use_compile_cache() -> str:
     """Inductor's on-disk cache under the user's cache directory (unless TORCHINDUCTOR_CACHE_DIR
-    names one): the second run of a shape compiles from it in seconds instead of tens of seconds."""
+    names one): the second run of a shape compiles from it in seconds instead of tens of seconds.
+    Inductor writes its own default (a folder in the shared temp directory) into the variable the
+    first time it is asked, which importing a model class of transformers does: that one is replaced."""
     import os
     from pathlib import Path
 
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(base / "qvl" / "inductor"))
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, "", default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(base / "qvl" / "inductor")
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
 
 @cache

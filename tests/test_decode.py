@@ -176,14 +176,20 @@ def _describe(qvl, tiny_model, media_dir, engine: str, env: dict | None = None) 
 
 def test_the_compiled_step_gives_the_eager_steps_tokens(qvl, tiny_model, media_dir, tmp_path):
     """Inductor's step (float32, CPU) gives the eager step's greedy tokens; compiling is timed apart
-    from the first token and cached on disk (a second run compiles from the cache)."""
-    cache = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    from the first token and cached on disk under the user's cache directory (a second run compiles
+    from the cache), though importing transformers' model class has named inductor's own default."""
+    import os
+
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    cache = {"XDG_CACHE_HOME": str(tmp_path), "TORCHINDUCTOR_CACHE_DIR": default_cache_dir()}
     static, _ = _describe(qvl, tiny_model, media_dir, "static")
     compiled, stderr = _describe(qvl, tiny_model, media_dir, "compiled", cache)
     assert compiled["engine"] == "compiled" and compiled["text"] == static["text"], stderr
     assert compiled["generated_tokens"] == static["generated_tokens"] and compiled["compile_s"] > 0 and static["compile_s"] is None
     assert compiled["ttft_s"] < compiled["compile_s"]
-    assert any((tmp_path / "inductor").rglob("*.py")), "nothing was cached"
+    assert any((tmp_path / "qvl" / "inductor").rglob("*.py")), "nothing was cached where qvl keeps it"
+    assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") != str(tmp_path / "qvl" / "inductor")  # (set in the run's own process only)
 
 
 def test_a_batch_runs_in_its_bucket_with_filler_rows(tiny_model, media_dir, tmp_path):

@@ -37,6 +37,9 @@ def test_served_names_health_and_metrics_that_count_the_load(tiny_model):
         assert [m["id"] for m in models["data"]] == ["qwen", "qwen-vl"]
         answers = [_chat(url, name) for name in ("qwen", "qwen-vl", str(tiny_model), None)]
         assert [r.status_code for r in answers] == [200] * 4
+        streamed = requests.post(url + "/chat/completions", json={"messages": [{"role": "user", "content": "Hi."}], "max_tokens": 3,
+                                                                  "stream": True}, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+        assert streamed.status_code == 200 and streamed.text.endswith("data: [DONE]\n\n")
         assert [r.json()["model"] for r in answers] == ["qwen", "qwen-vl", str(tiny_model), "qwen"]
         other = _chat(url, "llama")
         assert other.status_code == 404 and "'qwen', 'qwen-vl'" in other.json()["error"]["message"]
@@ -47,13 +50,14 @@ def test_served_names_health_and_metrics_that_count_the_load(tiny_model):
         page = requests.get(base + "/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/plain")
         samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(page.text) for s in f.samples}
-        assert samples[("qvl_requests_total", (("status", "200"),))] == 4
+        assert samples[("qvl_requests_total", (("status", "200"),))] == 5  # the stream counted once, when it ended
         assert samples[("qvl_requests_total", (("status", "404"),))] == 1
         assert samples[("qvl_requests_total", (("status", "401"),))] == 1
         usage = [r.json()["usage"] for r in answers]
-        assert samples[("qvl_prompt_tokens_total", ())] == sum(u["prompt_tokens"] for u in usage)
-        assert samples[("qvl_generation_tokens_total", ())] == sum(u["completion_tokens"] for u in usage)
-        assert samples[("qvl_time_to_first_token_seconds_count", ())] == 4
+        assert samples[("qvl_prompt_tokens_total", ())] > sum(u["prompt_tokens"] for u in usage)  # and the stream's
+        assert samples[("qvl_generation_tokens_total", ())] > sum(u["completion_tokens"] for u in usage)
+        assert samples[("qvl_generation_tokens_total", ())] <= sum(u["completion_tokens"] for u in usage) + 3
+        assert samples[("qvl_time_to_first_token_seconds_count", ())] == 5
         assert samples[("qvl_queue_depth", ())] == 0 and samples[("qvl_batch_rows", ())] == 0
         assert ("qvl_cache_hits_total", (("cache", "prefix"),)) in samples  # the reuse caches, on by default in serve
     finally:
@@ -188,20 +192,28 @@ def test_serve_bounds_a_video_sent_as_frames(tiny_model):
     """Frames over --max-frames, frames of two sizes, frames whose pixels together are over
     --max-source-pixels, metadata that does not match the frames: each a 400 naming it, before
     any frame is decoded; four frames with their metadata are answered, placed by it."""
-    proc, url = start_server(tiny_model, "--max-frames", "8", "--max-source-pixels", "200000")
+    proc, url = start_server(tiny_model, "--max-frames", "8", "--max-source-pixels", "200000", "--max-visual-tokens", "256")
     post = lambda body: requests.post(url + "/chat/completions", json=body, timeout=120)  # noqa: E731
     try:
+        tiny_rate = [{"fps": 1e-310, "frames_indices": [0, 1, 2, 3]}]
         for body, said in ((_frames_request(9), "9 frames: more than the 8 this server takes (--max-frames)"),
                            (_frames_request(4, sizes=((56, 56), (84, 56))), "its frames differ in size"),
                            (_frames_request(8, sizes=((200, 200),)), "over the 200,000 allowed here"),
                            (_frames_request(4, metadata=[{"fps": 30, "frames_indices": [0, 1]}]), "frames_indices"),
-                           (_frames_request(4, metadata=[]), "0 entries for 1 videos sent as frames")):
+                           (_frames_request(4, metadata=[]), "0 entries for 1 videos sent as frames"),
+                           (_frames_request(4, metadata=tiny_rate), "fps of"),
+                           ({**_frames_request(4), "mm_processor_kwargs": {"nframes": 2}}, "videos sent as frames are taken as they are")):
             r = post(body)
             assert r.status_code == 400 and said in r.json()["error"]["message"], r.text
         ok = post(_frames_request(4, metadata=[{"fps": 30, "frames_indices": [0, 10, 20, 30], "total_num_frames": 31}]))
         assert ok.status_code == 200, ok.text
         [video] = ok.json()["qvl"]["inputs"]
         assert video["frame_indices"] == [0, 10, 20, 30] and video["native_fps"] == 30 and video["grid_thw"][0] == 2
+        # A request's own minimum cannot make its frames larger than the server's budget: they are sized into it.
+        big = post({**_frames_request(2, sizes=((16, 16),)), "mm_processor_kwargs": {"min_pixels": 2_000_000_000, "fps": 0.5}})
+        assert big.status_code == 200, big.text
+        [video] = big.json()["qvl"]["inputs"]
+        assert video["visual_tokens"] <= 256 and video["frame_times_s"] == [0.0, 2.0]  # its rate, without metadata
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -249,3 +261,36 @@ def test_a_server_that_refuses_frames_gets_the_file_with_a_note(qvl, media_dir):
         assert filed["mm_processor_kwargs"] == {"fps": 4.0}  # the file is the server's to sample, by the options given
     finally:
         server.shutdown()
+
+
+class _Failing(http.server.BaseHTTPRequestHandler):
+    """Answers 500 (a request's own failure), counting what it was sent."""
+
+    calls = 0
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        type(self).calls += 1
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(500)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b'{"error": {"message": "this request broke something", "type": "server_error"}}')
+
+
+def test_a_500_is_the_requests_failure_not_a_reason_to_send_it_elsewhere(qvl, media_dir):
+    """Only an endpoint that cannot be reached or says it is unavailable (502, 503, 504) is left for
+    another: a 500 is the request's own, and sending it on would take the other servers down too."""
+    failing, other = (http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) for handler in (_Failing, _Failing))
+    for server in (failing, other):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        urls = [f"http://127.0.0.1:{s.server_address[1]}/v1" for s in (failing, other)]
+        r = qvl("describe", media_dir / "square.png", "--endpoint", urls[0], "--endpoint", urls[1], "--json")
+        assert r.exit_code == 1 and "answered 500: this request broke something" in r.stderr
+        assert _Failing.calls == 2  # one endpoint, tried twice (its own retry); the other never
+    finally:
+        for server in (failing, other):
+            server.shutdown()
