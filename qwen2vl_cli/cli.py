@@ -257,6 +257,7 @@ def serve(
     dtype: O.Dtype = "auto",
     attn: O.Attn = "auto",
     engine: O.Engine = "auto",
+    quantize: O.Quantize = "none",
     host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 opens it to the network.", rich_help_panel=O.SERVE_PANEL)] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one; the address is printed).", rich_help_panel=O.SERVE_PANEL)] = 8000,
     api_key: O.ServeApiKey = None,
@@ -321,7 +322,7 @@ def serve(
         shown = f" as {', '.join(names)}" if names != (model,) else ""
         reporter.console.print(f"qvl: serving {model}{shown} on {url} (Ctrl-C to stop)")
 
-    runtime = replace(O.runtime_options(model, device, dtype, attn, engine),
+    runtime = replace(O.runtime_options(model, device, dtype, attn, engine, quantize),
                       cache_size=None if cache_size is None else parse_size(cache_size, "--cache-size"))  # None: the device's default
     run_server(runtime, host, port, api_key, batch_size, queue_size, reporter, announce,
                limits, tuple(allowed_hosts or ()), None if batching == "auto" else batching == "continuous", names)

@@ -11,6 +11,8 @@ DEVICES = ("auto", "cuda", "cpu", "mps")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 ATTNS = ("auto", "flash_attention_2", "sdpa", "eager")
 ENGINES = ("auto", "static", "compiled", "graph", "hf")
+QUANTIZE = ("none", "int8", "int4")
+QUANTIZE_HINT = "pip install 'qwen2vl-cli[quantize]'"
 FLASH_HINT = "pip install 'qwen2vl-cli[flash]'"
 
 
@@ -126,4 +128,21 @@ def choose_engine(requested: str, attn: str, device: str = "cpu") -> str:
         raise UsageError(f"--engine graph replays CUDA graphs: it needs --device cuda (the device is {device}); use --engine static")
     if requested == "compiled" and device not in ("cuda", "cpu"):
         raise UsageError(f"--engine compiled runs on cuda or cpu (the device is {device}); use --engine static")
+    return requested
+
+
+def check_quantize(requested: str, device: str) -> str:
+    """Weight-only quantization of the language model with torchao: int8 on CPU and CUDA, int4 on
+    CUDA (torchao's int4 weight-only kernels are CUDA's; its CPU layout needs a CPU build torch does
+    not ship for every processor)."""
+    if requested == "none":
+        return requested
+    import importlib.util
+
+    if importlib.util.find_spec("torchao") is None:
+        raise UsageError(f"--quantize {requested} needs torchao: {QUANTIZE_HINT}")
+    if requested == "int4" and device != "cuda":
+        raise UsageError(f"--quantize int4 runs on CUDA (the device is {device}); on this device use --quantize int8")
+    if device == "mps":
+        raise UsageError("--quantize runs on cuda or cpu (the device is mps); use --quantize none")
     return requested

@@ -169,4 +169,28 @@ def parameter_counts(model: str) -> dict[str, int]:
     vision = sum(p.numel() for p in visual.parameters()) - merger
     language = sum(p.numel() for p in net.model.language_model.parameters())
     total = sum(p.numel() for p in net.parameters())  # tied lm_head is counted once
-    return {"vision_tower": vision, "merger": merger, "language_model": language, "lm_head": total - vision - merger - language, "total": total}
+    linear = [m for m in net.model.language_model.modules() if isinstance(m, torch.nn.Linear)]  # what --quantize turns to int8
+    return {"vision_tower": vision, "merger": merger, "language_model": language, "lm_head": total - vision - merger - language, "total": total,
+            "language_linear": sum(m.weight.numel() for m in linear), "language_linear_rows": sum(m.weight.shape[0] for m in linear)}
+
+
+# Published quantized checkpoints' methods (config.json's quantization_config): transformers loads
+# each with a library of its own, and says which when it is missing.
+QUANTIZED_CHECKPOINTS = frozenset({"awq", "gptq", "fp8", "compressed-tensors", "bitsandbytes", "torchao", "hqq", "quanto", "eetq"})
+
+
+def checkpoint_format(config: dict) -> str:
+    """How a checkpoint's weights are stored: its quantization method, else its dtype."""
+    quantized = config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
+    if isinstance(quantized, dict) and quantized.get("quant_method"):
+        return str(quantized["quant_method"]).lower()
+    return str(config.get("dtype") or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype") or "?")
+
+
+def bytes_on_disk(model: str) -> int | None:
+    """The weights files' bytes, where the model is on this machine."""
+    config = model_file(model, "config.json")
+    if config is None:
+        return None
+    files = [f for f in config.parent.iterdir() if f.suffix in (".safetensors", ".bin")]
+    return sum(f.stat().st_size for f in files if f.exists()) or None

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from qwen2vl_cli import config as C
-from qwen2vl_cli.devices import ATTNS, DEVICES, DTYPES, ENGINES
+from qwen2vl_cli.devices import ATTNS, DEVICES, DTYPES, ENGINES, QUANTIZE
 from qwen2vl_cli.errors import UsageError
 from qwen2vl_cli.types import EndpointOptions, GenerationOptions, MediaOptions, RuntimeOptions, Timeline, check_generation
 
@@ -61,6 +61,16 @@ Engine = Annotated[
         envvar="QVL_ENGINE",
         autocompletion=complete(*ENGINES),
         help="auto | static | compiled | graph | hf. static: qvl's decode loop over a static KV cache, reading tokens back a chunk at a time; compiled: the same with its step compiled by inductor (tens of seconds the first time per shape, seconds once cached; on CUDA also a CUDA graph); graph: the eager step replayed as a CUDA graph (CUDA only); hf: transformers' generate (the reference). auto: graph on CUDA, static elsewhere, hf with flash_attention_2.",
+        rich_help_panel=RUN_PANEL,
+    ),
+]
+
+Quantize = Annotated[
+    str,
+    typer.Option(
+        envvar="QVL_QUANTIZE",
+        autocompletion=complete(*QUANTIZE),
+        help="none | int8 | int4. The language model's weights, quantized while loading (torchao, weight-only; the vision tower stays as it is): int8 on CPU and CUDA (a quarter of float32's bytes), int4 on CUDA. Needs the quantize extra.",
         rich_help_panel=RUN_PANEL,
     ),
 ]
@@ -251,12 +261,12 @@ def choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
 
 
 def runtime_options(
-    model: Model = C.DEFAULT_MODEL, device: Device = "auto", dtype: Dtype = "auto", attn: Attn = "auto", engine: Engine = "auto"
+    model: Model = C.DEFAULT_MODEL, device: Device = "auto", dtype: Dtype = "auto", attn: Attn = "auto", engine: Engine = "auto",
+    quantize: Quantize = "none",
 ) -> RuntimeOptions:
-    from qwen2vl_cli.devices import ATTNS, DEVICES, DTYPES, ENGINES
-
     return RuntimeOptions(
-        model, choice("device", device, DEVICES), choice("dtype", dtype, DTYPES), choice("attn", attn, ATTNS), choice("engine", engine, ENGINES)
+        model, choice("device", device, DEVICES), choice("dtype", dtype, DTYPES), choice("attn", attn, ATTNS), choice("engine", engine, ENGINES),
+        quantize=choice("quantize", quantize, QUANTIZE),
     )
 
 

@@ -140,7 +140,8 @@ def summary_line(r: Result) -> Text:
         f"compile {_fmt_s(r.compile_s)}" if r.compile_s is not None else None,
         f"{r.decode_tokens_per_s:.1f} tok/s" if r.decode_tokens_per_s else "- tok/s",
         f"peak {format_size(r.peak_memory_bytes)}",
-        f"{r.device} {r.dtype} {r.attn} {r.engine}" if r.engine != "-" else f"{r.device}",
+        (f"{r.device} {r.dtype}" + (f" {r.weights} weights" if r.weights not in (r.dtype, "-") else "") + f" {r.attn} {r.engine}")
+        if r.engine != "-" else f"{r.device}",
     ]
     return Text(" · ".join(p for p in parts if p is not None), style="dim")
 

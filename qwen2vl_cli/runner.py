@@ -19,7 +19,7 @@ from qwen2vl_cli.config import debug_enabled
 from qwen2vl_cli.errors import ModelError, one_line
 from qwen2vl_cli.families import QWEN2_VL, Family, family_of_config
 from qwen2vl_cli.media_cache import MediaCache
-from qwen2vl_cli.modelinfo import BUILDING, context_of, read_config, vision_spec_from_dict
+from qwen2vl_cli.modelinfo import BUILDING, QUANTIZED_CHECKPOINTS, checkpoint_format, context_of, read_config, vision_spec_from_dict
 from qwen2vl_cli.reference import RepetitionGuard
 from qwen2vl_cli.types import GenerationOptions, Loaded, Result, RuntimeOptions, VisionSpec
 from qwen2vl_cli.video_processor import ChunkedVideoProcessor
@@ -92,6 +92,26 @@ class VisionClock:
         return sum(b - a for a, b in done)
 
 
+def weight_bytes(model) -> int:
+    """Bytes of a model's weights as they are held: a quantized one's (torchao's tensor subclasses)
+    by the tensors inside it, a tied or shared one once."""
+    seen, total = set(), 0
+
+    def held(t) -> int:
+        if hasattr(t, "__tensor_flatten__"):  # a tensor subclass: its data, scales and zero points
+            names, _ = t.__tensor_flatten__()
+            return sum(held(getattr(t, n)) for n in names)
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+        if key in seen:
+            return 0
+        seen.add(key)
+        return t.numel() * t.element_size()
+
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        total += held(tensor.data if not hasattr(tensor, "__tensor_flatten__") else tensor)
+    return total
+
+
 def peak_memory_bytes(device: str) -> int:
     if device == "cuda":
         import torch
@@ -109,11 +129,19 @@ class Runner:
         self.dtype = devices.choose_dtype(runtime.dtype, self.device, self.caps)
         self.attn = devices.choose_attn(runtime.attn, self.device, self.dtype, self.caps)
         self.engine = devices.choose_engine(runtime.engine, self.attn, self.device)
+        self.quantize = devices.check_quantize(runtime.quantize, self.device)
+        if not debug_enabled():
+            import logging
+
+            # torchao, where installed, registers its types with torch's tracer, which warns of each when transformers imports it
+            logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
         self.model = None
         self.processor = None
         self.family: Family = QWEN2_VL
         self.context_tokens = 32768  # the model's max_position_embeddings, once its config is read
         self.load_s = 0.0
+        self.weights_bytes = 0
+        self.stored = "?"  # how the checkpoint's weights are stored (its dtype, or a quantization method)
         self.use_caches(runtime.cache_size if runtime.cache_size is not None else default_bytes(self.device))
 
     def use_caches(self, size: int) -> None:
@@ -132,6 +160,9 @@ class Runner:
 
         config = read_config(str(model_dir)) or {}
         self.family = family_of_config(config, self.runtime.model)
+        self.stored = checkpoint_format(config)
+        if self.stored in QUANTIZED_CHECKPOINTS and self.quantize != "none":
+            raise ModelError(f"--quantize {self.quantize}: {self.runtime.model} is already quantized ({self.stored}); drop --quantize")
         self.context_tokens = context_of(config) or 32768
         if not debug_enabled():
             transformers.logging.set_verbosity_error()
@@ -157,7 +188,11 @@ class Runner:
                     dtype=getattr(torch, self.dtype),
                     attn_implementation=self.attn,
                     device_map=self.device if self.device != "cpu" else None,
+                    **self._quantization(),
                 ).eval()
+        except ImportError as e:  # a quantized checkpoint whose library is not installed: transformers names it
+            quantized = f"its weights are {self.stored}-quantized: " if self.stored in QUANTIZED_CHECKPOINTS else ""
+            raise ModelError(f"cannot load model {self.runtime.model}: {quantized}{one_line(e)[:200]}") from None
         except (OSError, ValueError, KeyError) as e:
             raise ModelError(f"cannot load model {self.runtime.model}: {one_line(e)}") from None
         except Exception as e:
@@ -167,7 +202,21 @@ class Runner:
         if self.device == "cuda":
             torch.cuda.synchronize()
         self.load_s = time.perf_counter() - start
+        self.weights_bytes = weight_bytes(self.model)
         self._check_engine()
+
+    def _quantization(self) -> dict:
+        """--quantize: transformers quantizes each linear weight of the language model with torchao
+        as it loads it (the peak is the quantized model, not a full-precision copy beside it); the
+        vision tower, the output head and the embeddings stay as they are (a quantized tower reads
+        pictures wrong, and torchao advises leaving the embeddings)."""
+        if self.quantize == "none":
+            return {}
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
+        from transformers import TorchAoConfig
+
+        config = Int8WeightOnlyConfig() if self.quantize == "int8" else Int4WeightOnlyConfig(group_size=128)
+        return {"quantization_config": TorchAoConfig(config, modules_to_not_convert=["model.visual", "lm_head"])}
 
     def _check_engine(self) -> None:
         """The static loop needs transformers' current cache API; without it, auto means hf."""
@@ -295,6 +344,8 @@ class Runner:
             dtype=self.dtype, attn=self.attn, prompt_tokens=prompt_tokens, visual_tokens=visual_tokens, generated_tokens=len(tokens),
             load_s=self.load_s, ttft_s=ttft, decode_tokens_per_s=rate, peak_memory_bytes=peak_memory_bytes(self.device),
             finish_reason=finish, engine=engine, tokens=tuple(tokens),
+            weights=self.quantize if self.quantize != "none" else self.stored if self.stored in QUANTIZED_CHECKPOINTS else self.dtype,
+            weights_bytes=self.weights_bytes,
         )
 
 

@@ -5,13 +5,34 @@ from __future__ import annotations
 from qwen2vl_cli import devices
 from qwen2vl_cli.errors import UsageError
 from qwen2vl_cli.families import family_of_config
-from qwen2vl_cli.modelinfo import parameter_counts, read_config, read_processor_settings, vision_spec_from_dict
+from qwen2vl_cli.modelinfo import bytes_on_disk, checkpoint_format, parameter_counts, read_config, read_processor_settings, vision_spec_from_dict
 
 
 def _millions(n: int) -> str:
     if n < 1e6:
         return f"{n:,}"
     return f"{n / 1e6:,.1f} M" if n < 1e9 else f"{n / 1e9:,.2f} B"
+
+
+def _gb(n: float) -> str:
+    from qwen2vl_cli.sources import format_size
+
+    return format_size(int(n))
+
+
+def _weights(model: str, config: dict, counts: dict, dtype: str) -> dict:
+    """How the weights are stored, their bytes on disk, and what they take in memory at each --dtype
+    and --quantize (the vision tower, embeddings and head stay at the dtype; int8 keeps a scale a row)."""
+    width = {"float32": 4, "bfloat16": 2, "float16": 2}.get(dtype, 4)
+    linear, rows = counts["language_linear"], counts["language_linear_rows"]
+    int8 = linear + rows * width + (counts["total"] - linear) * width
+    return {
+        "format": checkpoint_format(config),
+        "on disk": _gb(size) if (size := bytes_on_disk(model)) else "not on this machine",
+        "in memory, float32": _gb(counts["total"] * 4),
+        "in memory, bfloat16": _gb(counts["total"] * 2),
+        f"in memory, --quantize int8 ({dtype} for the rest)": _gb(int8),
+    }
 
 
 def summarize(model: str) -> dict[str, dict]:
@@ -64,6 +85,7 @@ def summarize(model: str) -> dict[str, dict]:
             "lm head": _millions(counts["lm_head"]) if counts["lm_head"] else "tied to the embeddings",
             "total": _millions(counts["total"]),
         },
+        "Weights": _weights(model, config, counts, dtype),
         "Processor": {
             "min pixels": f"{spec.min_pixels:,} ({spec.min_pixels // spec.factor**2} tokens)",
             "max pixels": f"{spec.max_pixels:,} ({spec.max_pixels // spec.factor**2} tokens)",

@@ -203,6 +203,7 @@ class RuntimeOptions:
     dtype: str = "auto"
     attn: str = "auto"
     engine: str = "auto"  # the decode loop: decode.py's over a static cache, or transformers' generate
+    quantize: str = "none"  # the language model's linear layers' weights: none, int8, int4 (torchao; the vision tower stays as it is)
     cache_size: int | None = 0  # bytes kept for reuse: prefixes, vision outputs, decoded media (0: none, as one run needs; None: the device's default)
 
 
@@ -235,6 +236,8 @@ class Result:
     cached_tokens: int = 0  # prompt tokens not prefilled: their keys and values were kept (a conversation's earlier turns)
     structured: bool = False  # --schema, --json-object: the answer is JSON, parsed into `data`
     data: object = None
+    weights: str = "-"  # the language model's weights: its dtype, or int8/int4 (--quantize); "-" for a remote engine
+    weights_bytes: int = 0  # the loaded model's weights (the vision tower's included), each shared one once
 
     def timed(self, vision_s: float | None) -> Result:
         """With the vision tower's part of the time to first token; the rest of it is prefill."""
@@ -261,6 +264,8 @@ class Result:
             "compile_s": _round(self.compile_s),
             "decode_tokens_per_s": _round(self.decode_tokens_per_s),
             "peak_memory_bytes": self.peak_memory_bytes,
+            "weights": self.weights,
+            "weights_bytes": self.weights_bytes,
             "finish_reason": self.finish_reason,
             "inputs": [p.to_dict() for p in self.inputs],
         } | ({"boxes": list(self.boxes), "box_problems": list(self.box_problems)} if self.boxes is not None else {}) | (

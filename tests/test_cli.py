@@ -15,6 +15,7 @@ import pytest
 JSON_KEYS = {
     "text", "model", "device", "dtype", "attn", "engine", "prompt_tokens", "cached_tokens", "visual_tokens", "generated_tokens",
     "load_s", "ttft_s", "media_s", "vision_s", "prefill_s", "compile_s", "decode_tokens_per_s", "peak_memory_bytes", "finish_reason", "inputs",
+    "weights", "weights_bytes",
 }
 IMAGE_KEYS = {"source", "kind", "width", "height", "resized_width", "resized_height", "grid_thw", "visual_tokens", "tokens_with_markers"}
 VIDEO_KEYS = IMAGE_KEYS | {"duration_s", "native_fps", "frames", "frame_indices", "frame_times_s", "sample_fps"}
