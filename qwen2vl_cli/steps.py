@@ -117,9 +117,12 @@ def compiled_step() -> Callable:
 
     if not debug_enabled():  # the compiler's own warnings (no CUDA toolkit, recompiles) are not the user's business
         import logging
+        import warnings
 
         for name in ("torch._dynamo", "torch._inductor", "torch.utils.cpp_extension"):
             logging.getLogger(name).setLevel(logging.ERROR)
+        # torchao's int8 tensors (--quantize) lack a hash for AOT autograd's cache: the step still compiles and is cached by inductor
+        warnings.filterwarnings("ignore", message=".*_stable_hash_for_caching.*")
     # Past dynamo's default of 8 shapes a step would quietly run eagerly; the buckets make a few dozen at most.
     limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
     setattr(dynamo, limit, max(getattr(dynamo, limit), 64))

@@ -1,0 +1,103 @@
+"""Smaller weights on the CPU: `qvl describe` of the 1280x720 sample photo (252 visual tokens at the
+CPU's default size) on Qwen2-VL-2B's shapes with random weights (bench/throughput.py builds them
+once), float32 against `--quantize int8` with the static and the compiled step, each a whole
+process: wall, load, vision, prefill, decode tokens/s, peak RSS and the weights' bytes. The modes
+alternate, round after round, in one sitting.
+
+llama.cpp on the same random weights (f16, Q8_0, Q4_K_M) was measured on this machine kind on
+2026-12-01 (the issue's table); those numbers stand beside these for the targets, labelled as such.
+
+Usage: python bench/quantize.py [--rounds 2] [--tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+from results import machine, publish, spread  # noqa: E402
+from throughput import model_dir  # noqa: E402
+
+MODES = {
+    "float32, static": [],
+    "int8, static": ["--quantize", "int8"],
+    "int8, compiled": ["--quantize", "int8", "--engine", "compiled"],
+}
+# llama.cpp's llama-mtmd-cli (commit 0c1e570, CPU, 2 threads) on the same random 2B weights, one
+# 1280x720 photo at 252 visual tokens, 64 new tokens: measured 2026-12-01 (a quiet round).
+LLAMA_CPP = {"f16": (29.7, 6.22, 4.6), "Q8_0": (28.7, 11.11, 3.2), "Q4_K_M": (26.7, 14.99, 3.1)}  # whole run s, decode tok/s, peak GB
+
+
+def run(model: Path, extra: list[str], tokens: int) -> dict:
+    cmd = [sys.executable, "-m", "qwen2vl_cli", "describe", str(ROOT / "samples" / "photo.jpg"), "--model", str(model), "--device", "cpu",
+           "--dtype", "float32", "--max-new-tokens", str(tokens), "--min-new-tokens", str(tokens), "--no-repeat-guard", "--json", *extra]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr.strip()[-300:])
+    result = json.loads(done.stdout)  # peak_memory_bytes: the process's own peak RSS
+    return {"wall": wall, "load": result["load_s"], "vision": result["vision_s"], "prefill": result["prefill_s"],
+            "decode": result["decode_tokens_per_s"], "compile": result["compile_s"], "peak": result["peak_memory_bytes"],
+            "weights": result["weights_bytes"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=64)
+    args = parser.parse_args()
+    model = model_dir("2b")
+    runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
+    for round_ in range(args.rounds):
+        order = list(MODES) if round_ % 2 == 0 else list(MODES)[::-1]
+        for mode in order:
+            r = run(model, MODES[mode], args.tokens)
+            runs[mode].append(r)
+            print(f"round {round_ + 1} {mode:16s} wall {r['wall']:6.1f} s  decode {r['decode']:.2f} tok/s  peak {r['peak'] / 1e9:.2f} GB",
+                  file=sys.stderr, flush=True)
+    gb = lambda values: spread([v / 1e9 for v in values], 2, " GB")  # noqa: E731
+    lines = [
+        "## Smaller weights on the CPU (`bench/quantize.py`)",
+        "",
+        f"Machine: {machine()}. Command: `python bench/quantize.py --rounds {args.rounds} --tokens {args.tokens}`. Qwen2-VL-2B's shapes, "
+        f"random weights (bf16 on disk), `qvl describe samples/photo.jpg` (1280x720, 252 visual tokens), {args.tokens} new tokens, "
+        "float32 activations, each mode a whole process, the modes alternated; median (min-max).",
+        "",
+        "| qvl | whole run | load | vision | prefill | compile | decode | peak RSS | weights |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for mode, got in runs.items():
+        compile_s = [r["compile"] for r in got if r["compile"] is not None]
+        lines.append(f"| {mode} | {spread([r['wall'] for r in got], 1, ' s')} | {spread([r['load'] for r in got], 1, ' s')} | "
+                     f"{spread([r['vision'] for r in got], 1, ' s')} | {spread([r['prefill'] for r in got], 1, ' s')} | "
+                     f"{spread(compile_s, 1, ' s') if compile_s else '-'} | {spread([r['decode'] for r in got], 2, ' tok/s')} | "
+                     f"{gb([r['peak'] for r in got])} | {got[0]['weights'] / 1e9:.2f} GB |")
+    lines += ["", "llama.cpp on the same random weights (llama-mtmd-cli, 2 threads; measured 2026-12-01 on this machine kind, not in "
+              "this sitting):", "", "| llama.cpp | whole run | decode | peak RSS |", "|---|---|---|---|"]
+    lines += [f"| {name} | {wall} s | {rate} tok/s | {peak} GB |" for name, (wall, rate, peak) in LLAMA_CPP.items()]
+    best = min(runs.items(), key=lambda kv: sorted(r["wall"] for r in kv[1])[len(kv[1]) // 2])
+    q8_wall, q8_rate, q8_peak = LLAMA_CPP["Q8_0"]
+    int8 = runs["int8, static"]
+    med = lambda key: sorted(r[key] for r in int8)[len(int8) // 2]  # noqa: E731
+    lines += [
+        "",
+        f"Against the targets (llama.cpp Q8_0: {q8_peak} GB, {q8_rate} tok/s, {q8_wall} s): qvl int8 static peak RSS "
+        f"{med('peak') / 1e9:.2f} GB ({med('peak') / 1e9 / q8_peak:.2f}x, target <= 1.2x), decode {med('decode'):.2f} tok/s "
+        f"({med('decode') / q8_rate:.2f}x, target >= 1x), whole run {med('wall'):.1f} s ({med('wall') / q8_wall:.2f}x, target <= 1x), "
+        f"load {med('load'):.1f} s (target <= 3 s). Fastest whole run here: {best[0]}.",
+    ]
+    publish(lines)
+
+
+if __name__ == "__main__":
+    main()
