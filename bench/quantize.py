@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -85,10 +86,10 @@ def main() -> None:
     lines += ["", "llama.cpp on the same random weights (llama-mtmd-cli, 2 threads; measured 2026-12-01 on this machine kind, not in "
               "this sitting):", "", "| llama.cpp | whole run | decode | peak RSS |", "|---|---|---|---|"]
     lines += [f"| {name} | {wall} s | {rate} tok/s | {peak} GB |" for name, (wall, rate, peak) in LLAMA_CPP.items()]
-    best = min(runs.items(), key=lambda kv: sorted(r["wall"] for r in kv[1])[len(kv[1]) // 2])
+    best = min(runs.items(), key=lambda kv: statistics.median(r["wall"] for r in kv[1]))
     q8_wall, q8_rate, q8_peak = LLAMA_CPP["Q8_0"]
     int8 = runs["int8, static"]
-    med = lambda key: sorted(r[key] for r in int8)[len(int8) // 2]  # noqa: E731
+    med = lambda key: statistics.median(r[key] for r in int8)  # noqa: E731
     lines += [
         "",
         f"Against the targets (llama.cpp Q8_0: {q8_peak} GB, {q8_rate} tok/s, {q8_wall} s): qvl int8 static peak RSS "
