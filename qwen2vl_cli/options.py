@@ -70,7 +70,7 @@ Quantize = Annotated[
     typer.Option(
         envvar="QVL_QUANTIZE",
         autocompletion=complete(*QUANTIZE),
-        help="none | int8 | int4. The language model's weights, quantized while loading (torchao, weight-only; the vision tower stays as it is): int8 on CPU and CUDA (a quarter of float32's bytes), int4 on CUDA. Needs the quantize extra.",
+        help="none | int8 | int4. The language model's weights, quantized while loading (torchao, weight-only; the vision tower stays as it is): int8 on CPU and CUDA (a byte a weight; on a CPU it saves memory, not time), int4 on CUDA. Needs the quantize extra.",
         rich_help_panel=RUN_PANEL,
     ),
 ]
