@@ -1,10 +1,15 @@
-"""Helpers several test modules share: hooks that say nothing, rows through the runner, and `qvl serve` started on a free port."""
+"""Helpers several test modules share: hooks that say nothing, rows through the runner, `qvl serve`
+started on a free port, and a stand-in OpenAI-compatible server for client tests."""
 
 from __future__ import annotations
 
+import http.server
+import json
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 
 
 class Quiet:
@@ -58,3 +63,52 @@ def start_server(tiny_model, *extra, seen: list[str] | None = None) -> tuple[sub
         if proc.poll() is not None:
             raise RuntimeError(proc.stderr.read())
     raise RuntimeError("qvl serve did not start")
+
+
+class StandIn(http.server.BaseHTTPRequestHandler):
+    """An OpenAI-compatible server for client tests: a subclass's `reply(body)` answers each chat
+    request with `stream` (one streamed chunk) or `refuse`; `bodies` keeps what it was sent."""
+
+    bodies: list = []
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).bodies.append(body)
+        self.reply(body)
+
+    def reply(self, body: dict) -> None:
+        self.stream("an answer")
+
+    def stream(self, text: str, prompt_tokens: int = 90, completion_tokens: int = 3) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
+                 "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": "stop"}],
+                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                           "total_tokens": prompt_tokens + completion_tokens}}
+        self.wfile.write(f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode())
+
+    def refuse(self, status: int, message: str, kind: str = "invalid_request_error", retry_after: str | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        if retry_after is not None:
+            self.send_header("Retry-After", retry_after)
+        self.end_headers()
+        self.wfile.write(json.dumps({"error": {"message": message, "type": kind}}).encode())
+
+
+@contextmanager
+def serving(*handlers: type[StandIn]):
+    """Each stand-in on a free port of its own: their base URLs (http://127.0.0.1:PORT/v1)."""
+    servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), h) for h in handlers]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield [f"http://127.0.0.1:{server.server_address[1]}/v1" for server in servers]
+    finally:
+        for server in servers:
+            server.shutdown()

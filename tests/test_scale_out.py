@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import http.server
 import json
 import signal
 import socket
 import subprocess
 import sys
-import threading
 
 import requests
 
-from tests.helpers import start_server, wait_for_records
+from tests.helpers import StandIn, serving, start_server, wait_for_records
 
 KEY = "scale-key"
 
@@ -219,78 +217,44 @@ def test_serve_bounds_a_video_sent_as_frames(tiny_model):
         proc.wait(timeout=30)
 
 
-class _NoFrames(http.server.BaseHTTPRequestHandler):
-    """An OpenAI-compatible server that takes video files but not videos as frames."""
+class _NoFrames(StandIn):
+    """Takes video files, not videos as frames."""
 
     bodies: list = []
 
-    def log_message(self, *args):
-        pass
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).bodies.append(body)
+    def reply(self, body: dict) -> None:
         if "video/jpeg" in json.dumps(body):
-            self.send_response(400)
-            self.send_header("Content-Type", "application/json")
-            self.end_headers()
-            self.wfile.write(b'{"error": {"message": "unsupported video type video/jpeg", "type": "invalid_request_error"}}')
-            return
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.end_headers()
-        chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
-                 "choices": [{"index": 0, "delta": {"content": "a clip"}, "finish_reason": "stop"}],
-                 "usage": {"prompt_tokens": 90, "completion_tokens": 2, "total_tokens": 92}}
-        self.wfile.write(f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode())
+            self.refuse(400, "unsupported video type video/jpeg")
+        else:
+            self.stream("a clip")
 
 
 def test_a_server_that_refuses_frames_gets_the_file_with_a_note(qvl, media_dir):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NoFrames)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    with serving(_NoFrames) as [url]:
         r = qvl("video", media_dir / "clip.mp4", "--endpoint", url, "--fps", "4", "--json")
-        assert r.exit_code == 0, r.stderr
-        assert json.loads(r.stdout)["text"] == "a clip" and "refused the videos as frames" in r.stderr and "its own sampling applies" in r.stderr
-        framed, filed = _NoFrames.bodies
-        part = framed["messages"][-1]["content"][0]
-        assert part["video_url"]["url"].startswith("data:video/jpeg;base64,") and len(part["uuid"]) == 32
-        assert framed["mm_processor_kwargs"]["do_sample_frames"] is False and "video_metadata" in framed["mm_processor_kwargs"]
-        assert filed["messages"][-1]["content"][0]["video_url"]["url"].startswith("data:video/mp4;base64,")
-        assert filed["mm_processor_kwargs"] == {"fps": 4.0}  # the file is the server's to sample, by the options given
-    finally:
-        server.shutdown()
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["text"] == "a clip" and "refused the videos as frames" in r.stderr and "its own sampling applies" in r.stderr
+    framed, filed = _NoFrames.bodies
+    part = framed["messages"][-1]["content"][0]
+    assert part["video_url"]["url"].startswith("data:video/jpeg;base64,") and len(part["uuid"]) == 32
+    assert framed["mm_processor_kwargs"]["do_sample_frames"] is False and "video_metadata" in framed["mm_processor_kwargs"]
+    assert filed["messages"][-1]["content"][0]["video_url"]["url"].startswith("data:video/mp4;base64,")
+    assert filed["mm_processor_kwargs"] == {"fps": 4.0}  # the file is the server's to sample, by the options given
 
 
-class _Failing(http.server.BaseHTTPRequestHandler):
-    """Answers 500 (a request's own failure), counting what it was sent."""
+class _Failing(StandIn):
+    """Answers 500: a request's own failure."""
 
-    calls = 0
+    bodies: list = []
 
-    def log_message(self, *args):
-        pass
-
-    def do_POST(self):
-        type(self).calls += 1
-        self.rfile.read(int(self.headers["Content-Length"]))
-        self.send_response(500)
-        self.send_header("Content-Type", "application/json")
-        self.end_headers()
-        self.wfile.write(b'{"error": {"message": "this request broke something", "type": "server_error"}}')
+    def reply(self, body: dict) -> None:
+        self.refuse(500, "this request broke something", "server_error")
 
 
 def test_a_500_is_the_requests_failure_not_a_reason_to_send_it_elsewhere(qvl, media_dir):
     """Only an endpoint that cannot be reached or says it is unavailable (502, 503, 504) is left for
     another: a 500 is the request's own, and sending it on would take the other servers down too."""
-    failing, other = (http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) for handler in (_Failing, _Failing))
-    for server in (failing, other):
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        urls = [f"http://127.0.0.1:{s.server_address[1]}/v1" for s in (failing, other)]
+    with serving(_Failing, _Failing) as urls:
         r = qvl("describe", media_dir / "square.png", "--endpoint", urls[0], "--endpoint", urls[1], "--json")
-        assert r.exit_code == 1 and "answered 500: this request broke something" in r.stderr
-        assert _Failing.calls == 2  # one endpoint, tried twice (its own retry); the other never
-    finally:
-        for server in (failing, other):
-            server.shutdown()
+    assert r.exit_code == 1 and "answered 500: this request broke something" in r.stderr
+    assert len(_Failing.bodies) == 2  # one endpoint, tried twice (its own retry); the other never

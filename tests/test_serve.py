@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import http.server
 import json
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.helpers import Quiet, start_server
+from tests.helpers import Quiet, StandIn, serving, start_server
 from tests.robustness.corpus import png_claiming
 
 KEY = "test-key"
@@ -246,44 +245,24 @@ def test_each_endpoint_keeps_order_and_error_records(qvl, tiny_model, media_dir,
     assert "0 done, 1 failed, 4 skipped" in r.stderr
 
 
-class _Flaky(http.server.BaseHTTPRequestHandler):
+class _Flaky(StandIn):
     """Answers 503 twice, then a one-chunk streamed completion."""
 
-    calls = 0
+    bodies: list = []
 
-    def log_message(self, *args):
-        pass
-
-    def do_POST(self):
-        type(self).calls += 1
-        self.rfile.read(int(self.headers["Content-Length"]))
-        if type(self).calls <= 2:
-            self.send_response(503)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Retry-After", "0")
-            self.end_headers()
-            self.wfile.write(b'{"error": {"message": "busy", "type": "server_overloaded"}}')
-            return
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.end_headers()
-        chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
-                 "choices": [{"index": 0, "delta": {"content": "a red square"}, "finish_reason": "stop"}],
-                 "usage": {"prompt_tokens": 90, "completion_tokens": 3, "total_tokens": 93}}
-        self.wfile.write(f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode())
+    def reply(self, body: dict) -> None:
+        if len(type(self).bodies) <= 2:
+            self.refuse(503, "busy", "server_overloaded", retry_after="0")
+        else:
+            self.stream("a red square", prompt_tokens=90, completion_tokens=3)
 
 
 def test_client_retries_busy_servers(qvl, media_dir):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    with serving(_Flaky) as [url]:
         r = qvl("describe", media_dir / "square.png", "--endpoint", url, "--json")
-        assert r.exit_code == 0, r.stderr
-        out = json.loads(r.stdout)
-        assert out["text"] == "a red square" and out["prompt_tokens"] == 90 and _Flaky.calls == 3
-    finally:
-        server.shutdown()
+    assert r.exit_code == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["text"] == "a red square" and out["prompt_tokens"] == 90 and len(_Flaky.bodies) == 3
 
 
 def test_unreachable_endpoint_is_one_line(qvl, media_dir):
