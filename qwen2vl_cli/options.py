@@ -110,8 +110,8 @@ Fps = Annotated[Optional[float], typer.Option(help="Frames sampled per second (d
 Nframes = Annotated[Optional[int], typer.Option(min=1, help="Exact number of frames (instead of --fps); clamped to what the clip has.", rich_help_panel=VIDEO_PANEL)]
 MinFrames = Annotated[Optional[int], typer.Option(min=1, help="Least frames with --fps (default 4).", rich_help_panel=VIDEO_PANEL)]
 MaxFrames = Annotated[Optional[int], typer.Option(min=1, help="Most frames with --fps (default 768).", rich_help_panel=VIDEO_PANEL)]
-Start = Annotated[Optional[float], typer.Option(min=0.0, help="Start of the clip, in seconds.", rich_help_panel=VIDEO_PANEL)]
-End = Annotated[Optional[float], typer.Option(min=0.0, help="End of the clip, in seconds.", rich_help_panel=VIDEO_PANEL)]
+Start = Annotated[Optional[str], typer.Option(metavar="SECONDS", help="Start of the clip: seconds, or 1:30, 1m30s.", show_default=False, rich_help_panel=VIDEO_PANEL)]
+End = Annotated[Optional[str], typer.Option(metavar="SECONDS", help="End of the clip: seconds, or 1:30, 1m30s.", show_default=False, rich_help_panel=VIDEO_PANEL)]
 Seek = Annotated[
     str,
     typer.Option(help="exact: the reference's frames. keyframe: the nearest keyframes only, decoded alone (fast preview).", rich_help_panel=VIDEO_PANEL,
@@ -190,6 +190,7 @@ def sizing_options(
     max_visual_tokens: MaxVisualTokens = None,
     max_download: MaxDownload = "2G",
 ) -> MediaOptions:
+    from qwen2vl_cli.segments import parse_span
     from qwen2vl_cli.sources import parse_size
 
     opts = MediaOptions(
@@ -201,8 +202,8 @@ def sizing_options(
         nframes=nframes,
         min_frames=min_frames,
         max_frames=max_frames,
-        start=start,
-        end=end,
+        start=None if start is None else parse_span(start, "--start"),
+        end=None if end is None else parse_span(end, "--end"),
         first_frame=first_frame,
         seek=seek,
         max_visual_tokens=max_visual_tokens,

@@ -422,3 +422,12 @@ def test_ctrl_c_ends_a_segmented_run_with_the_windows_done_kept(tiny_model, medi
 
     RecordFile(str(tmp_path / "never.jsonl"), resume=False).close()
     assert not (tmp_path / "never.jsonl").exists()
+
+
+def test_start_and_end_take_spans_as_segment_does(qvl, media_dir):
+    clip = media_dir / "short_gop.mp4"
+    spans = qvl("inspect", clip, "--start", "0:04", "--end", "10s", "--json")
+    seconds = qvl("inspect", clip, "--start", "4", "--end", "10", "--json")
+    assert spans.exit_code == seconds.exit_code == 0 and json.loads(spans.stdout) == json.loads(seconds.stdout)
+    r = qvl("inspect", clip, "--start", "-1")
+    assert r.exit_code == 2 and r.stderr == "qvl: error: --start -1: give seconds, e.g. 60, 1m30s or 1:30\n"
