@@ -132,13 +132,18 @@ def choose_engine(requested: str, attn: str, device: str = "cpu") -> str:
 
 
 def check_quantize(requested: str, device: str) -> str:
-    """Weight-only quantization of the language model with torchao: int8 on CPU and CUDA, int4 on
-    CUDA (torchao's int4 weight-only kernels are CUDA's; its CPU layout needs a CPU build torch does
-    not ship for every processor)."""
+    """Quantization of the language model: int8 on an x86 CPU with fbgemm, in torch (int8.py);
+    elsewhere torchao's weight-only int8 (CPU, CUDA) and int4 (CUDA: torchao's int4 kernels are
+    CUDA's; its CPU layout needs a CPU build torch does not ship for every processor)."""
     if requested == "none":
         return requested
     import importlib.util
 
+    if requested == "int8" and device == "cpu":
+        from qwen2vl_cli import int8
+
+        if int8.available():
+            return requested  # fbgemm, in torch (int8.py)
     if importlib.util.find_spec("torchao") is None:
         raise UsageError(f"--quantize {requested} needs torchao: {QUANTIZE_HINT}")
     if requested == "int4" and device != "cuda":

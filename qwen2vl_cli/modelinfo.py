@@ -170,8 +170,11 @@ def parameter_counts(model: str) -> dict[str, int]:
     language = sum(p.numel() for p in net.model.language_model.parameters())
     total = sum(p.numel() for p in net.parameters())  # tied lm_head is counted once
     linear = [m for m in net.model.language_model.modules() if isinstance(m, torch.nn.Linear)]  # what --quantize turns to int8
+    seen = [m for m in visual.modules() if isinstance(m, torch.nn.Linear)]  # what int8.py keeps at the checkpoint's dtype on a CPU
     return {"vision_tower": vision, "merger": merger, "language_model": language, "lm_head": total - vision - merger - language, "total": total,
-            "language_linear": sum(m.weight.numel() for m in linear), "language_linear_rows": sum(m.weight.shape[0] for m in linear)}
+            "language_linear": sum(m.weight.numel() for m in linear), "language_linear_rows": sum(m.weight.shape[0] for m in linear),
+            "vision_linear": sum(m.weight.numel() for m in seen), "vocabulary": net.lm_head.out_features,
+            "embeddings": net.model.language_model.embed_tokens.weight.numel()}
 
 
 # Published quantized checkpoints' methods (config.json's quantization_config): transformers loads

@@ -109,7 +109,7 @@ def weight_bytes(model) -> int:
 
     for tensor in list(model.parameters()) + list(model.buffers()):
         total += held(tensor.data if not hasattr(tensor, "__tensor_flatten__") else tensor)
-    return total
+    return total + sum(getattr(m, "held_bytes", 0) for m in model.modules())  # int8.py's packed weights
 
 
 def peak_memory_bytes(device: str) -> int:
@@ -185,7 +185,7 @@ class Runner:
             with BUILDING:
                 self.model = getattr(transformers, self.family.model_class).from_pretrained(
                     model_dir,
-                    dtype=getattr(torch, self.dtype),
+                    dtype=self._load_dtype(),
                     attn_implementation=self.attn,
                     device_map=self.device if self.device != "cpu" else None,
                     **self._quantization(),
@@ -199,18 +199,37 @@ class Runner:
             if type(e).__name__ != "SafetensorError":  # a truncated or corrupt weights file
                 raise
             raise ModelError(f"cannot load model {self.runtime.model}: its weights are damaged ({one_line(e)}); download them again") from None
+        if self._fbgemm():
+            from qwen2vl_cli import int8
+
+            int8.quantize_cpu(self.model, getattr(torch, self.dtype), self._load_dtype(), model_dir)
         if self.device == "cuda":
             torch.cuda.synchronize()
         self.load_s = time.perf_counter() - start
         self.weights_bytes = weight_bytes(self.model)
         self._check_engine()
 
+    def _fbgemm(self) -> bool:
+        """--quantize int8 on a CPU: int8.py's layers (fbgemm), converted after loading."""
+        from qwen2vl_cli import int8
+
+        return self.quantize == "int8" and self.device == "cpu" and int8.available()
+
+    def _load_dtype(self):
+        """The dtype weights load at: the run's, or for int8.py's conversion the checkpoint's own
+        (a bfloat16 file is not widened first: the load's peak is the file's size)."""
+        import torch
+
+        if self._fbgemm() and self.stored in ("bfloat16", "float16", "float32"):
+            return getattr(torch, self.stored)
+        return getattr(torch, self.dtype)
+
     def _quantization(self) -> dict:
-        """--quantize: transformers quantizes each linear weight of the language model with torchao
-        as it loads it (the peak is the quantized model, not a full-precision copy beside it); the
-        vision tower, the output head and the embeddings stay as they are (a quantized tower reads
-        pictures wrong, and torchao advises leaving the embeddings)."""
-        if self.quantize == "none":
+        """--quantize on CUDA: transformers quantizes each linear weight of the language model with
+        torchao as it loads it (the peak is the quantized model, not a full-precision copy beside
+        it); the vision tower, the output head and the embeddings stay as they are (a quantized
+        tower reads pictures wrong, and torchao advises leaving the embeddings)."""
+        if self.quantize == "none" or self._fbgemm():
             return {}
         from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
         from transformers import TorchAoConfig

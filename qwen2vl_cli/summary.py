@@ -20,18 +20,29 @@ def _gb(n: float) -> str:
     return format_size(int(n))
 
 
-def _weights(model: str, config: dict, counts: dict, dtype: str) -> dict:
+def _weights(model: str, config: dict, counts: dict, device: str, dtype: str) -> dict:
     """How the weights are stored, their bytes on disk, and what they take in memory at each --dtype
-    and --quantize (the vision tower, embeddings and head stay at the dtype; int8 keeps a scale a row)."""
-    width = {"float32": 4, "bfloat16": 2, "float16": 2}.get(dtype, 4)
+    and with --quantize int8: on a CPU (int8.py) the language model's linear layers, the head and
+    the embeddings int8 with a scale a row, the vision tower's linear layers at the checkpoint's
+    dtype where it is narrower; on CUDA (torchao) the language model's linear layers int8, the rest
+    at the dtype."""
+    width = {"float32": 4, "bfloat16": 2, "float16": 2}
+    compute = width.get(dtype, 4)
+    stored = checkpoint_format(config)
     linear, rows = counts["language_linear"], counts["language_linear_rows"]
-    int8 = linear + rows * width + (counts["total"] - linear) * width
+    if device == "cpu":
+        head = counts["embeddings"] + counts["vocabulary"] * 4
+        vision = counts["vision_linear"]
+        int8 = (linear + rows * 4 + 2 * head + vision * min(compute, width.get(stored, compute))
+                + (counts["total"] - linear - counts["embeddings"] - (0 if counts["lm_head"] == 0 else counts["embeddings"]) - vision) * compute)
+    else:
+        int8 = linear + rows * compute + (counts["total"] - linear) * compute
     return {
-        "format": checkpoint_format(config),
+        "format": stored,
         "on disk": _gb(size) if (size := bytes_on_disk(model)) else "not on this machine",
         "in memory, float32": _gb(counts["total"] * 4),
         "in memory, bfloat16": _gb(counts["total"] * 2),
-        f"in memory, --quantize int8 ({dtype} for the rest)": _gb(int8),
+        f"in memory, --quantize int8 ({device}, {dtype} for the rest)": _gb(int8),
     }
 
 
@@ -85,7 +96,7 @@ def summarize(model: str) -> dict[str, dict]:
             "lm head": _millions(counts["lm_head"]) if counts["lm_head"] else "tied to the embeddings",
             "total": _millions(counts["total"]),
         },
-        "Weights": _weights(model, config, counts, dtype),
+        "Weights": _weights(model, config, counts, device, dtype),
         "Processor": {
             "min pixels": f"{spec.min_pixels:,} ({spec.min_pixels // spec.factor**2} tokens)",
             "max pixels": f"{spec.max_pixels:,} ({spec.max_pixels // spec.factor**2} tokens)",

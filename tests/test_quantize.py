@@ -1,14 +1,14 @@
-"""--quantize: the language model's weights as int8 (torchao, weight-only) while the vision tower
-stays as it is; the weights' format and bytes in results and in `qvl inspect --model`; refusals."""
+"""--quantize: on a CPU the language model's weights, head and embeddings as int8 (int8.py, fbgemm)
+while the vision tower keeps the checkpoint's precision; the weights' format and bytes in results
+and in `qvl inspect --model`; the load's peak; refusals."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import pytest
-
-pytest.importorskip("torchao")  # the quantize extra; CI installs it with the test extra
 
 FAST = ("--dtype", "float32", "--max-new-tokens", "16")
 
@@ -20,31 +20,87 @@ def _json(qvl, *args) -> dict:
 
 
 def test_int8_weights_are_the_language_models_and_stay_near_float32(tiny_model, media_dir):
-    """The language model's linear weights become int8 (torchao's tensors), the vision tower's stay
-    float32; on each test picture the first token agrees with float32's and the logits there are
-    within 10% (the tiny model's random weights: measured 1.4-4.9%, and 3 to all 16 greedy tokens
-    agreeing; bench/RESULTS.md)."""
+    """The language model's linear layers and the head become fbgemm's int8, the embeddings int8
+    rows, the vision tower's linear layers keep the checkpoint's float32. A layer's output is
+    within 2% of float32's; through the tiny model's random 64-wide layers the errors compound
+    (measured 2-15% on the last logits, 0 to 11 of 16 greedy tokens agreeing, as chaotic with
+    torchao's weight-only int8; bench/RESULTS.md), so the whole model is held to 25%, which a
+    wrong scale or a scrambled packing is far past."""
     import torch
 
+    from qwen2vl_cli import int8
     from qwen2vl_cli.backend import LocalBackend
     from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions
     from tests.helpers import Quiet
 
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(1536, 1536)
+    x = torch.randn(1, 1536)
+    with torch.inference_mode():
+        assert ((int8.Int8Linear(layer)(x) - layer(x)).norm() / layer(x).norm()).item() < 0.02
     full = LocalBackend(RuntimeOptions(str(tiny_model), device="cpu", dtype="float32"), Quiet())
     small = LocalBackend(RuntimeOptions(str(tiny_model), device="cpu", dtype="float32", quantize="int8"), Quiet())
     model = small.runner.model
-    assert all(type(m.weight).__name__ != "Parameter" for m in model.model.language_model.modules() if isinstance(m, torch.nn.Linear))
-    assert all(type(m.weight).__name__ == "Parameter" and m.weight.dtype == torch.float32
-               for m in model.model.visual.modules() if isinstance(m, torch.nn.Linear))
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert sum(isinstance(m, int8.Int8Linear) for m in model.modules()) == 7 * model.config.text_config.num_hidden_layers + 1
+    assert isinstance(model.model.language_model.embed_tokens, int8.Int8Embedding)
+    assert all(m.weight.dtype == torch.float32 for m in model.model.visual.modules() if isinstance(m, int8.WidenedLinear))
     gen = GenerationOptions(max_new_tokens=4, repeat_guard=False)
     for name in ("photo.png", "photo.jpg", "square.png", "anim.gif", "clip.mp4"):
         prepared = full.prepare((str(media_dir / name),), MediaOptions(), gen)
-        [a], [b] = full.generate([prepared], gen), small.generate([prepared], gen)
-        assert a.tokens[0] == b.tokens[0], name
         inputs = full.runner.inputs(prepared.text, list(prepared.loaded))
         with torch.inference_mode():
             want, got = full.runner.model(**inputs).logits[0, -1], model(**inputs).logits[0, -1]
-        assert ((want - got).norm() / want.norm()).item() < 0.1, name
+        assert ((want - got).norm() / want.norm()).item() < 0.25, name
+
+
+def test_rows_of_unlike_magnitude_keep_their_precision():
+    """fbgemm quantizes a call's input with one scale: a token whose activations are a thousand
+    times the others' (Qwen's first tokens have such) must not flatten the rest to zero."""
+    import torch
+
+    from qwen2vl_cli import int8
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 512)
+    quantized = int8.Int8Linear(linear)
+    x = torch.randn(40, 256) * torch.exp(torch.randn(40, 1))
+    x[0] *= 1000
+    with torch.inference_mode():
+        want, got = linear(x), quantized(x)
+        alone = torch.cat([quantized(row[None]) for row in x])
+    error = lambda out: ((out - want).norm(dim=1) / want.norm(dim=1)).max().item()  # noqa: E731
+    assert error(alone) < 0.04 and error(got) < 0.06  # a row's scale at most twice its own
+
+
+def test_the_loads_mapped_pages_are_handed_back(tmp_path):
+    """transformers maps the weights file; the pages a conversion read are dropped as it goes, so
+    the load's peak is the converted model, not the file beside it (RssFile read around it)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from qwen2vl_cli import int8
+
+    def file_kib() -> int:
+        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("RssFile:"))
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("RssFile is Linux's")
+    save_file({"w": torch.randn(4096, 4096)}, tmp_path / "model.safetensors")  # 64 MiB
+    weights = load_file(tmp_path / "model.safetensors")  # copied, so the mapping below is this test's own
+    import mmap
+
+    with open(tmp_path / "model.safetensors", "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+    files = int8._MappedFiles(tmp_path)
+    before = file_kib()
+    assert sum(mapped[i] for i in range(0, len(mapped), 4096)) >= 0  # every page read in
+    touched = file_kib()
+    files.release()
+    after = file_kib()
+    assert touched - before > 60_000 and touched - after > 60_000
+    assert mapped[-4096:] == weights["w"].numpy().tobytes()[-4096:]  # a dropped page reads back from the file
+    mapped.close()
 
 
 def test_int8_through_describe_video_and_each(qvl, tiny_model, media_dir):
@@ -88,10 +144,14 @@ def test_quantize_refusals_are_one_line(qvl, tiny_model, media_dir, tmp_path, mo
     assert summary.exit_code == 0 and json.loads(summary.stdout)["Weights"]["format"] == "awq"
     import importlib.util
 
+    from qwen2vl_cli import devices
+    from qwen2vl_cli.errors import UsageError
+
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
-    r = qvl("describe", photo, "--model", tiny_model, "--quantize", "int8")
-    assert r.exit_code == 2 and r.stderr == "qvl: error: --quantize int8 needs torchao: pip install 'qwen2vl-cli[quantize]'\n"
+    assert devices.check_quantize("int8", "cpu") == "int8"  # fbgemm, in torch: no extra on an x86 CPU
+    with pytest.raises(UsageError, match=r"^--quantize int8 needs torchao: pip install 'qwen2vl-cli\[quantize\]'$"):
+        devices.check_quantize("int8", "cuda")
 
 
 def test_inspect_says_the_weights_format_and_bytes(qvl, tiny_model):
