@@ -1,8 +1,9 @@
 """Smaller weights on the CPU: `qvl describe` of the 1280x720 sample photo (252 visual tokens at the
 CPU's default size) on Qwen2-VL-2B's shapes with random weights (bench/throughput.py builds them
-once), float32 against `--quantize int8` with the static and the compiled step, each a whole
-process: wall, load, vision, prefill, decode tokens/s, peak RSS and the weights' bytes. The modes
-alternate, round after round, in one sitting.
+once), float32 against `--quantize int8` (int8.py: fbgemm), each a whole process: wall, load,
+vision, prefill, decode tokens/s, peak RSS and the weights' bytes. The modes alternate, round
+after round, in one sitting. Then int8's quality on the tiny test model: the logits' error and
+the greedy tokens that agree with float32's, per test medium.
 
 llama.cpp on the same random weights (f16, Q8_0, Q4_K_M) was measured on this machine kind on
 2026-12-01 (the issue's table); those numbers stand beside these for the targets, labelled as such.
@@ -31,7 +32,6 @@ from throughput import model_dir  # noqa: E402
 MODES = {
     "float32, static": [],
     "int8, static": ["--quantize", "int8"],
-    "int8, compiled": ["--quantize", "int8", "--engine", "compiled"],
 }
 # llama.cpp's llama-mtmd-cli (commit 0c1e570, CPU, 2 threads) on the same random 2B weights, one
 # 1280x720 photo at 252 visual tokens, 64 new tokens: measured 2026-12-01 (a quiet round).
@@ -50,6 +50,64 @@ def run(model: Path, extra: list[str], tokens: int) -> dict:
     return {"wall": wall, "load": result["load_s"], "vision": result["vision_s"], "prefill": result["prefill_s"],
             "decode": result["decode_tokens_per_s"], "compile": result["compile_s"], "peak": result["peak_memory_bytes"],
             "weights": result["weights_bytes"]}
+
+
+def quality(tokens: int = 16) -> list[str]:
+    """float32 against int8 on the tiny model, each test medium: the last logits' relative error
+    and how many of the first `tokens` greedy tokens agree."""
+    import tempfile
+
+    import torch
+
+    from qwen2vl_cli.backend import LocalBackend
+    from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions
+    from tests.helpers import Quiet
+    from tests.media_factory import make_all
+
+    tiny = model_dir("tiny")
+    full = LocalBackend(RuntimeOptions(str(tiny), device="cpu", dtype="float32"), Quiet())
+    small = LocalBackend(RuntimeOptions(str(tiny), device="cpu", dtype="float32", quantize="int8"), Quiet())
+    gen = GenerationOptions(max_new_tokens=tokens, min_new_tokens=tokens, repeat_guard=False)
+    rows = ["| medium | logits' relative error | greedy tokens agreeing |", "|---|---|---|"]
+    with tempfile.TemporaryDirectory() as folder:
+        make_all(Path(folder))
+        for name in ("photo.png", "photo.jpg", "square.png", "anim.gif", "clip.mp4"):
+            prepared = full.prepare((str(Path(folder) / name),), MediaOptions(), gen)
+            [a], [b] = full.generate([prepared], gen), small.generate([prepared], gen)
+            agree = next((i for i, (x, y) in enumerate(zip(a.tokens, b.tokens)) if x != y), tokens)
+            inputs = full.runner.inputs(prepared.text, list(prepared.loaded))
+            with torch.inference_mode():
+                want, got = full.runner.model(**inputs).logits[0, -1], small.runner.model(**inputs).logits[0, -1]
+            rows.append(f"| {name} | {((want - got).norm() / want.norm()).item():.1%} | {agree} of {tokens} |")
+    return rows
+
+
+def quality_2b(model: Path, tokens: int = 16) -> str:
+    """float32 against int8 on the 2B's shapes, the sample photo: the last logits' relative error
+    and the greedy tokens (ids) that agree, one model in memory at a time."""
+    import gc
+
+    import torch
+
+    from qwen2vl_cli.backend import LocalBackend
+    from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions
+    from tests.helpers import Quiet
+
+    gen = GenerationOptions(max_new_tokens=tokens, min_new_tokens=tokens, repeat_guard=False)
+    got = []
+    for quantize in ("none", "int8"):
+        backend = LocalBackend(RuntimeOptions(str(model), device="cpu", dtype="float32", quantize=quantize), Quiet())
+        prepared = backend.prepare((str(ROOT / "samples" / "photo.jpg"),), MediaOptions(), gen)
+        [result] = backend.generate([prepared], gen)
+        with torch.inference_mode():
+            logits = backend.runner.model(**backend.runner.inputs(prepared.text, list(prepared.loaded))).logits[0, -1].clone()
+        got.append((result.tokens, logits))
+        del backend, prepared
+        gc.collect()
+    (a, want), (b, have) = got
+    agree = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), tokens)
+    return (f"On the 2B's shapes (random weights, the sample photo's prompt): the last logits' relative error "
+            f"{((want - have).norm() / want.norm()).item():.1%}, {agree} of {tokens} greedy tokens agreeing.")
 
 
 def main() -> None:
@@ -86,6 +144,8 @@ def main() -> None:
     lines += ["", "llama.cpp on the same random weights (llama-mtmd-cli, 2 threads; measured 2026-12-01 on this machine kind, not in "
               "this sitting):", "", "| llama.cpp | whole run | decode | peak RSS |", "|---|---|---|---|"]
     lines += [f"| {name} | {wall} s | {rate} tok/s | {peak} GB |" for name, (wall, rate, peak) in LLAMA_CPP.items()]
+    lines += ["", quality_2b(model), "",
+              "On the tiny test model (random weights, 64 wide: errors compound through its layers):", "", *quality()]
     best = min(runs.items(), key=lambda kv: statistics.median(r["wall"] for r in kv[1]))
     q8_wall, q8_rate, q8_peak = LLAMA_CPP["Q8_0"]
     int8 = runs["int8, static"]

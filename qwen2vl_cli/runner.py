@@ -16,7 +16,7 @@ from pathlib import Path
 
 from qwen2vl_cli import devices, grounding, schemas
 from qwen2vl_cli.config import debug_enabled
-from qwen2vl_cli.errors import ModelError, one_line
+from qwen2vl_cli.errors import ModelError, UsageError, one_line
 from qwen2vl_cli.families import QWEN2_VL, Family, family_of_config
 from qwen2vl_cli.media_cache import MediaCache
 from qwen2vl_cli.modelinfo import BUILDING, QUANTIZED_CHECKPOINTS, checkpoint_format, context_of, read_config, vision_spec_from_dict
@@ -130,6 +130,8 @@ class Runner:
         self.attn = devices.choose_attn(runtime.attn, self.device, self.dtype, self.caps)
         self.engine = devices.choose_engine(runtime.engine, self.attn, self.device)
         self.quantize = devices.check_quantize(runtime.quantize, self.device)
+        if self.engine == "compiled" and self._fbgemm():
+            raise UsageError("--engine compiled does not take --quantize int8 on a CPU (fbgemm's int8 kernels are opaque to the compiler); use --engine static")
         if not debug_enabled():
             import logging
 

@@ -132,6 +132,9 @@ def test_quantize_refusals_are_one_line(qvl, tiny_model, media_dir, tmp_path, mo
     photo = media_dir / "photo.png"
     r = qvl("describe", photo, "--model", tiny_model, "--quantize", "int4")
     assert r.exit_code == 2 and r.stderr == "qvl: error: --quantize int4 runs on CUDA (the device is cpu); on this device use --quantize int8\n"
+    r = qvl("describe", photo, "--model", tiny_model, "--quantize", "int8", "--engine", "compiled")
+    assert r.exit_code == 2 and r.stderr == ("qvl: error: --engine compiled does not take --quantize int8 on a CPU (fbgemm's int8 kernels "
+                                             "are opaque to the compiler); use --engine static\n")
     r = qvl("describe", photo, "--model", tiny_model, "--quantize", "int3")
     assert r.exit_code == 2 and "--quantize int3: choose one of none, int8, int4" in r.stderr
     awq = tmp_path / "awq"
