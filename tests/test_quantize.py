@@ -22,7 +22,7 @@ def _json(qvl, *args) -> dict:
 def test_int8_weights_are_the_language_models_and_stay_near_float32(tiny_model, media_dir):
     """The language model's linear layers and the head become fbgemm's int8, the embeddings int8
     rows, the vision tower's linear layers keep the checkpoint's float32. A layer's output is
-    within 2% of float32's; through the tiny model's random 64-wide layers the errors compound
+    within 2.5% of float32's; through the tiny model's random 64-wide layers the errors compound
     (measured 2-15% on the last logits, 0 to 11 of 16 greedy tokens agreeing, as chaotic with
     torchao's weight-only int8; bench/RESULTS.md), so the whole model is held to 25%, which a
     wrong scale or a scrambled packing is far past."""
@@ -37,7 +37,7 @@ def test_int8_weights_are_the_language_models_and_stay_near_float32(tiny_model, 
     layer = torch.nn.Linear(1536, 1536)
     x = torch.randn(1, 1536)
     with torch.inference_mode():
-        assert ((int8.Int8Linear(layer)(x) - layer(x)).norm() / layer(x).norm()).item() < 0.02
+        assert ((int8.Int8Linear(layer)(x) - layer(x)).norm() / layer(x).norm()).item() < 0.025  # 0.9%, 1.6% without VNNI
     full = LocalBackend(RuntimeOptions(str(tiny_model), device="cpu", dtype="float32"), Quiet())
     small = LocalBackend(RuntimeOptions(str(tiny_model), device="cpu", dtype="float32", quantize="int8"), Quiet())
     model = small.runner.model
