@@ -101,6 +101,14 @@ def test_the_loads_mapped_pages_are_handed_back(tmp_path):
     assert touched - before > 60_000 and touched - after > 60_000
     assert mapped[-4096:] == weights["w"].numpy().tobytes()[-4096:]  # a dropped page reads back from the file
     mapped.close()
+    with open(tmp_path / "model.safetensors", "rb") as f:
+        written = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private, as torch maps it
+    written[-1:] = b"!" if written[-1:] != b"!" else b"?"
+    kept = written[-1:]
+    files = int8._MappedFiles(tmp_path)
+    files.release()
+    assert written[-1:] == kept and not files.ranges  # a page written to is never dropped
+    written.close()
 
 
 def test_int8_through_describe_video_and_each(qvl, tiny_model, media_dir):
