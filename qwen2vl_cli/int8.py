@@ -167,16 +167,17 @@ class _MappedFiles:
 
     def release(self) -> None:
         """Drop the mappings' pages, where none was written to (the mapping is private: a written
-        page would be lost, so a mapping with one is left alone from then on)."""
+        page is an anonymous copy that would be lost, so a mapping with one is left alone from
+        then on)."""
         self.pending = 0
         if self.ranges:
-            dirty = self._dirty()
-            self.ranges = [(start, length) for start, length in self.ranges if dirty.get(start) == 0]
+            written = self._written()
+            self.ranges = [(start, length) for start, length in self.ranges if written.get(start) == 0]
         for start, length in self.ranges:
             self.libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), 4)  # MADV_DONTNEED
 
-    def _dirty(self) -> dict[int, int]:
-        """Private_Dirty kB of each of the mappings, from /proc/self/smaps."""
+    def _written(self) -> dict[int, int]:
+        """Each mapping's anonymous kB (pages written to, copied), from /proc/self/smaps."""
         ours, found, current = {start for start, _ in self.ranges}, {}, None
         try:
             with open("/proc/self/smaps") as smaps:
@@ -184,7 +185,7 @@ class _MappedFiles:
                     if "-" in line.split(" ", 1)[0] and line[0] in "0123456789abcdef":
                         start = int(line.split("-", 1)[0], 16)
                         current = start if start in ours else None
-                    elif current is not None and line.startswith("Private_Dirty:"):
+                    elif current is not None and line.startswith("Anonymous:"):
                         found[current] = int(line.split()[1])
         except OSError:
             return {}
