@@ -1,6 +1,7 @@
 """Smaller weights on the CPU: `qvl describe` of the 1280x720 sample photo (252 visual tokens at the
 CPU's default size) on Qwen2-VL-2B's shapes with random weights (bench/throughput.py builds them
-once), float32 against `--quantize int8` (int8.py: fbgemm), each a whole process: wall, load,
+once), float32 and bfloat16 against `--quantize int8` (int8.py: fbgemm) with either as the
+activations' dtype, each a whole process: wall, load,
 vision, prefill, decode tokens/s, peak RSS and the weights' bytes. The modes alternate, round
 after round, in one sitting. Then int8's quality on the tiny test model: the logits' error and
 the greedy tokens that agree with float32's, per test medium.
@@ -29,9 +30,11 @@ sys.path.insert(0, str(HERE))
 from results import machine, publish, spread  # noqa: E402
 from throughput import model_dir  # noqa: E402
 
-MODES = {
-    "float32, static": [],
-    "int8, static": ["--quantize", "int8"],
+MODES = {  # the activations' dtype; int8's layers take float32 in either (int8.py)
+    "float32, static": ["--dtype", "float32"],
+    "int8, static": ["--dtype", "float32", "--quantize", "int8"],
+    "bfloat16, static": ["--dtype", "bfloat16"],
+    "int8 + bfloat16, static": ["--dtype", "bfloat16", "--quantize", "int8"],
 }
 # llama.cpp's llama-mtmd-cli (commit 0c1e570, CPU, 2 threads) on the same random 2B weights, one
 # 1280x720 photo at 252 visual tokens, 64 new tokens: measured 2026-12-01 (a quiet round).
@@ -40,7 +43,7 @@ LLAMA_CPP = {"f16": (29.7, 6.22, 4.6), "Q8_0": (28.7, 11.11, 3.2), "Q4_K_M": (26
 
 def run(model: Path, extra: list[str], tokens: int) -> dict:
     cmd = [sys.executable, "-m", "qwen2vl_cli", "describe", str(ROOT / "samples" / "photo.jpg"), "--model", str(model), "--device", "cpu",
-           "--dtype", "float32", "--max-new-tokens", str(tokens), "--min-new-tokens", str(tokens), "--no-repeat-guard", "--json", *extra]
+           "--max-new-tokens", str(tokens), "--min-new-tokens", str(tokens), "--no-repeat-guard", "--json", *extra]
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - start
@@ -50,6 +53,16 @@ def run(model: Path, extra: list[str], tokens: int) -> dict:
     return {"wall": wall, "load": result["load_s"], "vision": result["vision_s"], "prefill": result["prefill_s"],
             "decode": result["decode_tokens_per_s"], "compile": result["compile_s"], "peak": result["peak_memory_bytes"],
             "weights": result["weights_bytes"]}
+
+
+def cpu_features() -> str:
+    """The instruction sets int8 and bfloat16 speed depend on, as /proc/cpuinfo lists them."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    except OSError:
+        return "CPU features unknown"
+    have = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags]
+    return "CPU with " + (", ".join(have) or "none of AVX2, AVX-512, VNNI, AMX")
 
 
 def quality(tokens: int = 16) -> list[str]:
@@ -128,9 +141,9 @@ def main() -> None:
     lines = [
         "## Smaller weights on the CPU (`bench/quantize.py`)",
         "",
-        f"Machine: {machine()}. Command: `python bench/quantize.py --rounds {args.rounds} --tokens {args.tokens}`. Qwen2-VL-2B's shapes, "
+        f"Machine: {machine()}; {cpu_features()}. Command: `python bench/quantize.py --rounds {args.rounds} --tokens {args.tokens}`. Qwen2-VL-2B's shapes, "
         f"random weights (bf16 on disk), `qvl describe samples/photo.jpg` (1280x720, 252 visual tokens), {args.tokens} new tokens, "
-        "float32 activations, each mode a whole process, the modes alternated; median (min-max).",
+        "each mode a whole process, the modes alternated; median (min-max).",
         "",
         "| qvl | whole run | load | vision | prefill | compile | decode | peak RSS | weights |",
         "|---|---|---|---|---|---|---|---|---|",

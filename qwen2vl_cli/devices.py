@@ -132,7 +132,7 @@ def choose_engine(requested: str, attn: str, device: str = "cpu") -> str:
 
 
 def check_quantize(requested: str, device: str) -> str:
-    """Quantization of the language model: int8 on an x86 CPU with fbgemm, in torch (int8.py);
+    """Quantization of the language model: int8 on an x86 CPU with torch's own kernels (int8.py);
     elsewhere torchao's weight-only int8 (CPU, CUDA) and int4 (CUDA: torchao's int4 kernels are
     CUDA's; its CPU layout needs a CPU build torch does not ship for every processor)."""
     if requested == "none":

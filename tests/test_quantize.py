@@ -1,4 +1,4 @@
-"""--quantize: on a CPU the language model's weights, head and embeddings as int8 (int8.py, fbgemm)
+"""--quantize: on a CPU the language model's weights, head and embeddings as int8 (int8.py)
 while the vision tower keeps the checkpoint's precision; the weights' format and bytes in results
 and in `qvl inspect --model`; the load's peak; refusals."""
 
@@ -146,7 +146,7 @@ def test_quantize_refusals_are_one_line(qvl, tiny_model, media_dir, tmp_path, mo
     r = qvl("describe", photo, "--model", tiny_model, "--quantize", "int4")
     assert r.exit_code == 2 and r.stderr == "qvl: error: --quantize int4 runs on CUDA (the device is cpu); on this device use --quantize int8\n"
     r = qvl("describe", photo, "--model", tiny_model, "--quantize", "int8", "--engine", "compiled")
-    assert r.exit_code == 2 and r.stderr == ("qvl: error: --engine compiled does not take --quantize int8 on a CPU (fbgemm's int8 kernels "
+    assert r.exit_code == 2 and r.stderr == ("qvl: error: --engine compiled does not take --quantize int8 on a CPU (torch's quantized int8 kernels "
                                              "are opaque to the compiler); use --engine static\n")
     r = qvl("describe", photo, "--model", tiny_model, "--quantize", "int3")
     assert r.exit_code == 2 and "--quantize int3: choose one of none, int8, int4" in r.stderr
@@ -165,7 +165,7 @@ def test_quantize_refusals_are_one_line(qvl, tiny_model, media_dir, tmp_path, mo
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
-    assert devices.check_quantize("int8", "cpu") == "int8"  # fbgemm, in torch: no extra on an x86 CPU
+    assert devices.check_quantize("int8", "cpu") == "int8"  # torch's own kernels: no extra on an x86 CPU
     with pytest.raises(UsageError, match=r"^--quantize int8 needs torchao: pip install 'qwen2vl-cli\[quantize\]'$"):
         devices.check_quantize("int8", "cuda")
 
