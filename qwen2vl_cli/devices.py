@@ -131,6 +131,15 @@ def choose_engine(requested: str, attn: str, device: str = "cpu") -> str:
     return requested
 
 
+def int8_on_cpu(quantize: str, device: str) -> bool:
+    """Whether --quantize runs as int8.py's layers: int8 on a CPU whose torch has fbgemm (x86)."""
+    if quantize != "int8" or device != "cpu":
+        return False
+    from qwen2vl_cli import int8
+
+    return int8.available()
+
+
 def check_quantize(requested: str, device: str) -> str:
     """Quantization of the language model: int8 on an x86 CPU with torch's own kernels (int8.py);
     elsewhere torchao's weight-only int8 (CPU, CUDA) and int4 (CUDA: torchao's int4 kernels are
@@ -139,11 +148,8 @@ def check_quantize(requested: str, device: str) -> str:
         return requested
     import importlib.util
 
-    if requested == "int8" and device == "cpu":
-        from qwen2vl_cli import int8
-
-        if int8.available():
-            return requested  # fbgemm, in torch (int8.py)
+    if int8_on_cpu(requested, device):
+        return requested  # fbgemm, in torch
     if importlib.util.find_spec("torchao") is None:
         raise UsageError(f"--quantize {requested} needs torchao: {QUANTIZE_HINT}")
     if requested == "int4" and device != "cuda":

@@ -130,7 +130,8 @@ class Runner:
         self.attn = devices.choose_attn(runtime.attn, self.device, self.dtype, self.caps)
         self.engine = devices.choose_engine(runtime.engine, self.attn, self.device)
         self.quantize = devices.check_quantize(runtime.quantize, self.device)
-        if self.engine == "compiled" and self._int8_cpu():
+        self.int8_cpu = devices.int8_on_cpu(self.quantize, self.device)  # int8.py's layers, converted after loading
+        if self.engine == "compiled" and self.int8_cpu:
             raise UsageError("--engine compiled does not take --quantize int8 on a CPU (torch's quantized int8 kernels are opaque to the compiler); use --engine static")
         if not debug_enabled():
             import logging
@@ -201,7 +202,7 @@ class Runner:
             if type(e).__name__ != "SafetensorError":  # a truncated or corrupt weights file
                 raise
             raise ModelError(f"cannot load model {self.runtime.model}: its weights are damaged ({one_line(e)}); download them again") from None
-        if self._int8_cpu():
+        if self.int8_cpu:
             from qwen2vl_cli import int8
 
             int8.quantize_cpu(self.model, getattr(torch, self.dtype), self._load_dtype(), model_dir)
@@ -211,18 +212,12 @@ class Runner:
         self.weights_bytes = weight_bytes(self.model)
         self._check_engine()
 
-    def _int8_cpu(self) -> bool:
-        """--quantize int8 on an x86 CPU: int8.py's layers (fbgemm), converted after loading."""
-        from qwen2vl_cli import int8
-
-        return self.quantize == "int8" and self.device == "cpu" and int8.available()
-
     def _load_dtype(self):
         """The dtype weights load at: the run's, or for int8.py's conversion the checkpoint's own
         (a bfloat16 file is not widened first: the load's peak is the file's size)."""
         import torch
 
-        if self._int8_cpu() and self.stored in ("bfloat16", "float16", "float32"):
+        if self.int8_cpu and self.stored in ("bfloat16", "float16", "float32"):
             return getattr(torch, self.stored)
         return getattr(torch, self.dtype)
 
@@ -231,7 +226,7 @@ class Runner:
         torchao as it loads it (the peak is the quantized model, not a full-precision copy beside
         it); the vision tower, the output head and the embeddings stay as they are (a quantized
         tower reads pictures wrong, and torchao advises leaving the embeddings)."""
-        if self.quantize == "none" or self._int8_cpu():
+        if self.quantize == "none" or self.int8_cpu:
             return {}
         from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
         from transformers import TorchAoConfig

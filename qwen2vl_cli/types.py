@@ -203,7 +203,7 @@ class RuntimeOptions:
     dtype: str = "auto"
     attn: str = "auto"
     engine: str = "auto"  # the decode loop: decode.py's over a static cache, or transformers' generate
-    quantize: str = "none"  # the language model's linear layers' weights: none, int8, int4 (torchao; the vision tower stays as it is)
+    quantize: str = "none"  # the language model's weights: none, int8 (int8.py on an x86 CPU, else torchao), int4 (torchao, CUDA)
     cache_size: int | None = 0  # bytes kept for reuse: prefixes, vision outputs, decoded media (0: none, as one run needs; None: the device's default)
 
 
