@@ -1,12 +1,14 @@
 """--quantize int8 on a CPU, and the vision tower's weights kept at the checkpoint's bfloat16.
 
 A step of batch-1 decoding reads every weight once, so its speed is the weights' bytes over the
-memory's bandwidth. The language model's linear layers are held as int8 (a scale a row), packed
-for fbgemm, PyTorch's x86 int8 matrix library: `quantized::linear_dynamic` quantizes the
-activations on the fly (per call, as llama.cpp's Q8_0 does per block) and multiplies int8 by int8,
-at the memory's speed (torch's int8 weight-only kernels dequantize first and run at a quarter of
-float32's on x86). Several rows (a prefill, a batch) go in groups of like magnitude, so no
-row's activations are quantized much coarser than alone (_by_magnitude).
+memory's bandwidth. The language model's linear layers and the head are held as int8 (a scale a
+row) and multiplied by q8.c, built with the machine's C compiler at first use and kept under the
+user's cache directory: activations quantized per block of 32 (llama.cpp's Q8_0), the weights read
+as one sequential stream per thread, near the memory's bandwidth. Written here because no library
+torch installs does that for one row: fbgemm's int8 linear streams at about three quarters of it
+and needs seconds of packing a layer at load, torch's int8 weight-only kernels dequantize first.
+Where q8.c cannot be built (no compiler, no AVX2), fbgemm's `quantized::linear_dynamic` runs
+instead (Int8Linear), its rows grouped by magnitude (_by_magnitude).
 
 The vision tower's matrix work is what its time is: it computes in float32, but a bfloat16
 checkpoint's weights are kept as they are stored and widened a layer at a time (exact: widening
@@ -16,8 +18,14 @@ bfloat16 loses nothing), which halves the tower's memory and leaves its answers 
 from __future__ import annotations
 
 import ctypes
+import functools
+import hashlib
 import os
+import platform
+import shutil
+import subprocess
 import sys
+import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -49,6 +57,55 @@ def available() -> bool:
         return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, "linear_dynamic")
     except (AttributeError, RuntimeError):
         return False
+
+
+SOURCE = Path(__file__).with_name("q8.c")
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qvl" / "kernels"
+
+
+@functools.cache
+def kernel() -> ctypes.CDLL | None:
+    """q8.c built for this machine (once; kept under the cache directory, named by the source's and
+    the compiler's hash), or None where it cannot run: not Linux on x86-64, no AVX2, no C compiler
+    (CC, else cc), or QVL_INT8_KERNEL=fbgemm. Built with OpenMP: it shares torch's runtime
+    (libgomp), so its threads are torch's and follow torch.set_num_threads."""
+    if os.environ.get("QVL_INT8_KERNEL", "").strip().lower() == "fbgemm":
+        return None
+    if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    compiler = shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc")
+    if compiler is None:
+        warnings.warn("--quantize int8: no C compiler (cc) to build qvl's int8 kernel; fbgemm's runs instead (slower to load and to decode); install gcc")
+        return None
+    flags = ["-O3", "-fopenmp", "-shared", "-fPIC"]
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, timeout=30).stdout
+        digest = hashlib.sha256(SOURCE.read_bytes() + version + " ".join(flags).encode()).hexdigest()[:16]
+        built = _cache_dir() / f"q8-{digest}.so"
+        if not built.exists():
+            built.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=built.parent) as scratch:
+                out = Path(scratch) / built.name
+                done = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True, timeout=300)
+                if done.returncode != 0:
+                    raise OSError(" ".join(done.stderr.split())[:200])
+                os.replace(out, built)  # whole or not at all: another process may be building it too
+        lib = ctypes.CDLL(str(built))
+    except (OSError, subprocess.SubprocessError) as e:
+        warnings.warn(f"--quantize int8: qvl's int8 kernel did not build ({e}); fbgemm's runs instead (slower to load and to decode)")
+        return None
+    lib.q8_isa.restype = ctypes.c_int
+    if lib.q8_isa() == 0:
+        return None  # neither AVX-512 VNNI nor AVX2
+    P, I64 = ctypes.c_void_p, ctypes.c_int64
+    lib.q8_pack.argtypes = [P, ctypes.c_int, I64, I64, P, P, P]
+    lib.q8_pack.restype = ctypes.c_int
+    lib.q8_linear.argtypes = [ctypes.c_int, P, I64, I64, P, P, P, P, P, I64]
+    lib.q8_linear.restype = ctypes.c_int
+    return lib
 
 
 def _int8_rows(weight: torch.Tensor, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,6 +162,63 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 (fbgemm)"
 
 
+class Q8Linear(nn.Module):
+    """A linear layer whose weight is int8 as q8.c lays it out; float32 in and out. `isa`: 2 for
+    AVX-512 VNNI, 1 for AVX2 (the machine's best unless a test asks for the other)."""
+
+    def __init__(self, linear: nn.Linear, lib: ctypes.CDLL, isa: int | None = None):
+        super().__init__()
+        self.lib, self.isa = lib, isa or lib.q8_isa()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach()
+        if weight.dtype not in (torch.float32, torch.bfloat16):
+            weight = weight.float()
+        weight = weight.contiguous()
+        n, k = weight.shape
+        self.packed = torch.empty(-(-n // 4) * 4, k, dtype=torch.int8)
+        self.scale = torch.empty(n, dtype=torch.float32)
+        self.sums = torch.empty(n, dtype=torch.int32)
+        if lib.q8_pack(weight.data_ptr(), int(weight.dtype == torch.bfloat16), n, k, self.packed.data_ptr(), self.scale.data_ptr(), self.sums.data_ptr()):
+            raise MemoryError(f"int8 linear layer: no memory to pack a {n}x{k} weight")
+        self.bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
+        self.held_bytes = self.packed.numel() + self.scale.numel() * 8 + (0 if self.bias is None else self.bias.numel() * 4)
+
+    @staticmethod
+    def fits(linear: nn.Module) -> bool:
+        return isinstance(linear, nn.Linear) and linear.in_features % 64 == 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
+        out = torch.empty(flat.shape[0], self.out_features, dtype=torch.float32)
+        bias = None if self.bias is None else self.bias.data_ptr()
+        if self.lib.q8_linear(self.isa, flat.data_ptr(), flat.shape[0], self.in_features, self.packed.data_ptr(), self.scale.data_ptr(), self.sums.data_ptr(), bias, out.data_ptr(), self.out_features):
+            raise MemoryError(f"int8 linear layer: no memory for {flat.shape[0]} rows' activations")
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of the int8 weight with their scales (a tied embedding's lookup)."""
+        chunks = self.packed.view(-1, self.in_features // 64, 4, 64)
+        return chunks[ids // 4, :, ids % 4, :].reshape(*ids.shape, self.in_features), self.scale[ids]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 (q8.c, {'AVX-512 VNNI' if self.isa == 2 else 'AVX2'})"
+
+
+class SharedEmbedding(nn.Module):
+    """Token embeddings read from the head's int8 rows (a model whose head is its embeddings)."""
+
+    def __init__(self, head: Q8Linear, embedding: nn.Embedding, dtype: torch.dtype):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = embedding.weight.shape
+        self.padding_idx = embedding.padding_idx
+        self.head = [head]  # not a submodule: the head is the model's, counted there
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows, scale = self.head[0].rows(ids)
+        return rows.to(self.dtype) * scale[..., None].to(self.dtype)
+
+
 class Int8Embedding(nn.Module):
     """Token embeddings as int8 rows with a scale each, looked up and widened."""
 
@@ -127,7 +241,7 @@ class WidenedLinear(nn.Module):
     def __init__(self, linear: nn.Linear, stored: torch.dtype, compute: torch.dtype):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight", linear.weight.detach().to(stored, copy=True), persistent=False)  # a copy: not a view into the mapped file
+        self.register_buffer("weight", linear.weight.detach().to(stored), persistent=False)  # a view into the mapped file where it is stored so
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(compute), persistent=False)
         self.compute = compute
 
@@ -192,33 +306,47 @@ class _MappedFiles:
         return found
 
 
-def _replace(root: nn.Module, kind: type, make, files: _MappedFiles) -> None:
-    """Every `kind` module under root replaced by make(module), two converted at a time (packing
-    for fbgemm runs on one core) and put in place in order."""
+def _replace(root: nn.Module, kind: type, make, files: _MappedFiles, workers: int = 1) -> None:
+    """Every `kind` module under root replaced by make(module), `workers` converted at a time, put
+    in place in order."""
     found = [(name, m) for name, m in root.named_modules() if isinstance(m, kind) and name]
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         for (name, module), made in zip(found, pool.map(lambda item: make(item[1]), found)):
             parent_name, _, child = name.rpartition(".")
             setattr(root.get_submodule(parent_name) if parent_name else root, child, made)
             files.converted(module.weight.numel() * module.weight.element_size())
 
 
+def _int8_layer(lib: ctypes.CDLL | None):
+    """The int8 layer this machine runs: q8.c's where it is built and the shape fits, else fbgemm's."""
+    if lib is None:
+        return Int8Linear
+    return lambda linear: Q8Linear(linear, lib) if Q8Linear.fits(linear) else Int8Linear(linear)
+
+
 def quantize_cpu(model: nn.Module, compute: torch.dtype, stored: torch.dtype, folder: Path | None = None) -> None:
-    """In place: the language model's linear layers and the head int8 (fbgemm), the token
-    embeddings int8 rows, the vision tower's linear layers kept at the stored dtype (widened per
-    call), everything else at the compute dtype. `folder`: where the weights files are (their
-    mapped pages are dropped as they are converted)."""
+    """In place: the language model's linear layers and the head int8, the token embeddings int8
+    rows (the head's own where the model ties them), the vision tower's linear layers kept at the
+    stored dtype (widened per call), everything else at the compute dtype. `folder`: where the
+    weights files are (their mapped pages are dropped as they are converted)."""
     files = _MappedFiles(folder)
+    lib = kernel()
+    layer = _int8_layer(lib)
     text = model.model.language_model
-    if isinstance(text.embed_tokens, nn.Embedding):
-        text.embed_tokens = Int8Embedding(text.embed_tokens, compute)
-    model.lm_head = Int8Linear(model.lm_head)
+    embedding = text.embed_tokens
+    tied = isinstance(embedding, nn.Embedding) and embedding.weight.data_ptr() == model.lm_head.weight.data_ptr()
+    model.lm_head = layer(model.lm_head)
+    if tied and isinstance(model.lm_head, Q8Linear):
+        text.embed_tokens = SharedEmbedding(model.lm_head, embedding, compute)
+    elif isinstance(embedding, nn.Embedding):
+        text.embed_tokens = Int8Embedding(embedding, compute)
+    del embedding
     files.release()
-    _replace(text, nn.Linear, Int8Linear, files)
+    _replace(text, nn.Linear, layer, files, workers=1 if lib is not None else 2)  # q8.c packs on every core; fbgemm on one
     narrow = stored if stored.is_floating_point and torch.finfo(stored).bits < torch.finfo(compute).bits else compute
-    _replace(model.model.visual, nn.Linear, lambda m: WidenedLinear(m, narrow, compute), files)
+    _replace(model.model.visual, nn.Linear, lambda m: WidenedLinear(m, narrow, compute), files, workers=2)
     for p in model.parameters():  # what is left: norms, the patch embedding (small)
         p.data = p.data.to(compute, copy=True)
     files.release()
     if getattr(model.config, "tie_word_embeddings", False):
-        model.config.tie_word_embeddings = False  # the head is its own int8 copy now
+        model.config.tie_word_embeddings = False  # the head holds the weights; the embeddings read them
