@@ -292,7 +292,7 @@ class Batch:
                 self.tokens = self._choose(logits)
                 self.done += 1
                 self.position += 1
-                timed.steps += 1
+                timed.stepped()
         return Update([], [])
 
     def _choose(self, logits: torch.Tensor) -> torch.Tensor:

@@ -244,18 +244,21 @@ class StepThreads:
     """On a CPU, the threads the decode steps run on, chosen by the clock. A step is many small
     kernels, each a barrier for every thread; where other work takes the cores, a thread waiting at
     one loses its time slice, and one thread can step faster than all of them (bench/RESULTS.md:
-    a busy machine). So the steps between reads run in turn on the process's threads and on one,
-    twice each, and the faster (its best time a step: a time slice lost is noise, not speed) is
-    kept; both are tried again every PROBE reads. Prefills (joins included) keep every thread: they
-    are few large kernels. Eager steps only: inductor's code is made for one thread count, and
-    another would compile it again."""
+    a busy machine). So the first STEPS steps of a read run in turn on the process's threads and on
+    one, twice each, and the faster (its best time a step: a time slice lost is noise, not speed)
+    is kept for the rest of each read; both are tried again every PROBE reads. A trial is a few
+    steps, not a whole read, because the slower count costs its steps: with --quantize int8 a step
+    on one thread takes 1.7x as long. Prefills (joins included) keep every thread: they are few
+    large kernels. Eager steps only: inductor's code is made for one thread count, and another would
+    compile it again."""
 
     PROBE = 64
-    TRIALS = 2  # reads timed on each count
+    TRIALS = 2  # trials on each count
+    STEPS = 2  # steps a trial times
 
     def __init__(self, cpu: bool):
         self.many = torch.get_num_threads() if cpu else 1
-        self.order = [self.many, 1] * self.TRIALS  # what the next reads try, then none
+        self.order = [self.many, 1] * self.TRIALS  # what the next trials try, then none
         self.per_step: dict[int, float] = {}  # threads -> the best seconds a step seen in this probe
         self.chosen = self.many
         self.reads = 0
@@ -265,29 +268,37 @@ class StepThreads:
         if self.many <= 1:
             yield _Steps()
             return
-        threads = self.order[0] if self.order else self.chosen
-        torch.set_num_threads(threads)
-        timed, start = _Steps(), time.perf_counter()
+        trial = self.order[0] if self.order else None
+        torch.set_num_threads(trial or self.chosen)
         try:
-            yield timed
+            yield _Steps(trial=trial, start=time.perf_counter(), tried=self._tried)
         finally:
             torch.set_num_threads(self.many)
-        if not timed.steps:
-            return
-        if self.order:
-            self.order.pop(0)
-            seconds = (time.perf_counter() - start) / timed.steps
-            self.per_step[threads] = min(seconds, self.per_step.get(threads, seconds))
-            if not self.order:
-                self.chosen = min(self.per_step, key=self.per_step.get)
         self.reads += 1
         if self.reads % self.PROBE == 0:
             self.order, self.per_step = [self.many, 1] * self.TRIALS, {}
+
+    def _tried(self, threads: int, seconds: float) -> None:
+        """A trial's time a step; the read goes on with the count chosen so far."""
+        self.order.pop(0)
+        self.per_step[threads] = min(seconds, self.per_step.get(threads, seconds))
+        if not self.order:
+            self.chosen = min(self.per_step, key=self.per_step.get)
+        torch.set_num_threads(self.chosen)
 
 
 @dataclass
 class _Steps:
     steps: int = 0
+    trial: int | None = None  # the thread count this read's first steps try
+    start: float = 0.0
+    tried: Callable[[int, float], None] | None = None
+
+    def stepped(self) -> None:
+        self.steps += 1
+        if self.trial is not None and self.steps == StepThreads.STEPS:
+            self.tried(self.trial, (time.perf_counter() - self.start) / self.steps)
+            self.trial = None
 
 
 def unsupported(model) -> str | None:
