@@ -131,8 +131,32 @@ def choose_engine(requested: str, attn: str, device: str = "cpu") -> str:
     return requested
 
 
+def q8_platform() -> bool:
+    """Whether int8.py's own kernel (q8.c) is made for this system: Linux on x86-64."""
+    import platform
+    import sys
+
+    return sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")
+
+
+def c_compiler() -> str | None:
+    """The C compiler q8.c is built with: $CC, else cc, else gcc."""
+    import os
+    import shutil
+
+    return shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc")
+
+
+def q8_expected() -> bool:
+    """Whether --quantize int8 on this CPU would run q8.c (as far as can be told without building it)."""
+    import os
+
+    return os.environ.get("QVL_INT8_KERNEL", "").strip().lower() != "fbgemm" and q8_platform() and c_compiler() is not None
+
+
 def int8_on_cpu(quantize: str, device: str) -> bool:
-    """Whether --quantize runs as int8.py's layers: int8 on a CPU whose torch has fbgemm (x86)."""
+    """Whether --quantize runs as int8.py's layers: int8 on an x86 CPU (q8.c, or fbgemm where it
+    cannot be built; torch's x86 builds have fbgemm)."""
     if quantize != "int8" or device != "cpu":
         return False
     from qwen2vl_cli import int8
@@ -141,7 +165,7 @@ def int8_on_cpu(quantize: str, device: str) -> bool:
 
 
 def check_quantize(requested: str, device: str) -> str:
-    """Quantization of the language model: int8 on an x86 CPU with torch's own kernels (int8.py);
+    """Quantization of the language model: int8 on an x86 CPU with int8.py (q8.c, or fbgemm);
     elsewhere torchao's weight-only int8 (CPU, CUDA) and int4 (CUDA: torchao's int4 kernels are
     CUDA's; its CPU layout needs a CPU build torch does not ship for every processor)."""
     if requested == "none":
@@ -149,7 +173,7 @@ def check_quantize(requested: str, device: str) -> str:
     import importlib.util
 
     if int8_on_cpu(requested, device):
-        return requested  # fbgemm, in torch
+        return requested  # q8.c or fbgemm: nothing to install
     if importlib.util.find_spec("torchao") is None:
         raise UsageError(f"--quantize {requested} needs torchao: {QUANTIZE_HINT}")
     if requested == "int4" and device != "cuda":

@@ -21,8 +21,6 @@ import ctypes
 import functools
 import hashlib
 import os
-import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,6 +31,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from qwen2vl_cli import devices
 
 
 def _vnni() -> bool:
@@ -72,11 +72,9 @@ def kernel() -> ctypes.CDLL | None:
     the compiler's hash), or None where it cannot run: not Linux on x86-64, no AVX2, no C compiler
     (CC, else cc), or QVL_INT8_KERNEL=fbgemm. Built with OpenMP: it shares torch's runtime
     (libgomp), so its threads are torch's and follow torch.set_num_threads."""
-    if os.environ.get("QVL_INT8_KERNEL", "").strip().lower() == "fbgemm":
+    if os.environ.get("QVL_INT8_KERNEL", "").strip().lower() == "fbgemm" or not devices.q8_platform():
         return None
-    if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
-        return None
-    compiler = shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc")
+    compiler = devices.c_compiler()
     if compiler is None:
         warnings.warn("--quantize int8: no C compiler (cc) to build qvl's int8 kernel; fbgemm's runs instead (slower to load and to decode); install gcc")
         return None
@@ -85,15 +83,24 @@ def kernel() -> ctypes.CDLL | None:
         version = subprocess.run([compiler, "--version"], capture_output=True, timeout=30).stdout
         digest = hashlib.sha256(SOURCE.read_bytes() + version + " ".join(flags).encode()).hexdigest()[:16]
         built = _cache_dir() / f"q8-{digest}.so"
-        if not built.exists():
-            built.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=built.parent) as scratch:
-                out = Path(scratch) / built.name
+        if built.exists():
+            lib = ctypes.CDLL(str(built))
+        else:
+            try:
+                built.parent.mkdir(parents=True, exist_ok=True)
+                scratch = tempfile.TemporaryDirectory(dir=built.parent)
+            except OSError:  # a cache directory that cannot be written: built for this process alone
+                built, scratch = None, tempfile.TemporaryDirectory()
+            with scratch as folder:
+                out = Path(folder) / "q8.so"
                 done = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True, timeout=300)
                 if done.returncode != 0:
                     raise OSError(" ".join(done.stderr.split())[:200])
-                os.replace(out, built)  # whole or not at all: another process may be building it too
-        lib = ctypes.CDLL(str(built))
+                if built is None:
+                    lib = ctypes.CDLL(str(out))  # stays mapped once its file is gone
+                else:
+                    os.replace(out, built)  # whole or not at all: another process may be building it too
+                    lib = ctypes.CDLL(str(built))
     except (OSError, subprocess.SubprocessError) as e:
         warnings.warn(f"--quantize int8: qvl's int8 kernel did not build ({e}); fbgemm's runs instead (slower to load and to decode)")
         return None

@@ -70,7 +70,7 @@ Quantize = Annotated[
     typer.Option(
         envvar="QVL_QUANTIZE",
         autocompletion=complete(*QUANTIZE),
-        help="none | int8 | int4. The language model's weights, quantized while loading. int8 on a CPU: its linear layers, head and embeddings a byte a weight (PyTorch's own int8 kernels), the vision tower kept at the checkpoint's precision: a third of float32's memory, decoding about 2.5x as fast. On CUDA: int8 or int4 weight-only with torchao (the quantize extra), the vision tower as it is.",
+        help="none | int8 | int4. The language model's weights, quantized while loading. int8 on an x86 CPU: its linear layers, head and embeddings a byte a weight (qvl's int8 kernel, built at first use with the machine's C compiler; PyTorch's fbgemm without one), the vision tower kept at the checkpoint's precision: about a quarter of float32's memory, decoding about 2.6x as fast. On CUDA: int8 or int4 weight-only with torchao (the quantize extra), the vision tower as it is.",
         rich_help_panel=RUN_PANEL,
     ),
 ]

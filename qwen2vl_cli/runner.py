@@ -132,7 +132,7 @@ class Runner:
         self.quantize = devices.check_quantize(runtime.quantize, self.device)
         self.int8_cpu = devices.int8_on_cpu(self.quantize, self.device)  # int8.py's layers, converted after loading
         if self.engine == "compiled" and self.int8_cpu:
-            raise UsageError("--engine compiled does not take --quantize int8 on a CPU (torch's quantized int8 kernels are opaque to the compiler); use --engine static")
+            raise UsageError("--engine compiled does not take --quantize int8 on a CPU (qvl's int8 kernels are opaque to the compiler); use --engine static")
         if not debug_enabled():
             import logging
 

@@ -23,9 +23,11 @@ def _gb(n: float) -> str:
 def _weights(model: str, config: dict, counts: dict, device: str, dtype: str) -> dict:
     """How the weights are stored, their bytes on disk, and what they take in memory at each --dtype
     and with --quantize int8: on a CPU (int8.py) the language model's linear layers, the head and
-    the embeddings int8 with a scale a row, the vision tower's linear layers at the checkpoint's
-    dtype where it is narrower; on CUDA (torchao) the language model's linear layers int8, the rest
-    at the dtype."""
+    the embeddings int8 with a scale a row (one copy for a model whose head is its embeddings, where
+    q8.c runs), the vision tower's linear layers at the checkpoint's dtype where it is narrower; on
+    CUDA (torchao) the language model's linear layers int8, the rest at the dtype."""
+    from qwen2vl_cli.devices import q8_expected
+
     width = {"float32": 4, "bfloat16": 2, "float16": 2}
     compute = width.get(dtype, 4)
     stored = checkpoint_format(config)
@@ -33,7 +35,8 @@ def _weights(model: str, config: dict, counts: dict, device: str, dtype: str) ->
     if device == "cpu":
         head = counts["embeddings"] + counts["vocabulary"] * 4
         vision = counts["vision_linear"]
-        int8 = (linear + rows * 4 + 2 * head + vision * min(compute, width.get(stored, compute))
+        copies = 1 if counts["lm_head"] == 0 and q8_expected() else 2
+        int8 = (linear + rows * 4 + copies * head + vision * min(compute, width.get(stored, compute))
                 + (counts["total"] - linear - counts["embeddings"] - (0 if counts["lm_head"] == 0 else counts["embeddings"]) - vision) * compute)
     else:
         int8 = linear + rows * compute + (counts["total"] - linear) * compute

@@ -148,7 +148,8 @@ def test_q8_packing_and_the_shared_embedding():
 
 def test_q8_build_falls_back_to_fbgemm(monkeypatch, tmp_path):
     """No compiler, or one that fails: a one-line note and fbgemm's layers; a build is kept under
-    the cache directory and found there by the next process."""
+    the cache directory and found there by the next process; where that directory cannot be
+    made, the kernel is built for the process alone."""
     from qwen2vl_cli import int8
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
@@ -168,6 +169,10 @@ def test_q8_build_falls_back_to_fbgemm(monkeypatch, tmp_path):
         int8.kernel.cache_clear()
         assert int8.kernel() is not None
         assert [p.name[:3] for p in (tmp_path / "qvl" / "kernels").iterdir()] == ["q8-"]
+        (tmp_path / "a file").write_text("")
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a file"))  # a cache directory that cannot be made
+        int8.kernel.cache_clear()
+        assert int8.kernel() is not None and (tmp_path / "a file").read_text() == ""
     finally:
         int8.kernel.cache_clear()
 
@@ -264,7 +269,7 @@ def test_quantize_refusals_are_one_line(qvl, tiny_model, media_dir, tmp_path, mo
     r = qvl("describe", photo, "--model", tiny_model, "--quantize", "int4")
     assert r.exit_code == 2 and r.stderr == "qvl: error: --quantize int4 runs on CUDA (the device is cpu); on this device use --quantize int8\n"
     r = qvl("describe", photo, "--model", tiny_model, "--quantize", "int8", "--engine", "compiled")
-    assert r.exit_code == 2 and r.stderr == ("qvl: error: --engine compiled does not take --quantize int8 on a CPU (torch's quantized int8 kernels "
+    assert r.exit_code == 2 and r.stderr == ("qvl: error: --engine compiled does not take --quantize int8 on a CPU (qvl's int8 kernels "
                                              "are opaque to the compiler); use --engine static\n")
     r = qvl("describe", photo, "--model", tiny_model, "--quantize", "int3")
     assert r.exit_code == 2 and "--quantize int3: choose one of none, int8, int4" in r.stderr
