@@ -9,6 +9,11 @@ Models: `tiny` (the test model, a CPU smoke run of a few seconds), `2b` and `7b`
 shapes with random weights, built straight on the device: on CUDA, seconds).
 
 Usage: python bench/decode.py [--model tiny|2b|7b] [--device cpu|cuda] [--tokens 256] [--images 8] [--busy N]
+                              [--quantize none,int8,int4]
+
+--quantize: the language model's weights as `--quantize` makes them (on CUDA torchao's weight-only
+int8 or int4, group 128; on a CPU int8.py's), each a fresh model timed in turn, the limit counted
+from the bytes each holds; the rows say which.
 
 --busy N: N processes spin on the CPU beside the benchmark, as other jobs do on a user's machine
 (a step whose threads wait at many barriers loses a time slice at each); its own section.
@@ -102,14 +107,32 @@ def sync(device: str) -> None:
 
 
 def text_weight_bytes(model) -> int:
-    """What one decode step reads at least: the language model and the head (tied: counted once)."""
-    seen, total = set(), 0
-    for module in (model.model.language_model, model.lm_head):
-        for p in module.parameters():
-            if p.data_ptr() not in seen:
-                seen.add(p.data_ptr())
-                total += p.numel() * p.element_size()
-    return total
+    """What one decode step reads at least: the language model and the head (tied: counted once;
+    quantized: as held)."""
+    import torch
+
+    from qwen2vl_cli.runner import weight_bytes
+
+    return weight_bytes(torch.nn.ModuleList([model.model.language_model, model.lm_head]))
+
+
+def quantized(model, how: str, device: str):
+    """`model` with its language model's weights as `--quantize how` makes them on `device`."""
+    import torch
+
+    if how == "none":
+        return model
+    if device == "cpu":
+        from qwen2vl_cli import int8
+
+        if how != "int8":
+            raise SystemExit(f"--quantize {how} runs on CUDA; on a CPU use int8")
+        int8.quantize_cpu(model, torch.float32, torch.float32)
+        return model
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+    quantize_(model.model.language_model, Int8WeightOnlyConfig() if how == "int8" else Int4WeightOnlyConfig(group_size=128))
+    return model
 
 
 def main() -> None:
@@ -119,6 +142,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--busy", type=int, default=0, help="processes spinning on the CPU beside the benchmark")
+    parser.add_argument("--quantize", default="none", help="comma-separated: none, int8, int4")
     args = parser.parse_args()
     import subprocess
 
@@ -138,30 +162,33 @@ def measure(args) -> None:
     from qwen2vl_cli.types import GenerationOptions, MediaOptions, RuntimeOptions
 
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
-    model = build(args.model, args.device, dtype)
     bandwidth = copy_bandwidth(args.device)
-    limit = bandwidth / text_weight_bytes(model)
 
     from qwen2vl_cli.steps import use_compile_cache
     from tests.helpers import Quiet, answer, answers
 
     cache_dir = Path(use_compile_cache())
     warm_cache = cache_dir.is_dir() and any(cache_dir.iterdir())
-    sessions = {}
-    engines = ("hf", "static", "compiled") + (("graph",) if args.device == "cuda" else ())
-    for engine in engines:  # the tiny model's processor (its tokenizer ids are the model's), then the model
-        sessions[engine] = LocalBackend(RuntimeOptions(str(model_dir("tiny")), device=args.device, dtype=str(dtype).split(".")[1],
-                                                  attn="sdpa", engine=engine), Quiet())
-        sessions[engine].runner.model = model
-    runners = {engine: s.runner for engine, s in sessions.items()}
-    session = sessions["static"]
     gen = GenerationOptions(max_new_tokens=args.tokens, min_new_tokens=args.tokens, repeat_guard=False)
     media = MediaOptions(max_pixels=12845056)  # the reference budget: a 1280x720 photo is 1196 tokens
+    runners, limits = {}, {}
+    for how in args.quantize.split(","):
+        model = quantized(build(args.model, args.device, dtype), how, args.device)
+        limits[how] = bandwidth / text_weight_bytes(model)
+        engines = ("hf", "static", "compiled") + (("graph",) if args.device == "cuda" else ())
+        if args.device == "cpu" and how != "none":
+            engines = ("hf", "static")  # the compiled step does not take int8.py's layers
+        for engine in engines:  # the tiny model's processor (its tokenizer ids are the model's), then the model
+            session = LocalBackend(RuntimeOptions(str(model_dir("tiny")), device=args.device, dtype=str(dtype).split(".")[1],
+                                                  attn="sdpa", engine=engine), Quiet())
+            session.runner.model = model
+            runners[engine if how == "none" else f"{engine}, {how}"] = session.runner, limits[how]
     photo = session.prepare((str(ROOT / "samples" / "photo.jpg"),), media, gen)
     images = [session.prepare((p,), media, gen) for p in make_images(args.images)]
+    first = args.quantize.split(",")[0]
 
     rows = []
-    for engine, runner in runners.items():
+    for engine, (runner, limit) in runners.items():
         inputs = runner.inputs(photo.text, list(photo.loaded))
         # Warm-up, one per shape (a compiled or captured step is made once per batch size and cache length).
         start = time.perf_counter()
@@ -183,7 +210,7 @@ def measure(args) -> None:
                 answers(runner, part, gen)
             sync(args.device)
             rates[batch] = len(images) / (time.perf_counter() - start)
-        rows.append((engine, one, wall, rates, peak_memory_bytes(args.device), setup))
+        rows.append((engine, one, wall, rates, peak_memory_bytes(args.device), setup, limit))
         print(engine, one.decode_tokens_per_s, one.ttft_s, rates, flush=True)
 
     base = rows[0][1].decode_tokens_per_s
@@ -192,15 +219,18 @@ def measure(args) -> None:
         f"## Decode, {args.model} on {args.device} (`bench/decode.py`)" + (f", {args.busy} busy processes beside it" if args.busy else ""),
         "",
         f"Machine: {machine()}, card: {card}. Command: `python bench/decode.py --model {args.model} --device {args.device} "
-        f"--tokens {args.tokens} --images {args.images}{f' --busy {args.busy}' if args.busy else ''}`.",
+        f"--tokens {args.tokens} --images {args.images}{f' --busy {args.busy}' if args.busy else ''}"
+        f"{f' --quantize {args.quantize}' if args.quantize != 'none' else ''}`.",
         f"{str(dtype).split('.')[1]}, sdpa, greedy, {args.tokens} new tokens; batch 1 on a 1280x720 photo ({photo.plans[0].visual_tokens} "
         f"visual tokens); images/s on {args.images} JPEGs. Limit: {bandwidth / 1e9:.0f} GB/s copy bandwidth over "
-        f"{text_weight_bytes(model) / 1e6:.1f} MB of text weights read per token = {limit:.0f} tok/s.",
+        f"{bandwidth / limits[first] / 1e6:.1f} MB of text weights read per token = {limits[first]:.0f} tok/s"
+        + "".join(f"; {how}: {bandwidth / lim / 1e6:.1f} MB, {lim:.0f} tok/s" for how, lim in limits.items() if how != first)
+        + ". \"of the limit\": of the row's own weights' limit.",
         "",
         "| engine | tok/s, batch 1 | of the limit | vs hf | first token (vision + prefill) | whole answer | images/s, batch 1 | images/s, batch 8 | peak memory | step made in |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for engine, one, wall, rates, peak, setup in rows:
+    for engine, one, wall, rates, peak, setup, limit in rows:
         rate = one.decode_tokens_per_s or 0.0
         split = f" ({one.vision_s * 1000:.0f} + {(one.ttft_s - one.vision_s) * 1000:.0f})" if one.vision_s is not None else ""
         lines.append(f"| {engine} | {rate:.1f} | {rate / limit:.1%} | {rate / base:.2f}x | {one.ttft_s * 1000:.0f} ms{split} | {wall:.2f} s | "

@@ -46,6 +46,7 @@ LLAMA = HERE / "clips" / "llama.cpp"
 QUANTS = ("f16", "Q8_0", "Q4_K_M")
 PROMPT = "Describe this image."  # qvl's default for one image
 VISUAL_TOKENS = 252  # qvl's for the photo at the CPU's default size
+THREADS = int(subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], capture_output=True, text=True).stdout or 2)  # qvl's
 
 
 def run(model: Path, extra: list[str], env: dict, tokens: int) -> dict:
@@ -157,7 +158,7 @@ def run_llama(bin_dir: Path, files: dict[str, Path], quant: str, tokens: int) ->
     (the image encoded), prefill (the image's tokens decoded), decode tokens/s, peak RSS (of that
     process: wait4)."""
     cmd = [str(bin_dir / "llama-mtmd-cli"), "-m", str(files[quant]), "--mmproj", str(files["mmproj"]), "--image", str(ROOT / "samples" / "photo.jpg"),
-           "-p", PROMPT, "-n", str(tokens), "-t", str(os.cpu_count() or 2), "--temp", "0", "--ignore-eos", "--no-warmup", "--perf", "-lv", "4",
+           "-p", PROMPT, "-n", str(tokens), "-t", str(THREADS), "--temp", "0", "--ignore-eos", "--no-warmup", "--perf", "-lv", "4",
            "--image-min-tokens", str(VISUAL_TOKENS), "--image-max-tokens", str(VISUAL_TOKENS)]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -274,7 +275,7 @@ def main() -> None:
         "",
         f"Machine: {machine()}; {cpu_features()}. Command: `python bench/quantize.py --rounds {args.rounds} --tokens {args.tokens}"
         f"{' --llama-cpp' if args.llama_cpp else ''}`. Qwen2-VL-2B's shapes, random weights (bf16 on disk), `qvl describe samples/photo.jpg` "
-        f"(1280x720, {VISUAL_TOKENS} visual tokens), {args.tokens} new tokens, {os.cpu_count()} threads, each run a whole process, "
+        f"(1280x720, {VISUAL_TOKENS} visual tokens), {args.tokens} new tokens, {THREADS} threads, each run a whole process, "
         "the tools alternated round after round; median (min-max)."
         + (f" llama.cpp: llama-mtmd-cli from llama-cpp-python {LLAMA_CPP_PYTHON}'s vendored source (commit 0c1e570), CPU backend "
            f"without AMX, --image-min/max-tokens {VISUAL_TOKENS} (it sized the photo to {', '.join(map(str, sorted(tokens_seen)))} tokens); "

@@ -6,7 +6,8 @@ row) and multiplied by q8.c, built with the machine's C compiler at first use an
 user's cache directory: activations quantized per block of 32 (llama.cpp's Q8_0), the weights read
 as one sequential stream per thread, near the memory's bandwidth. Written here because no library
 torch installs does that for one row: fbgemm's int8 linear streams at about three quarters of it
-and needs seconds of packing a layer at load, torch's int8 weight-only kernels dequantize first.
+and packs each weight at load (a sixth of a second each, 17 s for the 2B), torch's int8
+weight-only kernels dequantize first.
 Where q8.c cannot be built (no compiler, no AVX2), fbgemm's `quantized::linear_dynamic` runs
 instead (Int8Linear), its rows grouped by magnitude (_by_magnitude).
 
@@ -66,19 +67,36 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qvl" / "kernels"
 
 
+def _tidy(kept: Path) -> None:
+    """Builds of other sources or compilers, and scratch folders an interrupted build left over an
+    hour ago, removed (a process still running one keeps its mapping)."""
+    import shutil
+    import time
+
+    for old in kept.parent.iterdir():
+        try:
+            if old.name.startswith("q8-") and old.suffix == ".so" and old != kept:
+                old.unlink()
+            elif old.name.startswith("tmp") and old.is_dir() and time.time() - old.stat().st_mtime > 3600:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass
+
+
 @functools.cache
 def kernel() -> ctypes.CDLL | None:
     """q8.c built for this machine (once; kept under the cache directory, named by the source's and
-    the compiler's hash), or None where it cannot run: not Linux on x86-64, no AVX2, no C compiler
-    (CC, else cc), or QVL_INT8_KERNEL=fbgemm. Built with OpenMP: it shares torch's runtime
-    (libgomp), so its threads are torch's and follow torch.set_num_threads."""
+    the compiler's hash; older builds removed), or None where it cannot run: not Linux on x86-64,
+    no AVX2, no C compiler ($CC, else cc, else gcc), or QVL_INT8_KERNEL=fbgemm. Built with OpenMP
+    (with gcc, torch's own libgomp); every call passes torch's thread count."""
     if os.environ.get("QVL_INT8_KERNEL", "").strip().lower() == "fbgemm" or not devices.q8_platform():
         return None
     compiler = devices.c_compiler()
     if compiler is None:
-        warnings.warn("--quantize int8: no C compiler (cc) to build qvl's int8 kernel; fbgemm's runs instead (slower to load and to decode); install gcc")
+        named = os.environ.get("CC") or "cc"
+        warnings.warn(f"--quantize int8: no C compiler ({named}) to build qvl's int8 kernel; fbgemm's runs instead (slower to load and to decode); install gcc")
         return None
-    flags = ["-O3", "-fopenmp", "-shared", "-fPIC"]
+    flags = ["-O3", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, timeout=30).stdout
         digest = hashlib.sha256(SOURCE.read_bytes() + version + " ".join(flags).encode()).hexdigest()[:16]
@@ -101,6 +119,7 @@ def kernel() -> ctypes.CDLL | None:
                 else:
                     os.replace(out, built)  # whole or not at all: another process may be building it too
                     lib = ctypes.CDLL(str(built))
+                    _tidy(built)
     except (OSError, subprocess.SubprocessError) as e:
         warnings.warn(f"--quantize int8: qvl's int8 kernel did not build ({e}); fbgemm's runs instead (slower to load and to decode)")
         return None
@@ -108,9 +127,9 @@ def kernel() -> ctypes.CDLL | None:
     if lib.q8_isa() == 0:
         return None  # neither AVX-512 VNNI nor AVX2
     P, I64 = ctypes.c_void_p, ctypes.c_int64
-    lib.q8_pack.argtypes = [P, ctypes.c_int, I64, I64, P, P, P]
+    lib.q8_pack.argtypes = [ctypes.c_int, P, ctypes.c_int, I64, I64, P, P, P]
     lib.q8_pack.restype = ctypes.c_int
-    lib.q8_linear.argtypes = [ctypes.c_int, P, I64, I64, P, P, P, P, P, I64]
+    lib.q8_linear.argtypes = [ctypes.c_int, ctypes.c_int, P, I64, I64, P, P, P, P, P, I64]
     lib.q8_linear.restype = ctypes.c_int
     return lib
 
@@ -175,6 +194,8 @@ class Q8Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear, lib: ctypes.CDLL, isa: int | None = None):
         super().__init__()
+        if not self.fits(linear):
+            raise ValueError(f"q8.c multiplies layers 64 to 65536 wide in multiples of 64, not {linear.in_features}")
         self.lib, self.isa = lib, isa or lib.q8_isa()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
@@ -185,20 +206,22 @@ class Q8Linear(nn.Module):
         self.packed = torch.empty(-(-n // 4) * 4, k, dtype=torch.int8)
         self.scale = torch.empty(n, dtype=torch.float32)
         self.sums = torch.empty(n, dtype=torch.int32)
-        if lib.q8_pack(weight.data_ptr(), int(weight.dtype == torch.bfloat16), n, k, self.packed.data_ptr(), self.scale.data_ptr(), self.sums.data_ptr()):
+        if lib.q8_pack(torch.get_num_threads(), weight.data_ptr(), int(weight.dtype == torch.bfloat16), n, k, self.packed.data_ptr(), self.scale.data_ptr(), self.sums.data_ptr()):
             raise MemoryError(f"int8 linear layer: no memory to pack a {n}x{k} weight")
         self.bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
         self.held_bytes = self.packed.numel() + self.scale.numel() * 8 + (0 if self.bias is None else self.bias.numel() * 4)
 
     @staticmethod
     def fits(linear: nn.Module) -> bool:
-        return isinstance(linear, nn.Linear) and linear.in_features % 64 == 0
+        return isinstance(linear, nn.Linear) and linear.in_features % 64 == 0 and 0 < linear.in_features <= 65536
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
         out = torch.empty(flat.shape[0], self.out_features, dtype=torch.float32)
+        if flat.shape[0] == 0:
+            return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         bias = None if self.bias is None else self.bias.data_ptr()
-        if self.lib.q8_linear(self.isa, flat.data_ptr(), flat.shape[0], self.in_features, self.packed.data_ptr(), self.scale.data_ptr(), self.sums.data_ptr(), bias, out.data_ptr(), self.out_features):
+        if self.lib.q8_linear(torch.get_num_threads(), self.isa, flat.data_ptr(), flat.shape[0], self.in_features, self.packed.data_ptr(), self.scale.data_ptr(), self.sums.data_ptr(), bias, out.data_ptr(), self.out_features):
             raise MemoryError(f"int8 linear layer: no memory for {flat.shape[0]} rows' activations")
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 

@@ -3,8 +3,10 @@
    Weights: int8, one scale a row, stored in blocks of four rows whose 64-column chunks lie side by
    side ([N/4][K/64][4][64]), so a thread reads one sequential stream that the prefetcher follows.
    Activations: quantized per call to int8 in blocks of 32 with a scale each (llama.cpp's Q8_0 for
-   activations); a block's products are summed in int32, blocks in float. Rows of the activations
-   are independent: a row's result does not depend on the others in the call. */
+   activations); a block's products are summed in int32, blocks in float. With AVX-512 VNNI, calls
+   of MANY rows or more (a prefill, or that many rows decoding together) take a scale a row instead
+   (below). Within either path a row's result does not depend on the others in the call. Every
+   parallel loop runs on the caller's thread count (torch's), whichever OpenMP runtime is loaded. */
 
 #include <immintrin.h>
 #include <math.h>
@@ -41,11 +43,11 @@ static void widen(const void *w, int bf16, int64_t K, float *row) {
    zero), scale [N] (each row's largest magnitude maps to 127) and sums [N] (each row's int8 sum). K a multiple of 64. Returns 0, or
    -1 when a thread's row buffer cannot be allocated. */
 __attribute__((target_clones("avx2", "default")))
-int q8_pack(const void *w, int bf16, int64_t N, int64_t K, int8_t *packed, float *scale, int32_t *sums) {
+int q8_pack(int threads, const void *w, int bf16, int64_t N, int64_t K, int8_t *packed, float *scale, int32_t *sums) {
     int64_t groups = (N + ROWS - 1) / ROWS;
     size_t width = bf16 ? 2 : 4;
     int failed = 0;
-    #pragma omp parallel reduction(|: failed)
+    #pragma omp parallel num_threads(threads) reduction(|: failed)
     {
         float *row = malloc((size_t)K * sizeof(float));
         failed |= row == NULL;
@@ -83,8 +85,8 @@ int q8_pack(const void *w, int bf16, int64_t N, int64_t K, int8_t *packed, float
     return failed ? -1 : 0;
 }
 
-static void quantize(const float *x, int64_t count, int8_t *xq, float *xs) {
-    #pragma omp parallel for schedule(static) if (count >= 2048)
+static void quantize(int threads, const float *x, int64_t count, int8_t *xq, float *xs) {
+    #pragma omp parallel for num_threads(threads) schedule(static) if (count >= 2048)
     for (int64_t b = 0; b < count; b++) {
         const float *v = x + b * BLOCK;
         float amax = 0.f;
@@ -174,8 +176,8 @@ static void group_avx2(const int8_t *W, const float *sw, const float *bias, cons
 #define TILE 6
 #define MANY 16 /* calls of this many rows or more take this path */
 
-static void quantize_rows(const float *x, int64_t M, int64_t K, uint8_t *xu, float *xs) {
-    #pragma omp parallel for schedule(static)
+static void quantize_rows(int threads, const float *x, int64_t M, int64_t K, uint8_t *xu, float *xs) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t m = 0; m < M; m++) {
         const float *v = x + m * K;
         float amax = 0.f;
@@ -227,12 +229,12 @@ static void group_vnni_many(const int8_t *W, const int32_t *sums, const float *s
     }
 }
 
-/* out [M][N] = x [M][K] @ (packed * scale).T + bias (bias may be NULL); K a multiple of 64. Calls
-   of fewer than MANY rows (decode steps, batched) quantize activations a block of 32 at a time;
-   with AVX-512 VNNI, calls of MANY or more a row at a time (above). Either way a row's result
-   depends only on that row and which of the two its call took.
+/* out [M][N] = x [M][K] @ (packed * scale).T + bias (bias may be NULL); K a multiple of 64 and at
+   most 65536 (the many-row path's int32 sums). Calls of fewer than MANY rows quantize activations
+   a block of 32 at a time; with AVX-512 VNNI, calls of MANY or more a row at a time (above). A
+   row's result depends only on that row and which of the two its call took.
    Returns 0, or -1 when the activations' scratch cannot be allocated. */
-int q8_linear(int isa, const float *x, int64_t M, int64_t K, const int8_t *packed, const float *scale, const int32_t *sums,
+int q8_linear(int threads, int isa, const float *x, int64_t M, int64_t K, const int8_t *packed, const float *scale, const int32_t *sums,
               const float *bias, float *out, int64_t N) {
     int64_t groups = (N + ROWS - 1) / ROWS;
     if (isa == 2 && M >= MANY) {
@@ -243,8 +245,8 @@ int q8_linear(int isa, const float *x, int64_t M, int64_t K, const int8_t *packe
             free(xs);
             return -1;
         }
-        quantize_rows(x, M, K, xu, xs);
-        #pragma omp parallel for schedule(static)
+        quantize_rows(threads, x, M, K, xu, xs);
+        #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t g = 0; g < groups; g++) group_vnni_many(packed, sums, scale, bias, xu, xs, out, M, K, N, g);
         free(xu);
         free(xs);
@@ -257,12 +259,12 @@ int q8_linear(int isa, const float *x, int64_t M, int64_t K, const int8_t *packe
         free(xs);
         return -1;
     }
-    quantize(x, M * (K / BLOCK), xq, xs);
+    quantize(threads, x, M * (K / BLOCK), xq, xs);
     if (isa == 2) {
-        #pragma omp parallel for schedule(static)
+        #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t g = 0; g < groups; g++) group_vnni(packed, scale, bias, xq, xs, out, M, K, N, g);
     } else {
-        #pragma omp parallel for schedule(static)
+        #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t g = 0; g < groups; g++) group_avx2(packed, scale, bias, xq, xs, out, M, K, N, g);
     }
     free(xq);
