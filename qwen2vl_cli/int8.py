@@ -113,7 +113,7 @@ def kernel() -> ctypes.CDLL | None:
                 out = Path(folder) / "q8.so"
                 done = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True, timeout=300)
                 if done.returncode != 0:
-                    raise OSError(" ".join(done.stderr.split())[:200])
+                    raise OSError(" ".join(done.stderr.split())[:200] or f"{compiler} exited with status {done.returncode}")
                 if built is None:
                     lib = ctypes.CDLL(str(out))  # stays mapped once its file is gone
                 else:
