@@ -97,6 +97,14 @@ static void quantize(int threads, const float *x, int64_t count, int8_t *xq, flo
     }
 }
 
+/* a group's four sums, scaled and biased, into its row of the output (the rows past N skipped) */
+static inline void store(const float *d, const float *sw, const float *bias, float *row, int64_t N, int64_t g) {
+    for (int r = 0; r < ROWS && g * ROWS + r < N; r++) {
+        int64_t n = g * ROWS + r;
+        row[n] = d[r] * sw[n] + (bias ? bias[n] : 0.f);
+    }
+}
+
 /* Both kernels: four weight rows (group g) against every activation row. Signed products through
    an unsigned-by-signed instruction: |x| times w with x's sign moved onto w (|x|, |w| <= 127). */
 
@@ -123,10 +131,7 @@ static void group_vnni(const int8_t *W, const float *sw, const float *bias, cons
 #undef ROW
         }
         float d[ROWS] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2), _mm512_reduce_add_ps(a3)};
-        for (int r = 0; r < ROWS && g * ROWS + r < N; r++) {
-            int64_t n = g * ROWS + r;
-            out[m * N + n] = d[r] * sw[n] + (bias ? bias[n] : 0.f);
-        }
+        store(d, sw, bias, out + m * N, N, g);
     }
 }
 
@@ -162,10 +167,7 @@ static void group_avx2(const int8_t *W, const float *sw, const float *bias, cons
 #undef ROW
         }
         float d[ROWS] = {sum8(a0), sum8(a1), sum8(a2), sum8(a3)};
-        for (int r = 0; r < ROWS && g * ROWS + r < N; r++) {
-            int64_t n = g * ROWS + r;
-            out[m * N + n] = d[r] * sw[n] + (bias ? bias[n] : 0.f);
-        }
+        store(d, sw, bias, out + m * N, N, g);
     }
 }
 
