@@ -131,12 +131,15 @@ def choose_engine(requested: str, attn: str, device: str = "cpu") -> str:
     return requested
 
 
-def q8_platform() -> bool:
-    """Whether int8.py's own kernel (q8.c) is made for this system: Linux on x86-64."""
+def q8_wanted() -> bool:
+    """Whether int8.py's own kernel (q8.c) is for this run: Linux on x86-64, and not
+    QVL_INT8_KERNEL=fbgemm."""
+    import os
     import platform
     import sys
 
-    return sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")
+    chosen = os.environ.get("QVL_INT8_KERNEL", "").strip().lower() != "fbgemm"
+    return chosen and sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")
 
 
 def c_compiler() -> str | None:
@@ -149,9 +152,7 @@ def c_compiler() -> str | None:
 
 def q8_expected() -> bool:
     """Whether --quantize int8 on this CPU would run q8.c (as far as can be told without building it)."""
-    import os
-
-    return os.environ.get("QVL_INT8_KERNEL", "").strip().lower() != "fbgemm" and q8_platform() and c_compiler() is not None
+    return q8_wanted() and c_compiler() is not None
 
 
 def int8_on_cpu(quantize: str, device: str) -> bool:

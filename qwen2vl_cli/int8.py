@@ -89,7 +89,7 @@ def kernel() -> ctypes.CDLL | None:
     the compiler's hash; older builds removed), or None where it cannot run: not Linux on x86-64,
     no AVX2, no C compiler ($CC, else cc, else gcc), or QVL_INT8_KERNEL=fbgemm. Built with OpenMP
     (with gcc, torch's own libgomp); every call passes torch's thread count."""
-    if os.environ.get("QVL_INT8_KERNEL", "").strip().lower() == "fbgemm" or not devices.q8_platform():
+    if not devices.q8_wanted():
         return None
     compiler = devices.c_compiler()
     if compiler is None:
