@@ -289,6 +289,7 @@ def main() -> None:
         lines.append(f"| {name} | {spread([r['wall'] for r in got], 1, ' s')} | {spread([r['load'] for r in got], 1, ' s')} | "
                      f"{spread([r['vision'] for r in got], 1, ' s')} | {spread([r['prefill'] for r in got], 1, ' s')} | "
                      f"{spread([r['decode'] for r in got], 2, ' tok/s')} | {gb([r['peak'] for r in got])} | {got[0]['weights'] / 1e9:.2f} GB |")
+    lines += ["", "qvl int4 has no row: torchao's int4 runs on CUDA only (`--quantize int4` on a CPU is a usage error)."]
     med = lambda name, key: statistics.median(r[key] for r in runs[name])  # noqa: E731
     if "llama.cpp Q8_0" in runs:
         ref = "llama.cpp Q8_0"
